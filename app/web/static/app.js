@@ -1,0 +1,335 @@
+// DMP console: plain browser JS, no build step and nothing loaded from outside the service.
+"use strict";
+
+// The page lives at <root>/ui/, the API at <root>/, so a path prefix added by a proxy keeps working.
+const API = new URL("../", document.baseURI);
+const NO_PATCH = "";  // the "base" choice of the patch select
+
+const state = { models: [], patches: [] };
+const $ = (id) => document.getElementById(id);
+
+/** An API failure carrying the service's {error, error_type} reply. */
+class ApiError extends Error {
+  constructor(status, message, type) {
+    super(message);
+    this.status = status;
+    this.type = type;
+  }
+}
+
+/** Turn a non-2xx reply into an ApiError; tolerates non-JSON bodies (proxies, crashes). */
+async function toApiError(resp) {
+  const text = await resp.text();
+  let body = null;
+  try { body = JSON.parse(text); } catch { /* not JSON: fall through */ }
+  if (body && typeof body.error === "string") {
+    return new ApiError(resp.status, body.error, body.error_type || "error");
+  }
+  if (body && body.detail !== undefined) {  // a framework default that escaped the error mapping
+    const detail = Array.isArray(body.detail)
+      ? body.detail.map((d) => `${(d.loc || []).join(".")}: ${d.msg}`).join("; ")
+      : String(body.detail);
+    return new ApiError(resp.status, detail, "error");
+  }
+  return new ApiError(resp.status, text.slice(0, 300) || resp.statusText, "http_error");
+}
+
+async function api(path, options = {}) {
+  let resp;
+  try {
+    resp = await fetch(new URL(path, API), options);
+  } catch (e) {
+    throw new ApiError(0, `cannot reach the service (${e.message})`, "network_error");
+  }
+  if (!resp.ok) throw await toApiError(resp);
+  return resp.json();
+}
+
+function showError(err) {
+  const box = $("error");
+  box.replaceChildren();
+  const title = document.createElement("strong");
+  title.textContent = err instanceof ApiError
+    ? `${err.type}${err.status ? ` (HTTP ${err.status})` : ""}`
+    : "error";
+  const msg = document.createElement("span");
+  msg.className = "error-message";
+  msg.textContent = err.message;
+  box.append(title, ": ", msg);
+  box.hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").replaceChildren();
+}
+
+function option(value, text) {
+  const o = document.createElement("option");
+  o.value = value;
+  o.textContent = text;
+  return o;
+}
+
+function currentModel() {
+  return state.models.find((m) => m.name === $("model").value) || null;
+}
+
+/** Class names from /models when the base ships them, else the class indices. */
+function classNames(model) {
+  const n = model.num_classes || 0;
+  let labels = model.labels;
+  if (typeof labels === "string") {
+    try { labels = JSON.parse(labels); } catch { labels = null; }
+  }
+  return Array.from({ length: n }, (_, i) =>
+    Array.isArray(labels) && labels[i] !== undefined ? `${i} · ${labels[i]}` : String(i));
+}
+
+function defaultOf(model, key) {
+  return model[`default_${key}`] ?? (model.defaults || {})[key];
+}
+
+function renderModelFields() {
+  const model = currentModel();
+  const info = $("model-info");
+  if (!model) {
+    info.textContent = "";
+    return;
+  }
+  info.textContent = `${model.task}` +
+    (model.task === "class" ? `, ${model.num_classes} classes` : "") +
+    (model.image_size ? `, ${model.image_size}×${model.image_size}` : "");
+
+  $("label-field").hidden = model.task !== "class";
+  $("caption-field").hidden = model.task !== "text";
+  if (model.task === "class") {
+    const select = $("class_label");
+    const previous = select.value;
+    select.replaceChildren(...classNames(model).map((text, i) => option(String(i), text)));
+    if (previous && Number(previous) < model.num_classes) select.value = previous;
+  }
+  // Empty fields mean "the model's default": show it rather than send it.
+  $("steps").placeholder = String(defaultOf(model, "steps") ?? "default");
+  const sampler = defaultOf(model, "sampler");
+  $("sampler").options[0].textContent = sampler ? `default (${sampler})` : "default";
+  $("guidance_scale").placeholder = String(defaultOf(model, "guidance") ?? "default");
+  $("guidance_scale").disabled = model.task === "uncond";
+  renderPatchOptions();
+}
+
+function renderPatchOptions() {
+  const model = currentModel();
+  const select = $("patch");
+  const previous = select.value;
+  const mine = state.patches.filter((p) => model && p.base === model.name);
+  select.replaceChildren(option(NO_PATCH, "base (no patch)"),
+    ...mine.map((p) => option(p.name, `${p.name}${p.version ? ` · ${p.version}` : ""}`)));
+  if (mine.some((p) => p.name === previous)) select.value = previous;
+  $("patch-info").textContent = mine.length ? "" : "No patches for this model yet.";
+  renderCompareHint();
+}
+
+function renderCompareHint() {
+  const hasPatch = $("patch").value !== NO_PATCH;
+  $("compare").disabled = !hasPatch;
+  if (!hasPatch) $("compare").checked = false;
+  $("compare-hint").textContent = hasPatch ? "" : "Pick a patch to compare it with the base.";
+}
+
+function renderPatchTable() {
+  const body = $("patches-table").tBodies[0];
+  if (!state.patches.length) {
+    const row = body.insertRow();
+    const cell = row.insertCell();
+    cell.colSpan = 7;
+    cell.className = "hint";
+    cell.textContent = "No patches installed.";
+    body.replaceChildren(row);
+    return;
+  }
+  const rows = state.patches.map((p) => {
+    const row = document.createElement("tr");
+    for (const key of ["name", "base", "version", "state", "task", "domain"]) {
+      const cell = row.insertCell();
+      cell.textContent = p[key] ?? "";
+      if (key === "state") cell.className = `state state-${String(p[key] ?? "").toLowerCase()}`;
+    }
+    const use = document.createElement("button");
+    use.type = "button";
+    use.className = "secondary small";
+    use.textContent = "Use";
+    use.setAttribute("aria-label", `Use patch ${p.name}`);
+    use.disabled = !state.models.some((m) => m.name === p.base);
+    use.addEventListener("click", () => {
+      $("model").value = p.base;
+      renderModelFields();
+      $("patch").value = p.name;
+      renderCompareHint();
+      $("patch").focus();
+    });
+    row.insertCell().append(use);
+    return row;
+  });
+  body.replaceChildren(...rows);
+}
+
+async function loadModels() {
+  const { models } = await api("models");
+  state.models = models || [];
+  const select = $("model");
+  const previous = select.value;
+  select.replaceChildren(...state.models.map((m) => option(m.name, m.name)));
+  if (state.models.some((m) => m.name === previous)) select.value = previous;
+  if (!state.models.length) $("model-info").textContent = "The service has no models loaded.";
+}
+
+async function loadPatches() {
+  const { patches } = await api("patches");
+  state.patches = patches || [];
+  renderPatchTable();
+  renderPatchOptions();
+}
+
+async function checkHealth() {
+  const badge = $("health");
+  try {
+    const resp = await fetch(new URL("health/ready", API));
+    badge.textContent = resp.ok ? "ready" : `not ready (HTTP ${resp.status})`;
+    badge.className = `badge ${resp.ok ? "ok" : "warn"}`;
+  } catch {
+    badge.textContent = "service unreachable";
+    badge.className = "badge bad";
+  }
+}
+
+/** The POST /generate body from the form; empty fields are left to the server's defaults. */
+function requestBody(patch) {
+  const model = currentModel();
+  const body = { model: model ? model.name : $("model").value, patch: patch || null };
+  if (model && model.task === "class") body.class_label = Number($("class_label").value);
+  if (model && model.task === "text") body.caption = $("caption").value;
+  const num = (id) => $(id).value.trim();
+  if (num("steps")) body.steps = Number(num("steps"));
+  if ($("sampler").value) body.sampler = $("sampler").value;
+  if (num("guidance_scale") && !$("guidance_scale").disabled) body.guidance_scale = Number(num("guidance_scale"));
+  if (num("num_images")) body.num_images = Number(num("num_images"));
+  const seed = num("seed");
+  // A non-integer seed is sent as typed so the server's validation message explains it.
+  if (seed) body.seed = /^-?\d+$/.test(seed) ? Number(seed) : seed;
+  return body;
+}
+
+async function generate(patch, seed) {
+  const body = requestBody(patch);
+  if (seed !== undefined) body.seed = seed;
+  const started = performance.now();
+  const reply = await api("generate", {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Accept: "application/json" },
+    body: JSON.stringify(body),
+  });
+  reply.round_trip_ms = performance.now() - started;
+  return reply;
+}
+
+function ms(value) {
+  return typeof value === "number" ? `${value.toFixed(value < 10 ? 1 : 0)} ms` : "–";
+}
+
+/** The image type from the base64 magic bytes (the server may answer png, jpeg or webp). */
+function mimeOf(b64) {
+  if (b64.startsWith("/9j/")) return "image/jpeg";
+  if (b64.startsWith("UklGR")) return "image/webp";
+  return "image/png";
+}
+
+function resultCard(title, reply) {
+  const card = document.createElement("figure");
+  card.className = "result";
+  const grid = document.createElement("div");
+  grid.className = "grid";
+  const patchName = reply.patch ? `${reply.patch.name} ${reply.patch.version || ""}`.trim() : "base";
+  reply.images.forEach((b64, i) => {
+    const img = document.createElement("img");
+    img.src = `data:${mimeOf(b64)};base64,${b64}`;
+    img.alt = `Image ${i + 1} of ${reply.images.length}: model ${reply.model}, ${patchName}, seed ${reply.seed}`;
+    grid.append(img);
+  });
+  const cap = document.createElement("figcaption");
+  const t = reply.timings || {};
+  const head = document.createElement("strong");
+  head.textContent = title;
+  const meta = document.createElement("dl");
+  meta.className = "meta";
+  const items = [["model", reply.model], ["patch", patchName], ["seed", reply.seed],
+    ["queue", ms(t.queue_ms)], ["sample", ms(t.sample_ms)], ["decode", ms(t.decode_ms)],
+    ["round trip", ms(reply.round_trip_ms)]];
+  for (const [k, v] of items) {
+    const pair = document.createElement("div");
+    const dt = document.createElement("dt");
+    dt.textContent = k;
+    const dd = document.createElement("dd");
+    dd.textContent = String(v);
+    dd.dataset.field = k.replace(" ", "_");
+    pair.append(dt, dd);
+    meta.append(pair);
+  }
+  cap.append(head, meta);
+  card.append(grid, cap);
+  return card;
+}
+
+async function onSubmit(event) {
+  event.preventDefault();
+  clearError();
+  const button = $("generate");
+  const results = $("results");
+  const patch = $("patch").value;
+  const compare = $("compare").checked && patch !== NO_PATCH;
+  button.disabled = true;
+  results.setAttribute("aria-busy", "true");
+  $("status").textContent = compare ? "Generating base and patch…" : "Generating…";
+  try {
+    let cards;
+    if (compare) {
+      // The base run fixes the seed (the server picks one when the field is empty); the patch reuses it.
+      const base = await generate(NO_PATCH);
+      const patched = await generate(patch, base.seed);
+      cards = [resultCard("base", base), resultCard(`patch ${patch}`, patched)];
+    } else {
+      const reply = await generate(patch);
+      cards = [resultCard(patch || "base", reply)];
+    }
+    results.className = compare ? "results compare" : "results";
+    results.replaceChildren(...cards);
+    $("status").textContent = "Done.";
+  } catch (err) {
+    results.replaceChildren();  // old images next to a new error would read as its result
+    showError(err);
+    $("status").textContent = "Failed.";
+  } finally {
+    button.disabled = false;
+    results.removeAttribute("aria-busy");
+  }
+}
+
+async function refresh() {
+  clearError();
+  try {
+    await loadModels();
+    await loadPatches();
+    renderModelFields();
+  } catch (err) {
+    showError(err);
+  }
+  checkHealth();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("gen-form").addEventListener("submit", onSubmit);
+  $("model").addEventListener("change", renderModelFields);
+  $("patch").addEventListener("change", renderCompareHint);
+  $("refresh").addEventListener("click", refresh);
+  refresh();
+});
