@@ -105,7 +105,7 @@ class DMP(nn.Module):
         out = {"prompts": self.prompts.detach()}
         if self.method == "dmp":
             out |= {"gate.weight": self.gate.weight.detach(), "gate.bias": self.gate.bias.detach(),
-                    "gate.w_noise": self.w_noise.detach().t()}  # stored (D, N) as in DESIGN §3
+                    "gate.w_noise": self.w_noise.detach()}  # (D, N) as in DESIGN §3
         return out
 
 
@@ -231,7 +231,8 @@ class PooledPatch:
 
     def prepare(self, c: torch.Tensor, t_emb: torch.Tensor) -> "PooledState":
         p, s = self.pool, self.slots
-        g_in = torch.where(p.gate_on_t[s][:, None], t_emb, c)  # (B, D)
+        # gates in fp32 whatever the model dtype: the softmax over N tokens is where bf16 would hurt
+        g_in = torch.where(p.gate_on_t[s][:, None], t_emb, c).float()  # (B, D)
         base = torch.einsum("bd,bnd->bn", g_in, p.gate_w[s].to(g_in.dtype)) + p.gate_b[s].to(g_in.dtype)  # (B, N)
         depth = torch.arange(p.depth, device=c.device, dtype=g_in.dtype)
         logits = base[None] + depth[:, None, None] * p.gate_w_depth[s].to(g_in.dtype)[None]  # (L, B, N)
@@ -245,6 +246,10 @@ class PooledState:
         self.gates, self.prompts, self.slots = gates, prompts, slots  # (L, B, N), (S, L, N, D), (B,)
 
     def add(self, x: torch.Tensor, depth: int) -> torch.Tensor:
+        if x.is_cuda:  # fused Triton gather + gate + add (same math, fp32 accumulate)
+            from app.engine.kernels import gate_add
+
+            return gate_add(x, self.gates[depth], self.prompts, self.slots, depth)
         prompts = self.prompts[self.slots, depth].to(x.dtype)  # (B, N, D)
         return x + self.gates[depth].unsqueeze(-1).to(x.dtype) * prompts
 
@@ -363,7 +368,7 @@ def patch_from_bytes(data: bytes, base=None, max_bytes: int = DEFAULT_MAX_PATCH_
             patch.gate.weight.copy_(tensors["gate.weight"])
             patch.gate.bias.copy_(tensors["gate.bias"])
             if "gate.w_noise" in tensors:
-                patch.w_noise.copy_(tensors["gate.w_noise"].t())
+                patch.w_noise.copy_(tensors["gate.w_noise"])
     patch.metadata = dict(meta)
     patch.eval()
     return patch

@@ -99,8 +99,9 @@ def _guide(out: torch.Tensor, n: int, scale: float, in_channels: int, cfg_channe
 
 
 @torch.no_grad()
-def denoise_step(model: DiT, jobs: list[Job], pool=None, dtype=torch.float32) -> None:
-    """One batched forward for all jobs, then each job's own scheduler step. `pool`: PatchPool for slots."""
+def denoise_step(model: DiT, jobs: list[Job], pool=None, dtype=torch.float32, forward=None) -> None:
+    """One batched forward for all jobs, then each job's own scheduler step. `pool`: PatchPool for slots;
+    `forward(x, t, y, patch=...)`: what runs the denoiser (default the model; e.g. app.engine.graphs')."""
     cfg = model.config
     xs, ts, ys, slots = [], [], [], []
     for job in jobs:
@@ -121,7 +122,7 @@ def denoise_step(model: DiT, jobs: list[Job], pool=None, dtype=torch.float32) ->
             raise ValueError("jobs with different patches need a PatchPool")
         patch = jobs[0].patch
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        out = model(x, t, y, patch=patch).float()  # (B, C_out, H, W)
+        out = (forward or model)(x, t, y, patch=patch).float()  # (B, C_out, H, W)
     row = 0
     for job in jobs:
         n = job.latents.shape[0]

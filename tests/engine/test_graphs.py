@@ -1,0 +1,189 @@
+"""Bucketed/graphed denoiser: padding and mixed patches leave each sample's result unchanged; pool slots."""
+import pytest
+import torch
+
+from app.engine.graphs import GraphedForward, row_buckets
+from app.model.dit import DiT, DiTConfig
+from app.model.dmp import PatchPool, new_patch_for
+from app.model.sampling import denoise_step, new_job
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def tiny_model(seed=0, device="cpu", **overrides):
+    cfg = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=4, num_classes=10)
+    model = DiT(DiTConfig(**(cfg | overrides)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # random everywhere: adaLN-Zero init would make every block an identity
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def random_patch(model, seed, **kwargs):
+    patch = new_patch_for(model, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in patch.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return patch.eval()
+
+
+def inputs(model, n, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    x = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(device)
+    t = torch.randint(0, 1000, (n,), generator=g).float().to(device)
+    y = torch.randint(0, cfg.num_classes + 1, (n,), generator=g).to(device)
+    return x, t, y
+
+
+def pool_for(model, slots=6, device="cpu"):
+    cfg = model.config
+    return PatchPool(cfg.hidden_size, cfg.num_tokens, cfg.depth, slots, device=device)
+
+
+def test_row_buckets():
+    assert row_buckets() == [2, 4, 8, 16, 32, 64, 128]
+    assert row_buckets((1, 2, 4), cfg=False) == [1, 2, 4]
+
+
+def test_bucket_padding_does_not_change_results():
+    model = tiny_model()
+    pool = pool_for(model)
+    slot = pool.install(random_patch(model, 3))
+    fwd = GraphedForward(model, pool, buckets=(4, 8), cfg=False)
+    for n in (1, 3, 5):  # padded to 4, 4, 8
+        x, t, y = inputs(model, n, seed=n)
+        slots = torch.tensor([slot, 0, slot, 0, slot][:n])
+        out = fwd(x, t, y, patch=pool.batch(slots))
+        ref = model(x, t, y, patch=pool.batch(slots))
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert fwd.fallbacks == 0 and sorted(fwd.graphs) == [4, 8]
+
+
+def test_base_rows_without_patch_equal_plain_model():
+    model = tiny_model()
+    fwd = GraphedForward(model, pool_for(model), buckets=(4,), cfg=False)
+    x, t, y = inputs(model, 3)
+    torch.testing.assert_close(fwd(x, t, y), model(x, t, y), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_mixed_batch_equals_each_sample_alone(text):
+    model = tiny_model(**({"num_classes": 0, "text_dim": 8} if text else {}))
+    pool = pool_for(model)
+    patches = [random_patch(model, 10), random_patch(model, 11, gate_input="t"),
+               random_patch(model, 12, top_k=0.25), random_patch(model, 13, method="pt", pt_depth=2)]
+    slots = [0] + [pool.install(p) for p in patches]
+    modules = [None] + patches
+    order = [1, 0, 2, 3, 4, 2, 1]  # rows use these slots
+    n = len(order)
+    x, t, _ = inputs(model, n)
+    y = torch.randn(n, 8) if text else torch.randint(0, 11, (n,))
+    fwd = GraphedForward(model, pool, buckets=(8,), cfg=False)
+    out = fwd(x, t, y, patch=pool.batch(torch.tensor([slots[i] for i in order])))
+    for row, i in enumerate(order):
+        alone = model(x[row:row + 1], t[row:row + 1], y[row:row + 1], patch=modules[i])
+        torch.testing.assert_close(out[row:row + 1], alone, rtol=0, atol=1e-5)
+    # and the patches really differ from each other and from the base
+    assert not torch.allclose(model(x[:1], t[:1], y[:1], patch=patches[0]), model(x[:1], t[:1], y[:1]))
+
+
+def test_fallbacks_are_counted():
+    model = tiny_model()
+    pool = pool_for(model)
+    patch = random_patch(model, 1)
+    fwd = GraphedForward(model, pool, buckets=(2,), cfg=False)
+    x, t, y = inputs(model, 3)
+    torch.testing.assert_close(fwd(x, t, y), model(x, t, y), rtol=0, atol=1e-5)  # no bucket holds 3 rows
+    torch.testing.assert_close(fwd(x[:2], t[:2], y[:2], patch=patch), model(x[:2], t[:2], y[:2], patch=patch))
+    assert fwd.stats()["fallbacks"] == 2
+
+
+def test_pool_install_free_reuse_never_touches_a_slot_in_use():
+    model = tiny_model()
+    pool = pool_for(model, slots=4)
+    a, b, c, d = (random_patch(model, s) for s in range(4))
+    sa, sb = pool.install(a), pool.install(b)
+    addresses = [t.data_ptr() for t in (pool.prompts, pool.gate_w, pool.gate_b, pool.gate_w_depth)]
+    snapshot = lambda s: [t[s].clone() for t in (pool.prompts, pool.gate_w, pool.gate_b, pool.gate_w_depth)]
+    base, in_use = snapshot(0), snapshot(sb)
+    pool.free(sa)
+    sc = pool.install(c)
+    assert sc == sa  # the freed slot is reused ...
+    sd = pool.install(d)
+    assert sd not in (0, sb, sc)
+    for before, after in ((base, snapshot(0)), (in_use, snapshot(sb))):  # ... and nothing in use changed
+        assert all(torch.equal(p, q) for p, q in zip(before, after))
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in base)
+    assert [t.data_ptr() for t in (pool.prompts, pool.gate_w, pool.gate_b, pool.gate_w_depth)] == addresses
+    with pytest.raises(ValueError):
+        pool.install(random_patch(model, 9))  # full
+    with pytest.raises(ValueError):
+        pool.free(0)
+
+
+def test_denoise_step_with_graphed_forward_matches_eager_jobs():
+    model = tiny_model()
+    pool = pool_for(model)
+    s1, s2 = pool.install(random_patch(model, 1)), pool.install(random_patch(model, 2))
+
+    def run(forward):
+        jobs = [new_job(model, y=3, seed=5, sampler="ddim", steps=4, guidance_scale=4.0, slot=s1),
+                new_job(model, y=7, seed=6, sampler="ddpm", steps=3, guidance_scale=1.5, slot=s2, n=2),
+                new_job(model, y=1, seed=7, sampler="ddim", steps=4, guidance_scale=1.0, slot=0)]
+        while any(not j.done for j in jobs):
+            denoise_step(model, [j for j in jobs if not j.done], pool=pool, forward=forward)
+        return torch.cat([j.latents for j in jobs])
+
+    fwd = GraphedForward(model, pool, buckets=(4, 8))
+    torch.testing.assert_close(run(fwd), run(None), rtol=0, atol=1e-5)
+    assert fwd.fallbacks == 0
+
+
+# ------------------------------------------------------------------------------------------ GPU
+def _gpu_setup(dtype=torch.float32):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = tiny_model(device="cuda", hidden_size=64, depth=4, input_size=16).to(dtype)
+    pool = pool_for(model, slots=8, device="cuda")
+    return model, pool
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager_and_install_needs_no_recapture():
+    model, pool = _gpu_setup()
+    s1 = pool.install(random_patch(model, 1))
+    fwd = GraphedForward(model, pool, buckets=(2, 4), cfg=False)
+    fwd.capture()
+    assert fwd.captures == 2
+    x, t, y = inputs(model, 3, device="cuda")
+    slots = torch.tensor([s1, 0, s1], device="cuda")
+    torch.testing.assert_close(fwd(x, t, y, patch=pool.batch(slots)), model(x, t, y, patch=pool.batch(slots)),
+                               rtol=1e-4, atol=1e-4)
+    s2 = pool.install(random_patch(model, 2))  # in place, after capture
+    slots = torch.tensor([s2, s1, 0], device="cuda")
+    out = fwd(x, t, y, patch=pool.batch(slots))
+    ref = model(x, t, y, patch=pool.batch(slots))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out[0], model(x[:1], t[:1], y[:1])[0], atol=1e-3)  # the new patch took effect
+    assert fwd.captures == 2 and fwd.replays == 2 and fwd.fallbacks == 0
+
+
+@gpu
+@pytest.mark.gpu
+def test_bf16_graph_close_to_fp32_eager():
+    model32, pool = _gpu_setup()
+    s1 = pool.install(random_patch(model32, 1))
+    model16 = tiny_model(device="cuda", hidden_size=64, depth=4, input_size=16).to(torch.bfloat16)
+    fwd = GraphedForward(model16, pool, buckets=(4,), cfg=False)
+    fwd.capture()
+    x, t, y = inputs(model32, 4, device="cuda")
+    slots = torch.tensor([s1, 0, s1, 0], device="cuda")
+    out, ref = fwd(x, t, y, patch=pool.batch(slots)), model32(x, t, y, patch=pool.batch(slots))
+    assert out.dtype == torch.float32
+    assert ((out - ref).norm() / ref.norm()).item() < 3e-2
