@@ -1,0 +1,82 @@
+"""Samplers, CFG and determinism: a seed gives the same pixels alone and inside any batch."""
+import pytest
+import torch
+
+from app.model import PatchPool, denoise_step, generate, new_job
+from app.model.dmp import new_patch_for
+from app.model.sampling import _guide, make_scheduler
+
+from .test_dmp import randomize_patch
+
+
+def run_jobs(model, jobs, pool=None):
+    while any(not j.done for j in jobs):
+        denoise_step(model, [j for j in jobs if not j.done], pool=pool)
+    return [j.latents for j in jobs]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+def test_seed_is_independent_of_batch_mates(tiny_class, sampler):
+    p1 = randomize_patch(new_patch_for(tiny_class), seed=1, std=0.3).eval()
+    pool = PatchPool(32, 16, 3, slots=3)
+    slot = pool.install(p1)
+    kw = dict(sampler=sampler, guidance_scale=2.0)
+    alone = run_jobs(tiny_class, [new_job(tiny_class, y=3, seed=7, steps=4, slot=slot, **kw)], pool)[0]
+    mates = [new_job(tiny_class, y=1, seed=8, steps=6, n=2, **kw),  # other seed, label, step count, base
+             new_job(tiny_class, y=3, seed=7, steps=4, slot=slot, **kw),
+             new_job(tiny_class, y=9, seed=9, steps=3, slot=slot, sampler="ddim", guidance_scale=1.0)]
+    together = run_jobs(tiny_class, mates, pool)[1]
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    other_seed = run_jobs(tiny_class, [new_job(tiny_class, y=3, seed=8, steps=4, slot=slot, **kw)], pool)[0]
+    assert (other_seed - alone).abs().max() > 1e-3
+
+
+def test_generate_is_deterministic_and_uint8(tiny_class):
+    a = generate(tiny_class, y=[1, 2], seeds=[5, 6], steps=3, sampler="ddim", guidance_scale=1.5)
+    b = generate(tiny_class, y=2, seeds=[6], steps=3, sampler="ddim", guidance_scale=1.5)
+    assert a.dtype == torch.uint8 and a.shape == (2, 8, 8, 4)
+    assert torch.equal(a[1:], b)
+
+
+def test_guidance_changes_output_and_one_means_no_cfg(tiny_class):
+    j1 = new_job(tiny_class, y=3, seed=1, steps=2, guidance_scale=1.0)
+    assert j1.y_null is None and j1.rows == 1
+    g = [run_jobs(tiny_class, [new_job(tiny_class, y=3, seed=1, steps=2, sampler="ddim", guidance_scale=s)])[0]
+         for s in (1.0, 4.0)]
+    assert (g[0] - g[1]).abs().max() > 1e-3
+
+
+def test_guide_all_channels_vs_first3():
+    cond, uncond = torch.ones(1, 8, 2, 2), torch.zeros(1, 8, 2, 2)
+    out = torch.cat([cond, uncond])
+    all_ch = _guide(out, 1, 2.0, 4, "all")
+    first3 = _guide(out, 1, 2.0, 4, "first3")
+    assert (all_ch[:, :4] == 2).all() and (all_ch[:, 4:] == 1).all()
+    assert (first3[:, :3] == 2).all() and (first3[:, 3:] == 1).all()
+
+
+def test_unconditional_and_text_generation(tiny_uncond, tiny_text):
+    img = generate(tiny_uncond, seeds=[0, 1], steps=2, sampler="ddpm")
+    assert img.shape == (2, 8, 8, 4)
+
+    class FixedEncoder:
+        dim = 16
+
+        def encode(self, captions):
+            g = torch.Generator().manual_seed(len(captions[0]))
+            return torch.randn(len(captions), 16, generator=g)
+
+    a = generate(tiny_text, captions="a seven", text_encoder=FixedEncoder(), seeds=[3], steps=2, guidance_scale=3.0)
+    b = generate(tiny_text, captions="a thick one", text_encoder=FixedEncoder(), seeds=[3], steps=2,
+                 guidance_scale=3.0)
+    assert a.shape == (1, 8, 8, 4) and not torch.equal(a, b)
+
+
+def test_class_label_out_of_range(tiny_class):
+    with pytest.raises(ValueError, match="class labels"):
+        generate(tiny_class, y=10, seeds=[0], steps=1)
+
+
+def test_ddpm_learned_range_uses_variance_channels(tiny_class):
+    sched = make_scheduler("ddpm", 250, learn_sigma=True, clip_sample=False)
+    assert sched.config.variance_type == "learned_range" and len(sched.timesteps) == 250
