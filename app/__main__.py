@@ -1,0 +1,104 @@
+"""`python -m app serve [--host H] [--port P]` and `python -m app generate ...` (same engine as the server)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger("dmp")
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from app.api.main import create_app
+    from app.core.config import Settings
+
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    engine = app.state.engine
+
+    class DrainingServer(uvicorn.Server):
+        """First SIGTERM/SIGINT: stop admitting (503 draining), finish in-flight work, then exit; second: now."""
+
+        draining = False
+
+        def handle_exit(self, sig, frame):
+            if self.draining:
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            threading.Thread(target=self._drain, name="dmp-drain", daemon=True).start()
+
+        def _drain(self):
+            log.info("draining: %d request(s) in flight, up to %.0f s", engine.inflight, settings.drain_seconds)
+            finished = engine.drain(settings.drain_seconds)
+            log.info("drained" if finished else "drain time over; %d request(s) cut", engine.inflight)
+            self.should_exit = True
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=2)
+    DrainingServer(config).run()
+    return 0
+
+
+def generate(args) -> int:
+    from app.core.config import Settings
+    from app.engine.engine import Engine
+    from app.engine.images import encode_images
+
+    logging.basicConfig(level=logging.WARNING)
+    settings = Settings(warmup=False)
+    engine = Engine(settings)
+    engine.start()
+    if engine.state != "ready":
+        print(f"error: {engine.error or engine.readiness()[2]}", file=sys.stderr)
+        return 1
+    try:
+        spec, result = engine.generate(model=args.model, patch=args.patch, class_label=args.class_label,
+                                       caption=args.caption, steps=args.steps, sampler=args.sampler,
+                                       guidance_scale=args.guidance, seed=args.seed)
+    except Exception as e:
+        print(f"error: {getattr(e, 'message', e)}", file=sys.stderr)
+        return 2
+    finally:
+        engine.stop()
+    fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(Path(args.out).suffix.lower(), "png")
+    Path(args.out).write_bytes(encode_images(result.images[:1], fmt)[0])
+    version = f"@{result.patch_version}" if result.patch_version else ""
+    print(f"wrote {args.out}: model={spec.model} patch={spec.patch or 'none'}{version} seed={spec.seed} "
+          f"steps={spec.steps} sampler={spec.sampler} sample_ms={result.timings['sample_ms']:.0f}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m app", description="DMP patch server")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the HTTP service (settings from DMP_* variables)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=serve)
+    g = sub.add_parser("generate", help="generate one image through the engine, no HTTP")
+    g.add_argument("--model")
+    g.add_argument("--patch")
+    cond = g.add_mutually_exclusive_group()
+    cond.add_argument("--class-label", type=int)
+    cond.add_argument("--caption")
+    g.add_argument("--seed", type=int, required=True)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--sampler", choices=("ddpm", "ddim", "dpm"))
+    g.add_argument("--guidance", type=float)
+    g.add_argument("--out", required=True)
+    g.set_defaults(func=generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Liveness and readiness probes."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import EngineDep
+from app.api.responses import errors
+from app.api.schemas import Health
+from app.core.errors import Unavailable
+
+router = APIRouter(prefix="/health", tags=["health"])
+
+
+@router.get("/live", response_model=Health, responses=errors(), summary="The process is up")
+def live():
+    return Health(status="live")
+
+
+@router.get("/ready", response_model=Health, responses=errors(503),
+            summary="Models loaded and warmed, registry reachable, not draining")
+async def ready(engine: EngineDep):
+    ok, error_type, message = await run_in_threadpool(engine.readiness)  # may ping Redis
+    if not ok:
+        raise Unavailable(message, error_type=error_type, headers={"Retry-After": str(engine.settings.retry_after)})
+    return Health(status="ready")

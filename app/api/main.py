@@ -1,0 +1,51 @@
+"""The FastAPI app factory: routes, error mapping, middleware, static UI, and the engine's lifespan."""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from app.api import generate, health, metrics, models, patches
+from app.api.middleware import RequestContext
+from app.core.config import Settings
+from app.core.errors import install_error_handlers
+from app.core.metrics import Metrics
+from app.engine.engine import Engine
+
+STATIC_DIR = Path(__file__).resolve().parents[1] / "web" / "static"
+PLACEHOLDER = "<!doctype html><title>DMP</title><p>The web UI is not built yet; see <a href='/docs'>/docs</a>.</p>\n"
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    """Load and warm up in the background (so /health/live answers at once); stop the engine on the way out."""
+    engine: Engine = app.state.engine
+    engine.start_in_background()
+    yield
+    await run_in_threadpool(engine.stop)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(title="DMP patch server", version="0.1.0", lifespan=lifespan,
+                  description="Diffusion transformers served with hot-swappable DMP patches (DESIGN §4).")
+    app.state.settings = settings
+    app.state.engine = Engine(settings, Metrics())
+    install_error_handlers(app)
+    for module in (generate, patches, models, health, metrics):
+        app.include_router(module.router)
+    app.add_middleware(RequestContext, metrics=app.state.engine.metrics)
+    if not (STATIC_DIR / "index.html").exists():
+        STATIC_DIR.mkdir(parents=True, exist_ok=True)
+        (STATIC_DIR / "index.html").write_text(PLACEHOLDER)
+    app.mount("/ui", StaticFiles(directory=STATIC_DIR, html=True), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    def root():
+        return RedirectResponse("/ui/")
+
+    return app

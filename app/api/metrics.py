@@ -1,0 +1,19 @@
+"""GET /metrics: Prometheus text exposition."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import EngineDep
+from app.api.responses import errors
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                         "description": "Prometheus metrics"}} | errors(),
+            response_class=Response, summary="Prometheus metrics")
+async def metrics(engine: EngineDep):
+    await run_in_threadpool(engine.refresh_gauges)
+    return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)

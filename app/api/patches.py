@@ -1,0 +1,62 @@
+"""/patches: list, describe, upload (hot swap) and delete patches."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import AdminDep, RegistryDep, SettingsDep
+from app.api.responses import errors
+from app.api.schemas import PatchDetail, PatchInfo, PatchList
+from app.core.errors import PayloadTooLarge, UnsupportedMediaType
+from app.registry.records import NAME_PATTERN, PatchRecord
+from app.registry.registry import PatchRegistry
+
+router = APIRouter(prefix="/patches", tags=["patches"])
+PatchName = Annotated[str, Path(pattern=NAME_PATTERN, description="Letters, digits, '.', '_', '-'; at most 64")]
+UPLOAD_BODY = {"requestBody": {"required": True, "description": "The patch file (DESIGN §3 safetensors)",
+                               "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                   "format": "binary"}}}}}
+
+
+def _detail(registry: PatchRegistry, record: PatchRecord) -> PatchDetail:
+    return PatchDetail(**record.summary(), metadata={k: str(v) for k, v in record.metadata.items()},
+                       versions_held=registry.held_versions(record.name))
+
+
+@router.get("", response_model=PatchList, responses=errors(503), summary="All patches and their states")
+def list_patches(registry: RegistryDep):
+    return PatchList(patches=[PatchInfo(**r.summary()) for r in registry.list()])
+
+
+@router.get("/{name}", response_model=PatchDetail, responses=errors(404, 422, 503), summary="One patch")
+def get_patch(name: PatchName, registry: RegistryDep):
+    return _detail(registry, registry.get(name))
+
+
+@router.put("/{name}", response_model=PatchDetail, dependencies=[AdminDep], openapi_extra=UPLOAD_BODY,
+            responses={201: {"model": PatchDetail, "description": "Created"}} | errors(401, 404, 413, 415, 422, 503),
+            summary="Upload a patch version (hot swap; admin)")
+async def put_patch(name: PatchName, request: Request, response: Response, registry: RegistryDep,
+                    settings: SettingsDep):
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/octet-stream":
+        registry.metrics.patch_refusals.labels("content_type").inc()
+        raise UnsupportedMediaType(f"send the patch as application/octet-stream, not {content_type or 'nothing'!r}")
+    data = bytearray()
+    async for chunk in request.stream():  # count what arrives; Content-Length is not trusted
+        data += chunk
+        if len(data) > settings.max_patch_bytes:
+            registry.metrics.patch_refusals.labels("too_large").inc()
+            raise PayloadTooLarge(f"patch is over the {settings.max_patch_bytes}-byte cap (DMP_MAX_PATCH_BYTES)")
+    record, created = await run_in_threadpool(registry.put, name, bytes(data))
+    response.status_code = 201 if created else 200
+    return _detail(registry, record)
+
+
+@router.delete("/{name}", response_model=PatchDetail, dependencies=[AdminDep],
+               responses=errors(401, 404, 422, 503), summary="Remove a patch (admin)")
+def delete_patch(name: PatchName, registry: RegistryDep):
+    record = registry.delete(name)
+    return _detail(registry, record)

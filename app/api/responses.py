@@ -1,0 +1,21 @@
+"""OpenAPI declarations of the error replies each route can give."""
+from __future__ import annotations
+
+from app.api.schemas import ErrorBody
+
+DESCRIPTIONS = {
+    400: "Malformed request (e.g. a body that is not JSON)",
+    401: "Missing or wrong admin token",
+    404: "Unknown model or patch, or admin routes disabled",
+    413: "Upload over DMP_MAX_PATCH_BYTES",
+    415: "Upload not sent as application/octet-stream",
+    422: "Invalid request or refused patch",
+    429: "Admission queue full (DMP_MAX_QUEUE); see Retry-After",
+    500: "Unexpected server error",
+    503: "Not ready, draining, registry unreachable, or deadline exceeded",
+}
+
+
+def errors(*codes: int) -> dict:
+    """`responses=` entries for these status codes (and 500), all with the error body."""
+    return {code: {"model": ErrorBody, "description": DESCRIPTIONS[code]} for code in (*codes, 500)}

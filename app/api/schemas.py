@@ -1,0 +1,106 @@
+"""Request and response bodies of the HTTP API (DESIGN §4)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+
+Sampler = Literal["ddpm", "ddim", "dpm"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class ErrorBody(BaseModel):
+    """Every error reply."""
+
+    error: str = Field(description="What went wrong, for a human")
+    error_type: str = Field(description="What went wrong, for a program")
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: StrictStr | None = Field(None, max_length=128, description="Base name; optional with a patch or one base")
+    patch: StrictStr | None = Field(None, max_length=64, description="Patch name; null = the base model")
+    class_label: StrictInt | None = Field(None, ge=0, le=100_000, description="Class index (class models)")
+    caption: StrictStr | None = Field(None, max_length=10_000, description="Caption (text models)")
+    num_images: StrictInt = Field(1, ge=1, le=64)
+    steps: StrictInt | None = Field(None, ge=1, le=1000, description="Denoising steps; default from the model")
+    sampler: Sampler | None = None
+    guidance_scale: StrictFloat | StrictInt | None = Field(None, ge=0, le=50)
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1, description="Same seed + request = same pixels")
+    output_format: OutputFormat = "png"
+
+
+class PatchRef(BaseModel):
+    name: str
+    version: str
+
+
+class Timings(BaseModel):
+    queue_ms: float
+    sample_ms: float
+    decode_ms: float
+
+
+class GenerateResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    images: list[str] = Field(description="Base64-encoded files in output_format")
+    seed: int
+    model: str
+    patch: PatchRef | None
+    output_format: OutputFormat
+    cached: bool = False
+    timings: Timings
+
+
+class ModelInfo(BaseModel):
+    name: str
+    task: Literal["uncond", "class", "text"]
+    num_classes: int
+    image_size: int
+    hidden_size: int
+    depth: int
+    num_tokens: int
+    in_channels: int
+    patch_size: int
+    text_dim: int
+    fingerprint: str
+    vae: str
+    text_encoder: str | None
+    labels: list[str]
+    default_sampler: Sampler
+    default_steps: int
+    default_guidance: float
+    patches: list[str]
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class PatchInfo(BaseModel):
+    name: str
+    base: str | None
+    version: str
+    state: Literal["loading", "ready", "failed", "retired"]
+    task: str | None
+    domain: str | None
+    method: str | None
+    size_bytes: int
+    error: str | None
+    updated_at: float
+
+
+class PatchDetail(PatchInfo):
+    metadata: dict[str, str]
+    versions_held: list[str] = Field(description="Retired versions still used by running requests")
+
+
+class PatchList(BaseModel):
+    patches: list[PatchInfo]
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None

@@ -1,0 +1,52 @@
+"""Service settings: one pydantic-settings class, read from `DMP_*` environment variables; nothing else reads env."""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; see docs/service.md for the table."""
+
+    model_config = SettingsConfigDict(env_prefix="DMP_", extra="ignore")
+
+    admin_token: SecretStr | None = Field(None, description="Bearer token for PUT/DELETE /patches; unset = off")
+    redis_url: str | None = Field(None, description="Redis for shared patches and the result cache; unset = disk")
+    model_dir: Path = Field(Path("models"), description="Base checkpoints served (*.safetensors, *.pt, folders)")
+    patch_dir: Path = Field(Path("patches"), description="Patch files (embedded registry; seeds Redis once)")
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: fp32 CPU, bf16 CUDA")
+    max_queue: int = Field(64, ge=1, description="Requests admitted at once (waiting + running); beyond: 429")
+    max_batch: int = Field(16, ge=1, description="Images per batched forward (before CFG doubling)")
+    patch_slots: int = Field(16, ge=2, description="Patch slots per base, slot 0 = the base itself")
+    request_timeout: float = Field(120.0, gt=0, description="Seconds a request may take end to end")
+    drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM: seconds to finish in-flight requests")
+    max_patch_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Upload cap, counted on received bytes")
+    max_steps: int = Field(1000, ge=1, description="Largest `steps` a request may ask for")
+    max_images: int = Field(8, ge=1, description="Largest `num_images` per request")
+    max_caption_chars: int = Field(1000, ge=1)
+    cache_ttl: int = Field(0, ge=0, description="Seconds a result stays in the Redis cache; 0 = off")
+    redis_timeout: float = Field(1.0, gt=0, description="Socket timeout for every Redis call")
+    retry_after: int = Field(1, ge=1, description="Retry-After seconds sent with 429 and 503")
+    warmup: bool = Field(True, description="Run one tiny generation per base before reporting ready")
+    log_level: str = "info"
+
+    @cached_property
+    def torch_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    @cached_property
+    def torch_dtype(self):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device == "cuda" else torch.float32
+        return getattr(torch, self.dtype)

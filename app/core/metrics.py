@@ -1,0 +1,58 @@
+"""Prometheus metrics of one app instance, in their own CollectorRegistry (so tests can build many apps)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+OCCUPANCY_BUCKETS = (0.125, 0.25, 0.5, 0.75, 1.0)
+
+
+class Metrics:
+    """All service metrics; names start with `dmp_`."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        self.requests = Counter("dmp_requests", "HTTP requests", ["route", "method", "status", "error_type"],
+                                registry=r)
+        self.request_seconds = Histogram("dmp_request_seconds", "HTTP latency by route", ["route"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        stage = dict(labelnames=["model", "patch"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("dmp_queue_seconds", "Admission to first denoising step", **stage)
+        self.sample_seconds = Histogram("dmp_sample_seconds", "First to last denoising step", **stage)
+        self.decode_seconds = Histogram("dmp_decode_seconds", "VAE decode and image encoding", **stage)
+        self.total_seconds = Histogram("dmp_generate_seconds", "Admission to reply", **stage)
+        self.queue_depth = Gauge("dmp_queue_depth", "Requests admitted but not yet running", registry=r)
+        self.inflight = Gauge("dmp_inflight", "Requests admitted and not finished", registry=r)
+        self.batch_size = Histogram("dmp_batch_size", "Images per batched forward", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_occupancy = Histogram("dmp_batch_occupancy", "Batch images / DMP_MAX_BATCH", ["model"],
+                                         buckets=OCCUPANCY_BUCKETS, registry=r)
+        self.images = Counter("dmp_images_generated", "Images generated", ["model", "patch"], registry=r)
+        self.dropped = Counter("dmp_requests_dropped", "Admitted work dropped before the end", ["reason"],
+                               registry=r)
+        self.patch_swaps = Counter("dmp_patch_swaps", "Patch versions installed over an older one", ["model"],
+                                   registry=r)
+        self.patch_installs = Counter("dmp_patch_installs", "Patch versions installed", ["model"], registry=r)
+        self.patch_refusals = Counter("dmp_patch_refusals", "Patch uploads or loads refused", ["reason"],
+                                      registry=r)
+        self.slots_in_use = Gauge("dmp_patch_slots_in_use", "Pool slots holding a patch version (slot 0 excluded)",
+                                  ["model"], registry=r)
+        self.versions_held = Gauge("dmp_patch_versions_held", "Retired versions still pinned by requests",
+                                   ["model"], registry=r)
+        self.cache = Counter("dmp_result_cache", "Result cache lookups", ["outcome"], registry=r)
+        self.ready = Gauge("dmp_ready", "1 when /health/ready answers 200", registry=r)
+        self.device_memory = Gauge("dmp_device_memory_bytes", "Accelerator memory", ["device", "kind"], registry=r)
+
+    def refresh_device_memory(self, device: str) -> None:
+        """CUDA allocator numbers, when the service runs on a GPU."""
+        if not device.startswith("cuda"):
+            return
+        import torch
+
+        self.device_memory.labels(device, "allocated").set(torch.cuda.memory_allocated())
+        self.device_memory.labels(device, "reserved").set(torch.cuda.memory_reserved())
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

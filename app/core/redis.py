@@ -1,0 +1,13 @@
+"""Redis clients with socket timeouts everywhere, so a lost Redis never hangs a request or a thread."""
+from __future__ import annotations
+
+import redis
+
+from app.core.config import Settings
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A client for `DMP_REDIS_URL`; every connect, read and write gives up after `DMP_REDIS_TIMEOUT` seconds."""
+    t = settings.redis_timeout
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=t, socket_connect_timeout=t,
+                                retry_on_timeout=False)

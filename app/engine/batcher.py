@@ -1,0 +1,174 @@
+"""Step-level batcher: one runner thread owns the device and advances every running job of a base together.
+
+Each loop iteration picks a base (round robin), lets waiting requests of that base join the running batch at
+this step boundary (up to DMP_MAX_BATCH images), runs one `denoise_step` for all of them (each job carries its
+own timestep, sampler and patch slot), then decodes and answers the jobs that finished.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+from app.core.errors import ServiceError, Unavailable
+from app.core.metrics import Metrics
+from app.engine.bases import ServedBase
+from app.engine.work import Result, Work
+from app.model.sampling import denoise_step
+from app.model.vae import to_uint8
+
+log = logging.getLogger("dmp.batcher")
+
+
+class DeadlineExceeded(ServiceError):
+    status, error_type = 503, "deadline_exceeded"
+
+
+class Cancelled(ServiceError):
+    status, error_type = 499, "cancelled"
+
+
+class Batcher:
+    """Waiting queues per base, the running batch per base, and the runner thread."""
+
+    def __init__(self, bases: dict[str, ServedBase], max_batch: int, dtype, metrics: Metrics):
+        self.bases, self.max_batch, self.dtype, self.metrics = bases, max_batch, dtype, metrics
+        self.waiting: dict[str, deque[Work]] = {name: deque() for name in bases}
+        self.running: dict[str, list[Work]] = {name: [] for name in bases}  # runner thread only
+        self.cond = threading.Condition()
+        self.stopping = False
+        self._turn = 0
+        self.thread = threading.Thread(target=self._loop, name="dmp-runner", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def put(self, work: Work) -> None:
+        with self.cond:
+            self.waiting[work.spec.model].append(work)
+            self.metrics.queue_depth.inc()
+            self.cond.notify()
+
+    # ------------------------------------------------------------------ runner thread
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self._has_work():
+                    self.cond.wait()
+                if self.stopping:
+                    break
+                name = self._next_base()
+                self._join_waiting(name)
+            self._step(name)
+        self._fail_all(Unavailable("the service is shutting down", error_type="shutting_down"))
+
+    def _has_work(self) -> bool:
+        return any(self.waiting[n] or self.running[n] for n in self.bases)
+
+    def _next_base(self) -> str:
+        """Round robin over bases that have work, so one busy base cannot starve another."""
+        names = list(self.bases)
+        for i in range(len(names)):
+            name = names[(self._turn + i) % len(names)]
+            if self.waiting[name] or self.running[name]:
+                self._turn = (self._turn + i + 1) % len(names)
+                return name
+        raise RuntimeError("no work")  # unreachable: _has_work was checked under the same lock
+
+    def _join_waiting(self, name: str) -> None:
+        """Move waiting requests into the running batch while it has room (caller holds the lock)."""
+        queue, running = self.waiting[name], self.running[name]
+        room = self.max_batch - sum(w.images for w in running)
+        while queue and (room >= queue[0].images or not running):
+            work = queue.popleft()
+            self.metrics.queue_depth.dec()
+            if self._dropped(work):
+                continue
+            work.started_at = time.perf_counter()
+            running.append(work)
+            room -= work.images
+
+    def _dropped(self, work: Work) -> bool:
+        """Finish work whose client left or whose deadline passed; True if it was dropped."""
+        if work.cancelled.is_set() or work.future.cancelled():
+            self.metrics.dropped.labels("disconnected").inc()
+            self._finish(work, error=Cancelled("the client went away"))
+            return True
+        if time.monotonic() > work.deadline:
+            self.metrics.dropped.labels("deadline").inc()
+            self._finish(work, error=DeadlineExceeded("the request ran past DMP_REQUEST_TIMEOUT",
+                                                      headers={"Retry-After": "1"}))
+            return True
+        return False
+
+    def _step(self, name: str) -> None:
+        base = self.bases[name]
+        works = [w for w in self.running[name] if not self._dropped(w)]
+        self.running[name] = works
+        if not works:
+            return
+        images = sum(w.images for w in works)
+        self.metrics.batch_size.labels(name).observe(images)
+        self.metrics.batch_occupancy.labels(name).observe(images / self.max_batch)
+        try:
+            with base.lock:
+                denoise_step(base.model, [w.job for w in works], pool=base.slots.pool, dtype=self.dtype)
+        except Exception as e:  # a crash in one step fails that batch, never the runner
+            log.exception("denoising step failed for base %s", name)
+            self.running[name] = []
+            for w in works:
+                self._finish(w, error=e)
+            return
+        self.running[name] = [w for w in works if not w.job.done]
+        for w in works:
+            if w.job.done:
+                self._decode(base, w)
+
+    def _decode(self, base: ServedBase, work: Work) -> None:
+        sampled = time.perf_counter()
+        try:
+            with base.lock:
+                images = to_uint8(base.vae.decode(work.job.latents))  # (n, H, W, C)
+        except Exception as e:
+            log.exception("decode failed for base %s", base.name)
+            self._finish(work, error=e)
+            return
+        done = time.perf_counter()
+        timings = {"queue_ms": 1000 * (work.started_at - work.admitted_at),
+                   "sample_ms": 1000 * (sampled - work.started_at), "decode_ms": 1000 * (done - sampled)}
+        version = work.pin.version if work.pin else None
+        self._finish(work, result=Result(images, version, timings))
+
+    def _finish(self, work: Work, result: Result | None = None, error: BaseException | None = None) -> None:
+        if work.pin is not None:
+            self.bases[work.spec.model].slots.release(work.pin)
+            work.pin = None
+        if work.future.done():
+            return
+        try:
+            if error is not None:
+                work.future.set_exception(error)
+            else:
+                work.future.set_result(result)
+        except Exception:  # the waiter cancelled the future in between: nobody to answer
+            pass
+
+    def _fail_all(self, error: ServiceError) -> None:
+        with self.cond:
+            pending = [w for q in self.waiting.values() for w in q] + [w for r in self.running.values() for w in r]
+            for q in self.waiting.values():
+                self.metrics.queue_depth.dec(len(q))
+                q.clear()
+            for name in self.running:
+                self.running[name] = []
+        for w in pending:
+            self._finish(w, error=error)

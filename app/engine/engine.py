@@ -1,0 +1,239 @@
+"""The engine facade: loads bases and patches, resolves requests, admits them (bounded), warms up, drains."""
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from concurrent.futures import Future
+
+import torch
+
+from app.core.config import Settings
+from app.core.errors import InvalidRequest, NotFound, Overloaded, Unavailable
+from app.core.metrics import Metrics
+from app.core.redis import redis_client
+from app.engine.bases import ServedBase, load_bases
+from app.engine.batcher import Batcher
+from app.engine.cache import ResultCache
+from app.engine.work import Result, Spec, Work
+from app.model.sampling import TRAIN_TIMESTEPS, new_job
+
+log = logging.getLogger("dmp.engine")
+
+
+class Engine:
+    """Owns the bases, the patch registry and the batcher; the HTTP layer and the CLI both go through it."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.bases: dict[str, ServedBase] = {}
+        self.registry = None
+        self.batcher: Batcher | None = None
+        self.cache: ResultCache | None = None
+        self.redis = None
+        self.state = "starting"  # starting -> warming -> ready -> draining -> stopped; or failed
+        self.error: str | None = None
+        self._inflight = 0
+        self._lock = threading.Condition()
+        self._encoder_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Load bases and patches, start the runner, warm up; blocking (run it in a thread to stay live)."""
+        from app.registry.registry import PatchRegistry
+
+        try:
+            self.bases = load_bases(self.settings)
+            if self.settings.redis_url:
+                self.redis = redis_client(self.settings)
+                if self.settings.cache_ttl > 0:
+                    self.cache = ResultCache(self.redis, self.settings.cache_ttl, self.metrics)
+            self.registry = PatchRegistry(self.settings, self.bases, self.metrics, client=self.redis)
+            self.registry.start()
+            self.batcher = Batcher(self.bases, self.settings.max_batch, self.settings.torch_dtype, self.metrics)
+            self.batcher.start()
+            self.state = "warming"
+            if self.settings.warmup:
+                self._warm_up()
+            if self.state == "warming":
+                self.state = "ready"
+            log.info("engine ready: %d base(s) on %s", len(self.bases), self.settings.torch_device)
+        except Exception as e:
+            log.exception("engine failed to start")
+            self.state, self.error = "failed", f"{e.__class__.__name__}: {e}"
+
+    def start_in_background(self) -> threading.Thread:
+        thread = threading.Thread(target=self.start, name="dmp-start", daemon=True)
+        thread.start()
+        return thread
+
+    def _warm_up(self) -> None:
+        """One tiny generation per base, so the first real request pays no first-call costs."""
+        for base in self.bases.values():
+            spec = self.resolve(model=base.name, class_label=0 if base.task == "class" else None,
+                                caption="warm-up" if base.task == "text" else None, steps=1, seed=0)
+            self.submit(spec, self.condition(base, spec), internal=True).future.result(
+                timeout=self.settings.request_timeout)
+
+    def readiness(self) -> tuple[bool, str, str]:
+        """(ready, error_type, message) for /health/ready."""
+        if self.state == "failed":
+            return False, "startup_failed", f"startup failed: {self.error}"
+        if self.state in ("starting", "warming"):
+            return False, "not_ready", f"the service is {self.state}"
+        if self.state in ("draining", "stopped"):
+            return False, "draining", "the service is draining before shutdown"
+        if not self.bases:
+            return False, "no_models", f"no base models in {self.settings.model_dir}"
+        ok, why = self.registry.healthy()
+        if not ok:
+            return False, "registry_unavailable", why
+        return True, "", "ready"
+
+    def drain(self, timeout: float) -> bool:
+        """Stop admitting, wait up to `timeout` s for in-flight requests; True if all finished."""
+        if self.state not in ("failed", "stopped"):
+            self.state = "draining"
+        end = time.monotonic() + timeout
+        with self._lock:
+            while self._inflight and time.monotonic() < end:
+                self._lock.wait(end - time.monotonic())
+            return self._inflight == 0
+
+    def stop(self) -> None:
+        self.state = "stopped"
+        if self.batcher is not None:
+            self.batcher.stop()
+        if self.registry is not None:
+            self.registry.stop()
+        if self.redis is not None:
+            self.redis.close()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    # ------------------------------------------------------------------ requests
+
+    def base(self, name: str) -> ServedBase:
+        if name not in self.bases:
+            raise NotFound(f"no model named {name!r}; served: {', '.join(self.bases) or 'none'}",
+                           error_type="model_not_found")
+        return self.bases[name]
+
+    def resolve(self, *, model: str | None = None, patch: str | None = None, class_label: int | None = None,
+                caption: str | None = None, num_images: int = 1, steps: int | None = None,
+                sampler: str | None = None, guidance_scale: float | None = None, seed: int | None = None,
+                output_format: str = "png") -> Spec:
+        """Check a request against the served bases and limits and fill in every default."""
+        s = self.settings
+        if self.registry is None:
+            raise Unavailable("the service is still starting", error_type="not_ready",
+                              headers={"Retry-After": str(s.retry_after)})
+        record = self.registry.get(patch) if patch is not None else None
+        if model is None:
+            if record is not None and record.base is not None:
+                model = record.base
+            elif len(self.bases) == 1:
+                model = next(iter(self.bases))
+            else:
+                raise InvalidRequest(f"say which model: this server serves {', '.join(self.bases) or 'none'}",
+                                     error_type="model_required")
+        base = self.base(model)
+        if record is not None and record.base != base.name:
+            raise InvalidRequest(f"patch {patch!r} is for model {record.base!r}, not {base.name!r}",
+                                 error_type="patch_model_mismatch")
+        task = base.task
+        if task == "class":
+            if caption is not None:
+                raise InvalidRequest(f"model {base.name} is class-conditional: send class_label, not caption")
+            if class_label is None:
+                raise InvalidRequest(f"model {base.name} needs class_label in [0, {base.config.num_classes})")
+            if not 0 <= class_label < base.config.num_classes:
+                raise InvalidRequest(f"class_label must be in [0, {base.config.num_classes}), got {class_label}")
+        elif task == "text":
+            if class_label is not None:
+                raise InvalidRequest(f"model {base.name} is text-conditional: send caption, not class_label")
+            if caption is None or not caption.strip():
+                raise InvalidRequest(f"model {base.name} needs a non-empty caption")
+            if len(caption) > s.max_caption_chars:
+                raise InvalidRequest(f"caption is {len(caption)} characters, over {s.max_caption_chars}")
+        elif class_label is not None or caption is not None:
+            raise InvalidRequest(f"model {base.name} is unconditional: send neither class_label nor caption")
+        if num_images > s.max_images:
+            raise InvalidRequest(f"num_images must be at most {s.max_images} (DMP_MAX_IMAGES)")
+        max_steps = min(s.max_steps, TRAIN_TIMESTEPS)
+        steps = min(base.default_steps, max_steps) if steps is None else steps
+        if not 1 <= steps <= max_steps:
+            raise InvalidRequest(f"steps must be in [1, {max_steps}], got {steps}")
+        guidance = base.default_guidance if guidance_scale is None else float(guidance_scale)
+        if task == "uncond":
+            guidance = 1.0  # nothing to guide towards
+        seed = secrets.randbits(31) if seed is None else seed
+        return Spec(base.name, patch, class_label, caption, num_images, steps, sampler or base.default_sampler,
+                    guidance, seed, output_format)
+
+    def condition(self, base: ServedBase, spec: Spec) -> torch.Tensor:
+        """The model's y for this request: a label, the null class, or the caption's embedding (1, text_dim)."""
+        if base.task == "text":
+            with self._encoder_lock:
+                return base.text_encoder.encode([spec.caption])
+        return torch.tensor(spec.class_label if base.task == "class" else 0)
+
+    def submit(self, spec: Spec, y: torch.Tensor, internal: bool = False) -> Work:
+        """Admit a request (bounded by DMP_MAX_QUEUE), pin its patch version, queue it for the batcher."""
+        retry = {"Retry-After": str(self.settings.retry_after)}
+        if self.state in ("draining", "stopped"):
+            raise Unavailable("the service is draining before shutdown", error_type="draining", headers=retry)
+        if self.state != "ready" and not internal:
+            raise Unavailable(f"the service is {self.state}", error_type="not_ready", headers=retry)
+        with self._lock:
+            if self._inflight >= self.settings.max_queue:
+                raise Overloaded(f"{self._inflight} requests in flight (DMP_MAX_QUEUE={self.settings.max_queue}); "
+                                 "retry later", headers=retry)
+            self._inflight += 1
+            self.metrics.inflight.set(self._inflight)
+        base, pin = self.bases[spec.model], None
+        try:
+            if spec.patch is not None:
+                record, pin = self.registry.pin(spec.patch)
+                if record.base != base.name:
+                    raise InvalidRequest(f"patch {spec.patch!r} is for model {record.base!r}",
+                                         error_type="patch_model_mismatch")
+            job = new_job(base.model, y=y, seed=spec.seed, sampler=spec.sampler, steps=spec.steps,
+                          guidance_scale=spec.guidance_scale, n=spec.num_images, slot=pin.slot if pin else 0,
+                          beta_schedule=base.beta_schedule, clip_sample=base.clip_sample,
+                          device=self.settings.torch_device, dtype=self.settings.torch_dtype)
+        except BaseException:
+            if pin is not None:
+                base.slots.release(pin)
+            self._done(None)
+            raise
+        work = Work(spec, job, pin, deadline=time.monotonic() + self.settings.request_timeout)
+        work.future.add_done_callback(self._done)
+        self.batcher.put(work)
+        return work
+
+    def _done(self, _future: Future | None) -> None:
+        with self._lock:
+            self._inflight -= 1
+            self.metrics.inflight.set(self._inflight)
+            self._lock.notify_all()
+
+    def generate(self, **request) -> tuple[Spec, Result]:
+        """Blocking generation for the CLI: the same resolve -> condition -> submit path as HTTP."""
+        spec = self.resolve(**request)
+        work = self.submit(spec, self.condition(self.bases[spec.model], spec))
+        return spec, work.future.result(timeout=self.settings.request_timeout)
+
+    def refresh_gauges(self) -> None:
+        """Slot, version and device gauges, read at scrape time."""
+        for base in self.bases.values():
+            used, held = base.slots.stats()
+            self.metrics.slots_in_use.labels(base.name).set(used)
+            self.metrics.versions_held.labels(base.name).set(held)
+        self.metrics.ready.set(1 if self.readiness()[0] else 0)
+        self.metrics.refresh_device_memory(self.settings.torch_device)

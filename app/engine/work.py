@@ -1,0 +1,63 @@
+"""What the engine runs: a validated generation request and its in-flight state."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine.slots import Installed
+from app.model.sampling import Job
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A fully resolved request: every default filled in, so it also keys the result cache."""
+
+    model: str
+    patch: str | None
+    class_label: int | None
+    caption: str | None
+    num_images: int
+    steps: int
+    sampler: str
+    guidance_scale: float
+    seed: int
+    output_format: str
+
+
+@dataclass
+class Result:
+    """Decoded images (n, H, W, C) uint8 and where the time went."""
+
+    images: torch.Tensor
+    patch_version: str | None
+    timings: dict[str, float]
+
+
+@dataclass
+class Work:
+    """One admitted request: its sampling job, its pinned patch version, its deadline and its reply future."""
+
+    spec: Spec
+    job: Job
+    pin: Installed | None
+    deadline: float
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    admitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+
+    @property
+    def images(self) -> int:
+        return self.spec.num_images
+
+    @property
+    def patch_label(self) -> str:
+        return self.spec.patch or "base"
+
+    def cancel(self) -> None:
+        """The client went away (or gave up): the runner drops this work at the next step boundary."""
+        self.cancelled.set()

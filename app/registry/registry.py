@@ -1,0 +1,276 @@
+"""Patch registry: validates, stores and installs patch versions; keeps replicas in step through Redis pub/sub.
+
+States: loading -> ready (installed in its base's pool) or failed (refused when loaded from the store);
+a replaced or deleted version becomes retired and its slot is freed once no running request pins it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+
+import redis
+
+from app.core.config import Settings
+from app.core.errors import InvalidPatch, NotFound, ServiceError, Unavailable
+from app.core.metrics import Metrics
+from app.engine.bases import ServedBase
+from app.engine.slots import Installed
+from app.model.dmp import PatchError, patch_from_bytes, read_header
+from app.registry.records import PatchRecord, version_of
+from app.registry.stores import CHANNEL, DiskStore, RedisStore
+
+log = logging.getLogger("dmp.registry")
+RESYNC_SECONDS = 2.0
+
+
+class PatchNotReady(ServiceError):
+    status, error_type = 422, "patch_not_ready"
+
+
+class PatchRegistry:
+    """All patches of all served bases, one store behind them."""
+
+    def __init__(self, settings: Settings, bases: dict[str, ServedBase], metrics: Metrics, client=None):
+        self.settings, self.bases, self.metrics = settings, bases, metrics
+        self.origin = uuid.uuid4().hex
+        self.store = RedisStore(client, self.origin) if client is not None else DiskStore(settings.patch_dir)
+        self.records: dict[str, PatchRecord] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._listener: threading.Thread | None = None
+        self.connected = not self.store.shared  # Redis: set once the listener has subscribed and synced
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Load every stored patch; with Redis, seed the shipped patches once and follow changes."""
+        if isinstance(self.store, RedisStore):
+            try:
+                self._seed_from_disk()
+            except redis.RedisError as e:
+                log.warning("redis unreachable at start (%s); the listener keeps retrying", e)
+            self._listener = threading.Thread(target=self._listen, name="dmp-registry", daemon=True)
+            self._listener.start()
+        else:
+            for name in self.store.names():
+                self._load(name, self.store.load(name))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.join(timeout=3)
+
+    def healthy(self) -> tuple[bool, str]:
+        """(reachable, why not): the disk store always is; Redis must answer a ping within its timeout."""
+        if not self.store.shared:
+            return True, ""
+        try:
+            self.store.ping()
+        except redis.RedisError as e:
+            return False, f"redis unreachable: {e.__class__.__name__}"
+        if not self.connected:
+            return False, "patch registry is resynchronising with redis"
+        return True, ""
+
+    # ------------------------------------------------------------------ queries
+
+    def list(self) -> list[PatchRecord]:
+        with self._lock:
+            return sorted(self.records.values(), key=lambda r: r.name)
+
+    def get(self, name: str) -> PatchRecord:
+        with self._lock:
+            record = self.records.get(name)
+        if record is None:
+            raise NotFound(f"no patch named {name!r}", error_type="patch_not_found")
+        return record
+
+    def held_versions(self, name: str) -> list[str]:
+        """Retired versions of `name` that running requests still use."""
+        return [e.version for b in self.bases.values() for e in list(b.slots.held) if e.name == name]
+
+    def pin(self, name: str) -> tuple[PatchRecord, Installed]:
+        """Pin the current version of a ready patch for one request (released by the batcher)."""
+        with self._lock:
+            record = self.get(name)
+            if record.state != "ready" or record.base not in self.bases:
+                raise PatchNotReady(f"patch {name!r} is {record.state}" + (f": {record.error}" if record.error else ""))
+            entry = self.bases[record.base].slots.acquire(name)
+        if entry is None:
+            raise PatchNotReady(f"patch {name!r} is not installed")
+        return record, entry
+
+    # ------------------------------------------------------------------ admin
+
+    def put(self, name: str, data: bytes) -> tuple[PatchRecord, bool]:
+        """Validate in full, then store, install and announce; a refused upload changes nothing."""
+        version = version_of(data)
+        with self._lock:
+            base, patch = self._validate(data)
+            old = self.records.get(name)
+            same = old is not None and old.version == version and old.state == "ready"
+            if not same and not base.slots.has_room():
+                self.metrics.patch_refusals.labels("no_free_slot").inc()
+                raise Unavailable(f"all {self.settings.patch_slots - 1} patch slots of {base.name} are in use "
+                                  "(old versions still running or DMP_PATCH_SLOTS too small)",
+                                  error_type="no_free_slot", headers={"Retry-After": str(self.settings.retry_after)})
+            try:
+                self.store.save(name, data, version)
+            except redis.RedisError as e:
+                raise Unavailable(f"patch store unreachable: {e.__class__.__name__}", error_type="registry_unavailable",
+                                  headers={"Retry-After": str(self.settings.retry_after)}) from None
+            if old is not None and old.base != base.name and old.base in self.bases:
+                self.bases[old.base].slots.remove(name)  # the name moved to another base
+            record = self._install(name, version, base, patch, len(data))
+            return record, old is None
+
+    def delete(self, name: str) -> PatchRecord:
+        with self._lock:
+            record = self.get(name)
+            try:
+                self.store.delete(name, record.version)
+            except redis.RedisError as e:
+                raise Unavailable(f"patch store unreachable: {e.__class__.__name__}", error_type="registry_unavailable",
+                                  headers={"Retry-After": str(self.settings.retry_after)}) from None
+            self._forget(name)
+            record.state = "retired"
+            return record
+
+    # ------------------------------------------------------------------ internals
+
+    def _validate(self, data: bytes):
+        """Find the served base the patch is for (fingerprint, else base_name) and check the whole file."""
+        try:
+            meta = read_header(data).get("__metadata__") or {}
+            base = self._base_for(meta)
+            patch = patch_from_bytes(data, base=base.model, max_bytes=self.settings.max_patch_bytes)
+        except PatchError as e:
+            self.metrics.patch_refusals.labels("invalid").inc()
+            raise InvalidPatch(str(e)) from None
+        return base, patch
+
+    def _base_for(self, meta: dict) -> ServedBase:
+        fp = meta.get("base_fingerprint")
+        for base in self.bases.values():
+            if fp and base.fingerprint == fp:
+                return base
+        named = meta.get("base_name")
+        if named in self.bases:
+            return self.bases[named]  # patch_from_bytes then says why it does not fit
+        if not self.bases:
+            raise PatchError("this server serves no base model")
+        raise PatchError(f"no served base matches this patch (base_name={named!r}, fingerprint "
+                         f"{str(fp)[:12]}…); served: {', '.join(self.bases)}")
+
+    def _install(self, name: str, version: str, base: ServedBase, patch, size: int) -> PatchRecord:
+        with base.lock:
+            _, replaced = base.slots.install(name, version, patch)
+        meta = dict(patch.metadata)
+        record = PatchRecord(name, version, "ready", base.name, meta.get("task"), meta.get("domain"), size,
+                             metadata=meta)
+        self.records[name] = record
+        self.metrics.patch_installs.labels(base.name).inc()
+        if replaced:
+            self.metrics.patch_swaps.labels(base.name).inc()
+        log.info("patch %s version %s ready on %s%s", name, version, base.name, " (swap)" if replaced else "")
+        return record
+
+    def _load(self, name: str, data: bytes | None) -> None:
+        """Install a stored patch; a bad one is recorded as failed and serves nothing."""
+        if data is None:
+            return
+        version = version_of(data)
+        with self._lock:
+            current = self.records.get(name)
+            if current is not None and current.version == version and current.state == "ready":
+                return
+            self.records[name] = PatchRecord(name, version, "loading", size_bytes=len(data))
+            try:
+                base, patch = self._validate(data)
+                if current is not None and current.base not in (None, base.name) and current.base in self.bases:
+                    self.bases[current.base].slots.remove(name)
+                self._install(name, version, base, patch, len(data))
+            except ServiceError as e:
+                log.warning("patch %s refused: %s", name, e.message)
+                if current is not None and current.state == "ready":
+                    self.records[name] = current  # keep serving the good version
+                else:
+                    self.records[name] = PatchRecord(name, version, "failed", size_bytes=len(data), error=e.message)
+            except PatchError as e:  # no free slot
+                log.warning("patch %s not installed: %s", name, e)
+                self.metrics.patch_refusals.labels("no_free_slot").inc()
+                self.records[name] = PatchRecord(name, version, "failed", size_bytes=len(data), error=str(e))
+
+    def _forget(self, name: str) -> None:
+        record = self.records.pop(name, None)
+        if record is not None and record.base in self.bases:
+            self.bases[record.base].slots.remove(name)
+
+    # ------------------------------------------------------------------ redis replicas
+
+    def _seed_from_disk(self) -> None:
+        disk = DiskStore(self.settings.patch_dir)
+        if not disk.names() or not self.store.claim_seeding():
+            return
+        for name in disk.names():
+            data = disk.load(name)
+            try:
+                self._validate(data)
+            except ServiceError as e:
+                log.warning("not seeding patch %s: %s", name, e.message)
+                continue
+            self.store.save(name, data, version_of(data))
+
+    def _listen(self) -> None:
+        """Follow pub/sub; on any Redis error, reconnect and resync everything (missed messages included)."""
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CHANNEL)
+                self._resync()
+                self.connected = True
+                last = time.monotonic()
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.2)
+                    if message and message.get("type") == "message":
+                        self._on_event(json.loads(message["data"]))
+                    if time.monotonic() - last > RESYNC_SECONDS:
+                        self._resync()  # also notices a Redis that stopped answering
+                        last = time.monotonic()
+            except (redis.RedisError, OSError, ValueError) as e:
+                if self.connected:
+                    log.warning("lost redis (%s); retrying", e.__class__.__name__)
+                self.connected = False
+                self._stop.wait(0.3)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:
+                        pass
+
+    def _on_event(self, event: dict) -> None:
+        name = event.get("name")
+        if not isinstance(name, str) or event.get("origin") == self.origin:
+            return
+        if event.get("op") == "delete":
+            with self._lock:
+                self._forget(name)
+        else:
+            self._load(name, self.store.load(name))
+
+    def _resync(self) -> None:
+        """Make local records match Redis: load new or changed versions, forget deleted names."""
+        versions = self.store.versions()
+        with self._lock:
+            local = {n: r.version for n, r in self.records.items()}
+        for name in set(local) - set(versions):
+            with self._lock:
+                self._forget(name)
+        for name, version in versions.items():
+            if local.get(name) != version:
+                self._load(name, self.store.load(name))

@@ -1,0 +1,103 @@
+"""Where patch bytes live: a directory (embedded default, atomic writes) or Redis (shared by replicas)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import redis
+
+from app.registry.records import NAME_RE
+
+CHANNEL = "dmp:patch-events"
+VERSIONS = "dmp:patch-versions"  # hash name -> version
+SEEDED = "dmp:seeded"
+
+
+class DiskStore:
+    """Patches as `<dir>/<name>.safetensors`."""
+
+    shared = False
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.stem for p in self.root.glob("*.safetensors") if NAME_RE.match(p.stem))
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{name}.safetensors"
+
+    def size(self, name: str) -> int:
+        return self.path(name).stat().st_size
+
+    def load(self, name: str) -> bytes | None:
+        try:
+            return self.path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def save(self, name: str, data: bytes, version: str) -> None:
+        """Temp file in the same directory, fsync, rename: readers see the old or the new file, never half."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path(name))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def delete(self, name: str, version: str | None = None) -> None:
+        self.path(name).unlink(missing_ok=True)
+
+    def ping(self) -> None:
+        return None
+
+
+class RedisStore:
+    """Patch bytes under `dmp:patch:<name>`, versions in one hash, changes announced on a pub/sub channel."""
+
+    shared = True
+
+    def __init__(self, client: redis.Redis, origin: str):
+        self.client, self.origin = client, origin
+
+    @staticmethod
+    def key(name: str) -> str:
+        return f"dmp:patch:{name}"
+
+    def versions(self) -> dict[str, str]:
+        raw = self.client.hgetall(VERSIONS)
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def names(self) -> list[str]:
+        return sorted(self.versions())
+
+    def load(self, name: str) -> bytes | None:
+        return self.client.get(self.key(name))
+
+    def save(self, name: str, data: bytes, version: str) -> None:
+        event = json.dumps({"op": "put", "name": name, "version": version, "origin": self.origin})
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.key(name), data).hset(VERSIONS, name, version).publish(CHANNEL, event)
+        pipe.execute()
+
+    def delete(self, name: str, version: str | None = None) -> None:
+        event = json.dumps({"op": "delete", "name": name, "version": version, "origin": self.origin})
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.key(name)).hdel(VERSIONS, name).publish(CHANNEL, event)
+        pipe.execute()
+
+    def claim_seeding(self) -> bool:
+        """True for the first replica ever to start on this Redis: it seeds the shipped patches."""
+        return bool(self.client.set(SEEDED, "1", nx=True))
+
+    def ping(self) -> None:
+        self.client.ping()
