@@ -1,0 +1,120 @@
+"""A real `python -m app serve` on a free port, serving a tiny random class-conditional base and one patch."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.model import save_base
+from app.model.dit import DiT, DiTConfig
+from app.model.dmp import new_patch_for, patch_metadata_for, save_patch
+
+REPO = Path(__file__).resolve().parents[2]
+BASE_NAME = "tiny"
+PATCH_NAME = "tiny-dmp"
+LABELS = ["circle", "square", "cross"]
+START_TIMEOUT_S = 180  # torch import + model load + warm-up on a busy 2-core machine
+
+
+@dataclass
+class Server:
+    url: str
+    log: Path
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        """GET a path; returns (status, body) for 2xx and 4xx/5xx alike."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=60) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def post_json(self, path: str, body: dict) -> tuple[int, dict]:
+        """POST a JSON body; returns (status, parsed JSON reply)."""
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+
+def _randomize(module: torch.nn.Module, seed: int, std: float) -> None:
+    """Random weights (adaLN-Zero init makes every block an identity and every image flat)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def write_tiny_checkpoints(model_dir: Path, patch_dir: Path) -> None:
+    """A 3-class 8x8x1 DiT (hidden 32, depth 2, patch 2) and a random, non-zero DMP patch for it."""
+    base = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                         num_classes=len(LABELS), learn_sigma=False))
+    _randomize(base, seed=0, std=0.1)
+    base.eval()
+    save_base(base, model_dir / f"{BASE_NAME}.safetensors", name=BASE_NAME, task="class", vae="pixel",
+              text_encoder="", default_sampler="ddim", default_steps="2", default_guidance="1.5",
+              beta_schedule="linear", clip_sample="true", labels=json.dumps(LABELS),
+              train_config="{}", metrics="{}")
+    patch = new_patch_for(base)
+    _randomize(patch, seed=1, std=1.0)  # large prompts, so the patched image visibly differs from the base
+    save_patch(patch, patch_dir / f"{PATCH_NAME}.safetensors", **patch_metadata_for(base, BASE_NAME, "test"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(server: Server, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"`python -m app serve` exited with {proc.returncode}:\n{server.log.read_text()[-3000:]}")
+        try:
+            if server.get("/health/ready")[0] == 200:
+                return
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.5)
+    pytest.fail(f"server not ready after {START_TIMEOUT_S}s:\n{server.log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    """The service as users start it, on CPU, embedded registry (no Redis)."""
+    root = tmp_path_factory.mktemp("web-server")
+    write_tiny_checkpoints(root / "models", root / "patches")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DMP_")}
+    env |= {"DMP_MODEL_DIR": str(root / "models"), "DMP_PATCH_DIR": str(root / "patches"), "DMP_DEVICE": "cpu",
+            "DMP_DRAIN_SECONDS": "1"}
+    log = root / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    srv = Server(url=f"http://127.0.0.1:{port}", log=log)
+    try:
+        wait_ready(srv, proc)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

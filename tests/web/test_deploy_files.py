@@ -1,0 +1,155 @@
+"""deploy/, Dockerfile and docker-compose.yml: they parse, agree with each other and with the real service."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.core.config import Settings
+
+from .conftest import BASE_NAME, PATCH_NAME, REPO
+
+DEPLOY = REPO / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
+K8S = DEPLOY / "k8s"
+CONFIG_FILES = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.json"),
+                       REPO / "docker-compose.yml"])
+# Labels Prometheus attaches at scrape time, so the service never exports them.
+SCRAPE_LABELS = {"instance", "job"}
+
+
+def load(path: Path) -> list:
+    """Every document of a YAML or JSON file."""
+    text = path.read_text()
+    return [json.loads(text)] if path.suffix == ".json" else [d for d in yaml.safe_load_all(text) if d is not None]
+
+
+def k8s(kind: str, name: str) -> dict:
+    docs = [d for p in K8S.glob("*.yaml") for d in load(p)]
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def dashboard_queries() -> list[str]:
+    dash = load(DASHBOARD)[0]
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def metric_names(expr: str) -> set[str]:
+    """Series names in a PromQL expression: selectors `name{` / `name[` and label_values(name, ...)."""
+    return (set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*[{\[]", expr))
+            | set(re.findall(r"label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)", expr)))
+
+
+def grouping_labels(expr: str) -> set[str]:
+    """Labels a query groups by or reads: `by (a, b)` and label_values(metric, label)."""
+    labels = {lab.strip() for group in re.findall(r"\bby\s*\(([^)]*)\)", expr) for lab in group.split(",")}
+    labels |= set(re.findall(r"label_values\(\s*[a-zA-Z_:][a-zA-Z0-9_:]*\s*,\s*([a-zA-Z_]+)", expr))
+    return labels - {""}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_config_file_parses(path):
+    docs = load(path)
+    assert docs and all(isinstance(d, dict) for d in docs)
+
+
+@pytest.fixture(scope="module")
+def exposition(server) -> dict[str, set[str]]:
+    """{series name: label names seen} from the live /metrics after real traffic (ok, 4xx, patched)."""
+    assert server.post_json("/generate", {"model": BASE_NAME, "class_label": 0, "seed": 1})[0] == 200
+    assert server.post_json("/generate", {"model": BASE_NAME, "patch": PATCH_NAME, "class_label": 2})[0] == 200
+    assert server.post_json("/generate", {"model": BASE_NAME, "seed": -1})[0] == 422
+    status, body = server.get("/metrics")
+    assert status == 200
+    series: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        # Families without samples yet (labelled, never observed) still declare their series names.
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"],
+                    "summary": ["_sum", "_count"]}.get(family.type, [""])
+        for suffix in suffixes:
+            series.setdefault(family.name + suffix, set())
+        for sample in family.samples:
+            series.setdefault(sample.name, set()).update(sample.labels)
+    return series
+
+
+def test_dashboard_queries_only_use_exported_metrics(exposition):
+    queries = dashboard_queries()
+    used = set().union(*map(metric_names, queries))
+    assert len(used) >= 15, f"expected the dashboard to chart most dmp_* series, found {sorted(used)}"
+    missing = sorted(used - set(exposition))
+    assert not missing, f"dashboard charts series the service does not export: {missing}"
+
+
+def test_dashboard_groups_by_labels_the_metrics_have(exposition):
+    for expr in dashboard_queries():
+        names = metric_names(expr)
+        if not all(exposition.get(n) for n in names):
+            continue  # a series with no samples yet (e.g. device memory on CPU) has no labels to check
+        have = set().union(*(exposition[n] for n in names)) | SCRAPE_LABELS
+        assert grouping_labels(expr) <= have, f"{expr!r} groups by labels its series lack: {have}"
+
+
+def test_dashboard_panels_are_laid_out_and_use_the_datasource_variable():
+    dash = load(DASHBOARD)[0]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        assert p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}" and p["targets"]
+    datasources = load(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")[0]["datasources"]
+    assert any(d["type"] == "prometheus" for d in datasources)
+
+
+def test_k8s_configmap_sets_only_real_settings():
+    fields = {f"DMP_{name.upper()}" for name in Settings.model_fields}
+    config = k8s("ConfigMap", "dmp-config")["data"]
+    secret = k8s("Secret", "dmp-admin")["stringData"]
+    assert set(config) | set(secret) <= fields, sorted((set(config) | set(secret)) - fields)
+    assert "DMP_ADMIN_TOKEN" in secret and "DMP_ADMIN_TOKEN" not in config
+
+
+def test_k8s_deployment_probes_gpu_and_drain():
+    pod = k8s("Deployment", "dmp-server")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # SIGKILL must not come before the preStop sleep plus the drain have run.
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    drain = float(k8s("ConfigMap", "dmp-config")["data"]["DMP_DRAIN_SECONDS"])
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + 5
+    refs = {r.get("configMapRef", r.get("secretRef"))["name"] for r in container["envFrom"]}
+    assert refs == {"dmp-config", "dmp-admin"}
+    redis_url = k8s("ConfigMap", "dmp-config")["data"]["DMP_REDIS_URL"]
+    assert k8s("Service", "dmp-redis")["metadata"]["name"] in redis_url
+    kustomization = load(K8S / "kustomization.yaml")[0]
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml")
+                                                        if p.name != "kustomization.yaml")
+
+
+def test_compose_two_replicas_share_redis_and_mounts_exist():
+    compose = load(REPO / "docker-compose.yml")[0]
+    services = compose["services"]
+    replicas = [s for s in services.values() if "DMP_REDIS_URL" in s.get("environment", {})]
+    assert len(replicas) == 2
+    assert {s["environment"]["DMP_REDIS_URL"] for s in replicas} == {"redis://redis:6379/0"}
+    for svc in services.values():
+        for volume in svc.get("volumes", []):
+            host = volume.split(":")[0]
+            if host.startswith("./"):
+                assert (REPO / host).exists(), f"compose mounts missing {host}"
+    # Prometheus scrapes the replicas by their compose names on the port the image serves on.
+    targets = load(DEPLOY / "prometheus/prometheus.yml")[0]["scrape_configs"][0]["static_configs"][0]["targets"]
+    replica_names = {n for n, s in services.items() if s in replicas}
+    assert {t.split(":")[0] for t in targets} == replica_names
+    assert "--port\", \"8000\"" in (REPO / "Dockerfile").read_text()
+    assert all(t.endswith(":8000") for t in targets)

@@ -1,0 +1,149 @@
+"""The console in a real headless Chromium against a real `python -m app serve` (see conftest.py)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from .conftest import BASE_NAME, LABELS, PATCH_NAME
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="needs the chromium and chromedriver binaries "
+                                       "(Debian packages chromium, chromium-driver)")
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+         "--window-size=1280,1000"]
+WAIT_S = 120  # a generation on the shared 2-core CPU
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def page(browser, server):
+    """The console freshly loaded from `/` (which redirects to /ui/), with the models listed."""
+    browser.get(server.url + "/")
+    WebDriverWait(browser, 60).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, f'#model option[value="{BASE_NAME}"]'))
+    browser.get_log("browser")  # start each test with an empty console log
+    return browser
+
+
+def fill(driver, field_id: str, text: str) -> None:
+    box = driver.find_element(By.ID, field_id)
+    box.clear()
+    box.send_keys(text)
+
+
+def wait_for_images(driver, count: int) -> list:
+    """Wait until `count` result images have decoded, and return them."""
+    def loaded(d):
+        imgs = d.find_elements(By.CSS_SELECTOR, "#results img")
+        if len(imgs) < count or not all(d.execute_script("return arguments[0].complete", i) for i in imgs):
+            return False
+        return imgs
+    return WebDriverWait(driver, WAIT_S).until(loaded, message=f"no {count} decoded image(s) in #results")
+
+
+def natural_size(driver, img) -> tuple[int, int]:
+    return tuple(driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", img))
+
+
+def script_errors(driver) -> list[str]:
+    """Console errors other than the failed-resource line Chromium logs for every 4xx reply."""
+    return [e["message"] for e in driver.get_log("browser")
+            if e["level"] == "SEVERE" and "Failed to load resource" not in e["message"]]
+
+
+def test_redirect_and_form_built_from_models(page, server):
+    assert page.current_url == server.url + "/ui/"
+    Select(page.find_element(By.ID, "model")).select_by_value(BASE_NAME)
+    labels = [o.text for o in Select(page.find_element(By.ID, "class_label")).options]
+    assert labels == [f"{i} · {name}" for i, name in enumerate(LABELS)]
+    assert page.find_element(By.ID, "label-field").is_displayed()
+    assert not page.find_element(By.ID, "caption-field").is_displayed()
+    assert page.find_element(By.ID, "steps").get_attribute("placeholder") == "2"  # the base's default_steps
+    patches = [o.get_attribute("value") for o in Select(page.find_element(By.ID, "patch")).options]
+    assert patches == ["", PATCH_NAME]
+    # Every form control has a label the screen reader can announce.
+    for control in page.find_elements(By.CSS_SELECTOR, "#gen-form input, #gen-form select, #gen-form textarea"):
+        cid = control.get_attribute("id")
+        assert page.find_elements(By.CSS_SELECTOR, f'label[for="{cid}"]'), f"#{cid} has no <label>"
+
+
+def test_generate_shows_image_with_seed_and_timings(page):
+    Select(page.find_element(By.ID, "model")).select_by_value(BASE_NAME)
+    Select(page.find_element(By.ID, "class_label")).select_by_value("1")
+    fill(page, "seed", "1234")
+    fill(page, "num_images", "2")
+    page.find_element(By.ID, "generate").click()
+    imgs = wait_for_images(page, 2)
+    for img in imgs:
+        width, height = natural_size(page, img)
+        assert width > 0 and height > 0
+    assert page.find_element(By.CSS_SELECTOR, '#results dd[data-field="seed"]').text == "1234"
+    assert page.find_element(By.CSS_SELECTOR, '#results dd[data-field="sample"]').text.endswith("ms")
+    assert not page.find_element(By.ID, "error").is_displayed()
+    assert script_errors(page) == []
+
+
+def test_compare_uses_same_seed_and_patch_changes_image(page):
+    Select(page.find_element(By.ID, "model")).select_by_value(BASE_NAME)
+    Select(page.find_element(By.ID, "patch")).select_by_value(PATCH_NAME)
+    fill(page, "seed", "")  # the server picks the seed; the patch run must reuse it
+    fill(page, "num_images", "1")
+    page.find_element(By.ID, "compare").click()
+    page.find_element(By.ID, "generate").click()
+    base_img, patch_img = wait_for_images(page, 2)
+    seeds = [dd.text for dd in page.find_elements(By.CSS_SELECTOR, '#results dd[data-field="seed"]')]
+    patch_names = [dd.text for dd in page.find_elements(By.CSS_SELECTOR, '#results dd[data-field="patch"]')]
+    assert seeds[0] == seeds[1] and seeds[0].isdigit()
+    assert patch_names[0] == "base" and patch_names[1].startswith(PATCH_NAME)
+    assert base_img.get_attribute("src") != patch_img.get_attribute("src"), "the patch did not change the image"
+    assert script_errors(page) == []
+
+
+@pytest.mark.parametrize("seed", ["-1", "not-a-number"])
+def test_bad_seed_shows_the_service_error(page, server, seed):
+    status, reply = server.post_json("/generate", {"model": BASE_NAME, "class_label": 0,
+                                                   "seed": int(seed) if seed == "-1" else seed})
+    assert 400 <= status < 500 and {"error", "error_type"} <= set(reply)
+    Select(page.find_element(By.ID, "model")).select_by_value(BASE_NAME)
+    fill(page, "seed", seed)
+    page.find_element(By.ID, "generate").click()
+    error = WebDriverWait(page, WAIT_S).until(
+        lambda d: d.find_element(By.ID, "error") if d.find_element(By.ID, "error").is_displayed() else False)
+    assert error.get_attribute("role") == "alert"
+    assert f"{reply['error_type']} (HTTP {status})" in error.text
+    assert reply["error"] in error.text
+    assert page.find_elements(By.CSS_SELECTOR, "#results img") == []
+    assert script_errors(page) == []
+
+
+def test_patches_table_lists_the_patch(page):
+    rows = WebDriverWait(page, 30).until(
+        lambda d: [r for r in d.find_elements(By.CSS_SELECTOR, "#patches-table tbody tr")
+                   if r.find_elements(By.TAG_NAME, "td")[0].text == PATCH_NAME])
+    cells = [td.text for td in rows[0].find_elements(By.TAG_NAME, "td")][:6]
+    assert cells[0:2] == [PATCH_NAME, BASE_NAME]
+    assert cells[2]  # a version string
+    assert cells[3:5] == ["ready", "class"]
+    assert cells[5] == "test"
