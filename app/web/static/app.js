@@ -153,7 +153,10 @@ function renderPatchTable() {
     for (const key of ["name", "base", "version", "state", "task", "domain"]) {
       const cell = row.insertCell();
       cell.textContent = p[key] ?? "";
-      if (key === "state") cell.className = `state state-${String(p[key] ?? "").toLowerCase()}`;
+      if (key === "state") {
+        cell.className = `state state-${String(p[key] ?? "").toLowerCase()}`;
+        if (p.error) cell.title = p.error;  // why a load failed, on hover
+      }
     }
     const use = document.createElement("button");
     use.type = "button";
