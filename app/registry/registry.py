@@ -38,6 +38,7 @@ class PatchRegistry:
         self.origin = uuid.uuid4().hex
         self.store = RedisStore(client, self.origin) if client is not None else DiskStore(settings.patch_dir)
         self.records: dict[str, PatchRecord] = {}
+        self._bytes: dict[str, bytes] = {}  # ready versions' files, to refill a Redis that lost its data
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
@@ -48,10 +49,6 @@ class PatchRegistry:
     def start(self) -> None:
         """Load every stored patch; with Redis, seed the shipped patches once and follow changes."""
         if isinstance(self.store, RedisStore):
-            try:
-                self._seed_from_disk()
-            except redis.RedisError as e:
-                log.warning("redis unreachable at start (%s); the listener keeps retrying", e)
             self._listener = threading.Thread(target=self._listen, name="dmp-registry", daemon=True)
             self._listener.start()
         else:
@@ -124,7 +121,7 @@ class PatchRegistry:
                                   headers={"Retry-After": str(self.settings.retry_after)}) from None
             if old is not None and old.base != base.name and old.base in self.bases:
                 self.bases[old.base].slots.remove(name)  # the name moved to another base
-            record = self._install(name, version, base, patch, len(data))
+            record = self._install(name, version, base, patch, data)
             return record, old is None
 
     def delete(self, name: str) -> PatchRecord:
@@ -165,13 +162,14 @@ class PatchRegistry:
         raise PatchError(f"no served base matches this patch (base_name={named!r}, fingerprint "
                          f"{str(fp)[:12]}…); served: {', '.join(self.bases)}")
 
-    def _install(self, name: str, version: str, base: ServedBase, patch, size: int) -> PatchRecord:
+    def _install(self, name: str, version: str, base: ServedBase, patch, data: bytes) -> PatchRecord:
         with base.lock:
             _, replaced = base.slots.install(name, version, patch)
         meta = dict(patch.metadata)
-        record = PatchRecord(name, version, "ready", base.name, meta.get("task"), meta.get("domain"), size,
+        record = PatchRecord(name, version, "ready", base.name, meta.get("task"), meta.get("domain"), len(data),
                              metadata=meta)
         self.records[name] = record
+        self._bytes[name] = data
         self.metrics.patch_installs.labels(base.name).inc()
         if replaced:
             self.metrics.patch_swaps.labels(base.name).inc()
@@ -192,7 +190,7 @@ class PatchRegistry:
                 base, patch = self._validate(data)
                 if current is not None and current.base not in (None, base.name) and current.base in self.bases:
                     self.bases[current.base].slots.remove(name)
-                self._install(name, version, base, patch, len(data))
+                self._install(name, version, base, patch, data)
             except ServiceError as e:
                 log.warning("patch %s refused: %s", name, e.message)
                 if current is not None and current.state == "ready":
@@ -206,23 +204,33 @@ class PatchRegistry:
 
     def _forget(self, name: str) -> None:
         record = self.records.pop(name, None)
+        self._bytes.pop(name, None)
         if record is not None and record.base in self.bases:
             self.bases[record.base].slots.remove(name)
 
     # ------------------------------------------------------------------ redis replicas
 
-    def _seed_from_disk(self) -> None:
-        disk = DiskStore(self.settings.patch_dir)
-        if not disk.names() or not self.store.claim_seeding():
+    def _populate(self) -> None:
+        """A Redis without the seeded marker is new or lost its data: the replicas that notice fill it with the
+        patches they serve, then with the shipped ones in DMP_PATCH_DIR (same bytes, same versions)."""
+        if self.store.seeded():
             return
+        with self._lock:
+            held = {n: self._bytes[n] for n, r in self.records.items() if r.state == "ready" and n in self._bytes}
+        disk = DiskStore(self.settings.patch_dir)
         for name in disk.names():
-            data = disk.load(name)
-            try:
-                self._validate(data)
-            except ServiceError as e:
-                log.warning("not seeding patch %s: %s", name, e.message)
-                continue
+            if name not in held:
+                data = disk.load(name)
+                try:
+                    self._validate(data)
+                except ServiceError as e:
+                    log.warning("not seeding patch %s: %s", name, e.message)
+                    continue
+                held[name] = data
+        for name, data in held.items():
             self.store.save(name, data, version_of(data))
+        self.store.mark_seeded()  # after the writes, so no replica reads a half-filled Redis as the truth
+        log.info("filled redis with %d patch(es)", len(held))
 
     def _listen(self) -> None:
         """Follow pub/sub; on any Redis error, reconnect and resync everything (missed messages included)."""
@@ -265,6 +273,7 @@ class PatchRegistry:
 
     def _resync(self) -> None:
         """Make local records match Redis: load new or changed versions, forget deleted names."""
+        self._populate()
         versions = self.store.versions()
         with self._lock:
             local = {n: r.version for n, r in self.records.items()}

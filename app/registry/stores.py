@@ -95,9 +95,12 @@ class RedisStore:
         pipe.delete(self.key(name)).hdel(VERSIONS, name).publish(CHANNEL, event)
         pipe.execute()
 
-    def claim_seeding(self) -> bool:
-        """True for the first replica ever to start on this Redis: it seeds the shipped patches."""
-        return bool(self.client.set(SEEDED, "1", nx=True))
+    def seeded(self) -> bool:
+        """False for a new Redis, or one that lost its data: a replica must fill it."""
+        return bool(self.client.exists(SEEDED))
+
+    def mark_seeded(self) -> None:
+        self.client.set(SEEDED, "1")
 
     def ping(self) -> None:
         self.client.ping()
