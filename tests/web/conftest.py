@@ -22,6 +22,7 @@ from app.model.dmp import new_patch_for, patch_metadata_for, save_patch
 REPO = Path(__file__).resolve().parents[2]
 BASE_NAME = "tiny"
 PATCH_NAME = "tiny-dmp"
+TEXT_NAME = "tiny-text"
 LABELS = ["circle", "square", "cross"]
 START_TIMEOUT_S = 180  # torch import + model load + warm-up on a busy 2-core machine
 
@@ -59,16 +60,24 @@ def _randomize(module: torch.nn.Module, seed: int, std: float) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def write_tiny_checkpoints(model_dir: Path, patch_dir: Path) -> None:
-    """A 3-class 8x8x1 DiT (hidden 32, depth 2, patch 2) and a random, non-zero DMP patch for it."""
+def tiny_base(**config) -> DiT:
+    """An 8x8x1 DiT with hidden 32, depth 2, patch 2 and random weights."""
     base = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
-                         num_classes=len(LABELS), learn_sigma=False))
+                         learn_sigma=False, **config))
     _randomize(base, seed=0, std=0.1)
-    base.eval()
-    save_base(base, model_dir / f"{BASE_NAME}.safetensors", name=BASE_NAME, task="class", vae="pixel",
-              text_encoder="", default_sampler="ddim", default_steps="2", default_guidance="1.5",
-              beta_schedule="linear", clip_sample="true", labels=json.dumps(LABELS),
-              train_config="{}", metrics="{}")
+    return base.eval()
+
+
+def write_tiny_checkpoints(model_dir: Path, patch_dir: Path) -> None:
+    """A 3-class base with a random, non-zero DMP patch, and a MiniLM-captioned text base."""
+    common = dict(vae="pixel", default_sampler="ddim", default_steps="2", default_guidance="1.5",
+                  beta_schedule="linear", clip_sample="true", train_config="{}", metrics="{}")
+    base = tiny_base(num_classes=len(LABELS))
+    save_base(base, model_dir / f"{BASE_NAME}.safetensors", name=BASE_NAME, task="class", text_encoder="",
+              labels=json.dumps(LABELS), **common)
+    text = tiny_base(num_classes=0, text_dim=384)  # all-MiniLM-L6-v2 embeddings are 384-d
+    save_base(text, model_dir / f"{TEXT_NAME}.safetensors", name=TEXT_NAME, task="text", text_encoder="minilm",
+              labels="[]", **common)
     patch = new_patch_for(base)
     _randomize(patch, seed=1, std=1.0)  # large prompts, so the patched image visibly differs from the base
     save_patch(patch, patch_dir / f"{PATCH_NAME}.safetensors", **patch_metadata_for(base, BASE_NAME, "test"))

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from .conftest import BASE_NAME, LABELS, PATCH_NAME
+from .conftest import BASE_NAME, LABELS, PATCH_NAME, TEXT_NAME
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -129,12 +129,41 @@ def test_bad_seed_shows_the_service_error(page, server, seed):
     Select(page.find_element(By.ID, "model")).select_by_value(BASE_NAME)
     fill(page, "seed", seed)
     page.find_element(By.ID, "generate").click()
-    error = WebDriverWait(page, WAIT_S).until(
-        lambda d: d.find_element(By.ID, "error") if d.find_element(By.ID, "error").is_displayed() else False)
+    error = wait_for_error(page)
     assert error.get_attribute("role") == "alert"
     assert f"{reply['error_type']} (HTTP {status})" in error.text
     assert reply["error"] in error.text
     assert page.find_elements(By.CSS_SELECTOR, "#results img") == []
+    assert script_errors(page) == []
+
+
+def wait_for_error(driver):
+    return WebDriverWait(driver, WAIT_S).until(
+        lambda d: d.find_element(By.ID, "error") if d.find_element(By.ID, "error").is_displayed() else False,
+        message="no error shown")
+
+
+def test_text_model_takes_a_caption(page):
+    Select(page.find_element(By.ID, "model")).select_by_value(TEXT_NAME)
+    assert page.find_element(By.ID, "caption-field").is_displayed()
+    assert not page.find_element(By.ID, "label-field").is_displayed()
+    fill(page, "caption", "a small bright square")
+    fill(page, "seed", "5")
+    page.find_element(By.ID, "generate").click()
+    (img,) = wait_for_images(page, 1)
+    assert min(natural_size(page, img)) > 0
+    assert page.find_element(By.CSS_SELECTOR, '#results dd[data-field="model"]').text == TEXT_NAME
+    assert script_errors(page) == []
+
+
+def test_empty_caption_shows_the_service_error(page, server):
+    status, reply = server.post_json("/generate", {"model": TEXT_NAME, "caption": ""})
+    assert 400 <= status < 500 and {"error", "error_type"} <= set(reply)
+    Select(page.find_element(By.ID, "model")).select_by_value(TEXT_NAME)
+    fill(page, "caption", "")
+    page.find_element(By.ID, "generate").click()
+    error = wait_for_error(page)
+    assert f"{reply['error_type']} (HTTP {status})" in error.text and reply["error"] in error.text
     assert script_errors(page) == []
 
 
