@@ -1,0 +1,60 @@
+"""A real `python -m app serve` subprocess: overload (429 + Retry-After), client disconnect, drain on SIGTERM."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+SLOW = {"class_label": 1, "steps": 400, "seed": 1}  # ~seconds on the tiny model
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_overload_gives_429_with_retry_after(start_server, class_only_dirs):
+    server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"], max_queue=2,
+                          max_batch=1)
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: httpx.post(server.url + "/generate", json=SLOW, timeout=120), range(8)))
+    codes = sorted(r.status_code for r in replies)
+    assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
+    for r in replies:
+        if r.status_code == 429:
+            assert r.json()["error_type"] == "overloaded" and int(r.headers["Retry-After"]) >= 1
+
+
+def test_disconnected_client_work_is_dropped(start_server, class_only_dirs):
+    server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"])
+    try:
+        httpx.post(server.url + "/generate", json=SLOW | {"steps": 1000}, timeout=1.0)
+    except httpx.TimeoutException:
+        pass
+    end = time.monotonic() + 10
+    while metric(server.url, 'dmp_requests_dropped_total{reason="disconnected"}') < 1:
+        assert time.monotonic() < end, "the runner kept working for a client that left"
+        time.sleep(0.1)
+    assert metric(server.url, "dmp_inflight") == 0
+
+
+def test_sigterm_drains(start_server, class_only_dirs):
+    server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"],
+                          drain_seconds=60)
+    slow: list[httpx.Response] = []
+    t = threading.Thread(target=lambda: slow.append(httpx.post(server.url + "/generate", json=SLOW, timeout=120)))
+    t.start()
+    while metric(server.url, "dmp_inflight") < 1:
+        time.sleep(0.05)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    late = httpx.post(server.url + "/generate", json=SLOW | {"steps": 2}, timeout=10)
+    assert late.status_code == 503 and late.json()["error_type"] == "draining"
+    ready = httpx.get(server.url + "/health/ready", timeout=10)
+    assert ready.status_code == 503 and ready.json()["error_type"] == "draining"
+    t.join(120)
+    assert slow and slow[0].status_code == 200, "the in-flight request was not finished"
+    assert server.proc.wait(30) == 0
