@@ -100,6 +100,7 @@ def test_generate_shows_image_with_seed_and_timings(page):
         width, height = natural_size(page, img)
         assert width > 0 and height > 0
     assert page.find_element(By.CSS_SELECTOR, '#results dd[data-field="seed"]').text == "1234"
+    assert page.find_element(By.CSS_SELECTOR, '#results dd[data-field="prompt"]').text == f"1 · {LABELS[1]}"
     assert page.find_element(By.CSS_SELECTOR, '#results dd[data-field="sample"]').text.endswith("ms")
     assert not page.find_element(By.ID, "error").is_displayed()
     assert script_errors(page) == []
@@ -153,6 +154,7 @@ def test_text_model_takes_a_caption(page):
     (img,) = wait_for_images(page, 1)
     assert min(natural_size(page, img)) > 0
     assert page.find_element(By.CSS_SELECTOR, '#results dd[data-field="model"]').text == TEXT_NAME
+    assert page.find_element(By.CSS_SELECTOR, '#results dd[data-field="prompt"]').text == "a small bright square"
     assert script_errors(page) == []
 
 

@@ -97,7 +97,7 @@ function renderModelFields() {
     info.textContent = "";
     return;
   }
-  info.textContent = `${model.task}` +
+  info.textContent = `${model.task}` + (model.text_encoder ? ` (${model.text_encoder})` : "") +
     (model.task === "class" ? `, ${model.num_classes} classes` : "") +
     (model.image_size ? `, ${model.image_size}×${model.image_size}` : "");
 
@@ -247,7 +247,15 @@ function mimeOf(b64) {
   return "image/png";
 }
 
-function resultCard(title, reply) {
+/** What the request asked for, in words: the class name or the caption. */
+function promptText() {
+  const model = currentModel();
+  if (model && model.task === "class") return $("class_label").selectedOptions[0]?.textContent ?? "";
+  if (model && model.task === "text") return $("caption").value;
+  return "unconditional";
+}
+
+function resultCard(title, reply, prompt) {
   const card = document.createElement("figure");
   card.className = "result";
   const grid = document.createElement("div");
@@ -265,7 +273,7 @@ function resultCard(title, reply) {
   head.textContent = title;
   const meta = document.createElement("dl");
   meta.className = "meta";
-  const items = [["model", reply.model], ["patch", patchName], ["seed", reply.seed],
+  const items = [["model", reply.model], ["patch", patchName], ["prompt", prompt], ["seed", reply.seed],
     ["queue", ms(t.queue_ms)], ["sample", ms(t.sample_ms)], ["decode", ms(t.decode_ms)],
     ["round trip", ms(reply.round_trip_ms)]];
   for (const [k, v] of items) {
@@ -278,6 +286,7 @@ function resultCard(title, reply) {
     pair.append(dt, dd);
     meta.append(pair);
   }
+  if (reply.cached) head.textContent += " (from the result cache)";
   cap.append(head, meta);
   card.append(grid, cap);
   return card;
@@ -290,6 +299,7 @@ async function onSubmit(event) {
   const results = $("results");
   const patch = $("patch").value;
   const compare = $("compare").checked && patch !== NO_PATCH;
+  const prompt = promptText();
   button.disabled = true;
   results.setAttribute("aria-busy", "true");
   $("status").textContent = compare ? "Generating base and patch…" : "Generating…";
@@ -299,10 +309,10 @@ async function onSubmit(event) {
       // The base run fixes the seed (the server picks one when the field is empty); the patch reuses it.
       const base = await generate(NO_PATCH);
       const patched = await generate(patch, base.seed);
-      cards = [resultCard("base", base), resultCard(`patch ${patch}`, patched)];
+      cards = [resultCard("base", base, prompt), resultCard(`patch ${patch}`, patched, prompt)];
     } else {
       const reply = await generate(patch);
-      cards = [resultCard(patch || "base", reply)];
+      cards = [resultCard(patch || "base", reply, prompt)];
     }
     results.className = compare ? "results compare" : "results";
     results.replaceChildren(...cards);
