@@ -27,7 +27,7 @@ class GenerateRequest(BaseModel):
     steps: StrictInt | None = Field(None, ge=1, le=1000, description="Denoising steps; default from the model")
     sampler: Sampler | None = None
     guidance_scale: StrictFloat | StrictInt | None = Field(None, ge=0, le=50)
-    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1, description="Same seed + request = same pixels")
+    seed: StrictInt | None = Field(None, ge=0, le=2**53 - 1, description="Same seed + request = same pixels")
     output_format: OutputFormat = "png"
 
 
