@@ -15,13 +15,15 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
+RUN useradd --system --uid 10001 --user-group --home-dir /tmp dmp
+
 # The code, then the demo bases and patches (the embedded default serves models/ and patches/).
 COPY app ./app
 RUN pip install --no-deps .
 COPY models ./models
-COPY patches ./patches
+# Without Redis, PUT /patches writes here: the service user must own it.
+COPY --chown=10001:10001 patches ./patches
 
-RUN useradd --system --uid 10001 --user-group --home-dir /tmp dmp
 USER 10001:10001
 
 EXPOSE 8000
