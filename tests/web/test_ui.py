@@ -169,6 +169,18 @@ def test_empty_caption_shows_the_service_error(page, server):
     assert script_errors(page) == []
 
 
+def test_unparsable_number_is_named_in_the_error(page):
+    Select(page.find_element(By.ID, "model")).select_by_value(BASE_NAME)
+    fill(page, "steps", "1e")  # Chrome lets this into a number field but reports it as bad input
+    page.find_element(By.ID, "generate").click()
+    assert "Steps is not a number" in wait_for_error(page).text
+    fill(page, "steps", "5000")  # parses, but the service refuses it: its message is shown instead
+    page.find_element(By.ID, "generate").click()
+    WebDriverWait(page, WAIT_S).until(lambda d: "HTTP 422" in d.find_element(By.ID, "error").text)
+    assert "steps" in page.find_element(By.ID, "error").text
+    assert script_errors(page) == []
+
+
 def test_patches_table_lists_the_patch(page):
     rows = WebDriverWait(page, 30).until(
         lambda d: [r for r in d.find_elements(By.CSS_SELECTOR, "#patches-table tbody tr")

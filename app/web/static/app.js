@@ -25,12 +25,6 @@ async function toApiError(resp) {
   if (body && typeof body.error === "string") {
     return new ApiError(resp.status, body.error, body.error_type || "error");
   }
-  if (body && body.detail !== undefined) {  // a framework default that escaped the error mapping
-    const detail = Array.isArray(body.detail)
-      ? body.detail.map((d) => `${(d.loc || []).join(".")}: ${d.msg}`).join("; ")
-      : String(body.detail);
-    return new ApiError(resp.status, detail, "error");
-  }
   return new ApiError(resp.status, text.slice(0, 300) || resp.statusText, "http_error");
 }
 
@@ -77,17 +71,8 @@ function currentModel() {
 
 /** Class names from /models when the base ships them, else the class indices. */
 function classNames(model) {
-  const n = model.num_classes || 0;
-  let labels = model.labels;
-  if (typeof labels === "string") {
-    try { labels = JSON.parse(labels); } catch { labels = null; }
-  }
-  return Array.from({ length: n }, (_, i) =>
-    Array.isArray(labels) && labels[i] !== undefined ? `${i} · ${labels[i]}` : String(i));
-}
-
-function defaultOf(model, key) {
-  return model[`default_${key}`] ?? (model.defaults || {})[key];
+  const labels = model.labels || [];
+  return Array.from({ length: model.num_classes }, (_, i) => (i < labels.length ? `${i} · ${labels[i]}` : String(i)));
 }
 
 function renderModelFields() {
@@ -110,10 +95,9 @@ function renderModelFields() {
     if (previous && Number(previous) < model.num_classes) select.value = previous;
   }
   // Empty fields mean "the model's default": show it rather than send it.
-  $("steps").placeholder = String(defaultOf(model, "steps") ?? "default");
-  const sampler = defaultOf(model, "sampler");
-  $("sampler").options[0].textContent = sampler ? `default (${sampler})` : "default";
-  $("guidance_scale").placeholder = String(defaultOf(model, "guidance") ?? "default");
+  $("steps").placeholder = String(model.default_steps);
+  $("sampler").options[0].textContent = `default (${model.default_sampler})`;
+  $("guidance_scale").placeholder = String(model.default_guidance);
   $("guidance_scale").disabled = model.task === "uncond";
   renderPatchOptions();
 }
@@ -206,18 +190,29 @@ async function checkHealth() {
   }
 }
 
+/** A number input's value; undefined when empty. The browser blanks unparsable text, so refuse it here. */
+function numberField(id) {
+  const input = $(id);
+  if (input.validity.badInput) {
+    throw new ApiError(0, `${input.labels[0].textContent} is not a number`, "invalid_input");
+  }
+  return input.value.trim() === "" ? undefined : Number(input.value);
+}
+
 /** The POST /generate body from the form; empty fields are left to the server's defaults. */
 function requestBody(patch) {
   const model = currentModel();
   const body = { model: model ? model.name : $("model").value, patch: patch || null };
   if (model && model.task === "class") body.class_label = Number($("class_label").value);
   if (model && model.task === "text") body.caption = $("caption").value;
-  const num = (id) => $(id).value.trim();
-  if (num("steps")) body.steps = Number(num("steps"));
+  const steps = numberField("steps");
+  if (steps !== undefined) body.steps = steps;
   if ($("sampler").value) body.sampler = $("sampler").value;
-  if (num("guidance_scale") && !$("guidance_scale").disabled) body.guidance_scale = Number(num("guidance_scale"));
-  if (num("num_images")) body.num_images = Number(num("num_images"));
-  const seed = num("seed");
+  const guidance = numberField("guidance_scale");
+  if (guidance !== undefined && !$("guidance_scale").disabled) body.guidance_scale = guidance;
+  const numImages = numberField("num_images");
+  if (numImages !== undefined) body.num_images = numImages;
+  const seed = $("seed").value.trim();
   // A non-integer seed is sent as typed so the server's validation message explains it.
   if (seed) body.seed = /^-?\d+$/.test(seed) ? Number(seed) : seed;
   return body;
@@ -240,13 +235,6 @@ function ms(value) {
   return typeof value === "number" ? `${value.toFixed(value < 10 ? 1 : 0)} ms` : "–";
 }
 
-/** The image type from the base64 magic bytes (the server may answer png, jpeg or webp). */
-function mimeOf(b64) {
-  if (b64.startsWith("/9j/")) return "image/jpeg";
-  if (b64.startsWith("UklGR")) return "image/webp";
-  return "image/png";
-}
-
 /** What the request asked for, in words: the class name or the caption. */
 function promptText() {
   const model = currentModel();
@@ -263,7 +251,7 @@ function resultCard(title, reply, prompt) {
   const patchName = reply.patch ? `${reply.patch.name} ${reply.patch.version || ""}`.trim() : "base";
   reply.images.forEach((b64, i) => {
     const img = document.createElement("img");
-    img.src = `data:${mimeOf(b64)};base64,${b64}`;
+    img.src = `data:image/${reply.output_format || "png"};base64,${b64}`;
     img.alt = `Image ${i + 1} of ${reply.images.length}: model ${reply.model}, ${patchName}, seed ${reply.seed}`;
     grid.append(img);
   });
