@@ -163,6 +163,9 @@ def test_dockerfile_runs_the_contract_command_as_non_root():
     assert users and users[-1].split(":")[0] not in {"root", "0"}
     (cmd,) = [json.loads(ln[len("CMD "):]) for ln in instructions if ln.startswith("CMD ")]
     assert cmd == ["python", "-m", "app", "serve", "--host", "0.0.0.0", "--port", "8000"]
+    # .dockerignore excludes everything, then lets back in exactly what is copied.
+    allowed = {ln[1:].rstrip("/") for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.startswith("!")}
     # models/ and patches/ are the trainer's outputs; a checkout without them cannot build the image yet.
     for src in re.findall(r"^COPY (?:--\S+ )*(\S+) ", "\n".join(instructions), flags=re.M):
         assert (REPO / src).exists() or src in {"models", "patches"}, f"Dockerfile copies missing {src}"
+        assert src in allowed, f".dockerignore keeps {src} out of the build context"
