@@ -46,6 +46,8 @@ class Engine:
         from app.registry.registry import PatchRegistry
 
         try:
+            if self.settings.torch_threads:
+                torch.set_num_threads(self.settings.torch_threads)  # shared CPUs: fewer threads, less spinning
             self.bases = load_bases(self.settings)
             if self.settings.redis_url:
                 self.redis = redis_client(self.settings)

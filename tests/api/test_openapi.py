@@ -31,6 +31,6 @@ def test_schemathesis_finds_no_server_error(start_server, class_only_dirs, tmp_p
     proc = subprocess.run([cli, "run", server.url + "/openapi.json", "--max-examples", "10", "-w", "1",
                            "--seed", "7", "-H", "Authorization: Bearer secret",
                            "--exclude-checks", "positive_data_acceptance"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its report dir
     assert proc.returncode == 0, proc.stdout[-5000:]
     assert httpx.get(server.url + "/health/ready").status_code == 200
