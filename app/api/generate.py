@@ -60,6 +60,7 @@ def _wants_raw_png(accept: str | None, num_images: int) -> bool:
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep,
                    accept: str | None = Header(None, description="image/png + num_images=1: the raw PNG")):
     started = time.perf_counter()
+    engine.check_admitting()  # also before the cache: a draining server answers nothing new
     spec = engine.resolve(**body.model_dump())
     raw = _wants_raw_png(accept, spec.num_images)
     if raw:

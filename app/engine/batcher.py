@@ -105,8 +105,7 @@ class Batcher:
             return True
         if time.monotonic() > work.deadline:
             self.metrics.dropped.labels("deadline").inc()
-            self._finish(work, error=DeadlineExceeded("the request ran past DMP_REQUEST_TIMEOUT",
-                                                      headers={"Retry-After": "1"}))
+            self._finish(work, error=DeadlineExceeded("the request ran past DMP_REQUEST_TIMEOUT"))
             return True
         return False
 

@@ -185,13 +185,18 @@ class Engine:
                 return base.text_encoder.encode([spec.caption])
         return torch.tensor(spec.class_label if base.task == "class" else 0)
 
-    def submit(self, spec: Spec, y: torch.Tensor, internal: bool = False) -> Work:
-        """Admit a request (bounded by DMP_MAX_QUEUE), pin its patch version, queue it for the batcher."""
+    def check_admitting(self, internal: bool = False) -> None:
+        """503 while draining or not ready (warm-up work is internal and may run before ready)."""
         retry = {"Retry-After": str(self.settings.retry_after)}
         if self.state in ("draining", "stopped"):
             raise Unavailable("the service is draining before shutdown", error_type="draining", headers=retry)
         if self.state != "ready" and not internal:
             raise Unavailable(f"the service is {self.state}", error_type="not_ready", headers=retry)
+
+    def submit(self, spec: Spec, y: torch.Tensor, internal: bool = False) -> Work:
+        """Admit a request (bounded by DMP_MAX_QUEUE), pin its patch version, queue it for the batcher."""
+        self.check_admitting(internal)
+        retry = {"Retry-After": str(self.settings.retry_after)}
         with self._lock:
             if self._inflight >= self.settings.max_queue:
                 raise Overloaded(f"{self._inflight} requests in flight (DMP_MAX_QUEUE={self.settings.max_queue}); "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -120,3 +121,19 @@ def test_health_metrics_and_ui(client):
     r = client.get("/", follow_redirects=False)
     assert r.status_code in (302, 307) and r.headers["location"] == "/ui/"
     assert client.get("/ui/").status_code == 200
+
+
+def test_deadline_drops_the_work(class_only_dirs, tmp_path):
+    from conftest import asgi_client, copy_dirs, wait_ready
+
+    with asgi_client(copy_dirs(class_only_dirs, tmp_path), request_timeout=0.1, warmup=False) as c:
+        wait_ready(c)
+        r = c.post("/generate", json={"class_label": 1, "steps": 1000, "num_images": 8, "seed": 1})
+        assert r.status_code == 503 and r.json()["error_type"] == "deadline_exceeded"
+        dropped = lambda: sum(float(line.split()[-1]) for line in c.get("/metrics").text.splitlines()  # noqa: E731
+                              if line.startswith("dmp_requests_dropped_total"))
+        end = time.monotonic() + 5
+        while dropped() < 1:  # the runner stops the work (deadline, or the handler gave up on it first)
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        assert c.post("/generate", json={"class_label": 1, "steps": 2, "seed": 1}).status_code == 200
