@@ -5,6 +5,8 @@ graph serves any mix of patches, and installing a patch (an in-place copy into a
 recapture. Batches are padded to the next bucket (padding rows: zero latents, the null condition, slot 0);
 rows never interact in a DiT forward, so padding does not change the real rows. Shapes above the largest
 bucket, or a patch given as a module rather than a pool slot, run eagerly and are counted in `fallbacks`.
+On CPU, `compile=True` runs each bucket through torch.compile with weight freezing (Inductor folds the frozen
+base weights into prepacked oneDNN GEMMs); the pool tensors stay inputs, so installs still need no recompile.
 """
 from __future__ import annotations
 
@@ -29,13 +31,16 @@ class GraphedForward:
     timestep features, gates and output stay fp32.
     """
 
-    def __init__(self, model: DiT, pool: PatchPool, buckets=BUCKETS, cfg: bool = True, compile: bool = False):
+    def __init__(self, model: DiT, pool: PatchPool | None, buckets=BUCKETS, cfg: bool = True,
+                 compile: bool = False):
         self.model, self.pool = model, pool
         self.rows = row_buckets(buckets, cfg)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.use_graphs = self.device.type == "cuda"
-        self.compiled = torch.compile(model, dynamic=False) if compile and not self.use_graphs else None
+        self.compiled = None
+        if compile and not self.use_graphs:
+            self.compiled = torch.compile(model, dynamic=False, options={"freezing": True})
         self.graphs: dict[int, tuple] = {}  # rows -> (CUDAGraph, static inputs dict, static output)
         self.mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.fallbacks = 0  # forwards that ran eagerly (no bucket fits, or a module patch)
@@ -70,9 +75,9 @@ class GraphedForward:
 
     def _run(self, buf: dict[str, torch.Tensor], module=None) -> torch.Tensor:
         """The denoiser on the static buffers (what a graph captures)."""
-        module = module or self.model
-        x = buf["x"].to(self.dtype)
-        return module(x, buf["t"], buf["y"], patch=self.pool.batch(buf["slots"])).float()  # (R, C_out, H, W)
+        module = self.model if module is None else module
+        patch = self.pool.batch(buf["slots"]) if self.pool is not None else None  # pool=None: no patch work
+        return module(buf["x"].to(self.dtype), buf["t"], buf["y"], patch=patch).float()  # (R, C_out, H, W)
 
     # ---------------------------------------------------------------- capture
     @torch.no_grad()
@@ -115,7 +120,7 @@ class GraphedForward:
         n = x.shape[0]
         if patch is None:
             slots = torch.zeros(n, dtype=torch.long, device=x.device)
-        elif isinstance(patch, PooledPatch) and patch.pool is self.pool:
+        elif isinstance(patch, PooledPatch) and patch.pool is self.pool and self.pool is not None:
             slots = patch.slots
         else:
             slots = None

@@ -144,6 +144,31 @@ def test_denoise_step_with_graphed_forward_matches_eager_jobs():
     assert fwd.fallbacks == 0
 
 
+def test_unpatched_forward_runs_no_patch_work():
+    model = tiny_model()
+    fwd = GraphedForward(model, None, buckets=(4,), cfg=False)
+    x, t, y = inputs(model, 3)
+    torch.testing.assert_close(fwd(x, t, y), model(x, t, y), rtol=0, atol=1e-5)
+    assert fwd.fallbacks == 0
+
+
+def test_cpu_compiled_bucket_sees_installs_without_recompiling():
+    from torch._dynamo.utils import counters
+
+    model = tiny_model()
+    pool = pool_for(model)
+    fwd = GraphedForward(model, pool, buckets=(4,), cfg=False, compile=True)
+    x, t, y = inputs(model, 4)
+    fwd.capture()
+    frames = counters["stats"]["unique_graphs"]
+    for seed in (1, 2):  # install after compiling: the compiled graph reads the pool in place
+        slot = pool.install(random_patch(model, seed))
+        slots = torch.tensor([slot, 0, slot, 0])
+        torch.testing.assert_close(fwd(x, t, y, patch=pool.batch(slots)), model(x, t, y, patch=pool.batch(slots)),
+                                   rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == frames
+
+
 # ------------------------------------------------------------------------------------------ GPU
 def _gpu_setup(dtype=torch.float32):
     torch.backends.cuda.matmul.allow_tf32 = False
