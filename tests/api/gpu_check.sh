@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Device check of the service (DMP_DEVICE=cuda): generation, determinism in batches, hot swap, load numbers.
+# Usage on a GPU machine, from the repo root: bash tests/api/gpu_check.sh OUTDIR
+set -u
+OUT=${1:-/tmp/gpu_check}; mkdir -p "$OUT"; W=/tmp/gpu_standin; PORT=8790
+python3 tests/api/make_standin.py $W || exit 1
+for DTYPE in bfloat16 float32; do
+  DMP_DEVICE=cuda DMP_DTYPE=$DTYPE DMP_MODEL_DIR=$W/models DMP_PATCH_DIR=$W/patches DMP_ADMIN_TOKEN=t \
+    DMP_MAX_QUEUE=512 DMP_MAX_BATCH=64 DMP_LOG_LEVEL=warning python3 -m app serve --port $PORT > "$OUT/server_$DTYPE.log" 2>&1 &
+  PID=$!
+  for i in $(seq 120); do curl -sf localhost:$PORT/health/ready > /dev/null && break; sleep 0.5; done
+  curl -s localhost:$PORT/health/ready; echo
+  python3 - <<PY
+import base64, httpx, concurrent.futures as cf
+u = "http://127.0.0.1:$PORT"
+probe = {"class_label": 4, "steps": 20, "seed": 123, "patch": "p0"}
+alone = httpx.post(u + "/generate", json=probe, timeout=60).json()
+print("$DTYPE alone", {k: v for k, v in alone.items() if k != "images"})
+mates = [{"class_label": i % 10, "steps": 10 + i % 7, "seed": i, "num_images": 1 + i % 3,
+          **({"patch": "p%d" % (i % 2)} if i % 3 else {})} for i in range(40)]
+with cf.ThreadPoolExecutor(24) as ex:
+    fs = [ex.submit(httpx.post, u + "/generate", json=m, timeout=60) for m in mates[:20]]
+    ps = [ex.submit(httpx.post, u + "/generate", json=probe, timeout=60) for _ in range(3)]
+    fs += [ex.submit(httpx.post, u + "/generate", json=m, timeout=60) for m in mates[20:]]
+    codes = [f.result().status_code for f in fs]
+    same = [p.result().json()["images"] == alone["images"] for p in ps]
+print("$DTYPE batch-mates codes", set(codes), "probe identical in batch:", same)
+m = httpx.get(u + "/metrics").text
+print([l for l in m.splitlines() if l.startswith(("dmp_batch_size_sum", "dmp_batch_size_count", "dmp_device_memory"))])
+PY
+  python3 tests/api/loadtest.py --url http://127.0.0.1:$PORT --model standin --class-label 3 --patches p0,p1 \
+    --steps 20 --per-client 16 --clients 1,4,16,64 | tee "$OUT/load_$DTYPE.md"
+  kill $PID; wait $PID
+done
