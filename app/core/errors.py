@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("dmp.errors")
 NOT_AN_OBJECT = ("dict_type", "model_attributes_type")
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
 class ServiceError(Exception):
@@ -83,14 +84,11 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def _allowed_methods(request: Request) -> list[str]:
-    from starlette.routing import Match
-
-    methods = set()
-    for route in request.app.router.routes:
-        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
-            methods |= route.methods
-    return sorted(methods)
+def _allowed_methods(request: Request, default: str) -> str:
+    """Every method the matched path template has, from the OpenAPI document (routers are nested)."""
+    template = getattr(request.scope.get("route"), "path", None)
+    ops = request.app.openapi().get("paths", {}).get(template, {})
+    return ", ".join(sorted(m.upper() for m in ops if m.upper() in HTTP_METHODS)) or default
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -119,7 +117,7 @@ def install_error_handlers(app: FastAPI) -> None:
         _remember(request, kind)
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:  # one Route per method: Starlette's Allow names only the first match
-            headers["Allow"] = ", ".join(_allowed_methods(request))
+            headers["Allow"] = _allowed_methods(request, headers.get("Allow", ""))
         return error_response(exc.status_code, str(exc.detail), kind, headers)
 
     @app.exception_handler(Exception)

@@ -69,3 +69,8 @@ def test_routing_errors_have_the_error_shape(client, method, path, status):
     r = client.request(method, path)
     assert r.status_code == status
     assert set(r.json()) == {"error", "error_type"}
+
+
+def test_405_allow_lists_every_method_of_the_path(client):
+    r = client.post("/patches/digits-dmp")
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, PUT"

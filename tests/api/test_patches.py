@@ -5,6 +5,7 @@ import io
 import math
 import pickle
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -138,9 +139,12 @@ def test_hot_swap_under_concurrent_load(client, tiny_dirs):
 
     with ThreadPoolExecutor(4) as pool:
         workers = [pool.submit(hammer) for _ in range(4)]
-        for i in range(9):
+        i = 0
+        while i < 9 or len(replies) < 60:  # keep swapping while requests are running
             r = client.put("/patches/swap", content=versions[(i + 1) % 3], headers=AUTH)
             assert r.status_code == 200, r.text
+            i += 1
+            time.sleep(0.01)
         stop.set()
         for w in workers:
             w.result()
