@@ -40,22 +40,61 @@ def to_diffusers(model: DiT):
     cfg = model.config
     if cfg.task != "class":
         raise ValueError("diffusers' DiT is class-conditional only")
-    ref = DiTTransformer2DModel(
-        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
-        sample_size=cfg.input_size, patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes,
-        norm_eps=cfg.norm2_eps)
-    ref.load_state_dict(to_diffusers_state_dict(model.state_dict(), cfg.depth), strict=False)
-    missing = set(ref.state_dict()) - set(to_diffusers_state_dict(model.state_dict(), cfg.depth))
-    if {k for k in missing if not k.endswith("pos_embed.pos_embed")}:
-        raise ValueError(f"diffusers model has weights we did not set: {sorted(missing)[:4]}")
+    with torch.device(next(model.parameters()).device):  # build in place: XL/2 is slow to init on a CPU
+        ref = DiTTransformer2DModel(
+            num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+            in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
+            sample_size=cfg.input_size, patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes,
+            norm_eps=cfg.norm2_eps)
+    sd = to_diffusers_state_dict(model.state_dict(), cfg.depth)
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if k != "pos_embed.pos_embed"]:  # diffusers computes pos_embed itself
+        raise ValueError(f"key conversion mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}")
     param = next(model.parameters())
     return ref.to(device=param.device, dtype=param.dtype).eval().requires_grad_(False)
 
 
 def diffusers_math(model: DiT) -> DiT:
     """The same weights under diffusers' timestep frequencies and MLP LayerNorm eps, so outputs match it."""
-    twin = DiT(replace(model.config, freq_shift=1, norm2_eps=1e-5))
-    twin.load_state_dict(model.state_dict())
     param = next(model.parameters())
+    with torch.device(param.device):
+        twin = DiT(replace(model.config, freq_shift=1, norm2_eps=1e-5))
+    twin.load_state_dict(model.state_dict())
     return twin.to(device=param.device, dtype=param.dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def diffusers_sample(transformer, scheduler, labels: torch.Tensor, null_class: int, guidance_scale: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """DiTPipeline.__call__'s denoising loop (diffusers 0.42.1), verbatim except the null class (theirs is
+    hard-coded to ImageNet's 1000) and no VAE: CFG on a doubled batch, the learned sigma dropped, the
+    scheduler stepped on the doubled latents. Returns the final latents (B, C, H, W)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    device, cfg = transformer.device, transformer.config
+    batch_size, latent_channels = len(labels), cfg.in_channels
+    latents = randn_tensor((batch_size, latent_channels, cfg.sample_size, cfg.sample_size), generator=generator,
+                           device=device, dtype=transformer.dtype)
+    latent_model_input = torch.cat([latents] * 2) if guidance_scale > 1 else latents
+    class_labels = labels.to(device).reshape(-1)
+    class_null = torch.tensor([null_class] * batch_size, device=device)
+    class_labels_input = torch.cat([class_labels, class_null], 0) if guidance_scale > 1 else class_labels
+    for t in scheduler.timesteps:
+        if guidance_scale > 1:
+            half = latent_model_input[: len(latent_model_input) // 2]
+            latent_model_input = torch.cat([half, half], dim=0)
+        latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+        timesteps = t[None].to(device).expand(latent_model_input.shape[0])
+        noise_pred = transformer(latent_model_input, timestep=timesteps, class_labels=class_labels_input).sample
+        if guidance_scale > 1:
+            eps, rest = noise_pred[:, :latent_channels], noise_pred[:, latent_channels:]
+            cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+            half_eps = uncond_eps + guidance_scale * (cond_eps - uncond_eps)
+            eps = torch.cat([half_eps, half_eps], dim=0)
+            noise_pred = torch.cat([eps, rest], dim=1)
+        if cfg.out_channels // 2 == latent_channels:
+            model_output, _ = torch.split(noise_pred, latent_channels, dim=1)
+        else:
+            model_output = noise_pred
+        latent_model_input = scheduler.step(model_output, t, latent_model_input).prev_sample
+    return latent_model_input.chunk(2, dim=0)[0] if guidance_scale > 1 else latent_model_input

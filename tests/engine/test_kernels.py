@@ -75,3 +75,38 @@ def test_triton_kernel_non_contiguous_input():
     xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous strides
     assert not xt.is_contiguous()
     torch.testing.assert_close(gate_add(xt, gates, pool, slots, 1), gate_add_reference(x, gates, pool, slots, 1))
+
+
+INTERPRET_CHECK = """
+import torch, triton
+from app.engine import kernels as K
+# the interpreter casts by truncation (the GPU rounds to nearest): one unit in the last place, not half
+for dtype, eps in ((torch.float32, 1e-6), (torch.bfloat16, 2 ** -7), (torch.float16, 2 ** -10)):
+    for B, N, D in ((3, 16, 40), (2, 8, 1100)):
+        g = torch.Generator().manual_seed(B * D)
+        x = torch.randn(B, N, D, generator=g).to(dtype)
+        gates = torch.randn(B, N, generator=g).softmax(-1)
+        pool = torch.randn(5, 4, N, D, generator=g)
+        slots = torch.randint(0, 5, (B,), generator=g)
+        out = torch.full_like(x, float("nan"))  # poisoned: every element must be written
+        block = min(1024, triton.next_power_of_2(D))
+        K._gate_add_kernel[(B * N, triton.cdiv(D, block))](x, gates, pool, slots, out, N, D, 3, 4, BLOCK_D=block)
+        ref = x.double() + gates[..., None].double() * pool[slots, 3].double()
+        scale = x.double().abs() + (gates[..., None].double() * pool[slots, 3].double()).abs()
+        assert torch.isfinite(out).all(), (dtype, B, N, D)
+        assert ((out.double() - ref).abs() <= eps * scale + 1e-6).all(), (dtype, B, N, D)
+print("ok")
+"""
+
+
+def test_triton_kernel_in_interpreter_mode_on_cpu():
+    """The Triton kernel itself (not the fallback), run by Triton's CPU interpreter in a subprocess."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", INTERPRET_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

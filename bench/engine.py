@@ -1,0 +1,324 @@
+"""Our engine vs diffusers on the same weights, steps, sampler, guidance and batch, in one run.
+
+    python -m bench.engine --quick                 # CPU, the demo model, a few minutes
+    python -m bench.engine --device cuda           # + DiT-XL/2 (random weights), 250-step DDPM / 50-step DDIM
+
+Ours: app.model.sampling.denoise_step with the engine's bucketed forward (CUDA graphs on GPU; torch.compile
+with frozen weights on CPU), bf16, patches served from the PatchPool. diffusers: DiTTransformer2DModel built
+from our weights (bench/diffusers_ref.py) driven by DiTPipeline's own loop. Timings are medians of repeats
+that alternate between the contenders, so background load hits both alike. Prints a table; the last line is
+JSON. On CPU both sides use the same thread count (--threads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from app.engine.graphs import BUCKETS, GraphedForward
+from app.model.dit import DiT, DiT_models, DiTConfig
+from app.model.dmp import PatchPool, new_patch_for
+from app.model.loaders import load_base
+from app.model.sampling import denoise_step, make_scheduler, new_job
+from bench.diffusers_ref import diffusers_math, diffusers_sample, to_diffusers
+
+XL2_GFLOP_PER_ROW = 237.0  # DESIGN §7: one XL/2 forward of one sample at 256 px (2 x 118.6 GMACs)
+BF16_TFLOPS = 790.0  # measured bf16 GEMM rate on an H200 here (DESIGN §7, KINDS.md)
+DEMO_SHAPE = dict(input_size=32, patch_size=4, in_channels=1, hidden_size=128, depth=8, num_heads=4,
+                  num_classes=10, learn_sigma=True)  # app/trainer/train.py's pretrain defaults
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere: adaLN-Zero's zeros would make blocks identities (and zeros time faster)."""
+    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device) * std)
+    return model.eval().requires_grad_(False)
+
+
+def random_patch(model: DiT, seed: int, std: float = 0.02):
+    """A patch with small random prompts and gate, the scale a trained patch reaches."""
+    patch = new_patch_for(model)
+    randomize_(patch, std=std, seed=seed)
+    return patch
+
+
+def demo_model(path: str, device) -> tuple[DiT, str]:
+    if Path(path).exists():
+        return load_base(path).to(device), path
+    with torch.device(device):
+        model = randomize_(DiT(DiTConfig(**DEMO_SHAPE)), std=0.05)
+    return model, f"random base of the demo shape ({path} absent)"
+
+
+class Bench:
+    """One model in three forms: ours (bf16 twin + pool + graphed forwards) and diffusers (bf16 and fp32)."""
+
+    def __init__(self, model: DiT, device, n_patches: int, compile_cpu: bool, buckets=BUCKETS,
+                 diffusers_fp32: bool = True):
+        self.device = device
+        self.fp32 = diffusers_math(model)  # same weights under diffusers' timestep frequencies: same function
+        self.ours = diffusers_math(model).to(torch.bfloat16)
+        self.cfg = model.config
+        self.ref = {"bf16": to_diffusers(self.ours)}
+        if diffusers_fp32:
+            self.ref["fp32"] = to_diffusers(self.fp32)
+        cfg = self.cfg
+        self.pool = PatchPool(cfg.hidden_size, cfg.num_tokens, cfg.depth, n_patches + 1, device=device)
+        self.patches = [random_patch(model, seed=100 + i) for i in range(n_patches)]
+        self.install_ms = []
+        for p in self.patches:
+            sync(device)
+            t0 = time.perf_counter()
+            self.pool.install(p)
+            sync(device)
+            self.install_ms.append((time.perf_counter() - t0) * 1e3)
+        compile_ = compile_cpu and device.type == "cpu"
+        self.patched = GraphedForward(self.ours, self.pool, buckets=buckets, compile=compile_)
+        self.unpatched = GraphedForward(self.ours, None, buckets=buckets, compile=compile_)
+
+    def warm(self, images: list[int]) -> float:
+        """Capture (GPU) or compile (CPU) the buckets these batch sizes use; returns seconds."""
+        t0 = time.perf_counter()
+        for fwd in (self.patched, self.unpatched):
+            fwd.capture(sorted({fwd.bucket_for(2 * b) for b in images}))
+        return time.perf_counter() - t0
+
+    def ours_run(self, *, batch: int, slots: list[int], sampler: str, steps: int, guidance: float, seed=0,
+                 unpatched=False) -> torch.Tensor:
+        """`batch` images as len(slots) jobs (one per slot) through denoise_step and the graphed forward."""
+        per_job = batch // len(slots)
+        jobs = [new_job(self.ours, y=(seed + i) % self.cfg.num_classes, seed=seed + i, sampler=sampler,
+                        steps=steps, guidance_scale=guidance, n=per_job, slot=s, device=self.device)
+                for i, s in enumerate(slots)]
+        forward, pool = (self.unpatched, None) if unpatched else (self.patched, self.pool)
+        while not jobs[0].done:
+            denoise_step(self.ours, jobs, pool=pool, forward=forward)
+        return torch.cat([j.latents for j in jobs])
+
+    def diffusers_run(self, *, batch: int, sampler: str, steps: int, guidance: float, dtype="bf16", seed=0):
+        sched = make_scheduler(sampler, steps, learn_sigma=False, clip_sample=False)  # DiTPipeline drops sigma
+        labels = torch.arange(batch) % self.cfg.num_classes
+        gen = torch.Generator(self.device).manual_seed(seed)
+        return diffusers_sample(self.ref[dtype], sched, labels, self.cfg.num_classes, guidance, gen)
+
+
+def time_alternating(fns: dict, device, repeats: int, warmup: bool = True) -> dict[str, float]:
+    """Median seconds of each callable; one warm-up each, then rounds that visit every callable once."""
+    for fn in fns.values() if warmup else ():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def sampling_suite(b: Bench, *, batch: int, sampler: str, steps: int, guidance: float, repeats: int,
+                   mixed: bool, diffusers_dtypes=("bf16",), unpatched: bool = True, warmup: bool = True) -> dict:
+    """End-to-end images/s of diffusers and of ours (unpatched, one patch, and 8 patches vs one in 8 jobs)."""
+    kw = dict(batch=batch, sampler=sampler, steps=steps, guidance=guidance)
+    fns = {f"diffusers_{d}": (lambda d=d: b.diffusers_run(dtype=d, **kw)) for d in diffusers_dtypes}
+    fns["ours_patched"] = lambda: b.ours_run(slots=[1], **kw)
+    if unpatched:
+        fns["ours_unpatched"] = lambda: b.ours_run(slots=[0], unpatched=True, **kw)
+    if mixed:
+        fns |= {"ours_1patch_8jobs": lambda: b.ours_run(slots=[1] * 8, **kw),
+                "ours_8patches_8jobs": lambda: b.ours_run(slots=list(range(1, 9)), **kw)}
+    secs = time_alternating(fns, b.device, repeats, warmup)
+    ips = {k: batch / s for k, s in secs.items()}
+    best_ref = max(ips[f"diffusers_{d}"] for d in diffusers_dtypes)
+    out = {"batch": batch, "sampler": sampler, "steps": steps, "guidance": guidance,
+           "images_per_s": ips, "seconds": secs,
+           "speedup_vs_diffusers": ips["ours_patched"] / best_ref}
+    if unpatched:
+        out["patch_overhead"] = secs["ours_patched"] / secs["ours_unpatched"] - 1
+    if mixed:
+        out["mixed_patch_ratio"] = ips["ours_8patches_8jobs"] / ips["ours_1patch_8jobs"]
+    return out
+
+
+@torch.no_grad()
+def equality_check(b: Bench, rows: int = 2) -> dict:
+    """One forward: our fp32 model vs diffusers fp32 (same function), and our bf16 engine vs our fp32."""
+    cfg = b.cfg
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(rows, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(b.device)
+    t = torch.randint(0, 1000, (rows,), generator=g).to(b.device)
+    y = torch.randint(0, cfg.num_classes, (rows,), generator=g).to(b.device)
+    out = {}
+    if "fp32" in b.ref:
+        ref = b.ref["fp32"](x, timestep=t, class_labels=y).sample
+        out["ours_fp32_vs_diffusers_fp32_max_abs"] = (b.fp32(x, t.float(), y) - ref).abs().max().item()
+    slots = torch.tensor([1, 0] * (rows // 2), device=b.device)
+    ours = b.patched(x, t.float(), y, patch=b.pool.batch(slots))
+    ref32 = b.fp32(x, t.float(), y, patch=b.pool.batch(slots))
+    out["ours_bf16_engine_vs_fp32_eager_rel"] = ((ours - ref32).norm() / ref32.norm()).item()
+    return out
+
+
+def forward_sweep(b: Bench, rows_list: list[int], repeats: int = 10) -> dict:
+    """ms per forward (CFG rows) of our graphs (1 patch, 8 patches, no pool) and of diffusers eager."""
+    cfg, dev = b.cfg, b.device
+    res = {}
+    for rows in rows_list:
+        x = torch.randn(rows, cfg.in_channels, cfg.input_size, cfg.input_size, device=dev)
+        t = torch.randint(0, 1000, (rows,), device=dev)
+        y = torch.randint(0, cfg.num_classes, (rows,), device=dev)
+        one = b.pool.batch(torch.ones(rows, dtype=torch.long, device=dev))
+        mixed = b.pool.batch(torch.arange(rows, device=dev) % 8 + 1)
+        fns = {"ours_1patch": lambda: b.patched(x, t.float(), y, patch=one),
+               "ours_8patches": lambda: b.patched(x, t.float(), y, patch=mixed),
+               "ours_unpatched": lambda: b.unpatched(x, t.float(), y),
+               "diffusers_bf16": lambda: b.ref["bf16"](x, timestep=t, class_labels=y).sample}
+        res[rows] = {k: v * 1e3 for k, v in time_alternating(fns, dev, repeats).items()}
+    return res
+
+
+def latency_with_vae(b: Bench, steps: int = 50, guidance: float = 4.0, repeats: int = 3) -> dict:
+    """One 50-step DDIM + CFG image, end to end: sampling, SD VAE decode (random weights), uint8 on the host."""
+    from app.model.vae import SDVAE, to_uint8
+
+    vae = SDVAE.random_sd().to(b.device, torch.bfloat16)
+
+    def one():
+        latents = b.ours_run(batch=1, slots=[1], sampler="ddim", steps=steps, guidance=guidance)
+        return to_uint8(vae.decode(latents))
+
+    secs = time_alternating({"e2e": one}, b.device, repeats)["e2e"]
+    dec = time_alternating({"decode": lambda: vae.decode(torch.randn(1, 4, 32, 32, device=b.device))},
+                           b.device, repeats)["decode"]
+    return {"seconds": secs, "vae_decode_seconds": dec, "steps": steps, "guidance": guidance}
+
+
+def bf16_limit_images_per_s(steps: int, cfg_factor: int = 2) -> float:
+    return BF16_TFLOPS * 1e12 / (XL2_GFLOP_PER_ROW * 1e9 * cfg_factor * steps)
+
+
+def run_xl2(device, repeats: int, log) -> dict:
+    """DiT-XL/2 with random weights: forward sweep, 250-step DDPM and 50-step DDIM with CFG, latency."""
+    with torch.device(device):
+        model = randomize_(DiT_models["DiT-XL/2"](input_size=32, num_classes=1000))
+    b = Bench(model, device, n_patches=8, compile_cpu=False, diffusers_fp32=False)
+    del model
+    t0 = time.perf_counter()
+    b.patched.capture()
+    b.unpatched.capture()
+    capture_s = time.perf_counter() - t0
+    log(f"XL/2: captured {b.patched.captures + b.unpatched.captures} graphs in {capture_s:.1f}s")
+    sweep = forward_sweep(b, b.patched.rows, repeats=repeats * 3)
+    for rows, r in sweep.items():
+        log(f"  forward rows={rows:4d}: " + "  ".join(f"{k} {v:7.2f} ms" for k, v in r.items()))
+    best_rows = max(sweep, key=lambda r: r / sweep[r]["ours_1patch"])
+    best = best_rows // 2
+    out = {"capture_s": capture_s, "forward_ms": sweep, "best_batch": best, "equality": equality_check(b),
+           "patch_install_ms": statistics.median(b.install_ms)}
+    r = sweep[best_rows]
+    out["patch_overhead_forward"] = r["ours_1patch"] / r["ours_unpatched"] - 1
+    out["mixed_patch_ratio_forward"] = r["ours_1patch"] / r["ours_8patches"]
+    captures = b.patched.captures
+    extra = random_patch(b.fp32, seed=999)
+    b.pool.free(8)
+    sync(device)
+    t0 = time.perf_counter()
+    b.pool.install(extra)
+    sync(device)
+    out["patch_install_after_capture_ms"] = (time.perf_counter() - t0) * 1e3
+    out["recaptures_after_install"] = b.patched.captures - captures
+    for sampler, steps in (("ddpm", 250), ("ddim", 50)):
+        for batch in (1, best):
+            res = sampling_suite(b, batch=batch, sampler=sampler, steps=steps, guidance=4.0, repeats=1, mixed=False,
+                                 unpatched=False, warmup=False)  # graphs captured, diffusers warm from the sweep
+            res["fraction_of_bf16_limit"] = res["images_per_s"]["ours_patched"] / bf16_limit_images_per_s(steps)
+            out[f"{sampler}{steps}_b{batch}"] = res
+            log(f"XL/2 {sampler} {steps} steps batch {batch}: " + "  ".join(
+                f"{k} {v:.3f} img/s" for k, v in res["images_per_s"].items())
+                + f"  frac bf16 limit {res['fraction_of_bf16_limit']:.3f}")
+    out["latency_50step_cfg_with_vae"] = latency_with_vae(b)
+    out["graph_stats"] = {"patched": b.patched.stats(), "unpatched": b.unpatched.stats()}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="demo model only, few steps (CPU: a few minutes)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--model", default="models/mnist.safetensors")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for both contenders")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--no-xl", action="store_true", help="skip DiT-XL/2 on GPU")
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    steps = args.steps or (20 if args.quick else 50)
+    repeats = args.repeats or (3 if args.quick else 5)
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    model, source = demo_model(args.model, device)
+    log(f"device {device}  demo model: {source}  threads {torch.get_num_threads()}")
+    t0 = time.perf_counter()
+    b = Bench(model, device, n_patches=8, compile_cpu=True)
+    warm_s = b.warm([1, args.batch])
+    log(f"setup {time.perf_counter() - t0:.1f}s (compile/capture {warm_s:.1f}s), "
+        f"patch install median {statistics.median(b.install_ms):.2f} ms")
+    eq = equality_check(b)
+    log("equality: " + "  ".join(f"{k} {v:.3g}" for k, v in eq.items()))
+    guidance = float(getattr(model, "meta", {}).get("default_guidance", 4.0))
+    suites = {}
+    for batch, mixed in ((1, False), (args.batch, True)):
+        suites[batch] = sampling_suite(b, batch=batch, sampler="ddim", steps=steps, guidance=guidance,
+                                       repeats=repeats, mixed=mixed, diffusers_dtypes=("bf16", "fp32"))
+    log(f"\n{'demo, ddim %d steps, cfg %.1f' % (steps, guidance):<34}" + "".join(f"{'batch %d' % k:>14}" for k in suites))
+    for name in suites[args.batch]["images_per_s"]:
+        log(f"{name + ' img/s':<34}" + "".join(
+            f"{s['images_per_s'][name]:>14.2f}" if name in s["images_per_s"] else f"{'-':>14}" for s in suites.values()))
+    for key in ("speedup_vs_diffusers", "patch_overhead", "mixed_patch_ratio"):
+        log(f"{key:<34}" + "".join(f"{s[key]:>14.3f}" if key in s else f"{'-':>14}" for s in suites.values()))
+    main_suite = suites[args.batch]
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "model": source, "dtype": "bf16 (ours), diffusers bf16 and fp32", "sampler": "ddim", "steps": steps,
+        "guidance": guidance, "batch": args.batch,
+        "speedup_vs_diffusers": main_suite["speedup_vs_diffusers"],
+        "speedup_vs_diffusers_batch1": suites[1]["speedup_vs_diffusers"],
+        "patch_overhead": main_suite["patch_overhead"], "mixed_patch_ratio": main_suite["mixed_patch_ratio"],
+        "images_per_s": main_suite["images_per_s"]["ours_patched"],
+        "diffusers_images_per_s": {k: v for k, v in main_suite["images_per_s"].items() if k.startswith("diffusers")},
+        "warm_s": warm_s, "patch_install_ms": statistics.median(b.install_ms), "equality": eq,
+        "suites": suites, "graph_stats": b.patched.stats(),
+    }
+    if device.type == "cuda" and not args.quick and not args.no_xl:
+        del b
+        torch.cuda.empty_cache()
+        result["xl2"] = run_xl2(device, repeats=1, log=log)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every GPU check and the GPU benchmark in one go (about 5 minutes on an H200); JSON + logs under $OUT.
+#   OUT=/tmp/gpu scripts/gpu_checks.sh
+# On the lent device machine diffusers is missing: wheels in .whl5/ (see bench/README.md) are installed first.
+set -uo pipefail
+OUT=${OUT:-bench/results/local}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "FAIL: scripts/gpu_checks.sh needs a CUDA GPU (torch.cuda.is_available() is False)" | tee "$OUT/gpu_checks.log"
+    exit 2
+fi
+if ! $PY -c "import diffusers" 2>/dev/null && ls .whl5/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl5/*.whl \
+        || { echo "FAIL: could not install .whl5 wheels" | tee "$OUT/gpu_checks.log"; exit 2; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+status=0
+{ nvidia-smi; $PY -c "import torch, triton, diffusers; print(torch.__version__, triton.__version__, diffusers.__version__)"; } \
+    > "$OUT/env.txt" 2>&1
+echo "== 1/3 GPU-marked and CPU tests of the engine kernels and graphs"
+timeout 240 $PY -m pytest tests/engine/test_kernels.py tests/engine/test_graphs.py -q -rs -p no:cacheprovider 2>&1 \
+    | tee "$OUT/pytest.log" || status=1
+echo "== 2/3 numerics at real shapes: Triton vs fallback, graphs vs eager, bf16 vs fp32, install without recapture"
+timeout 180 $PY -m scripts.gpu_checks --json "$OUT/checks.json" 2>&1 | tee "$OUT/checks.log" || status=1
+echo "== 3/3 benchmark vs diffusers: demo shape + DiT-XL/2"
+timeout 420 $PY -m bench.engine --device cuda --json-out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+echo "gpu_checks exit status $status"
+exit $status
