@@ -185,7 +185,7 @@ def forward_sweep(b: Bench, rows_list: list[int], repeats: int = 10) -> dict:
         fns = {"ours_1patch": lambda: b.patched(x, t.float(), y, patch=one),
                "ours_8patches": lambda: b.patched(x, t.float(), y, patch=mixed),
                "ours_unpatched": lambda: b.unpatched(x, t.float(), y),
-               "diffusers_bf16": lambda: b.ref["bf16"](x, timestep=t, class_labels=y).sample}
+               "diffusers_bf16": lambda: b.ref["bf16"](x.bfloat16(), timestep=t, class_labels=y).sample}
         res[rows] = {k: v * 1e3 for k, v in time_alternating(fns, dev, repeats).items()}
     return res
 
