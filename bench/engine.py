@@ -210,8 +210,9 @@ def bf16_limit_images_per_s(steps: int, cfg_factor: int = 2) -> float:
     return BF16_TFLOPS * 1e12 / (XL2_GFLOP_PER_ROW * 1e9 * cfg_factor * steps)
 
 
-def run_xl2(device, repeats: int, log) -> dict:
-    """DiT-XL/2 with random weights: forward sweep, 250-step DDPM and 50-step DDIM with CFG, latency."""
+def run_xl2(device, repeats: int, log, out: dict, save=lambda: None) -> dict:
+    """DiT-XL/2 with random weights: forward sweep, 250-step DDPM and 50-step DDIM with CFG, latency.
+    Fills `out` stage by stage and calls `save` after each, so a run cut short keeps what it measured."""
     with torch.device(device):
         model = randomize_(DiT_models["DiT-XL/2"](input_size=32, num_classes=1000))
     b = Bench(model, device, n_patches=8, compile_cpu=False, diffusers_fp32=False)
@@ -226,8 +227,8 @@ def run_xl2(device, repeats: int, log) -> dict:
         log(f"  forward rows={rows:4d}: " + "  ".join(f"{k} {v:7.2f} ms" for k, v in r.items()))
     best_rows = max(sweep, key=lambda r: r / sweep[r]["ours_1patch"])
     best = best_rows // 2
-    out = {"capture_s": capture_s, "forward_ms": sweep, "best_batch": best, "equality": equality_check(b),
-           "patch_install_ms": statistics.median(b.install_ms)}
+    out |= {"capture_s": capture_s, "forward_ms": sweep, "best_batch": best, "equality": equality_check(b),
+            "patch_install_ms": statistics.median(b.install_ms)}
     r = sweep[best_rows]
     out["patch_overhead_forward"] = r["ours_1patch"] / r["ours_unpatched"] - 1
     out["mixed_patch_ratio_forward"] = r["ours_1patch"] / r["ours_8patches"]
@@ -240,12 +241,14 @@ def run_xl2(device, repeats: int, log) -> dict:
     sync(device)
     out["patch_install_after_capture_ms"] = (time.perf_counter() - t0) * 1e3
     out["recaptures_after_install"] = b.patched.captures - captures
+    save()
     for sampler, steps in (("ddpm", 250), ("ddim", 50)):
         for batch in (1, best):
             res = sampling_suite(b, batch=batch, sampler=sampler, steps=steps, guidance=4.0, repeats=1, mixed=False,
                                  unpatched=False, warmup=False)  # graphs captured, diffusers warm from the sweep
             res["fraction_of_bf16_limit"] = res["images_per_s"]["ours_patched"] / bf16_limit_images_per_s(steps)
             out[f"{sampler}{steps}_b{batch}"] = res
+            save()
             log(f"XL/2 {sampler} {steps} steps batch {batch}: " + "  ".join(
                 f"{k} {v:.3f} img/s" for k, v in res["images_per_s"].items())
                 + f"  frac bf16 limit {res['fraction_of_bf16_limit']:.3f}")
@@ -271,7 +274,7 @@ def main(argv=None):
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     steps = args.steps or (20 if args.quick else 50)
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or 3
     lines = []
 
     def log(msg):
@@ -311,12 +314,17 @@ def main(argv=None):
         "warm_s": warm_s, "patch_install_ms": statistics.median(b.install_ms), "equality": eq,
         "suites": suites, "graph_stats": b.patched.stats(),
     }
+    def save():
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(result, indent=1, default=str))
+
     if device.type == "cuda" and not args.quick and not args.no_xl:
+        save()
         del b
         torch.cuda.empty_cache()
-        result["xl2"] = run_xl2(device, repeats=1, log=log)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1, default=str))
+        result["xl2"] = {}
+        run_xl2(device, repeats=1, log=log, out=result["xl2"], save=save)
+    save()
     print(json.dumps(result, default=str))
 
 
