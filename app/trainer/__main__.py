@@ -1,0 +1,134 @@
+"""`python -m app.trainer` (console script `dmp-train`): pretrain | patch | eval | table."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from app.trainer.train import TrainConfig
+
+
+def add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
+    d = {f.name: f.default for f in fields(TrainConfig)} | defaults
+    p.add_argument("--dataset", required="dataset" not in defaults, default=d.get("dataset"),
+                   help="mnist | animals | mnist-captions | digits | digits-captions | folder:PATH")
+    p.add_argument("--out", required=True, help="output .safetensors (base, patch, or FT checkpoint)")
+    p.add_argument("--domain", default="")
+    p.add_argument("--image-size", type=int, default=d["image_size"])
+    p.add_argument("--steps", type=int, default=d["steps"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--device", default=d["device"], help="auto | cpu | cuda")
+    p.add_argument("--amp", default=d["amp"], choices=["auto", "bf16", "none"])
+    p.add_argument("--hflip", default=d["hflip"], choices=["auto", "on", "off"])
+    p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"])
+    p.add_argument("--eval-every", type=int, default=d["eval_every"])
+    p.add_argument("--max-seconds", type=float, default=0.0, help="stop early after this much training time")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from(args, method: str) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return TrainConfig(method=method, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmp-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="train a base DiT from scratch (EMA weights are saved)")
+    add_train_args(p, {"lr": 3e-4, "batch_size": 256, "ema_decay": 0.999})
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--beta-schedule", default="linear", choices=["linear", "cosine"])
+    p.add_argument("--text-encoder", default="minilm")
+
+    p = sub.add_parser("patch", help="freeze a base and train a DMP patch (or the FT / PT baselines)")
+    add_train_args(p, {})
+    p.add_argument("--base", required=True, help="base .safetensors / .pt / diffusers folder")
+    p.add_argument("--baseline", choices=["ft", "pt"], help="ft: full fine-tuning; pt: gate-less prompt tuning")
+    p.add_argument("--pt-depth", type=int, default=0, help="blocks that get prompts (0 = all)")
+    p.add_argument("--gate-input", default="c", choices=["c", "t"])
+    p.add_argument("--top-k", type=float, default=1.0, help="fraction of prompts kept (1 = soft)")
+    p.add_argument("--no-noisy-gating", dest="noisy_gating", action="store_false")
+    p.add_argument("--w-importance", type=float, default=0.01)
+    p.add_argument("--w-load", type=float, default=0.01)
+    p.add_argument("--load-kind", default="smooth", choices=["smooth", "reference"])
+    p.add_argument("--gate-lr-mult", type=float, default=10.0)
+    p.add_argument("--text-encoder", default="minilm")
+
+    p = sub.add_parser("eval", help="FID-like score, KID and class accuracy of a base with or without a patch")
+    p.add_argument("--base", required=True)
+    p.add_argument("--patch", default=None)
+    p.add_argument("--dataset", default=None, help="defaults to the data set recorded in the base")
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm"])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=1.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--classifier-steps", type=int, default=3000, help="if the data set's classifier is not cached")
+
+    p = sub.add_parser("table", help="run the comparison table of docs/results.md (FT / PT / DMP, ablations)")
+    p.add_argument("--plan", required=True, help="JSON plan (see patches/table_plan.json)")
+    p.add_argument("--runs", default="runs/table")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--doc", default="docs/results.md")
+    p.add_argument("--report-only", action="store_true", help="write the doc from finished runs; train nothing")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from app.model.dmp import PatchError
+    from app.model.loaders import CheckpointError
+    from app.trainer.data import DataError
+
+    try:
+        if args.command == "pretrain":
+            from app.trainer.train import Trainer
+
+            out = Trainer(config_from(args, "pretrain"), resume=not args.no_resume, progress=not args.quiet).run()
+            print(f"wrote base {out}")
+        elif args.command == "patch":
+            from app.trainer.train import Trainer
+
+            method = args.baseline or "dmp"
+            out = Trainer(config_from(args, method), resume=not args.no_resume, progress=not args.quiet).run()
+            print(f"wrote {'FT checkpoint' if method == 'ft' else method.upper() + ' patch'} {out}")
+        elif args.command == "eval":
+            from app.trainer.evaluate import evaluate
+            from app.trainer.train import resolve_device
+
+            result = evaluate(args.base, args.patch, args.dataset, sampler=args.sampler, steps=args.steps,
+                              guidance_scale=args.guidance_scale, seed=args.seed,
+                              device=str(resolve_device(args.device)), progress=True,
+                              classifier_steps=args.classifier_steps)
+            text = json.dumps(result, indent=2)
+            print(text)
+            if args.json:
+                from pathlib import Path
+
+                Path(args.json).write_text(text)
+        elif args.command == "table":
+            from app.trainer.table import run_table
+
+            run_table(args.plan, args.runs, jobs=args.jobs, device=args.device, doc=args.doc,
+                      report_only=args.report_only)
+    except (PatchError, CheckpointError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

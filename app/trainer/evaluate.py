@@ -1,0 +1,143 @@
+"""FID-like score (Fréchet distance on our classifier's features, never called FID), KID, class accuracy,
+with the floor (train vs test real images) and ceiling (real vs noise) reported beside every score."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import linalg
+
+from app.model.sampling import new_job, denoise_step
+from app.trainer.classifier import load_classifier, save_classifier, train_classifier
+from app.trainer.data import DataSet, load_dataset
+
+
+def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) of two feature sets (N, F)."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid does
+        eps = np.eye(s1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 20, subset_size: int = 200,
+                              seed: int = 0) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel, averaged over random subsets (Bińkowski et al.)."""
+    rng = np.random.default_rng(seed)
+    d = f1.shape[1]
+    m = min(subset_size, len(f1), len(f2))
+    total = 0.0
+    for _ in range(subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+        total += ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+    return float(total / subsets)
+
+
+class Evaluator:
+    """Scores generated images of one data set against its real train split."""
+
+    def __init__(self, dataset: str, image_size: int = 32, device="cpu", classifier_dir="runs/classifiers",
+                 classifier_steps: int = 3000, progress: bool = True):
+        self.device = device
+        self.train, self.test = load_dataset(dataset, "train", image_size), load_dataset(dataset, "test", image_size)
+        eval_name = dataset.removesuffix("-captions")  # captioned digits use the digit classifier
+        path = Path(classifier_dir) / f"{eval_name}-{image_size}.safetensors"
+        if path.exists():
+            self.clf, info = load_classifier(path, device)
+            self.classifier_acc = info["test_accuracy"]
+        else:
+            self.clf, self.classifier_acc = train_classifier(self.train, self.test, steps=classifier_steps,
+                                                             device=device, progress=progress)
+            save_classifier(self.clf, path, test_accuracy=self.classifier_acc, dataset=eval_name,
+                            steps=classifier_steps)
+        self.ref = self.features(self.train.x)
+        test_f = self.features(self.test.x)
+        noise = torch.rand(self.test.x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1  # uniform noise
+        self.floor = {"fid_like": frechet_distance(self.ref, test_f), "kid": kernel_inception_distance(self.ref, test_f),
+                      "class_acc": self.classifier_acc}
+        noise_f = self.features(noise)
+        self.ceiling = {"fid_like": frechet_distance(self.ref, noise_f),
+                        "kid": kernel_inception_distance(self.ref, noise_f)}
+        self.num_samples = len(self.test)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor, batch: int = 1000) -> np.ndarray:
+        return torch.cat([self.clf.features(x[i:i + batch].to(self.device).float()).cpu()
+                          for i in range(0, len(x), batch)]).double().numpy()
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        """images (N, C, H, W) in [-1, 1]; labels: the class each image was asked for (class/text models)."""
+        f = self.features(images)
+        out = {"fid_like": frechet_distance(self.ref, f), "kid": kernel_inception_distance(self.ref, f),
+               "num_samples": len(images)}
+        if labels is not None:
+            preds = torch.cat([self.clf(images[i:i + 1000].to(self.device).float()).argmax(-1).cpu()
+                               for i in range(0, len(images), 1000)])
+            out["class_acc"] = (preds == labels.cpu()).float().mean().item()
+        return out
+
+
+def eval_conditions(model, test: DataSet) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Conditions for one sample per test image: its label, its caption embedding, or the null class."""
+    if model.config.task == "text":
+        return test.text, test.labels
+    if model.config.task == "class":
+        return test.labels, test.labels
+    return torch.zeros(len(test), dtype=torch.long), None
+
+
+@torch.no_grad()
+def sample_images(model, y: torch.Tensor, *, patch=None, sampler="ddim", steps=50, guidance_scale=1.5, seed=0,
+                  chunk=1000, dtype=torch.float32, progress=False) -> torch.Tensor:
+    """Samples (N, C, H, W) in [-1, 1] for conditions y, in chunks of one job each (seed + chunk index)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    beta_schedule = getattr(model, "meta", {}).get("beta_schedule", "linear")
+    outs = []
+    for i in range(0, len(y), chunk):
+        yc = y[i:i + chunk].to(device)
+        job = new_job(model, y=yc, seed=seed * 100_003 + i, sampler=sampler, steps=steps, n=len(yc),
+                      guidance_scale=guidance_scale, patch=patch, beta_schedule=beta_schedule, clip_sample=True,
+                      device=device, dtype=dtype)
+        for _ in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+            denoise_step(model, [job], dtype=dtype)
+        outs.append(job.latents.float().clamp(-1, 1).cpu())
+    return torch.cat(outs)
+
+
+def load_model_and_patch(base_path, patch_path=None, device="cpu"):
+    """The base (or a full FT checkpoint) and an optional patch checked against it (PatchError if foreign)."""
+    from app.model import load_base, load_patch
+
+    model = load_base(base_path).to(device)
+    patch = load_patch(patch_path, base=model).to(device).eval() if patch_path else None
+    return model, patch
+
+
+def evaluate(base_path, patch_path=None, dataset: str | None = None, *, sampler="ddim", steps=50,
+             guidance_scale=1.5, seed=0, device="cpu", evaluator: Evaluator | None = None,
+             return_images=False, progress=False, classifier_steps: int = 3000):
+    """Sample one image per test item and score it; returns metrics (and the images if asked)."""
+    model, patch = load_model_and_patch(base_path, patch_path, device)
+    dataset = dataset or model.meta.get("dataset")
+    if not dataset:
+        raise ValueError("the base does not name its data set: pass --dataset")
+    evaluator = evaluator or Evaluator(dataset, model.config.input_size, device=device, progress=progress,
+                                       classifier_steps=classifier_steps)
+    y, labels = eval_conditions(model, evaluator.test)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    images = sample_images(model, y, patch=patch, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                           seed=seed, dtype=dtype, progress=progress)
+    result = evaluator.score(images, labels if model.config.task != "uncond" else None)
+    result |= {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
+               "floor": evaluator.floor, "ceiling": evaluator.ceiling, "classifier_acc": evaluator.classifier_acc}
+    return (result, images) if return_images else result

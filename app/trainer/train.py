@@ -1,0 +1,277 @@
+"""Training loops: pretrain a base (EMA as in DiT), patch a frozen base (DMP or PT), or fine-tune it (FT)."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from app.model import DiTConfig, load_base, save_base, fingerprint
+from app.model.dit import DiT
+from app.model.dmp import importance_loss, load_loss, new_patch_for, patch_metadata_for, save_patch
+from app.trainer.checkpoint import (load_checkpoint, load_optimizer_tensors, optimizer_tensors, restore_rng,
+                                    rng_tensors, save_checkpoint)
+from app.trainer.data import DataSet, load_dataset
+from app.trainer.diffusion import Diffusion
+
+METHODS = ("pretrain", "dmp", "pt", "ft")
+
+
+@dataclass
+class TrainConfig:
+    method: str  # pretrain | dmp | pt | ft
+    dataset: str
+    out: str
+    base: str | None = None  # the frozen base (dmp / pt) or the starting point (ft)
+    domain: str = ""
+    image_size: int = 32
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-4
+    gate_lr_mult: float = 10.0
+    weight_decay: float = 0.0
+    ema_decay: float = 0.0  # pretrain: > 0 keeps an EMA and saves it as the base
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"  # bf16 autocast on GPU, fp32 on CPU
+    hflip: str = "auto"  # auto = the data set's own choice (off for digits)
+    checkpoint_every: int = 1000
+    eval_every: int = 500  # held-out loss cadence
+    max_seconds: float = 0.0  # > 0: stop early (and say so in the metrics) once training took this long
+    # pretrain architecture
+    hidden_size: int = 128
+    depth: int = 8
+    num_heads: int = 4
+    patch_size: int = 4
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    beta_schedule: str = "linear"
+    text_encoder: str = "minilm"
+    # DMP
+    pt_depth: int = 0  # 0 = every block
+    gate_input: str = "c"
+    top_k: float = 1.0
+    noisy_gating: bool = True
+    w_importance: float = 0.01
+    w_load: float = 0.01
+    load_kind: str = "smooth"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.out).with_name(Path(self.out).stem + ".ckpt.safetensors")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def new_base(cfg: TrainConfig, data: DataSet) -> DiT:
+    text_dim = data.text.shape[1] if data.task == "text" else 0
+    dcfg = DiTConfig(input_size=cfg.image_size, patch_size=cfg.patch_size, in_channels=data.x.shape[1],
+                     hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
+                     num_classes=data.num_classes, learn_sigma=cfg.learn_sigma, text_dim=text_dim,
+                     class_dropout_prob=cfg.class_dropout_prob if data.task != "uncond" else 0.0)
+    return DiT(dcfg)
+
+
+def check_base_matches(base: DiT, data: DataSet) -> None:
+    c = base.config
+    if c.task != data.task or c.in_channels != data.x.shape[1] or c.input_size != data.x.shape[-1]:
+        raise ValueError(f"base is a {c.task} model on {c.in_channels}x{c.input_size}x{c.input_size} inputs; "
+                         f"data set {data.name} is {data.task} on {tuple(data.x.shape[1:])}")
+
+
+@torch.no_grad()
+def heldout_loss(model, diffusion: Diffusion, data: DataSet, patch=None, n: int = 512, seed: int = 1234) -> float:
+    """Training loss on test images with fixed timesteps and noise, so successive values are comparable."""
+    was_training = model.training
+    model.eval()
+    if patch is not None:
+        patch.eval()
+    gen = torch.Generator(device=data.x.device).manual_seed(seed)
+    idx = torch.arange(min(n, len(data)), device=data.x.device)
+    total = 0.0
+    for reps in range(4):
+        total += diffusion.loss(model, data.x[idx], data.cond(idx), patch=patch, generator=gen).item()
+    model.train(was_training)
+    if patch is not None:
+        patch.train(was_training)
+    return total / 4
+
+
+class Trainer:
+    """One run: builds the model, optimiser and data, then `run()` trains, checkpoints and writes the output."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = True, progress: bool = True):
+        if cfg.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}")
+        self.cfg, self.progress = cfg, progress
+        self.device = resolve_device(cfg.device)
+        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
+        self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.train_data = load_dataset(cfg.dataset, "train", cfg.image_size,
+                                       **({"text_encoder": cfg.text_encoder} if "captions" in cfg.dataset else {}))
+        self.test_data = load_dataset(cfg.dataset, "test", cfg.image_size,
+                                      **({"text_encoder": cfg.text_encoder} if "captions" in cfg.dataset else {}))
+        self.train_data, self.test_data = self.train_data.to(self.device), self.test_data.to(self.device)
+        self.hflip = self.train_data.hflip if cfg.hflip == "auto" else cfg.hflip == "on"
+        self.patch, self.ema = None, None
+        if cfg.method == "pretrain":
+            self.model = new_base(cfg, self.train_data)
+            self.base_meta = {}
+        else:
+            if not cfg.base:
+                raise ValueError(f"--base is required for {cfg.method}")
+            self.model = load_base(cfg.base)
+            self.base_meta = dict(self.model.meta)
+            check_base_matches(self.model, self.train_data)
+            self.base_fingerprint = fingerprint(self.model)
+        beta = self.base_meta.get("beta_schedule", cfg.beta_schedule)
+        self.diffusion = Diffusion(beta, self.device)
+        self.model.to(self.device).train()
+        self.params = self.setup_trainable()
+        self.step, self.history, self.elapsed = 0, {"heldout_loss": []}, 0.0
+        if resume and cfg.checkpoint_path.exists():
+            self.restore()
+
+    def setup_trainable(self) -> list:
+        cfg = self.cfg
+        if cfg.method in ("dmp", "pt"):
+            self.model.requires_grad_(False)  # frozen base: only the patch trains
+            self.patch = new_patch_for(self.model, pt_depth=cfg.pt_depth or None, gate_input=cfg.gate_input,
+                                       top_k=cfg.top_k, method=cfg.method, noisy_gating=cfg.noisy_gating)
+            self.patch.to(self.device).train()
+            groups = [{"params": [self.patch.prompts], "lr": cfg.lr}]
+            if cfg.method == "dmp":
+                groups.append({"params": [*self.patch.gate.parameters(), self.patch.w_noise],
+                               "lr": cfg.lr * cfg.gate_lr_mult})
+            self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         fused=self.device.type == "cuda")
+            return [p for g in groups for p in g["params"]]
+        self.model.requires_grad_(True)
+        self.model.pos_embed.requires_grad_(False)  # fixed sin-cos, as in DiT
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     fused=self.device.type == "cuda")
+        if cfg.ema_decay > 0:
+            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        return params
+
+    # ----------------------------------------------------------------- state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.patch is not None:
+            out = {f"patch.{k}": v for k, v in self.patch.state_dict().items()}
+        else:
+            out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+            if self.ema is not None:
+                out |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+        return out | optimizer_tensors(self.opt) | rng_tensors(self.gen)
+
+    def save_state(self) -> None:
+        meta = {"step": self.step, "elapsed": self.elapsed, "history": self.history, "config": asdict(self.cfg)}
+        if self.patch is not None:
+            meta["base_fingerprint"] = self.base_fingerprint
+        save_checkpoint(self.cfg.checkpoint_path, self.state_tensors(), meta)
+
+    def restore(self) -> None:
+        tensors, meta = load_checkpoint(self.cfg.checkpoint_path)
+        if self.patch is not None and meta.get("base_fingerprint") != self.base_fingerprint:
+            raise ValueError(f"checkpoint {self.cfg.checkpoint_path} was made on another base; "
+                             "delete it or pass --no-resume")
+        if self.patch is not None:
+            self.patch.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("patch.")})
+        else:
+            self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            if self.ema is not None:
+                self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        load_optimizer_tensors(self.opt, tensors)
+        restore_rng(tensors, self.gen)
+        self.step, self.elapsed, self.history = meta["step"], meta["elapsed"], meta["history"]
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self) -> dict[str, torch.Tensor]:
+        data, cfg = self.train_data, self.cfg
+        idx = torch.randint(0, len(data), (cfg.batch_size,), device=self.device, generator=self.gen)
+        x = data.x[idx]
+        if self.hflip:
+            flip = torch.rand(len(idx), device=self.device, generator=self.gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            loss = self.diffusion.loss(self.model, x, data.cond(idx), patch=self.patch, generator=self.gen)
+            logs = {"loss": loss}
+            if cfg.method == "dmp":
+                imp = importance_loss(self.patch.last_gates)
+                load = load_loss(self.patch, kind=cfg.load_kind)
+                loss = loss + cfg.w_importance * imp + cfg.w_load * load
+                logs |= {"imp": imp, "load": load}
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.ema is not None:
+            ema_p = [p for p in self.ema.parameters()]
+            torch._foreach_lerp_(ema_p, [p.detach() for p in self.model.parameters()], 1 - cfg.ema_decay)
+        return logs
+
+    def out_of_time(self) -> bool:
+        return self.cfg.max_seconds > 0 and self.elapsed >= self.cfg.max_seconds
+
+    def eval_model(self):
+        return self.ema if self.ema is not None else self.model
+
+    def run(self):
+        cfg = self.cfg
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method} {cfg.domain or cfg.dataset}",
+                   disable=not self.progress, dynamic_ncols=True)
+        start = time.perf_counter() - self.elapsed
+        while self.step < cfg.steps and not self.out_of_time():
+            logs = self.train_step()
+            self.step += 1
+            bar.update(1)
+            if self.step % 25 == 0 or self.step == cfg.steps:
+                bar.set_postfix({k: f"{v.item():.4f}" for k, v in logs.items()}, refresh=False)
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                self.history["heldout_loss"].append(
+                    [self.step, heldout_loss(self.eval_model(), self.diffusion, self.test_data, self.patch)])
+            self.elapsed = time.perf_counter() - start
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or self.out_of_time():
+                self.save_state()
+        if self.out_of_time() and (not self.history["heldout_loss"] or self.history["heldout_loss"][-1][0] != self.step):
+            self.history["heldout_loss"].append(
+                [self.step, heldout_loss(self.eval_model(), self.diffusion, self.test_data, self.patch)])
+        bar.close()
+        return self.write_output()
+
+    # ---------------------------------------------------------------- output
+    def metrics(self) -> dict:
+        hist = self.history["heldout_loss"]
+        return {"steps": self.step, "train_seconds": round(self.elapsed, 1), "device": str(self.device),
+                "trainable_params": sum(p.numel() for p in self.params), "planned_steps": self.cfg.steps,
+                "heldout_loss": hist[-1][1] if hist else None, "heldout_loss_curve": hist}
+
+    def write_output(self) -> Path:
+        cfg = self.cfg
+        config = asdict(cfg)
+        if self.patch is not None:
+            self.patch.eval()
+            meta = patch_metadata_for(self.model, self.base_meta.get("name", Path(cfg.base).stem),
+                                      cfg.domain or self.base_meta.get("domain", ""))
+            return save_patch(self.patch, cfg.out, **meta, train_config=config, metrics=self.metrics())
+        model = self.eval_model().cpu()
+        meta = {"name": Path(cfg.out).stem, "domain": cfg.domain or cfg.dataset, "dataset": cfg.dataset,
+                "beta_schedule": self.diffusion.beta_schedule, "class_names": list(self.train_data.class_names),
+                "default_sampler": "ddim", "default_steps": "50", "guidance_scale": "1.5",
+                "train_config": config, "metrics": self.metrics()}
+        if self.train_data.task == "text":
+            meta["text_encoder"] = cfg.text_encoder
+        if cfg.method == "ft":
+            meta |= {"finetuned_from": self.base_fingerprint, "name": self.base_meta.get("name", "") + "-ft"}
+        return save_base(model, cfg.out, **meta)
