@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces every shipped file from scratch: the three demo bases (patches/bases/), their DMP patches
+# Reproduces every shipped file from scratch: the three demo bases (models/), their DMP patches
 # (patches/*-dmp.safetensors), docs/results.md and its figures. Run from the repository root.
 # The shipped files were made on one H200 in one call (see patches/README.md for the steps reached and times);
 # on CPU the same commands work, only slower (scale PRETRAIN_STEPS and the plan's further_steps down to try).
@@ -25,9 +25,9 @@ log "comparison table: base / +FT / +PT / +DMP and ablations ($PLAN, $JOBS runs 
 $PY -m app.trainer table --plan "$PLAN" --runs runs/table --jobs "$JOBS"
 log "table done"
 
-mkdir -p patches/bases
+mkdir -p models
 for d in mnist animals mnist-captions; do
-  cp runs/bases/$d.safetensors patches/bases/$d.safetensors
+  cp runs/bases/$d.safetensors models/$d.safetensors               # the service's DMP_MODEL_DIR default
   cp runs/table/$d/dmp-s0.safetensors patches/$d-dmp.safetensors   # the table's DMP run, seed 0
 done
-log "shipped files copied to patches/"
+log "shipped files copied to models/ and patches/"

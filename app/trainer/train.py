@@ -266,9 +266,12 @@ class Trainer:
                                       cfg.domain or self.base_meta.get("domain", ""))
             return save_patch(self.patch, cfg.out, **meta, train_config=config, metrics=self.metrics())
         model = self.eval_model().cpu()
+        # Keys the service reads (app/engine/bases.py): name, labels, defaults, schedule, vae, text encoder.
         meta = {"name": Path(cfg.out).stem, "domain": cfg.domain or cfg.dataset, "dataset": cfg.dataset,
-                "beta_schedule": self.diffusion.beta_schedule, "class_names": list(self.train_data.class_names),
-                "default_sampler": "ddim", "default_steps": "50", "guidance_scale": "1.5",
+                "beta_schedule": self.diffusion.beta_schedule, "vae": self.train_data.meta.get("vae", "pixel"),
+                "clip_sample": "true" if self.train_data.meta.get("vae", "pixel") == "pixel" else "false",
+                "labels": list(self.train_data.class_names) if self.train_data.task != "uncond" else [],
+                "default_sampler": "ddim", "default_steps": "50", "default_guidance": "1.5",
                 "train_config": config, "metrics": self.metrics()}
         if self.train_data.task == "text":
             meta["text_encoder"] = cfg.text_encoder
