@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     patch_dir: Path = Field(Path("patches"), description="Patch files (embedded registry; seeds Redis once)")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: fp32 CPU, bf16 CUDA")
+    cuda_graphs: bool = Field(True, description="On CUDA: bucketed CUDA-graph forward (app/engine/graphs.py)")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default (all cores)")
     max_queue: int = Field(64, ge=1, description="Requests admitted at once (waiting + running); beyond: 429")
     max_batch: int = Field(16, ge=1, description="Images per batched forward (before CFG doubling)")

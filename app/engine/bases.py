@@ -15,6 +15,7 @@ from app.model.dit import DiT
 from app.model.sampling import SAMPLERS
 from app.model.text import load_text_encoder
 from app.model.vae import PixelVAE, SDVAE
+from app.engine.graphs import GraphedForward
 from app.engine.slots import SlotTable
 
 log = logging.getLogger("dmp.bases")
@@ -31,6 +32,7 @@ class ServedBase:
     text_encoder: object | None
     meta: dict
     slots: SlotTable
+    forward: GraphedForward | None = None  # CUDA: bucketed graphs over the pool; None = the model, eager
     lock: threading.Lock = field(default_factory=threading.Lock)  # held by the runner around a step and by installs
 
     @property
@@ -118,7 +120,9 @@ def load_bases(settings: Settings) -> dict[str, ServedBase]:
         name = meta.get("name") or path.stem
         if name in bases:
             raise ValueError(f"two bases named {name!r} in {root}")
-        model = model.to(device)
+        graphed = device == "cuda" and settings.cuda_graphs
+        # graphs capture a plain forward, so the weights themselves take the serving dtype (bf16 by default)
+        model = model.to(device=device, dtype=settings.torch_dtype if graphed else torch.float32)
         encoder = None
         if model.config.task == "text":
             spec = meta.get("text_encoder") or "minilm"
@@ -131,6 +135,6 @@ def load_bases(settings: Settings) -> dict[str, ServedBase]:
         pool = PatchPool(model.config.hidden_size, model.config.num_tokens, model.config.depth,
                          slots=settings.patch_slots, device=device, dtype=torch.float32)
         bases[name] = ServedBase(name, model, _vae(meta.get("vae", "pixel"), model.config.in_channels, device),
-                                 encoder, meta, SlotTable(pool))
+                                 encoder, meta, SlotTable(pool), GraphedForward(model, pool) if graphed else None)
         log.info("serving base %s (%s, %s) from %s", name, model.config.task, fingerprint(model)[:12], path)
     return bases

@@ -120,7 +120,8 @@ class Batcher:
         self.metrics.batch_occupancy.labels(name).observe(images / self.max_batch)
         try:
             with base.lock:
-                denoise_step(base.model, [w.job for w in works], pool=base.slots.pool, dtype=self.dtype)
+                denoise_step(base.model, [w.job for w in works], pool=base.slots.pool, dtype=self.dtype,
+                             forward=base.forward)
         except Exception as e:  # a crash in one step fails that batch, never the runner
             log.exception("denoising step failed for base %s", name)
             self.running[name] = []

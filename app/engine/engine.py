@@ -55,6 +55,9 @@ class Engine:
                     self.cache = ResultCache(self.redis, self.settings.cache_ttl, self.metrics)
             self.registry = PatchRegistry(self.settings, self.bases, self.metrics, client=self.redis)
             self.registry.start()
+            for base in self.bases.values():
+                if base.forward is not None:
+                    base.forward.capture()  # one CUDA graph per batch bucket, before the runner starts
             self.batcher = Batcher(self.bases, self.settings.max_batch, self.settings.torch_dtype, self.metrics)
             self.batcher.start()
             self.state = "warming"
@@ -242,5 +245,8 @@ class Engine:
             used, held = base.slots.stats()
             self.metrics.slots_in_use.labels(base.name).set(used)
             self.metrics.versions_held.labels(base.name).set(held)
+            if base.forward is not None:
+                for kind, count in base.forward.stats().items():
+                    self.metrics.graph_forwards.labels(base.name, kind).set(count)
         self.metrics.ready.set(1 if self.readiness()[0] else 0)
         self.metrics.refresh_device_memory(self.settings.torch_device)
