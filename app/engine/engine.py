@@ -170,16 +170,18 @@ class Engine:
             raise InvalidRequest(f"model {base.name} is unconditional: send neither class_label nor caption")
         if num_images > s.max_images:
             raise InvalidRequest(f"num_images must be at most {s.max_images} (DMP_MAX_IMAGES)")
-        max_steps = min(s.max_steps, TRAIN_TIMESTEPS)
+        sampler = sampler or base.default_sampler
+        # DPM-Solver++ over all 1000 training steps reaches sigma = 0 and returns NaN: one step fewer is fine
+        max_steps = min(s.max_steps, TRAIN_TIMESTEPS - (sampler == "dpm"))
         steps = min(base.default_steps, max_steps) if steps is None else steps
         if not 1 <= steps <= max_steps:
-            raise InvalidRequest(f"steps must be in [1, {max_steps}], got {steps}")
+            raise InvalidRequest(f"steps must be in [1, {max_steps}] for sampler {sampler}, got {steps}")
         guidance = base.default_guidance if guidance_scale is None else float(guidance_scale)
         if task == "uncond":
             guidance = 1.0  # nothing to guide towards
         seed = secrets.randbits(31) if seed is None else seed
-        return Spec(base.name, patch, class_label, caption, num_images, steps, sampler or base.default_sampler,
-                    guidance, seed, output_format)
+        return Spec(base.name, patch, class_label, caption, num_images, steps, sampler, guidance, seed,
+                    output_format)
 
     def condition(self, base: ServedBase, spec: Spec) -> torch.Tensor:
         """The model's y for this request: a label, the null class, or the caption's embedding (1, text_dim)."""

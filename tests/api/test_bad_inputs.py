@@ -23,6 +23,7 @@ BAD_GENERATE = [
     ("no model with several bases", {"class_label": 1}, 422),
     ("zero steps", {"model": "blobs", "steps": 0}, 422),
     ("too many steps", {"model": "blobs", "steps": 5000}, 422),
+    ("1000 DPM-Solver steps (NaN)", {"model": "blobs", "steps": 1000, "sampler": "dpm"}, 422),
     ("steps is a string", {"model": "blobs", "steps": "ten"}, 422),
     ("zero images", {"model": "blobs", "num_images": 0}, 422),
     ("too many images", {"model": "blobs", "num_images": 9}, 422),
