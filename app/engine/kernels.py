@@ -5,10 +5,11 @@ them to the residual stream before block `depth`. In plain torch that is three p
 gathered copy of the prompts; the kernel reads x and the pool rows once and writes the result once, with
 fp32 accumulation whatever the storage dtype.
 
-Tolerance (measured by tests/engine/test_kernels.py and scripts/gpu_checks.py): fp32 matches the fallback
-within 1e-6 (same single rounding); bf16/fp16 outputs match the fallback within one rounding step of the
-output dtype (the fallback rounds g*P to the storage dtype before the add, the kernel does not), i.e. a max
-relative error of about 2**-8 (bf16) / 2**-11 (fp16) of |x| + |g*P|.
+Tolerance (tests/engine/test_kernels.py, scripts/gpu_checks.py; H200 run in bench/results/): the kernel rounds
+once, so each output is within 2**-8 (bf16) / 2**-11 (fp16) / 1e-6 (fp32) of |x| + |g*P| of the exact fp64
+value; the bf16/fp16 fallback also rounds g, P and g*P to the storage dtype first, so the two agree within
+4x that bound (measured at (128, 256, 1152): relative L2 error vs fp64 1.29e-3 bf16, 2.05e-4 fp16, 2.5e-8
+fp32, the same for both).
 """
 from __future__ import annotations
 

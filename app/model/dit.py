@@ -140,7 +140,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        # contiguous: a transposed view here would make every residual add of every block follow its strides
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
 
 
 #################################################################################

@@ -64,8 +64,8 @@ def test_triton_kernel_matches_fallback(dtype, shape):
         eps = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
         scale = x.double().abs() + (gates[..., None].double() * pool[slots, 3].double()).abs()
         assert ((out.double() - ref).abs() <= eps * scale + 1e-6).all()
-        fallback = gate_add_reference(x, gates, pool, slots, 3)
-        assert ((out.double() - fallback.double()).abs() <= 2 * eps * scale + 1e-6).all()
+        fallback = gate_add_reference(x, gates, pool, slots, 3)  # rounds g, P and g*P first: a few ulps off
+        assert ((out.double() - fallback.double()).abs() <= 4 * eps * scale + 1e-6).all()
 
 
 @gpu
