@@ -4,7 +4,7 @@
 set -u
 OUT=${1:-/tmp/gpu_check}; mkdir -p "$OUT"; W=/tmp/gpu_standin; PORT=8790
 python3 tests/api/make_standin.py $W || exit 1
-for RUN in bfloat16:true float32:true bfloat16:false; do
+for RUN in ${RUNS:-bfloat16:true float32:true bfloat16:false}; do
   DTYPE=${RUN%%:*}; GRAPHS=${RUN##*:}; TAG=${DTYPE}_graphs-$GRAPHS
   DMP_DEVICE=cuda DMP_DTYPE=$DTYPE DMP_CUDA_GRAPHS=$GRAPHS DMP_MODEL_DIR=$W/models DMP_PATCH_DIR=$W/patches DMP_ADMIN_TOKEN=t \
     DMP_MAX_QUEUE=512 DMP_MAX_BATCH=64 DMP_LOG_LEVEL=warning python3 -m app serve --port $PORT > "$OUT/server_$TAG.log" 2>&1 &
