@@ -60,6 +60,10 @@ class InvalidPatch(ServiceError):
     status, error_type = 422, "invalid_patch"
 
 
+class PatchNotReady(ServiceError):
+    status, error_type = 422, "patch_not_ready"
+
+
 class Overloaded(ServiceError):
     status, error_type = 429, "overloaded"
 

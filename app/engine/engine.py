@@ -10,7 +10,7 @@ from concurrent.futures import Future
 import torch
 
 from app.core.config import Settings
-from app.core.errors import InvalidRequest, NotFound, Overloaded, Unavailable
+from app.core.errors import InvalidRequest, NotFound, Overloaded, PatchNotReady, Unavailable
 from app.core.metrics import Metrics
 from app.core.redis import redis_client
 from app.engine.bases import ServedBase, load_bases
@@ -139,6 +139,8 @@ class Engine:
             raise Unavailable("the service is still starting", error_type="not_ready",
                               headers={"Retry-After": str(s.retry_after)})
         record = self.registry.get(patch) if patch is not None else None
+        if record is not None and record.state != "ready":
+            raise PatchNotReady(f"patch {patch!r} is {record.state}" + (f": {record.error}" if record.error else ""))
         if model is None:
             if record is not None and record.base is not None:
                 model = record.base

@@ -14,7 +14,7 @@ import uuid
 import redis
 
 from app.core.config import Settings
-from app.core.errors import InvalidPatch, NotFound, ServiceError, Unavailable
+from app.core.errors import InvalidPatch, NotFound, PatchNotReady, ServiceError, Unavailable
 from app.core.metrics import Metrics
 from app.engine.bases import ServedBase
 from app.engine.slots import Installed
@@ -24,10 +24,6 @@ from app.registry.stores import CHANNEL, DiskStore, RedisStore
 
 log = logging.getLogger("dmp.registry")
 RESYNC_SECONDS = 2.0
-
-
-class PatchNotReady(ServiceError):
-    status, error_type = 422, "patch_not_ready"
 
 
 class PatchRegistry:

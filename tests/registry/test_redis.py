@@ -89,3 +89,22 @@ def test_result_cache(redis_server, class_only_dirs, tmp_path):
         third = c.post("/generate", json=body).json()  # a new patch version is a new key
         assert not third["cached"] and third["images"] != first["images"]
         assert 'dmp_result_cache_total{outcome="hit"} 1.0' in c.get("/metrics").text
+
+
+def test_hung_redis_never_hangs_a_probe(redis_server, class_only_dirs, tmp_path):
+    """A Redis that stops answering (SIGSTOP, connection kept open) turns ready to 503 within the timeout."""
+    import signal
+
+    dirs = copy_dirs(class_only_dirs, tmp_path)
+    with asgi_client(dirs, redis_url=redis_server.url, redis_timeout=0.3, warmup=False) as c:
+        wait_ready(c)
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            r = c.get("/health/ready")
+            assert r.status_code == 503 and time.monotonic() - t0 < 2
+            gen = c.post("/generate", json={"patch": "digits-dmp", "class_label": 1, "steps": 2, "seed": 1})
+            assert gen.status_code == 200  # installed patches keep serving
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        assert poll(lambda: c.get("/health/ready").status_code == 200, 10)
