@@ -1,0 +1,125 @@
+"""Trainer on scikit-learn digits (8x8, tiny DiT): a few steps each, CPU, seconds."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app.model import load_base, load_patch
+from app.model.dmp import PatchError
+from app.trainer.__main__ import main
+from app.trainer.captions import THICK_ABOVE, THIN_BELOW, attributes, caption, label_of, slant, stroke_width
+from app.trainer.data import load_dataset
+from app.trainer.evaluate import Evaluator, evaluate
+from app.trainer.train import TrainConfig, Trainer, heldout_loss
+
+TINY = dict(image_size=8, hidden_size=32, depth=2, num_heads=2, patch_size=2, batch_size=32, eval_every=10,
+            checkpoint_every=10, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bases") / "digits.safetensors"
+    Trainer(TrainConfig(method="pretrain", dataset="digits", out=str(path), steps=30, lr=1e-3, ema_decay=0.9,
+                        **TINY), progress=False).run()
+    return path
+
+
+def patch_cfg(base, out, method="dmp", steps=20, **kw):
+    return TrainConfig(method=method, dataset="digits", out=str(out), base=str(base), steps=steps,
+                       **(TINY | {"lr": 1e-3} | kw))
+
+
+def test_patch_loss_falls_and_only_patch_changes(base, tmp_path):
+    before = load_file(str(base))
+    trainer = Trainer(patch_cfg(base, tmp_path / "p.safetensors", steps=60, lr=1e-2), progress=False)
+    start = heldout_loss(trainer.model, trainer.diffusion, trainer.test_data, trainer.patch)  # zero patch = base
+    out = trainer.run()
+    end = heldout_loss(trainer.model, trainer.diffusion, trainer.test_data, trainer.patch)
+    assert end < start  # same test images, timesteps and noise before and after
+    after = {k: v for k, v in trainer.model.state_dict().items()}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before)  # base bit-identical
+    assert torch.equal(load_file(str(base))["x_embedder.proj.weight"], before["x_embedder.proj.weight"])
+    patch = load_patch(out, base=load_base(base))
+    assert patch.prompts.abs().sum() > 0 and patch.gate.weight.abs().sum() > 0
+    meta = patch.metadata
+    assert json.loads(meta["train_config"])["lr"] == 1e-2 and "heldout_loss" in json.loads(meta["metrics"])
+
+
+def test_resume_continues_exactly(base, tmp_path):
+    straight = Trainer(patch_cfg(base, tmp_path / "a.safetensors", steps=20), progress=False)
+    straight.run()
+    half = Trainer(patch_cfg(base, tmp_path / "b.safetensors", steps=10), progress=False)
+    half.run()
+    resumed = Trainer(patch_cfg(base, tmp_path / "b.safetensors", steps=20), progress=False)
+    assert resumed.step == 10
+    resumed.run()
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_baselines_run(base, tmp_path):
+    assert main(["patch", "--base", str(base), "--dataset", "digits", "--image-size", "8", "--steps", "5",
+                 "--batch-size", "16", "--baseline", "pt", "--out", str(tmp_path / "pt.safetensors"),
+                 "--device", "cpu", "--quiet"]) == 0
+    pt = load_patch(tmp_path / "pt.safetensors", base=load_base(base))
+    assert pt.method == "pt" and not hasattr(pt, "gate")
+    assert main(["patch", "--base", str(base), "--dataset", "digits", "--image-size", "8", "--steps", "5",
+                 "--batch-size", "16", "--baseline", "ft", "--out", str(tmp_path / "ft.safetensors"),
+                 "--device", "cpu", "--quiet"]) == 0
+    ft, orig = load_base(tmp_path / "ft.safetensors"), load_base(base)
+    assert not torch.equal(ft.blocks[0].attn.qkv.weight, orig.blocks[0].attn.qkv.weight)
+
+
+def test_clear_errors(base, tmp_path, capsys):
+    assert main(["patch", "--base", str(base), "--dataset", "no-such-set", "--out", str(tmp_path / "x.safetensors"),
+                 "--device", "cpu", "--quiet"]) == 2
+    assert "unknown data set" in capsys.readouterr().err
+    other = tmp_path / "other.safetensors"
+    Trainer(TrainConfig(method="pretrain", dataset="digits", out=str(other), steps=2, seed=1, **TINY),
+            progress=False).run()
+    Trainer(patch_cfg(base, tmp_path / "p.safetensors", steps=2), progress=False).run()
+    with pytest.raises(PatchError, match="made for base"):
+        load_patch(tmp_path / "p.safetensors", base=load_base(other))
+    assert main(["eval", "--base", str(other), "--patch", str(tmp_path / "p.safetensors"), "--device", "cpu"]) == 2
+    assert "made for base" in capsys.readouterr().err
+
+
+def test_evaluation_floor_below_ceiling(base, tmp_path):
+    ev = Evaluator("digits", 8, classifier_dir=tmp_path, classifier_steps=150, progress=False)
+    assert ev.classifier_acc > 0.5
+    assert ev.floor["fid_like"] < ev.ceiling["fid_like"] and ev.floor["kid"] < ev.ceiling["kid"]
+    result = evaluate(base, None, "digits", sampler="ddim", steps=4, evaluator=ev)
+    assert result["num_samples"] == len(ev.test) and 0 <= result["class_acc"] <= 1
+    assert np.isfinite(result["fid_like"])
+
+
+def test_captions_are_true_of_their_images():
+    ds = load_dataset("mnist", "test", 28)
+    raw = ((ds.x[:, 0].numpy() + 1) * 127.5 / 255.0)
+    for img, label in zip(raw[:200], ds.labels[:200].tolist()):
+        text = caption(img, label)
+        assert label_of(text) == label
+        attrs = attributes(img)
+        if "thick" in text.split():
+            assert stroke_width(img) > THICK_ABOVE
+        if "thin" in text.split():
+            assert stroke_width(img) < THIN_BELOW
+        if "slanted" in text.split():
+            assert slant(img) > 0.3 and attrs["slant"] == "slanted"
+
+
+def test_caption_attributes_on_drawn_strokes():
+    thin, thick = np.zeros((28, 28)), np.zeros((28, 28))
+    thin[4:24, 14] = 1.0  # a 1-px vertical bar
+    thick[4:24, 12:17] = 1.0  # a 5-px vertical bar
+    assert caption(thin, 1) == "a thin upright one"
+    assert caption(thick, 1) == "a thick upright one"
+    leaning = np.zeros((28, 28))
+    for row in range(4, 24):
+        leaning[row, 20 - (row - 4) // 2: 22 - (row - 4) // 2] = 1.0  # top to the right: italic slant
+    assert "slanted" in caption(leaning, 7)
