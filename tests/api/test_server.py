@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-SLOW = {"class_label": 1, "steps": 400, "seed": 1}  # ~seconds on the tiny model
+SLOW = {"class_label": 1, "steps": 400, "seed": 1}  # ~a second on the tiny model
+SLOWER = {"class_label": 1, "steps": 1000, "num_images": 8, "guidance_scale": 2.0, "seed": 1}  # 16 rows x 1000
 
 
 def metric(url: str, name: str) -> float:
@@ -31,7 +32,7 @@ def test_overload_gives_429_with_retry_after(start_server, class_only_dirs):
 def test_disconnected_client_work_is_dropped(start_server, class_only_dirs):
     server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"])
     try:
-        httpx.post(server.url + "/generate", json=SLOW | {"steps": 1000}, timeout=1.0)
+        httpx.post(server.url + "/generate", json=SLOWER, timeout=0.5)
     except httpx.TimeoutException:
         pass
     end = time.monotonic() + 10
@@ -45,7 +46,7 @@ def test_sigterm_drains(start_server, class_only_dirs):
     server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"],
                           drain_seconds=60)
     slow: list[httpx.Response] = []
-    t = threading.Thread(target=lambda: slow.append(httpx.post(server.url + "/generate", json=SLOW, timeout=120)))
+    t = threading.Thread(target=lambda: slow.append(httpx.post(server.url + "/generate", json=SLOWER, timeout=120)))
     t.start()
     while metric(server.url, "dmp_inflight") < 1:
         time.sleep(0.05)
