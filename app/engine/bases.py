@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from app.core.config import Settings
-from app.model import PatchPool, fingerprint, load_base
+from app.model import CheckpointError, PatchPool, fingerprint, load_base
 from app.model.dit import DiT
 from app.model.sampling import SAMPLERS
 from app.model.text import load_text_encoder
@@ -115,7 +115,11 @@ def load_bases(settings: Settings) -> dict[str, ServedBase]:
     encoders: dict[str, object] = {}
     bases: dict[str, ServedBase] = {}
     for path in paths:
-        model = load_base(path)
+        try:
+            model = load_base(path)
+        except CheckpointError as e:  # e.g. a trainer's resume checkpoint next to the bases
+            log.warning("not serving %s: %s", path, e)
+            continue
         meta = dict(getattr(model, "meta", {}) or {})
         name = meta.get("name") or path.stem
         if name in bases:

@@ -1,6 +1,9 @@
 """Embedded (disk) registry: shipped files load, a bad file is recorded as failed and serves nothing."""
 from __future__ import annotations
 
+import torch
+from safetensors.torch import save_file
+
 from conftest import asgi_client, copy_dirs, make_patch_bytes, tiny_base, wait_ready
 
 
@@ -34,3 +37,11 @@ def test_slot_exhaustion_is_a_clear_503(class_only_dirs, tmp_path):
         assert c.get("/patches/third").status_code == 404 and not (dirs["patches"] / "third.safetensors").exists()
         assert c.delete("/patches/second", headers=headers).status_code == 200
         assert c.put("/patches/third", content=make_patch_bytes(digits, "digits", 2), headers=headers).status_code == 201
+
+
+def test_a_non_base_file_in_the_model_dir_is_skipped(class_only_dirs, tmp_path):
+    dirs = copy_dirs(class_only_dirs, tmp_path)
+    save_file({"step": torch.zeros(1), "opt.exp_avg": torch.zeros(3)}, str(dirs["models"] / "run.ckpt.safetensors"))
+    with asgi_client(dirs, warmup=False) as c:
+        wait_ready(c)
+        assert [m["name"] for m in c.get("/models").json()["models"]] == ["digits"]
