@@ -6,11 +6,16 @@ recapture. Batches are padded to the next bucket (padding rows: zero latents, th
 rows never interact in a DiT forward, so padding does not change the real rows. Shapes above the largest
 bucket, or a patch given as a module rather than a pool slot, run eagerly and are counted in `fallbacks`.
 On CPU, `compile=True` runs each bucket through torch.compile with weight freezing (Inductor folds the frozen
-base weights into prepacked oneDNN GEMMs); the pool tensors stay inputs, so installs still need no recompile.
+base weights into prepacked oneDNN GEMMs) and math attention (for DiT's short sequences Inductor's fused
+bmm-softmax-bmm beats the CPU flash kernel); the pool tensors stay inputs, so installs need no recompile.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch._inductor import config as inductor_config
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from app.model.dit import DiT
 from app.model.dmp import PatchPool, PooledPatch
@@ -40,7 +45,7 @@ class GraphedForward:
         self.use_graphs = self.device.type == "cuda"
         self.compiled = None
         if compile and not self.use_graphs:
-            self.compiled = torch.compile(model, dynamic=False, options={"freezing": True})
+            self.compiled = torch.compile(model, dynamic=False)
         self.graphs: dict[int, tuple] = {}  # rows -> (CUDAGraph, static inputs dict, static output)
         self.mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.fallbacks = 0  # forwards that ran eagerly (no bucket fits, or a module patch)
@@ -77,7 +82,15 @@ class GraphedForward:
         """The denoiser on the static buffers (what a graph captures)."""
         module = self.model if module is None else module
         patch = self.pool.batch(buf["slots"]) if self.pool is not None else None  # pool=None: no patch work
-        return module(buf["x"].to(self.dtype), buf["t"], buf["y"], patch=patch).float()  # (R, C_out, H, W)
+        with self._compile_context() if module is self.compiled else contextlib.nullcontext():
+            return module(buf["x"].to(self.dtype), buf["t"], buf["y"], patch=patch).float()  # (R, C_out, H, W)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _compile_context():
+        """Freezing must be on when Inductor compiles (torch.compile's options= does not reach it)."""
+        with inductor_config.patch(freezing=True), sdpa_kernel([SDPBackend.MATH]):
+            yield
 
     # ---------------------------------------------------------------- capture
     @torch.no_grad()
