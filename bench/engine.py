@@ -5,9 +5,9 @@
 
 Ours: app.model.sampling.denoise_step with the engine's bucketed forward (CUDA graphs on GPU; torch.compile
 with frozen weights on CPU), bf16, patches served from the PatchPool. diffusers: DiTTransformer2DModel built
-from our weights (bench/diffusers_ref.py) driven by DiTPipeline's own loop. Timings are medians of repeats
-that alternate between the contenders, so background load hits both alike. Prints a table; the last line is
-JSON. On CPU both sides use the same thread count (--threads).
+from our weights (bench/diffusers_ref.py) driven by DiTPipeline's own loop. Each timing is the minimum over
+rounds that alternate between the contenders (on a shared machine load only adds time). Prints a table; the
+last line is JSON. On CPU both sides use the same thread count (--threads).
 """
 from __future__ import annotations
 
@@ -114,8 +114,9 @@ class Bench:
         return diffusers_sample(self.ref[dtype], sched, labels, self.cfg.num_classes, guidance, gen)
 
 
-def time_alternating(fns: dict, device, repeats: int, warmup: bool = True) -> dict[str, float]:
-    """Median seconds of each callable; one warm-up each, then rounds that visit every callable once."""
+def time_alternating(fns: dict, device, repeats: int, warmup: bool = True, stat=min) -> dict[str, float]:
+    """Seconds of each callable (min over rounds: background load only ever adds time); one warm-up each,
+    then rounds that visit every callable once."""
     for fn in fns.values() if warmup else ():
         fn()
     times = {k: [] for k in fns}
@@ -126,7 +127,7 @@ def time_alternating(fns: dict, device, repeats: int, warmup: bool = True) -> di
             fn()
             sync(device)
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: stat(v) for k, v in times.items()}
 
 
 def sampling_suite(b: Bench, *, batch: int, sampler: str, steps: int, guidance: float, repeats: int,
@@ -141,7 +142,7 @@ def sampling_suite(b: Bench, *, batch: int, sampler: str, steps: int, guidance: 
         fns |= {"ours_1patch_8jobs": lambda: b.ours_run(slots=[1] * 8, **kw),
                 "ours_8patches_8jobs": lambda: b.ours_run(slots=list(range(1, 9)), **kw)}
     secs = time_alternating(fns, b.device, repeats, warmup)
-    ips = {k: batch / s for k, s in secs.items()}
+    ips = {k: batch / s for k, s in secs.items()}  # min seconds over the rounds
     best_ref = max(ips[f"diffusers_{d}"] for d in diffusers_dtypes)
     out = {"batch": batch, "sampler": sampler, "steps": steps, "guidance": guidance,
            "images_per_s": ips, "seconds": secs,
@@ -274,7 +275,7 @@ def main(argv=None):
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     steps = args.steps or (20 if args.quick else 50)
-    repeats = args.repeats or 3
+    repeats = args.repeats or 5
     lines = []
 
     def log(msg):
