@@ -18,6 +18,7 @@ from app.engine.images import encode_images, media_type
 from app.engine.work import Result, Spec, Work
 
 router = APIRouter(tags=["generate"])
+MAX_BODY_BYTES = 1024 * 1024  # a request body is a few hundred bytes; refuse megabytes before parsing them
 
 PNG_RESPONSE = {200: {"description": "Images as base64 JSON, or the raw PNG with Accept: image/png and "
                                      "num_images=1", "content": {"image/png": {"schema": {"type": "string",
@@ -55,7 +56,8 @@ def _wants_raw_png(accept: str | None, num_images: int) -> bool:
     return num_images == 1 and accept is not None and "image/png" in accept.lower()
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=PNG_RESPONSE | errors(400, 404, 422, 429, 503),
+@router.post("/generate", response_model=GenerateResponse, max_body_size=MAX_BODY_BYTES,
+             responses=PNG_RESPONSE | errors(400, 404, 413, 422, 429, 503),
              summary="Generate images from a base model, optionally patched")
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep,
                    accept: str | None = Header(None, description="image/png + num_images=1: the raw PNG")):

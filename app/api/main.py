@@ -38,7 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (generate, patches, models, health, metrics):
         app.include_router(module.router)
-    app.add_middleware(RequestContext, metrics=app.state.engine.metrics)
+    app.add_middleware(RequestContext, metrics=app.state.engine.metrics,
+                       body_limits={("POST", "/generate"): generate.MAX_BODY_BYTES})
     if not (STATIC_DIR / "index.html").exists():
         STATIC_DIR.mkdir(parents=True, exist_ok=True)
         (STATIC_DIR / "index.html").write_text(PLACEHOLDER)

@@ -7,7 +7,7 @@ DESCRIPTIONS = {
     400: "Malformed request (e.g. a body that is not JSON)",
     401: "Missing or wrong admin token",
     404: "Unknown model or patch, or admin routes disabled",
-    413: "Upload over DMP_MAX_PATCH_BYTES",
+    413: "Body too large (patch uploads: DMP_MAX_PATCH_BYTES; /generate: 1 MiB)",
     415: "Upload not sent as application/octet-stream",
     422: "Invalid request or refused patch",
     429: "Admission queue full (DMP_MAX_QUEUE); see Retry-After",

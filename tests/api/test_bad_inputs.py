@@ -62,6 +62,18 @@ def test_non_json_bodies(client, why, data, ctype, status):
     assert set(r.json()) == {"error", "error_type"}
 
 
+def test_huge_body_is_413_before_parsing(client):
+    def chunks():  # no Content-Length: the bytes are counted as they arrive
+        yield b'{"caption": "'
+        for _ in range(30):
+            yield b"x" * 100_000
+        yield b'"}'
+
+    for body in (b'{"caption": "' + b"x" * 2_000_000 + b'"}', chunks()):
+        r = client.post("/generate", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
+
+
 @pytest.mark.parametrize("method,path,status", [
     ("GET", "/nowhere", 404), ("DELETE", "/models", 405), ("GET", "/patches/nope", 404),
     ("GET", "/patches/bad name!", 422), ("GET", "/generate", 405),
