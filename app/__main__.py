@@ -35,7 +35,10 @@ def serve(args) -> int:
         def _drain(self):
             log.info("draining: %d request(s) in flight, up to %.0f s", engine.inflight, settings.drain_seconds)
             finished = engine.drain(settings.drain_seconds)
-            log.info("drained" if finished else "drain time over; %d request(s) cut", engine.inflight)
+            if finished:
+                log.info("drained")
+            else:
+                log.warning("drain time over; %d request(s) cut", engine.inflight)
             self.should_exit = True
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=settings.log_level.lower(),
