@@ -218,7 +218,7 @@ def image_folder(root: str, image_size: int, channels: int = 3, vae: str | None 
             s = min(img.size)
             left, top = (img.width - s) // 2, (img.height - s) // 2
             img = img.crop((left, top, left + s, top + s)).resize((image_size, image_size), Image.BICUBIC)
-            arr = np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels)
+            arr = np.array(img, dtype=np.uint8).reshape(image_size, image_size, channels)
             pixels.append(torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0))
         x = torch.stack(pixels)  # (N, C, H, W)
         if vae:

@@ -17,7 +17,7 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) of two feature sets (N, F)."""
     mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = linalg.sqrtm(s1 @ s2)  # (no `disp=`: newer SciPy removed it)
     if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid does
         eps = np.eye(s1.shape[0]) * 1e-6
         covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))

@@ -30,6 +30,11 @@ def tasks_of(plan: dict) -> list[dict]:
     return out
 
 
+def size_of(plan: dict, dom: dict) -> int:
+    """Image size of a domain: its own entry, else the plan's."""
+    return dom.get("image_size", plan.get("image_size", 32))
+
+
 def slug(label: str, seed: int) -> str:
     """File stem of a run: its label made filename-safe, plus the seed."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
@@ -64,7 +69,7 @@ def run_one(task: dict, plan: dict, runs: str, device: str) -> dict:
     if task["method"] != "base":
         out = folder / f"{stem}.safetensors"
         cfg = TrainConfig(method=task["method"], dataset=dom["dataset"], out=str(out), base=dom["base"],
-                          domain=dom["name"], image_size=plan.get("image_size", 32), steps=plan["further_steps"],
+                          domain=dom["name"], image_size=size_of(plan, dom), steps=plan["further_steps"],
                           batch_size=plan["batch_size"], seed=seed, device=device,
                           eval_every=max(1, plan["further_steps"] // 4), checkpoint_every=plan["further_steps"],
                           **task["overrides"])
@@ -75,7 +80,7 @@ def run_one(task: dict, plan: dict, runs: str, device: str) -> dict:
             base = str(out)
         else:
             patch = str(out)
-    evaluator = Evaluator(dom["dataset"], plan.get("image_size", 32), device=device, progress=False,
+    evaluator = Evaluator(dom["dataset"], size_of(plan, dom), device=device, progress=False,
                           classifier_steps=plan.get("classifier_steps", 3000))
     result, images = evaluate(base, patch, dom["dataset"], sampler=plan["sampler"], steps=plan["sample_steps"],
                               guidance_scale=plan["guidance_scale"], seed=seed, device=device,
@@ -105,7 +110,7 @@ def prepare(plan: dict, device: str) -> None:
     from app.trainer.evaluate import Evaluator
 
     for dom in plan["domains"]:
-        ev = Evaluator(dom["dataset"], plan.get("image_size", 32), device=device,
+        ev = Evaluator(dom["dataset"], size_of(plan, dom), device=device,
                        classifier_steps=plan.get("classifier_steps", 3000))
         print(f"[table] {dom['name']}: classifier test accuracy {ev.classifier_acc:.4f}, "
               f"floor {ev.floor['fid_like']:.2f}, ceiling {ev.ceiling['fid_like']:.1f}", flush=True)
@@ -122,7 +127,7 @@ def heatmaps(plan: dict, runs: str, device: str, out_dir: Path) -> list[Path]:
         if not patch_path.exists():
             continue
         model, patch = load_model_and_patch(dom["base"], patch_path, device)
-        test = load_dataset(dom["dataset"], "test", plan.get("image_size", 32))
+        test = load_dataset(dom["dataset"], "test", size_of(plan, dom))
         y, labels = eval_conditions(model, test)
         pick = grid_indices(labels, len(y), per_class=5) if labels is not None else [0]
         gates = gate_activations(model, patch, y[pick])
@@ -195,6 +200,9 @@ def write_doc(plan: dict, results: list[dict], doc: Path, out_dir: Path) -> None
     analysis = doc.parent / "results_analysis.md"
     for dom in plan["domains"]:
         rows = [r for r in results if r["domain"] == dom["name"]]
+        if not rows:
+            lines += [f"## {dom['name']} ({dom['dataset']})", "", "Not run (see the notes below).", ""]
+            continue
         first = rows[0]
         lines += [f"## {dom['name']} ({dom['dataset']})", "",
                   f"Classifier test accuracy {first['classifier_acc']:.4f}. Floor (train vs test real): FID-like "
