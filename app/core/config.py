@@ -18,7 +18,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="Redis for shared patches and the result cache; unset = disk")
     model_dir: Path = Field(Path("models"), description="Base checkpoints served (*.safetensors, *.pt, folders)")
     patch_dir: Path = Field(Path("patches"), description="Patch files (embedded registry; seeds Redis once)")
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: CUDA when available, else CPU")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: fp32 CPU, bf16 CUDA")
     cuda_graphs: bool = Field(True, description="On CUDA: bucketed CUDA-graph forward (app/engine/graphs.py)")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default (all cores)")
