@@ -21,7 +21,7 @@ def tasks_of(plan: dict) -> list[dict]:
     for i in range(max(len(d["seeds"]) for d in plan["domains"])):
         for dom in plan["domains"]:
             for seed in dom["seeds"][i:i + 1]:
-                for method, _ in METHOD_ROWS:
+                for method in dom.get("methods", [m for m, _ in METHOD_ROWS]):
                     out.append({"domain": dom, "method": method, "seed": seed, "label": method, "overrides": {}})
     for dom in plan["domains"]:
         for label, overrides in (plan.get("ablations", {}) if dom.get("ablations") else {}).items():
@@ -208,16 +208,16 @@ def write_doc(plan: dict, results: list[dict], doc: Path, out_dir: Path) -> None
                   f"Classifier test accuracy {first['classifier_acc']:.4f}. Floor (train vs test real): FID-like "
                   f"{first['floor']['fid_like']:.2f}, KID {first['floor']['kid']:.3g}. Ceiling (uniform "
                   f"noise): FID-like {first['ceiling']['fid_like']:.1f}. Samples per score: {first['num_samples']}.",
-                  "", "| row | seeds | FID-like | KID | class acc | trained params | train s | grid |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "", "| row | seeds | FID-like | KID | class acc | trained params | train s | sampler | grid |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for method, name in METHOD_ROWS:
             rs = [r for r in rows if r["label"] == method]
             lines.append(_row(name, rs, rel, dom))
         abl = [r for r in rows if r["label"] not in dict(METHOD_ROWS)]
         if abl:
             lines += ["", f"Ablations ({dom['name']}, DMP, same steps):", "",
-                      "| variant | seeds | FID-like | KID | class acc | trained params | train s | grid |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| variant | seeds | FID-like | KID | class acc | trained params | train s | sampler | grid |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for label in dict.fromkeys(r["label"] for r in abl):
                 lines.append(_row(label, [r for r in abl if r["label"] == label], rel, dom))
         heat = out_dir / f"gates-{dom['name']}.png"
@@ -231,11 +231,12 @@ def write_doc(plan: dict, results: list[dict], doc: Path, out_dir: Path) -> None
 
 def _row(name: str, rs: list[dict], rel: str, dom: dict) -> str:
     if not rs:
-        return f"| {name} | 0 | — | — | — | — | — | — |"
+        return f"| {name} | 0 | not run | — | — | — | — | — | — |"
     acc = [r["class_acc"] for r in rs if "class_acc" in r]
     secs = [r["train"].get("train_seconds", 0) for r in rs if r["train"]]
     stem = slug(rs[0]["label"], rs[0]["seed"])
     params = rs[0]["train"].get("trainable_params", "—") if rs[0]["train"] else 0
     return (f"| {name} | {len(rs)} | {_stat([r['fid_like'] for r in rs])} | "
             f"{_stat([r['kid'] for r in rs], '.3g')} | {_stat(acc, '.3f') if acc else '—'} | {params} | "
-            f"{_stat(secs, '.0f') if secs else '—'} | ![]({rel}/{dom['name']}-{stem}.png) |")
+            f"{_stat(secs, '.0f') if secs else '—'} | {rs[0]['sampler']} {rs[0]['steps']}, cfg "
+            f"{rs[0]['guidance_scale']} | ![]({rel}/{dom['name']}-{stem}.png) |")
