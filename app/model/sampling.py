@@ -32,7 +32,9 @@ def make_scheduler(sampler: str, steps: int, *, learn_sigma: bool, clip_sample: 
         sched = DDPMScheduler(**common, variance_type="learned_range" if learn_sigma else "fixed_small",
                               clip_sample=clip_sample)
     elif sampler == "ddim":
-        sched = DDIMScheduler(**common, clip_sample=clip_sample, set_alpha_to_one=False)
+        # No x0 clipping for DDIM: diffusers clips x0 but keeps the unclipped epsilon for the direction term,
+        # which drives pixel-space samples off the data (measured: garbage digits at any guidance).
+        sched = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
     elif sampler == "dpm":
         sched = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
     else:
