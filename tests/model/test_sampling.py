@@ -80,3 +80,10 @@ def test_class_label_out_of_range(tiny_class):
 def test_ddpm_learned_range_uses_variance_channels(tiny_class):
     sched = make_scheduler("ddpm", 250, learn_sigma=True, clip_sample=False)
     assert sched.config.variance_type == "learned_range" and len(sched.timesteps) == 250
+
+
+def test_ddim_never_clips_x0():
+    """diffusers' DDIM clips x0 but keeps the raw epsilon, which wrecks pixel-space samples."""
+    sched = make_scheduler("ddim", 50, learn_sigma=True, clip_sample=True)
+    assert sched.config.clip_sample is False
+    assert make_scheduler("ddpm", 50, learn_sigma=True, clip_sample=True).config.clip_sample is True
