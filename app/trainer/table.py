@@ -214,11 +214,12 @@ def write_doc(plan: dict, results: list[dict], doc: Path, out_dir: Path) -> None
             rs = [r for r in rows if r["label"] == method]
             lines.append(_row(name, rs, rel, dom))
         abl = [r for r in rows if r["label"] not in dict(METHOD_ROWS)]
-        if abl:
+        planned = list(plan.get("ablations", {})) if dom.get("ablations") else []
+        if planned:
             lines += ["", f"Ablations ({dom['name']}, DMP, same steps):", "",
                       "| variant | seeds | FID-like | KID | class acc | trained params | train s | sampler | grid |",
                       "|---|---|---|---|---|---|---|---|---|"]
-            for label in dict.fromkeys(r["label"] for r in abl):
+            for label in planned:
                 lines.append(_row(label, [r for r in abl if r["label"] == label], rel, dom))
         heat = out_dir / f"gates-{dom['name']}.png"
         if heat.exists():
