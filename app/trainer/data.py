@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import pickletools
+from pickletools import genops
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -75,7 +75,7 @@ def _pickled_ndarray_bytes(path: Path) -> tuple[bytes, tuple[int, ...]]:
     """The raw buffer of a pickled numpy array, found by parsing opcodes (never unpickling: no code runs)."""
     data = gzip.open(path).read()
     ints, buffer = [], b""
-    for op, arg, _ in pickletools.genops(data):
+    for op, arg, _ in genops(data):
         if op.name in ("BININT1", "BININT2", "BININT") and not buffer:
             ints.append(arg)
         elif op.name in ("BINBYTES", "SHORT_BINBYTES", "BINBYTES8") and len(arg) > len(buffer):
