@@ -1,27 +1,18 @@
 #!/usr/bin/env bash
 # Reproduces every shipped file from scratch, with the exact commands, seeds and steps that made them:
 #   models/mnist.safetensors            CPU (1 thread), deterministic: rerunning gives the same bytes' tensors
-#   models/animals.safetensors          H200, bf16 autocast, 3 runs sharing the GPU: not bit-reproducible
+#   models/animals.safetensors          CPU (2 threads), 16x16 like mnist
 #   models/mnist-captions.safetensors   CPU (1 thread), 16x16 like mnist
 #   patches/mnist-dmp.safetensors       the table's DMP run, seed 0 (CPU)
-#   patches/animals-dmp.safetensors     100 CPU steps (plumbing-grade); patches/mnist-captions-dmp.safetensors 200
-#   CPU steps (made with OMP_NUM_THREADS=2, so not bit-identical to a 1-thread rerun)
+#   patches/animals-dmp.safetensors, patches/mnist-captions-dmp.safetensors   200 CPU steps each
+#   (animals base and both patches made with OMP_NUM_THREADS=2: not bit-identical to a 1-thread rerun)
 #   docs/results.md + docs/results/*.png
-# Times and machines are in patches/README.md. Run from the repository root; STAGE=cpu or STAGE=gpu runs one half.
+# Times and machines are in patches/README.md. Run from the repository root; all shipped files are made on CPU.
 set -euo pipefail
 PY=${PY:-python}
 STAGE=${STAGE:-all}
 MNIST_STEPS=${MNIST_STEPS:-10012}
 export OMP_NUM_THREADS=1   # the CPU runs were single-threaded; this also makes them deterministic
-
-if [ "$STAGE" != cpu ]; then   # --- GPU (made on one H200; --max-seconds 110 stopped them at these steps)
-  for spec in "animals 3603"; do
-    set -- $spec
-    $PY -m app.trainer pretrain --dataset $1 --domain $1 --out runs/gpu/$1.safetensors --image-size 32 \
-        --patch-size 4 --hidden-size 128 --depth 8 --num-heads 4 --steps $2 --batch-size 256 --lr 3e-4 \
-        --ema-decay 0.999 --seed 0 --eval-every 500 --checkpoint-every 2000 --device cuda --quiet
-  done
-fi
 
 if [ "$STAGE" != gpu ]; then   # --- CPU
   $PY -m app.trainer pretrain --dataset mnist --domain mnist --out runs/cpu/mnist.safetensors --image-size 16 \
@@ -34,18 +25,20 @@ if [ "$STAGE" != gpu ]; then   # --- CPU
   $PY -m app.trainer patch --base runs/cpu/mnist-captions.safetensors --dataset mnist-captions --domain mnist-captions \
       --out runs/cpu/mnist-captions-dmp.safetensors --image-size 16 --steps 200 --batch-size 64 --seed 0 \
       --eval-every 100 --checkpoint-every 100 --device cpu --quiet
-  for d in animals; do
-    $PY -m app.trainer patch --base runs/gpu/$d.safetensors --dataset $d --domain $d \
-        --out runs/cpu/$d-dmp.safetensors --image-size 32 --steps 100 --batch-size 32 --seed 0 \
-        --eval-every 50 --checkpoint-every 50 --device cpu --quiet
-  done
+  # animals: same model size as mnist, 2 threads; --max-seconds 1380 stopped it at 10856 steps
+  OMP_NUM_THREADS=2 $PY -m app.trainer pretrain --dataset animals --domain animals --out runs/cpu/animals.safetensors \
+      --image-size 16 --patch-size 2 --hidden-size 64 --depth 6 --num-heads 4 --steps 10856 --batch-size 64 --lr 5e-4 \
+      --ema-decay 0.999 --seed 0 --eval-every 500 --checkpoint-every 500 --device cpu --quiet
+  OMP_NUM_THREADS=2 $PY -m app.trainer patch --base runs/cpu/animals.safetensors --dataset animals --domain animals \
+      --out runs/cpu/animals-dmp.safetensors --image-size 16 --steps 200 --batch-size 64 --seed 0 \
+      --eval-every 100 --checkpoint-every 100 --device cpu --quiet
   # base / +FT / +PT / +DMP x 3 seeds and the ablations for mnist; the GPU bases' rows are their base rows.
   $PY -m app.trainer table --plan patches/table_plan_cpu.json --runs runs/table_cpu --jobs 2
 
   mkdir -p models
   cp runs/cpu/mnist.safetensors models/mnist.safetensors
   cp runs/table_cpu/mnist/dmp-s0.safetensors patches/mnist-dmp.safetensors
-  cp runs/gpu/animals.safetensors models/animals.safetensors
+  cp runs/cpu/animals.safetensors models/animals.safetensors
   cp runs/cpu/mnist-captions.safetensors models/mnist-captions.safetensors
   for d in animals mnist-captions; do
     cp runs/cpu/$d-dmp.safetensors patches/$d-dmp.safetensors
