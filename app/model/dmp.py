@@ -39,9 +39,10 @@ def keep_top_k(logits: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     n = logits.shape[-1]
     if isinstance(k, int) and k >= n:
         return logits.softmax(dim=-1)
-    ranks = logits.argsort(dim=-1, descending=True).argsort(dim=-1)  # rank 0 = largest; exactly k kept
+    order = logits.argsort(dim=-1, descending=True, stable=True)  # ties keep the lower token index
     k = torch.as_tensor(k, device=logits.device)
-    kept = ranks < (k[..., None] if k.dim() else k)
+    in_top = (torch.arange(n, device=logits.device) < (k[..., None] if k.dim() else k)).expand(logits.shape)
+    kept = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, order, in_top)  # exactly k
     return logits.masked_fill(~kept, float("-inf")).softmax(dim=-1)
 
 

@@ -43,7 +43,7 @@ def make_scheduler(sampler: str, steps: int, *, learn_sigma: bool, clip_sample: 
     return sched
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not tensor-valued equality
 class Job:
     """Sampling state of one request: `n` images from one seed, one condition, one patch."""
 
@@ -58,6 +58,8 @@ class Job:
     index: int = 0
     cfg_channels: str = "all"
     meta: dict = field(default_factory=dict)
+    table: torch.Tensor | None = None  # (len(COEFFS), steps) from step_table; None: the scheduler's own step
+    t_list: list = field(default_factory=list)  # timesteps as Python numbers (no tensor indexing per step)
 
     @property
     def timesteps(self):
@@ -89,55 +91,159 @@ def new_job(model: DiT, *, y, seed: int, sampler: str = "ddpm", steps: int = 250
     use_cfg = guidance_scale != 1.0 and cfg.task != "uncond"
     y_null = model.null_y(n, device) if use_cfg else None
     return Job(latents, y, y_null, guidance_scale, sched, gen, patch, slot, cfg_channels=cfg_channels,
-               meta={"dtype": dtype})
+               meta={"dtype": dtype}, table=step_table(sched), t_list=sched.timesteps.tolist())
 
 
-def _guide(out: torch.Tensor, n: int, scale: float, in_channels: int, cfg_channels: str) -> torch.Tensor:
-    """Combine the (cond, uncond) halves; the variance channels come from the conditional half."""
-    cond, uncond = out[:n], out[n:]
-    k = 3 if cfg_channels == "first3" else in_channels  # the original DiT guided only 3 of 4 channels
-    guided = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
-    return torch.cat([guided, cond[:, k:]], dim=1)
+# ----------------------------------------------------------------------------- vectorised DDIM / DDPM update
+# One step of DDIM (eta 0) or DDPM for epsilon models is, per sample, with x0 = (x - sb * eps) / sa (clipped
+# when the scheduler clips):  prev = a * x0 + b * x + d * eps + exp(0.5 * log_var) * noise,
+# log_var = frac * max_log + (1 - frac) * min_log, frac = (v + 1) / 2 (v: learned variance channels, else 0).
+# The coefficients come from the diffusers scheduler's own tables with its own formulas, so a batch of jobs on
+# different steps, samplers and schedules updates in a few batched ops instead of one scheduler call per job.
+COEFFS = ("sa", "sb", "a", "b", "d", "min_log", "max_log", "noise", "clip")
+
+
+def step_table(sched) -> torch.Tensor | None:
+    """Per-step coefficients (len(COEFFS), steps) fp32 of a DDIM or DDPM scheduler; None for other schedulers."""
+    cfg = sched.config
+    if cfg.prediction_type != "epsilon" or cfg.thresholding:
+        return None
+    ac = sched.alphas_cumprod  # fp32, as diffusers computes its scalars
+    ts = sched.timesteps.long()
+    ap_t = ac[ts]
+    zero = torch.zeros_like(ap_t)
+    if isinstance(sched, DDIMScheduler):
+        prev = ts - cfg.num_train_timesteps // sched.num_inference_steps
+        ap_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], sched.final_alpha_cumprod)
+        a, b, d = ap_prev ** 0.5, zero, (1 - ap_prev) ** 0.5  # eta = 0: no noise
+        min_log = max_log = noise = zero
+        clip = torch.full_like(ap_t, float(cfg.clip_sample))
+    elif isinstance(sched, DDPMScheduler) and cfg.variance_type in ("fixed_small", "learned_range"):
+        prev = torch.cat([ts[1:], ts.new_tensor([-1])])
+        ap_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], sched.one)
+        cur_alpha = ap_t / ap_prev
+        cur_beta = 1 - cur_alpha
+        a = ap_prev ** 0.5 * cur_beta / (1 - ap_t)
+        b = cur_alpha ** 0.5 * (1 - ap_prev) / (1 - ap_t)
+        d = zero
+        min_log = torch.log(torch.clamp((1 - ap_prev) / (1 - ap_t) * cur_beta, min=1e-20))
+        max_log = torch.log(cur_beta) if cfg.variance_type == "learned_range" else min_log
+        noise = (ts > 0).float()
+        clip = torch.full_like(ap_t, float(cfg.clip_sample))
+    else:
+        return None
+    if cfg.clip_sample and cfg.clip_sample_range != 1.0:
+        return None  # the batched clamp is to [-1, 1]
+    return torch.stack([ap_t ** 0.5, (1 - ap_t) ** 0.5, a, b, d, min_log, max_log, noise, clip])
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor, guided_channels: torch.Tensor):
+    """Classifier-free guidance per row; channels not guided (mask 0) come from the conditional half.
+
+    cond, uncond (B, C, H, W); scale (B,); guided_channels (B, C) bool (the original DiT guided 3 of 4).
+    """
+    guided = uncond + scale[:, None, None, None] * (cond - uncond)
+    return torch.where(guided_channels[:, :, None, None], guided, cond)
+
+
+def vector_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, v: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One DDIM/DDPM update for every row: x, eps, v, noise (B, C, H, W); coef (len(COEFFS), B)."""
+    sa, sb, a, b, d, min_log, max_log, _, clip = (c[:, None, None, None] for c in coef)
+    x0 = (x - sb * eps) / sa
+    x0 = torch.where(clip > 0, x0.clamp(-1, 1), x0)
+    prev = a * x0 + b * x + d * eps
+    if noise is not None:
+        frac = (v + 1) / 2 if v is not None else 0.0
+        prev = prev + torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log)) * noise
+    return prev
 
 
 @torch.no_grad()
 def denoise_step(model: DiT, jobs: list[Job], pool=None, dtype=torch.float32, forward=None) -> None:
-    """One batched forward for all jobs, then each job's own scheduler step. `pool`: PatchPool for slots;
-    `forward(x, t, y, patch=...)`: what runs the denoiser (default the model; e.g. app.engine.graphs')."""
+    """One batched forward for all jobs, then one batched DDIM/DDPM update (each job's own scheduler step for
+    DPM-Solver). `pool`: PatchPool for slots; `forward(x, t, y, patch=...)`: what runs the denoiser (default
+    the model; e.g. app.engine.graphs')."""
     cfg = model.config
-    xs, ts, ys, slots = [], [], [], []
+    C = cfg.in_channels
+    dev = jobs[0].latents.device
+    xs, ys, t_rows, slot_rows = [], [], [], []
     for job in jobs:
-        t = job.timesteps[job.index]
-        x = job.scheduler.scale_model_input(job.latents, t)
-        halves = [(x, job.y)] + ([(x, job.y_null)] if job.y_null is not None else [])
-        for xi, yi in halves:
-            xs.append(xi)
-            ys.append(yi)
-            ts.append(torch.full((xi.shape[0],), float(t), device=xi.device))
-            slots.append(torch.full((xi.shape[0],), job.slot, dtype=torch.long, device=xi.device))
-    x, t, y = torch.cat(xs), torch.cat(ts), torch.cat(ys)
+        t, n = job.t_list[job.index], job.latents.shape[0]
+        x = job.latents if job.table is not None else job.scheduler.scale_model_input(job.latents, t)
+        halves = 1 if job.y_null is None else 2
+        xs += [x] * halves
+        ys += [job.y] if job.y_null is None else [job.y, job.y_null]
+        t_rows += [float(t)] * (n * halves)
+        slot_rows += [job.slot] * (n * halves)
+    x, y = torch.cat(xs), torch.cat(ys)
+    t = torch.tensor(t_rows, device=dev)
     if pool is not None:
-        patch = pool.batch(torch.cat(slots))
+        patch = pool.batch(torch.tensor(slot_rows, device=dev))
     else:
         patches = {id(j.patch) for j in jobs}
         if len(patches) > 1:
             raise ValueError("jobs with different patches need a PatchPool")
         patch = jobs[0].patch
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        out = (forward or model)(x, t, y, patch=patch).float()  # (B, C_out, H, W)
-    row = 0
+        out = (forward or model)(x, t, y, patch=patch).float()  # (R, C_out, H, W)
+
+    # Rows -> images: the conditional row of each image, its unconditional twin (itself without CFG), scale.
+    cond_idx, uncond_idx, scales, first3, row = [], [], [], [], 0
     for job in jobs:
         n = job.latents.shape[0]
-        rows = job.rows
-        o = out[row:row + rows]
-        row += rows
-        if job.y_null is not None:
-            o = _guide(o, n, job.guidance_scale, cfg.in_channels, job.cfg_channels)
-        if not isinstance(job.scheduler, DDPMScheduler) or not cfg.learn_sigma:
-            o = o[:, :cfg.in_channels]  # DDIM / DPM-Solver take epsilon only
-        step_kwargs = {"generator": job.generator} if isinstance(job.scheduler, DDPMScheduler) else {}
-        job.latents = job.scheduler.step(o, job.timesteps[job.index], job.latents, **step_kwargs).prev_sample
+        cond_idx += range(row, row + n)
+        uncond_idx += range(row + n, row + 2 * n) if job.y_null is not None else range(row, row + n)
+        scales += [job.guidance_scale if job.y_null is not None else 1.0] * n
+        first3 += [job.cfg_channels == "first3"] * n
+        row += job.rows
+    cond = out[cond_idx]  # (B, C_out, H, W)
+    if len(uncond_idx) and any(ci != ui for ci, ui in zip(cond_idx, uncond_idx)):
+        guided_channels = torch.arange(C, device=dev)[None] < torch.tensor(
+            [3 if f else C for f in first3], device=dev)[:, None]  # (B, C)
+        eps = guide(cond[:, :C], out[uncond_idx][:, :C], torch.tensor(scales, device=dev), guided_channels)
+    else:
+        eps = cond[:, :C]
+    v = cond[:, C:] if cond.shape[1] > C else None  # learned variance channels (DDPM learned_range reads them)
+
+    vec = [j for j in jobs if j.table is not None]
+    if vec:
+        coef = torch.cat([j.table[:, j.index, None].expand(-1, j.latents.shape[0]) for j in vec], 1)  # (K, Bv)
+        sel = _image_rows(jobs, vec)
+        need_noise = [j for j in vec if j.table[COEFFS.index("noise"), j.index] > 0]
+        noise = None
+        if need_noise:  # each job draws from its own generator, as diffusers' DDPM step does
+            noise = torch.cat([torch.randn(j.latents.shape, generator=j.generator).to(dev)
+                               if j in need_noise else torch.zeros_like(j.latents) for j in vec])
+        xv = torch.cat([j.latents for j in vec])
+        prev = vector_step(xv, eps[sel], coef.to(dev), v[sel] if v is not None else None, noise)
+        row = 0
+        for j in vec:
+            n = j.latents.shape[0]
+            j.latents, row = prev[row:row + n], row + n
+    img = 0
+    for job in jobs:
+        n = job.latents.shape[0]
+        if job.table is None:  # DPM-Solver (multistep state) keeps its own scheduler step
+            o = eps[img:img + n]
+            kw = {}
+            if isinstance(job.scheduler, DDPMScheduler):
+                o = torch.cat([o, v[img:img + n]], 1) if v is not None else o
+                kw = {"generator": job.generator}
+            job.latents = job.scheduler.step(o, job.timesteps[job.index], job.latents, **kw).prev_sample
+        img += n
         job.index += 1
+
+
+def _image_rows(jobs: list[Job], subset: list[Job]) -> list[int]:
+    """Image rows (in the order of `jobs`) of the jobs in `subset`."""
+    out, img, chosen = [], 0, {id(j) for j in subset}
+    for job in jobs:
+        n = job.latents.shape[0]
+        if id(job) in chosen:
+            out += range(img, img + n)
+        img += n
+    return out
 
 
 @torch.no_grad()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import shutil
 import statistics
 import time
@@ -148,7 +147,7 @@ def run_table(plan_path: str, runs: str, jobs: int = 1, device: str = "auto", do
     plan = json.loads(Path(plan_path).read_text())
     device = str(resolve_device(device))
     tasks = tasks_of(plan)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, torch.get_num_threads() // jobs)  # honours OMP_NUM_THREADS / taskset
     args = [(t, plan, runs, device, threads) for t in tasks]
     if report_only:
         results = finished(tasks, runs)

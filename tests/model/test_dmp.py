@@ -76,6 +76,18 @@ def test_keep_top_k_per_row_k():
     assert g[0, 0] == 1.0 and g[1, 0] == 0.0
 
 
+def test_keep_top_k_matches_topk_and_breaks_ties_by_index():
+    logits = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))  # (L, B, N)
+    k = torch.tensor([1, 4, 8, 16, 5])
+    g = keep_top_k(logits, k)
+    for b in range(5):
+        top = logits[:, b].topk(int(k[b]), dim=-1).indices
+        expect = torch.full_like(logits[:, b], float("-inf")).scatter(-1, top, logits[:, b].gather(-1, top))
+        torch.testing.assert_close(g[:, b], expect.softmax(-1))
+    tied = keep_top_k(torch.zeros(2, 6), 2)  # all equal: exactly k kept, the lowest indices
+    assert torch.equal(tied, torch.tensor([[0.5, 0.5, 0, 0, 0, 0]] * 2))
+
+
 def test_noisy_gating_only_in_training(tiny_class):
     patch = randomize_patch(new_patch_for(tiny_class))
     c = torch.randn(2, 32)

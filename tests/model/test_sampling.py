@@ -4,7 +4,7 @@ import torch
 
 from app.model import PatchPool, denoise_step, generate, new_job
 from app.model.dmp import new_patch_for
-from app.model.sampling import _guide, make_scheduler
+from app.model.sampling import guide, make_scheduler, step_table, vector_step
 
 from .test_dmp import randomize_patch
 
@@ -47,12 +47,11 @@ def test_guidance_changes_output_and_one_means_no_cfg(tiny_class):
 
 
 def test_guide_all_channels_vs_first3():
-    cond, uncond = torch.ones(1, 8, 2, 2), torch.zeros(1, 8, 2, 2)
-    out = torch.cat([cond, uncond])
-    all_ch = _guide(out, 1, 2.0, 4, "all")
-    first3 = _guide(out, 1, 2.0, 4, "first3")
-    assert (all_ch[:, :4] == 2).all() and (all_ch[:, 4:] == 1).all()
-    assert (first3[:, :3] == 2).all() and (first3[:, 3:] == 1).all()
+    cond, uncond = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    channels = torch.arange(4)[None] < torch.tensor([[4], [3]])  # row 0: all channels, row 1: the first 3
+    out = guide(cond, uncond, torch.tensor([2.0, 2.0]), channels)
+    assert (out[0] == 2).all()
+    assert (out[1, :3] == 2).all() and (out[1, 3:] == 1).all()
 
 
 def test_unconditional_and_text_generation(tiny_uncond, tiny_text):
@@ -87,3 +86,24 @@ def test_ddim_never_clips_x0():
     sched = make_scheduler("ddim", 50, learn_sigma=True, clip_sample=True)
     assert sched.config.clip_sample is False
     assert make_scheduler("ddpm", 50, learn_sigma=True, clip_sample=True).config.clip_sample is True
+
+
+@pytest.mark.parametrize("sampler,learn_sigma,clip", [("ddim", True, False), ("ddpm", True, False),
+                                                      ("ddpm", True, True), ("ddpm", False, False)])
+def test_vector_step_equals_diffusers_step(sampler, learn_sigma, clip):
+    sched = make_scheduler(sampler, 25, learn_sigma=learn_sigma, clip_sample=clip)
+    table = step_table(sched)
+    g = torch.Generator().manual_seed(0)
+    for i, t in enumerate(sched.timesteps):
+        x, eps, v = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
+        v = v.clamp(-1, 1) if learn_sigma and sampler == "ddpm" else None
+        out = torch.cat([eps, v], 1) if v is not None else eps
+        kw = {"generator": torch.Generator().manual_seed(i)} if sampler == "ddpm" else {}
+        expect = sched.step(out, t, x, **kw).prev_sample
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) if table[7, i] > 0 else None
+        got = vector_step(x, eps, table[:, i, None].expand(-1, 3), v, noise)
+        torch.testing.assert_close(got, expect, atol=1e-6, rtol=1e-5)
+
+
+def test_dpm_solver_keeps_its_own_scheduler_step():
+    assert step_table(make_scheduler("dpm", 10, learn_sigma=True, clip_sample=False)) is None
