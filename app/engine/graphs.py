@@ -1,17 +1,21 @@
-"""Bucketed denoiser forward: CUDA graphs per batch bucket on GPU, padded eager (or compiled) on CPU.
+"""Bucketed denoiser step: one CUDA graph per batch bucket on GPU, one compiled graph per bucket on CPU.
 
+What a graph holds is a whole sampling step (app.model.sampling.run_step): gather the forward rows from the
+images, the DiT forward with per-row patch slots, classifier-free guidance, and the batched DDIM/DDPM update.
 The patch pool's tensors have fixed addresses and every row carries its slot index as a graph input, so one
 graph serves any mix of patches, and installing a patch (an in-place copy into a free slot) needs no
-recapture. Batches are padded to the next bucket (padding rows: zero latents, the null condition, slot 0);
-rows never interact in a DiT forward, so padding does not change the real rows. Shapes above the largest
-bucket, or a patch given as a module rather than a pool slot, run eagerly and are counted in `fallbacks`.
-On CPU, `compile=True` runs each bucket through torch.compile with weight freezing (Inductor folds the frozen
-base weights into prepacked oneDNN GEMMs) and math attention (for DiT's short sequences Inductor's fused
-bmm-softmax-bmm beats the CPU flash kernel); the pool tensors stay inputs, so installs need no recompile.
+recapture. Batches are padded to the next bucket (padding rows: image 0, t = 0, the null condition, slot 0;
+padding images: zero latents, prev = x); rows never interact in a DiT forward, so padding does not change the
+real rows. Shapes above the largest bucket, or a patch given as a module rather than a pool slot, run eagerly
+and are counted in `fallbacks`. On CPU, `compile=True` runs each bucket through torch.compile with weight
+freezing (Inductor folds the frozen base weights into prepacked oneDNN GEMMs), its C++ wrapper, and math
+attention (for DiT's short sequences Inductor's fused bmm-softmax-bmm beats the CPU flash kernel); the pool
+tensors stay inputs, so installs need no recompile.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import fields
 
 import torch
 from torch._inductor import config as inductor_config
@@ -19,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from app.model.dit import DiT
 from app.model.dmp import PatchPool, PooledPatch
+from app.model.sampling import SAFE_COEF, StepBatch, run_step
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # images per batch, before CFG doubling
 
@@ -29,11 +34,10 @@ def row_buckets(buckets=BUCKETS, cfg: bool = True) -> list[int]:
 
 
 class GraphedForward:
-    """`forward(x, t, y, patch=None)` for denoise_step: pads to a bucket and replays that bucket's CUDA graph.
+    """The denoiser for denoise_step: `step(StepBatch)` pads to a bucket and replays that bucket's graph;
+    `forward(x, t, y, patch=None)` (same as calling it) is the plain forward on the same graphs.
 
-    x (B, C, H, W) fp32, t (B,), y (B,) labels or (B, text_dim); patch: None (the base, slot 0) or
-    `pool.batch(slots)`. Returns fp32 (B, C_out, H, W). The model may be bf16: inputs are cast inside, the
-    timestep features, gates and output stay fp32.
+    The model may be bf16: inputs are cast inside; timestep features, gates, outputs and the update stay fp32.
     """
 
     def __init__(self, model: DiT, pool: PatchPool | None, buckets=BUCKETS, cfg: bool = True,
@@ -47,46 +51,32 @@ class GraphedForward:
         if compile and not self.use_graphs:
             # Only tensor guards (shape, dtype) stay: they pick the bucket. Guards on the parameters would cost
             # ~0.3 ms a call and protect nothing, since freezing folds the weights into the compiled code.
-            self.compiled = torch.compile(model, dynamic=False,
+            self.compiled = torch.compile(self._step_on, dynamic=False,
                                           options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
-        self.graphs: dict[int, tuple] = {}  # rows -> (CUDAGraph, static inputs dict, static output)
+        self.graphs: dict[int, tuple] = {}  # rows -> (CUDAGraph or None, static StepBatch, static outputs)
         self.mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self.fallbacks = 0  # forwards that ran eagerly (no bucket fits, or a module patch)
+        self.fallbacks = 0  # steps that ran eagerly (no bucket fits, or a module patch)
         self.replays = 0
         self.captures = 0
         cfg_ = model.config
+        self.in_channels = cfg_.in_channels
         self.x_shape = (cfg_.in_channels, cfg_.input_size, cfg_.input_size)
-        self.y_shape = (cfg_.text_dim,) if cfg_.task == "text" else ()
         self.y_dtype = torch.float32 if cfg_.task == "text" else torch.long
+        self.safe_coef = SAFE_COEF[:, None].to(self.device)  # (K, 1): padding images keep their latents
 
-    # ---------------------------------------------------------------- buffers
-    def _static_inputs(self, rows: int) -> dict[str, torch.Tensor]:
-        """Padding-valued input buffers for one bucket: zero latents, t = 0, the null condition, slot 0."""
-        return {
-            "x": torch.zeros(rows, *self.x_shape, device=self.device),
-            "t": torch.zeros(rows, device=self.device),
-            "y": self.model.null_y(rows, self.device).to(self.y_dtype).clone(),
-            "slots": torch.zeros(rows, dtype=torch.long, device=self.device),
-        }
+    # ---------------------------------------------------------------- the step
+    def _denoise(self, x, t, y, slots) -> torch.Tensor:
+        patch = self.pool.batch(slots) if self.pool is not None else None  # pool=None: no patch work at all
+        return self.model(x.to(self.dtype), t, y, patch=patch).float()  # (R, C_out, H, W)
 
-    def _fill(self, buf: dict[str, torch.Tensor], x, t, y, slots) -> None:
-        """Copy a batch into the first rows of the static buffers and reset the rest to padding values."""
-        n = x.shape[0]
-        buf["x"][:n].copy_(x)
-        buf["x"][n:].zero_()
-        buf["t"][:n].copy_(t)
-        buf["t"][n:].zero_()
-        buf["y"][:n].copy_(y)
-        buf["y"][n:].copy_(self.model.null_y(buf["y"].shape[0] - n, self.device))
-        buf["slots"][:n].copy_(slots)
-        buf["slots"][n:].zero_()
+    def _step_on(self, *tensors):
+        """run_step on StepBatch fields given positionally (what a graph captures or Inductor compiles)."""
+        return run_step(self._denoise, StepBatch(*tensors), self.in_channels)
 
-    def _run(self, buf: dict[str, torch.Tensor], module=None) -> torch.Tensor:
-        """The denoiser on the static buffers (what a graph captures)."""
-        module = self.model if module is None else module
-        patch = self.pool.batch(buf["slots"]) if self.pool is not None else None  # pool=None: no patch work
-        with self._compile_context() if module is self.compiled else contextlib.nullcontext():
-            return module(buf["x"].to(self.dtype), buf["t"], buf["y"], patch=patch).float()  # (R, C_out, H, W)
+    def _run(self, batch: StepBatch):
+        fn = self.compiled or self._step_on
+        with self._compile_context() if fn is self.compiled else contextlib.nullcontext():
+            return fn(*(getattr(batch, f.name) for f in fields(StepBatch)))
 
     @staticmethod
     @contextlib.contextmanager
@@ -95,6 +85,36 @@ class GraphedForward:
         wrapper calls the kernels without a Python frame per op (~0.5 ms a forward at the demo size)."""
         with inductor_config.patch(freezing=True, cpp_wrapper=True), sdpa_kernel([SDPBackend.MATH]):
             yield
+
+    # ---------------------------------------------------------------- buffers
+    def _static_batch(self, rows: int) -> StepBatch:
+        """Padding-valued buffers of one bucket (images are padded to as many as rows)."""
+        d = self.device
+        return StepBatch(
+            x=torch.zeros(rows, *self.x_shape, device=d), row_image=torch.zeros(rows, dtype=torch.long, device=d),
+            t=torch.zeros(rows, device=d), y=self.model.null_y(rows, d).to(self.y_dtype).clone(),
+            slots=torch.zeros(rows, dtype=torch.long, device=d), cond=torch.zeros(rows, dtype=torch.long, device=d),
+            uncond=torch.zeros(rows, dtype=torch.long, device=d), scale=torch.ones(rows, device=d),
+            guided=torch.ones(rows, self.in_channels, dtype=torch.bool, device=d),
+            coef=self.safe_coef.repeat(1, rows), noise=torch.zeros(rows, *self.x_shape, device=d))
+
+    def _fill(self, buf: StepBatch, b: StepBatch) -> None:
+        """Copy a batch into the first rows/images of the static buffers; the rest go back to padding values."""
+        R, B = b.t.shape[0], b.x.shape[0]
+        for name, n in (("row_image", R), ("t", R), ("slots", R), ("x", B), ("cond", B), ("uncond", B),
+                        ("scale", B), ("guided", B)):
+            dst, src = getattr(buf, name), getattr(b, name)
+            dst[:n].copy_(src)
+            dst[n:].fill_(True if name == "guided" else 1 if name == "scale" else 0)
+        buf.y[:R].copy_(b.y)
+        buf.y[R:].copy_(self.model.null_y(buf.y.shape[0] - R, self.device))
+        buf.coef[:, :B].copy_(b.coef)
+        buf.coef[:, B:].copy_(self.safe_coef)
+        if b.noise is None:
+            buf.noise.zero_()
+        else:
+            buf.noise[:B].copy_(b.noise)
+            buf.noise[B:].zero_()
 
     # ---------------------------------------------------------------- capture
     @torch.no_grad()
@@ -107,7 +127,7 @@ class GraphedForward:
         for r in sorted(rows or self.rows, reverse=True):
             if r in self.graphs:
                 continue
-            buf = self._static_inputs(r)
+            buf = self._static_batch(r)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside capture: Triton JIT, cuBLAS handles, allocator
@@ -123,38 +143,55 @@ class GraphedForward:
 
     def _ensure_cpu_bucket(self, rows: int) -> None:
         if rows not in self.graphs:
-            self.graphs[rows] = (None, self._static_inputs(rows), None)
+            buf = self._static_batch(rows)
+            self.graphs[rows] = (None, buf, None)
             if self.compiled is not None:
                 with torch.no_grad():
-                    self._run(self.graphs[rows][1], self.compiled)
+                    self._run(buf)
 
     def bucket_for(self, rows: int) -> int | None:
         return next((r for r in self.rows if r >= rows), None)
 
-    # ---------------------------------------------------------------- forward
+    # ---------------------------------------------------------------- calls
+    @torch.no_grad()
+    def step(self, b: StepBatch):
+        """run_step for this batch, padded into a bucket's graph: (out (R, ...), prev (B, ...), eps, v)."""
+        R, B = b.t.shape[0], b.x.shape[0]
+        bucket = self.bucket_for(R)
+        if bucket is None or (self.use_graphs and bucket not in self.graphs):
+            self.fallbacks += 1
+            return run_step(self._denoise, b, self.in_channels)
+        if not self.use_graphs:
+            self._ensure_cpu_bucket(bucket)
+        graph, buf, out = self.graphs[bucket]
+        self._fill(buf, b)
+        if graph is None:
+            out = self._run(buf)
+        else:
+            graph.replay()
+            self.replays += 1
+        o, prev, eps, v = out
+        return o[:R].clone(), prev[:B].clone(), eps[:B].clone(), v[:B].clone() if v is not None else None
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, patch=None) -> torch.Tensor:
+        """Plain forward (x (R, C, H, W) fp32, t (R,), y) -> fp32 (R, C_out, H, W) through the step graphs."""
         n = x.shape[0]
         if patch is None:
             slots = torch.zeros(n, dtype=torch.long, device=x.device)
         elif isinstance(patch, PooledPatch) and patch.pool is self.pool and self.pool is not None:
             slots = patch.slots
-        else:
-            slots = None
-        bucket = self.bucket_for(n)
-        if slots is None or bucket is None or (self.use_graphs and bucket not in self.graphs):
+        else:  # a patch module: no graph takes it
             self.fallbacks += 1
             return self.model(x.to(self.dtype), t, y, patch=patch).float()
-        if not self.use_graphs:
-            self._ensure_cpu_bucket(bucket)
-        graph, buf, out = self.graphs[bucket]
-        self._fill(buf, x, t, y, slots)
-        if graph is None:
-            out = self._run(buf, self.compiled)
-        else:
-            graph.replay()
-            self.replays += 1
-        return out[:n].clone()
+        rows = torch.arange(n, device=x.device)
+        batch = StepBatch(x=x, row_image=rows, t=t, y=y, slots=slots, cond=rows, uncond=rows,
+                          scale=torch.ones(n, device=x.device),
+                          guided=torch.ones(n, self.in_channels, dtype=torch.bool, device=x.device),
+                          coef=self.safe_coef.expand(-1, n), noise=None)
+        return self.step(batch)[0]
+
+    forward = __call__
 
     def stats(self) -> dict[str, int]:
         return {"graphs": len(self.graphs) if self.use_graphs else 0, "captures": self.captures,

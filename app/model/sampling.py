@@ -137,6 +137,9 @@ def step_table(sched) -> torch.Tensor | None:
     return torch.stack([ap_t ** 0.5, (1 - ap_t) ** 0.5, a, b, d, min_log, max_log, noise, clip])
 
 
+SAFE_COEF = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 0, 0])  # prev = x: images another step rule (or padding) owns
+
+
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor, guided_channels: torch.Tensor):
     """Classifier-free guidance per row; channels not guided (mask 0) come from the conditional half.
 
@@ -159,91 +162,100 @@ def vector_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, v: torch
     return prev
 
 
+@dataclass
+class StepBatch:
+    """One batched step as tensors: R forward rows (CFG twins included) made from B images."""
+
+    x: torch.Tensor  # (B, C, H, W) latents (scaled for schedulers that scale their input)
+    row_image: torch.Tensor  # (R,) image of each forward row
+    t: torch.Tensor  # (R,)
+    y: torch.Tensor  # (R,) labels or (R, text_dim)
+    slots: torch.Tensor  # (R,) PatchPool slot of each row
+    cond: torch.Tensor  # (B,) row of each image's conditional half
+    uncond: torch.Tensor  # (B,) row of its unconditional twin (the conditional row itself without CFG)
+    scale: torch.Tensor  # (B,) guidance scale (1 without CFG)
+    guided: torch.Tensor  # (B, C) bool: channels CFG applies to
+    coef: torch.Tensor  # (len(COEFFS), B) vector_step coefficients (SAFE_COEF for DPM-Solver images)
+    noise: torch.Tensor | None  # (B, C, H, W) DDPM noise (zeros for images that draw none); None: no image does
+
+
+def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
+    """The tensors of one batched step for these jobs; DDPM jobs draw their noise from their own generators."""
+    C = model.config.in_channels
+    dev = jobs[0].latents.device
+    xs, ys, noises, coefs = [], [], [], []
+    row_image, t_rows, slot_rows, cond, uncond, scale, guided_k = [], [], [], [], [], [], []
+    img = row = 0
+    for job in jobs:
+        n, t = job.latents.shape[0], job.t_list[job.index]
+        twins = job.y_null is not None
+        xs.append(job.latents if job.table is not None else
+                  job.scheduler.scale_model_input(job.latents, job.timesteps[job.index]))
+        ys += [job.y, job.y_null] if twins else [job.y]
+        images = list(range(img, img + n))
+        row_image += images * (2 if twins else 1)
+        t_rows += [float(t)] * (n * (2 if twins else 1))
+        slot_rows += [job.slot] * (n * (2 if twins else 1))
+        cond += range(row, row + n)
+        uncond += range(row + n, row + 2 * n) if twins else range(row, row + n)
+        scale += [job.guidance_scale if twins else 1.0] * n
+        guided_k += [3 if job.cfg_channels == "first3" else C] * n
+        table = job.table[:, job.index] if job.table is not None else SAFE_COEF
+        coefs.append(table[:, None].expand(-1, n))
+        draws = job.table is not None and table[COEFFS.index("noise")] > 0
+        noises.append(torch.randn(job.latents.shape, generator=job.generator) if draws else None)
+        img, row = img + n, row + n * (2 if twins else 1)
+    as_tensor = lambda v, dtype=torch.long: torch.tensor(v, dtype=dtype, device=dev)
+    noise = None
+    if any(z is not None for z in noises):
+        noise = torch.cat([z.to(dev) if z is not None else torch.zeros_like(x) for z, x in zip(noises, xs)])
+    return StepBatch(
+        x=torch.cat(xs), row_image=as_tensor(row_image), t=as_tensor(t_rows, torch.float32), y=torch.cat(ys),
+        slots=as_tensor(slot_rows), cond=as_tensor(cond), uncond=as_tensor(uncond),
+        scale=as_tensor(scale, torch.float32),
+        guided=torch.arange(C, device=dev)[None] < as_tensor(guided_k)[:, None],
+        coef=torch.cat(coefs, 1).to(dev), noise=noise)
+
+
+def run_step(denoise, b: StepBatch, in_channels: int):
+    """Forward all rows, guide, and update every image: returns (out (R, C_out, H, W), prev, eps, v).
+
+    `denoise(x, t, y, slots)` -> fp32 model output. Pure tensor code, so it can be compiled or graph-captured.
+    """
+    out = denoise(b.x[b.row_image], b.t, b.y, b.slots)  # (R, C_out, H, W)
+    cond = out[b.cond]  # (B, C_out, H, W)
+    eps = guide(cond[:, :in_channels], out[b.uncond][:, :in_channels], b.scale, b.guided)
+    v = cond[:, in_channels:] if cond.shape[1] > in_channels else None  # learned variance (DDPM reads it)
+    return out, vector_step(b.x, eps, b.coef, v, b.noise), eps, v
+
+
 @torch.no_grad()
 def denoise_step(model: DiT, jobs: list[Job], pool=None, dtype=torch.float32, forward=None) -> None:
-    """One batched forward for all jobs, then one batched DDIM/DDPM update (each job's own scheduler step for
-    DPM-Solver). `pool`: PatchPool for slots; `forward(x, t, y, patch=...)`: what runs the denoiser (default
-    the model; e.g. app.engine.graphs')."""
-    cfg = model.config
-    C = cfg.in_channels
-    dev = jobs[0].latents.device
-    xs, ys, t_rows, slot_rows = [], [], [], []
-    for job in jobs:
-        t, n = job.t_list[job.index], job.latents.shape[0]
-        x = job.latents if job.table is not None else job.scheduler.scale_model_input(job.latents, t)
-        halves = 1 if job.y_null is None else 2
-        xs += [x] * halves
-        ys += [job.y] if job.y_null is None else [job.y, job.y_null]
-        t_rows += [float(t)] * (n * halves)
-        slot_rows += [job.slot] * (n * halves)
-    x, y = torch.cat(xs), torch.cat(ys)
-    t = torch.tensor(t_rows, device=dev)
-    if pool is not None:
-        patch = pool.batch(torch.tensor(slot_rows, device=dev))
+    """One batched forward and one batched DDIM/DDPM update for all jobs (DPM-Solver jobs: their scheduler's
+    own multistep update). `pool`: PatchPool for slots; `forward`: what runs the denoiser: the model (default),
+    or app.engine.graphs.GraphedForward, which runs the whole step as one compiled or captured graph."""
+    batch = plan_step(model, jobs)
+    if forward is not None and hasattr(forward, "step") and forward.pool is pool:
+        _, prev, eps, v = forward.step(batch)
     else:
-        patches = {id(j.patch) for j in jobs}
-        if len(patches) > 1:
+        if pool is None and len({id(j.patch) for j in jobs}) > 1:
             raise ValueError("jobs with different patches need a PatchPool")
-        patch = jobs[0].patch
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        out = (forward or model)(x, t, y, patch=patch).float()  # (R, C_out, H, W)
 
-    # Rows -> images: the conditional row of each image, its unconditional twin (itself without CFG), scale.
-    cond_idx, uncond_idx, scales, first3, row = [], [], [], [], 0
-    for job in jobs:
-        n = job.latents.shape[0]
-        cond_idx += range(row, row + n)
-        uncond_idx += range(row + n, row + 2 * n) if job.y_null is not None else range(row, row + n)
-        scales += [job.guidance_scale if job.y_null is not None else 1.0] * n
-        first3 += [job.cfg_channels == "first3"] * n
-        row += job.rows
-    cond = out[cond_idx]  # (B, C_out, H, W)
-    if len(uncond_idx) and any(ci != ui for ci, ui in zip(cond_idx, uncond_idx)):
-        guided_channels = torch.arange(C, device=dev)[None] < torch.tensor(
-            [3 if f else C for f in first3], device=dev)[:, None]  # (B, C)
-        eps = guide(cond[:, :C], out[uncond_idx][:, :C], torch.tensor(scales, device=dev), guided_channels)
-    else:
-        eps = cond[:, :C]
-    v = cond[:, C:] if cond.shape[1] > C else None  # learned variance channels (DDPM learned_range reads them)
+        def denoise(x, t, y, slots):
+            patch = pool.batch(slots) if pool is not None else jobs[0].patch
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return (forward or model)(x, t, y, patch=patch).float()
 
-    vec = [j for j in jobs if j.table is not None]
-    if vec:
-        coef = torch.cat([j.table[:, j.index, None].expand(-1, j.latents.shape[0]) for j in vec], 1)  # (K, Bv)
-        sel = _image_rows(jobs, vec)
-        need_noise = [j for j in vec if j.table[COEFFS.index("noise"), j.index] > 0]
-        noise = None
-        if need_noise:  # each job draws from its own generator, as diffusers' DDPM step does
-            noise = torch.cat([torch.randn(j.latents.shape, generator=j.generator).to(dev)
-                               if j in need_noise else torch.zeros_like(j.latents) for j in vec])
-        xv = torch.cat([j.latents for j in vec])
-        prev = vector_step(xv, eps[sel], coef.to(dev), v[sel] if v is not None else None, noise)
-        row = 0
-        for j in vec:
-            n = j.latents.shape[0]
-            j.latents, row = prev[row:row + n], row + n
+        _, prev, eps, v = run_step(denoise, batch, model.config.in_channels)
     img = 0
     for job in jobs:
         n = job.latents.shape[0]
-        if job.table is None:  # DPM-Solver (multistep state) keeps its own scheduler step
-            o = eps[img:img + n]
-            kw = {}
-            if isinstance(job.scheduler, DDPMScheduler):
-                o = torch.cat([o, v[img:img + n]], 1) if v is not None else o
-                kw = {"generator": job.generator}
-            job.latents = job.scheduler.step(o, job.timesteps[job.index], job.latents, **kw).prev_sample
+        if job.table is not None:
+            job.latents = prev[img:img + n]
+        else:  # DPM-Solver: multistep state lives in its scheduler
+            job.latents = job.scheduler.step(eps[img:img + n], job.timesteps[job.index], job.latents).prev_sample
         img += n
         job.index += 1
-
-
-def _image_rows(jobs: list[Job], subset: list[Job]) -> list[int]:
-    """Image rows (in the order of `jobs`) of the jobs in `subset`."""
-    out, img, chosen = [], 0, {id(j) for j in subset}
-    for job in jobs:
-        n = job.latents.shape[0]
-        if id(job) in chosen:
-            out += range(img, img + n)
-        img += n
-    return out
 
 
 @torch.no_grad()

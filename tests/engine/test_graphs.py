@@ -126,7 +126,9 @@ def test_pool_install_free_reuse_never_touches_a_slot_in_use():
         pool.free(0)
 
 
-def test_denoise_step_with_graphed_forward_matches_eager_jobs():
+@pytest.mark.parametrize("compile", [False, True])
+def test_denoise_step_with_graphed_forward_matches_eager_jobs(compile):
+    """The whole step (forward, CFG, DDIM/DDPM update) padded into one graph equals the eager step per job."""
     model = tiny_model()
     pool = pool_for(model)
     s1, s2 = pool.install(random_patch(model, 1)), pool.install(random_patch(model, 2))
@@ -139,9 +141,9 @@ def test_denoise_step_with_graphed_forward_matches_eager_jobs():
             denoise_step(model, [j for j in jobs if not j.done], pool=pool, forward=forward)
         return torch.cat([j.latents for j in jobs])
 
-    fwd = GraphedForward(model, pool, buckets=(4, 8))
-    torch.testing.assert_close(run(fwd), run(None), rtol=0, atol=1e-5)
-    assert fwd.fallbacks == 0
+    fwd = GraphedForward(model, pool, buckets=(2, 4), compile=compile)  # rows: 7 -> 8, then 3 -> 4
+    torch.testing.assert_close(run(fwd), run(None), rtol=1e-4 if compile else 0, atol=1e-4 if compile else 1e-5)
+    assert fwd.fallbacks == 0 and sorted(fwd.graphs) == [4, 8]
 
 
 def test_unpatched_forward_runs_no_patch_work():
