@@ -20,7 +20,9 @@ class Settings(BaseSettings):
     patch_dir: Path = Field(Path("patches"), description="Patch files (embedded registry; seeds Redis once)")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: CUDA when available, else CPU")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: fp32 CPU, bf16 CUDA")
-    cuda_graphs: bool = Field(True, description="On CUDA: bucketed CUDA-graph forward (app/engine/graphs.py)")
+    cuda_graphs: bool = Field(True, description="On CUDA: bucketed CUDA-graph step (app/engine/graphs.py)")
+    cpu_compile: bool = Field(False, description="On CPU: one torch.compile'd step per batch bucket, compiled at "
+                                                 "start (~10-30 s a bucket); pair with DMP_DTYPE=bfloat16")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default (all cores)")
     max_queue: int = Field(64, ge=1, description="Requests admitted at once (waiting + running); beyond: 429")
     max_batch: int = Field(16, ge=1, description="Images per batched forward (before CFG doubling)")

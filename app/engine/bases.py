@@ -15,7 +15,7 @@ from app.model.dit import DiT
 from app.model.sampling import SAMPLERS
 from app.model.text import load_text_encoder
 from app.model.vae import PixelVAE, SDVAE
-from app.engine.graphs import GraphedForward
+from app.engine.graphs import GraphedForward, buckets_up_to
 from app.engine.slots import SlotTable
 
 log = logging.getLogger("dmp.bases")
@@ -32,7 +32,7 @@ class ServedBase:
     text_encoder: object | None
     meta: dict
     slots: SlotTable
-    forward: GraphedForward | None = None  # CUDA: bucketed graphs over the pool; None = the model, eager
+    forward: GraphedForward | None = None  # bucketed CUDA graphs / compiled CPU steps; None = eager model
     lock: threading.Lock = field(default_factory=threading.Lock)  # held by the runner around a step and by installs
 
     @property
@@ -124,7 +124,7 @@ def load_bases(settings: Settings) -> dict[str, ServedBase]:
         name = meta.get("name") or path.stem
         if name in bases:
             raise ValueError(f"two bases named {name!r} in {root}")
-        graphed = device == "cuda" and settings.cuda_graphs
+        graphed = settings.cuda_graphs if device == "cuda" else settings.cpu_compile
         # graphs capture a plain forward, so the weights themselves take the serving dtype (bf16 by default)
         model = model.to(device=device, dtype=settings.torch_dtype if graphed else torch.float32)
         encoder = None
@@ -139,6 +139,8 @@ def load_bases(settings: Settings) -> dict[str, ServedBase]:
         pool = PatchPool(model.config.hidden_size, model.config.num_tokens, model.config.depth,
                          slots=settings.patch_slots, device=device, dtype=torch.float32)
         bases[name] = ServedBase(name, model, _vae(meta.get("vae", "pixel"), model.config.in_channels, device),
-                                 encoder, meta, SlotTable(pool), GraphedForward(model, pool) if graphed else None)
+                                 encoder, meta, SlotTable(pool),
+                                 GraphedForward(model, pool, buckets=buckets_up_to(settings.max_batch),
+                                                compile=device == "cpu") if graphed else None)
         log.info("serving base %s (%s, %s) from %s", name, model.config.task, fingerprint(model)[:12], path)
     return bases

@@ -57,7 +57,8 @@ class Engine:
             self.registry.start()
             for base in self.bases.values():
                 if base.forward is not None:
-                    base.forward.capture()  # one CUDA graph per batch bucket, before the runner starts
+                    # one CUDA graph / compiled CPU step per batch bucket, before the runner starts
+                    base.forward.capture(progress=f"graphs {base.name}")
             self.batcher = Batcher(self.bases, self.settings.max_batch, self.settings.torch_dtype, self.metrics)
             self.batcher.start()
             self.state = "warming"

@@ -28,6 +28,12 @@ from app.model.sampling import SAFE_COEF, StepBatch, run_step
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # images per batch, before CFG doubling
 
 
+def buckets_up_to(max_images: int, buckets=BUCKETS) -> tuple[int, ...]:
+    """The buckets a batch of at most `max_images` images can need (graphs beyond it would never run)."""
+    return tuple(b for b in buckets if b < max_images) + (next((b for b in buckets if b >= max_images),
+                                                             max_images),)
+
+
 def row_buckets(buckets=BUCKETS, cfg: bool = True) -> list[int]:
     """Forward rows per bucket: CFG doubles each image into a conditional and an unconditional row."""
     return sorted({b * (2 if cfg else 1) for b in buckets})
@@ -118,13 +124,18 @@ class GraphedForward:
 
     # ---------------------------------------------------------------- capture
     @torch.no_grad()
-    def capture(self, rows: list[int] | None = None, warmup: int = 2) -> None:
-        """Warm up and capture one graph per bucket (largest first, so smaller ones reuse its memory)."""
+    def capture(self, rows: list[int] | None = None, warmup: int = 2, progress: str | None = None) -> None:
+        """Warm up and capture one graph per bucket (largest first, so smaller ones reuse its memory);
+        `progress`: a progress-bar label (compiling every CPU bucket takes minutes)."""
+        from tqdm.auto import tqdm
+
+        todo = sorted(rows or self.rows, reverse=True)
+        bar = tqdm(todo, desc=progress, unit="bucket", disable=progress is None, leave=False)
         if not self.use_graphs:
-            for r in rows or self.rows:  # CPU: warm (and compile) each bucket shape once
+            for r in bar:  # CPU: warm (and compile) each bucket shape once
                 self._ensure_cpu_bucket(r)
             return
-        for r in sorted(rows or self.rows, reverse=True):
+        for r in bar:
             if r in self.graphs:
                 continue
             buf = self._static_batch(r)
@@ -194,5 +205,6 @@ class GraphedForward:
     forward = __call__
 
     def stats(self) -> dict[str, int]:
-        return {"graphs": len(self.graphs) if self.use_graphs else 0, "captures": self.captures,
+        ready = len(self.graphs) if self.use_graphs or self.compiled is not None else 0
+        return {"graphs": ready, "captures": self.captures,
                 "replays": self.replays, "fallbacks": self.fallbacks}
