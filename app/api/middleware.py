@@ -4,6 +4,7 @@ Pure ASGI (not BaseHTTPMiddleware) so the route can still see the client disconn
 """
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -13,6 +14,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from app.core.errors import error_response
 from app.core.metrics import Metrics
 
+log = logging.getLogger("dmp.api")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -25,11 +27,11 @@ class RequestContext:
             return await self.app(scope, receive, send)
         given = Headers(scope=scope).get("x-request-id", "")
         request_id = given if REQUEST_ID_RE.match(given) else uuid.uuid4().hex
-        status = [500]
+        status, started_response = [500], [False]
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started_response[0] = message["status"], True
                 MutableHeaders(scope=message)["X-Request-ID"] = request_id
             await send(message)
 
@@ -43,6 +45,13 @@ class RequestContext:
             app = error_response(413, f"request body is over {limit} bytes", "payload_too_large")
         try:
             await app(scope, receive, send_with_id)
+        except Exception:
+            if started_response[0]:
+                raise  # half a response is out: nothing valid can follow
+            # answered here rather than by Starlette's outermost handler, so the 500 carries X-Request-ID too
+            log.exception("unhandled error on %s %s (request %s)", scope["method"], scope["path"], request_id)
+            scope["dmp.error_type"] = "internal"
+            await error_response(500, "internal server error", "internal")(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"

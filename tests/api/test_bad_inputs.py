@@ -87,3 +87,26 @@ def test_routing_errors_have_the_error_shape(client, method, path, status):
 def test_405_allow_lists_every_method_of_the_path(client):
     r = client.post("/patches/digits-dmp")
     assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, PUT"
+
+
+def test_unhandled_error_is_a_500_in_our_shape_with_request_id(class_only_dirs, tmp_path):
+    """A bug in a route still answers {error, error_type} with the caller's X-Request-ID, and is counted."""
+    from fastapi.testclient import TestClient
+
+    from app.api.main import create_app
+    from app.core.config import Settings
+    from conftest import copy_dirs
+
+    dirs = copy_dirs(class_only_dirs, tmp_path)
+    app = create_app(Settings(model_dir=dirs["models"], patch_dir=dirs["patches"], warmup=False))
+
+    def boom():
+        raise RuntimeError("a bug")
+
+    app.router.add_api_route("/boom", boom)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/boom", headers={"X-Request-ID": "req-500"})
+        assert r.status_code == 500 and r.headers["x-request-id"] == "req-500"
+        assert r.json() == {"error": "internal server error", "error_type": "internal"}
+        metrics = c.get("/metrics").text
+        assert 'dmp_requests_total{error_type="internal",method="GET",route="/boom",status="500"} 1.0' in metrics
