@@ -205,16 +205,23 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
         draws = job.table is not None and table[COEFFS.index("noise")] > 0
         noises.append(torch.randn(job.latents.shape, generator=job.generator) if draws else None)
         img, row = img + n, row + n * (2 if twins else 1)
-    as_tensor = lambda v, dtype=torch.long: torch.tensor(v, dtype=dtype, device=dev)
+    as_tensor = lambda v, dtype=torch.long: to_device(torch.tensor(v, dtype=dtype), dev)
     noise = None
     if any(z is not None for z in noises):
-        noise = torch.cat([z.to(dev) if z is not None else torch.zeros_like(x) for z, x in zip(noises, xs)])
+        noise = to_device(torch.cat([z if z is not None else torch.zeros(x.shape) for z, x in zip(noises, xs)]), dev)
     return StepBatch(
         x=torch.cat(xs), row_image=as_tensor(row_image), t=as_tensor(t_rows, torch.float32), y=torch.cat(ys),
         slots=as_tensor(slot_rows), cond=as_tensor(cond), uncond=as_tensor(uncond),
         scale=as_tensor(scale, torch.float32),
         guided=torch.arange(C, device=dev)[None] < as_tensor(guided_k)[:, None],
-        coef=torch.cat(coefs, 1).to(dev), noise=noise)
+        coef=to_device(torch.cat(coefs, 1), dev), noise=noise)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """CPU tensor -> device without a host sync: a copy from pageable memory would wait for the GPU's queue."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def run_step(denoise, b: StepBatch, in_channels: int):
