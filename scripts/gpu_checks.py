@@ -1,5 +1,5 @@
 """GPU numerics checks at real shapes: Triton gate-add vs fallback, CUDA-graph replay vs eager, bf16 vs fp32,
-patch install after capture. Prints a table and writes JSON (--json). Run by scripts/gpu_checks.sh."""
+patch install after capture, whole graphed sampling steps vs eager and without host syncs. Prints a table and writes JSON (--json). Run by scripts/gpu_checks.sh."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ from app.engine.graphs import GraphedForward
 from app.engine.kernels import gate_add, gate_add_reference
 from app.model.dit import DiT_models
 from app.model.dmp import PatchPool
+from app.model.sampling import denoise_step, new_job
 from bench.engine import random_patch, randomize_
 
 
@@ -85,6 +86,44 @@ def graph_checks(size="DiT-B/2", rows=16) -> dict:
     return res
 
 
+@torch.no_grad()
+def step_checks(size="DiT-B/2", steps=6) -> dict:
+    """Whole sampling steps in the graphs (bf16) vs eager fp32 jobs: DDIM and DDPM, CFG and not, two patches;
+    and no host sync inside a step (torch.cuda sync debug mode set to raise)."""
+    with torch.device("cuda"):
+        model32 = randomize_(DiT_models[size](input_size=32, num_classes=1000))
+    model16 = DiT_models[size](input_size=32, num_classes=1000).cuda()
+    model16.load_state_dict(model32.state_dict())
+    model16 = model16.to(torch.bfloat16).eval().requires_grad_(False)
+    cfg = model32.config
+    pool = PatchPool(cfg.hidden_size, cfg.num_tokens, cfg.depth, 4, device="cuda")
+    s1, s2 = pool.install(random_patch(model32, 1)), pool.install(random_patch(model32, 2))
+    fwd = GraphedForward(model16, pool, buckets=(4, 8))
+    fwd.capture()
+
+    def jobs(model):
+        kw = dict(steps=steps, device="cuda")
+        return [new_job(model, y=207, seed=1, sampler="ddim", guidance_scale=4.0, slot=s1, **kw),
+                new_job(model, y=88, seed=2, sampler="ddpm", guidance_scale=1.5, slot=s2, n=2, **kw),
+                new_job(model, y=3, seed=3, sampler="ddim", guidance_scale=1.0, slot=0, **kw)]
+
+    eager, graphed = jobs(model32), jobs(model16)
+    syncs = 0
+    for _ in range(steps):
+        denoise_step(model32, eager, pool=pool)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            denoise_step(model16, graphed, pool=pool, forward=fwd)
+        except RuntimeError:  # a synchronizing call inside the step
+            syncs += 1
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    a, b = torch.cat([j.latents for j in graphed]), torch.cat([j.latents for j in eager])
+    return {"model": size, "steps": steps, "graph_steps_with_host_sync": syncs,
+            "bf16_graph_vs_fp32_eager_latents_rel": rel(a, b), "stats": fwd.stats()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
@@ -92,17 +131,21 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("scripts/gpu_checks.py needs a CUDA GPU")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "kernel": kernel_checks(), "graphs": graph_checks()}
+              "kernel": kernel_checks(), "graphs": graph_checks(), "steps": step_checks()}
     for dtype, r in result["kernel"].items():
         print(f"gate_add {dtype:>8}: fused rel {r['fused_vs_fp64_rel']:.2e} fallback rel {r['fallback_vs_fp64_rel']:.2e}"
               f"  fused {r['ms_fused']:.3f} ms ({r['fused_GBps']:.0f} GB/s) vs fallback {r['ms_fallback']:.3f} ms")
-    for k, v in result["graphs"].items():
-        print(f"graphs {k}: {v}")
+    for part in ("graphs", "steps"):
+        for k, v in result[part].items():
+            print(f"{part} {k}: {v}")
     ok = (all(r["all_finite"] and r["fused_vs_fp64_rel"] <= 2 * r["fallback_vs_fp64_rel"] + 1e-7
               for r in result["kernel"].values())
           and result["graphs"]["recaptures_after_install"] == 0
           and result["graphs"]["bf16_graph_vs_fp32_eager_rel"] < 3e-2
-          and result["graphs"]["after_install_graph_vs_fp32_eager_rel"] < 3e-2)
+          and result["graphs"]["after_install_graph_vs_fp32_eager_rel"] < 3e-2
+          and result["steps"]["graph_steps_with_host_sync"] == 0
+          and result["steps"]["stats"]["fallbacks"] == 0
+          and result["steps"]["bf16_graph_vs_fp32_eager_latents_rel"] < 5e-2)
     result["ok"] = ok
     if args.json:
         with open(args.json, "w") as f:
