@@ -33,8 +33,10 @@ if [ "$STAGE" != gpu ]; then   # --- CPU
   OMP_NUM_THREADS=2 $PY -m app.trainer patch --base runs/cpu/animals.safetensors --dataset animals --domain animals \
       --out runs/cpu/animals-dmp.safetensors --image-size 16 --steps 200 --batch-size 64 --seed 0 \
       --eval-every 100 --checkpoint-every 100 --device cpu --quiet
-  # base / +FT / +PT / +DMP x 3 seeds and the ablations for mnist; the GPU bases' rows are their base rows.
+  # base / +FT / +PT / +DMP: 3 seeds and the ablations for mnist, seed 0 for animals and mnist-captions
   $PY -m app.trainer table --plan patches/table_plan_cpu.json --runs runs/table_cpu --jobs 2
+  # mnist again with 3,000 further steps (seed 0) and a 10x learning-rate variant: docs/long/results.md
+  $PY -m app.trainer table --plan patches/table_plan_long.json --runs runs/table_long --doc docs/long/results.md
 
   mkdir -p models
   cp runs/cpu/mnist.safetensors models/mnist.safetensors
