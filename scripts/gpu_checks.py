@@ -44,23 +44,28 @@ def kernel_checks(B=128, N=256, D=1152, S=9, L=28) -> dict:
     return out
 
 
-@torch.no_grad()
-def graph_checks(size="DiT-B/2", rows=16) -> dict:
-    """Graph replay vs eager (bf16, same model), bf16 graph vs fp32 eager, install after capture."""
-    torch.backends.cuda.matmul.allow_tf32 = False
+def twin_models(size: str):
+    """A random 32x32 class model in fp32 and its bf16 copy on CUDA, and an empty 4-slot patch pool."""
     with torch.device("cuda"):
         model32 = randomize_(DiT_models[size](input_size=32, num_classes=1000))
     model16 = DiT_models[size](input_size=32, num_classes=1000).cuda()
     model16.load_state_dict(model32.state_dict())
     model16 = model16.to(torch.bfloat16).eval().requires_grad_(False)
     cfg = model32.config
-    pool = PatchPool(cfg.hidden_size, cfg.num_tokens, cfg.depth, 4, device="cuda")
+    return model32, model16, PatchPool(cfg.hidden_size, cfg.num_tokens, cfg.depth, 4, device="cuda")
+
+
+@torch.no_grad()
+def graph_checks(size="DiT-B/2", rows=16) -> dict:
+    """Graph replay vs eager (bf16, same model), bf16 graph vs fp32 eager, install after capture."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model32, model16, pool = twin_models(size)
     s1 = pool.install(random_patch(model32, 1))
     fwd = GraphedForward(model16, pool, buckets=(rows // 2,))
     t0 = time.perf_counter()
     fwd.capture()
     capture_s = time.perf_counter() - t0
-    x = torch.randn(rows, cfg.in_channels, 32, 32, device="cuda")
+    x = torch.randn(rows, model32.config.in_channels, 32, 32, device="cuda")
     t = torch.randint(0, 1000, (rows,), device="cuda").float()
     y = torch.randint(0, 1001, (rows,), device="cuda")
     mix = torch.tensor([s1, 0] * (rows // 2), device="cuda")
@@ -90,13 +95,7 @@ def graph_checks(size="DiT-B/2", rows=16) -> dict:
 def step_checks(size="DiT-B/2", steps=6) -> dict:
     """Whole sampling steps in the graphs (bf16) vs eager fp32 jobs: DDIM and DDPM, CFG and not, two patches;
     and no host sync inside a step (torch.cuda sync debug mode set to raise)."""
-    with torch.device("cuda"):
-        model32 = randomize_(DiT_models[size](input_size=32, num_classes=1000))
-    model16 = DiT_models[size](input_size=32, num_classes=1000).cuda()
-    model16.load_state_dict(model32.state_dict())
-    model16 = model16.to(torch.bfloat16).eval().requires_grad_(False)
-    cfg = model32.config
-    pool = PatchPool(cfg.hidden_size, cfg.num_tokens, cfg.depth, 4, device="cuda")
+    model32, model16, pool = twin_models(size)
     s1, s2 = pool.install(random_patch(model32, 1)), pool.install(random_patch(model32, 2))
     fwd = GraphedForward(model16, pool, buckets=(4, 8))
     fwd.capture()
