@@ -43,8 +43,10 @@ class Metrics:
                                    ["model"], registry=r)
         self.cache = Counter("dmp_result_cache", "Result cache lookups", ["outcome"], registry=r)
         self.ready = Gauge("dmp_ready", "1 when /health/ready answers 200", registry=r)
-        self.graph_forwards = Gauge("dmp_cuda_graph_forwards", "CUDA-graph forward counts (graphs, captures, "
-                                    "replays, fallbacks = eager forwards)", ["model", "kind"], registry=r)
+        # the name predates DMP_CPU_COMPILE; kept so dashboards keep working
+        self.graph_forwards = Gauge("dmp_cuda_graph_forwards", "Graphed-step counts: graphs (CUDA graphs or compiled "
+                                    "CPU buckets), captures, replays, fallbacks = eager steps", ["model", "kind"],
+                                    registry=r)
         self.device_memory = Gauge("dmp_device_memory_bytes", "Accelerator memory", ["device", "kind"], registry=r)
 
     def refresh_device_memory(self, device: str) -> None:
