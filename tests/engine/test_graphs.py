@@ -126,17 +126,19 @@ def test_pool_install_free_reuse_never_touches_a_slot_in_use():
         pool.free(0)
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_denoise_step_with_graphed_forward_matches_eager_jobs(compile):
+@pytest.mark.parametrize("task,compile", [("class", False), ("class", True), ("text", True)])
+def test_denoise_step_with_graphed_forward_matches_eager_jobs(task, compile):
     """The whole step (forward, CFG, DDIM/DDPM update) padded into one graph equals the eager step per job."""
-    model = tiny_model()
+    model = tiny_model(**({"num_classes": 0, "text_dim": 8} if task == "text" else {}))
     pool = pool_for(model)
     s1, s2 = pool.install(random_patch(model, 1)), pool.install(random_patch(model, 2))
+    g = torch.Generator().manual_seed(0)
+    y = [torch.randn(1, 8, generator=g) for _ in range(3)] if task == "text" else [3, 7, 1]
 
     def run(forward):
-        jobs = [new_job(model, y=3, seed=5, sampler="ddim", steps=4, guidance_scale=4.0, slot=s1),
-                new_job(model, y=7, seed=6, sampler="ddpm", steps=3, guidance_scale=1.5, slot=s2, n=2),
-                new_job(model, y=1, seed=7, sampler="ddim", steps=4, guidance_scale=1.0, slot=0)]
+        jobs = [new_job(model, y=y[0], seed=5, sampler="ddim", steps=4, guidance_scale=4.0, slot=s1),
+                new_job(model, y=y[1], seed=6, sampler="ddpm", steps=3, guidance_scale=1.5, slot=s2, n=2),
+                new_job(model, y=y[2], seed=7, sampler="ddim", steps=4, guidance_scale=1.0, slot=0)]
         while any(not j.done for j in jobs):
             denoise_step(model, [j for j in jobs if not j.done], pool=pool, forward=forward)
         return torch.cat([j.latents for j in jobs])
