@@ -1,8 +1,10 @@
 """Samplers (diffusers schedulers), classifier-free guidance, per-request generators, and `generate`.
 
 A `Job` is one request's sampling state (its own scheduler, timestep schedule and generator), so jobs with
-different patches, samplers and step counts share one batched forward via `denoise_step`, and a request's
-pixels never depend on its batch-mates.
+different patches, samplers and step counts share one batched step via `denoise_step`, and a request's
+pixels never depend on its batch-mates. A step is `plan_step` (jobs -> StepBatch tensors) then `run_step`
+(pure tensor code: forward, per-row CFG, one batched DDIM/DDPM update), which app.engine.graphs compiles or
+captures as one graph per batch bucket.
 """
 from __future__ import annotations
 
