@@ -26,6 +26,7 @@ from app.model.dmp import PatchPool, PooledPatch
 from app.model.sampling import SAFE_COEF, StepBatch, run_step
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # images per batch, before CFG doubling
+ROW_FIELDS = ("row_image", "t", "y", "slots")  # StepBatch fields per forward row; the others are per image
 
 
 def buckets_up_to(max_images: int, buckets=BUCKETS) -> tuple[int, ...]:
@@ -60,6 +61,7 @@ class GraphedForward:
             self.compiled = torch.compile(self._step_on, dynamic=False,
                                           options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
         self.graphs: dict[int, tuple] = {}  # rows -> (CUDAGraph or None, static StepBatch, static outputs)
+        self.padding: dict[int, StepBatch] = {}  # rows -> the padding values of that bucket's buffers
         self.mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.fallbacks = 0  # steps that ran eagerly (no bucket fits, or a module patch)
         self.replays = 0
@@ -94,7 +96,12 @@ class GraphedForward:
 
     # ---------------------------------------------------------------- buffers
     def _static_batch(self, rows: int) -> StepBatch:
-        """Padding-valued buffers of one bucket (images are padded to as many as rows)."""
+        """Padding-valued buffers of one bucket (images are padded to as many as rows); keeps a pristine copy."""
+        self.padding[rows] = self._padding(rows)
+        return self._padding(rows)
+
+    def _padding(self, rows: int) -> StepBatch:
+        """Padding rows: image 0, t = 0, the null condition, slot 0; padding images: zero latents, prev = x."""
         d = self.device
         return StepBatch(
             x=torch.zeros(rows, *self.x_shape, device=d), row_image=torch.zeros(rows, dtype=torch.long, device=d),
@@ -107,20 +114,17 @@ class GraphedForward:
     def _fill(self, buf: StepBatch, b: StepBatch) -> None:
         """Copy a batch into the first rows/images of the static buffers; the rest go back to padding values."""
         R, B = b.t.shape[0], b.x.shape[0]
-        for name, n in (("row_image", R), ("t", R), ("slots", R), ("x", B), ("cond", B), ("uncond", B),
-                        ("scale", B), ("guided", B)):
-            dst, src = getattr(buf, name), getattr(b, name)
+        pad = self.padding[buf.t.shape[0]]
+        for f in fields(StepBatch):
+            dst, src, blank = getattr(buf, f.name), getattr(b, f.name), getattr(pad, f.name)
+            if f.name == "coef":  # (K, B): images along dim 1
+                dst, src, blank = dst.T, src.T, blank.T
+            if src is None:  # no noise this step
+                dst.copy_(blank)
+                continue
+            n = R if f.name in ROW_FIELDS else B
             dst[:n].copy_(src)
-            dst[n:].fill_(True if name == "guided" else 1 if name == "scale" else 0)
-        buf.y[:R].copy_(b.y)
-        buf.y[R:].copy_(self.model.null_y(buf.y.shape[0] - R, self.device))
-        buf.coef[:, :B].copy_(b.coef)
-        buf.coef[:, B:].copy_(self.safe_coef)
-        if b.noise is None:
-            buf.noise.zero_()
-        else:
-            buf.noise[:B].copy_(b.noise)
-            buf.noise[B:].zero_()
+            dst[n:].copy_(blank[n:])
 
     # ---------------------------------------------------------------- capture
     @torch.no_grad()
