@@ -106,10 +106,13 @@ COEFFS = ("sa", "sb", "a", "b", "d", "min_log", "max_log", "noise", "clip")
 
 
 def step_table(sched) -> torch.Tensor | None:
-    """Per-step coefficients (len(COEFFS), steps) fp32 of a DDIM or DDPM scheduler; None for other schedulers."""
-    cfg = sched.config
-    if cfg.prediction_type != "epsilon" or cfg.thresholding:
+    """Per-step coefficients (len(COEFFS), steps) fp32 of a DDIM or DDPM scheduler; None for DPM-Solver, whose
+    multistep state needs its own step()."""
+    if isinstance(sched, DPMSolverMultistepScheduler):
         return None
+    cfg = sched.config
+    if cfg.prediction_type != "epsilon" or cfg.thresholding or (cfg.clip_sample and cfg.clip_sample_range != 1.0):
+        raise ValueError(f"unsupported {type(sched).__name__} config for the batched update")
     ac = sched.alphas_cumprod  # fp32, as diffusers computes its scalars
     ts = sched.timesteps.long()
     ap_t = ac[ts]
@@ -133,9 +136,7 @@ def step_table(sched) -> torch.Tensor | None:
         noise = (ts > 0).float()
         clip = torch.full_like(ap_t, float(cfg.clip_sample))
     else:
-        return None
-    if cfg.clip_sample and cfg.clip_sample_range != 1.0:
-        return None  # the batched clamp is to [-1, 1]
+        raise ValueError(f"no batched update for {type(sched).__name__} ({cfg.get('variance_type')})")
     return torch.stack([ap_t ** 0.5, (1 - ap_t) ** 0.5, a, b, d, min_log, max_log, noise, clip])
 
 
@@ -191,13 +192,13 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
     for job in jobs:
         n, t = job.latents.shape[0], job.t_list[job.index]
         twins = job.y_null is not None
+        halves = 2 if twins else 1
         xs.append(job.latents if job.table is not None else
                   job.scheduler.scale_model_input(job.latents, job.timesteps[job.index]))
         ys += [job.y, job.y_null] if twins else [job.y]
-        images = list(range(img, img + n))
-        row_image += images * (2 if twins else 1)
-        t_rows += [float(t)] * (n * (2 if twins else 1))
-        slot_rows += [job.slot] * (n * (2 if twins else 1))
+        row_image += list(range(img, img + n)) * halves
+        t_rows += [float(t)] * (n * halves)
+        slot_rows += [job.slot] * (n * halves)
         cond += range(row, row + n)
         uncond += range(row + n, row + 2 * n) if twins else range(row, row + n)
         scale += [job.guidance_scale if twins else 1.0] * n
@@ -206,7 +207,7 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
         coefs.append(table[:, None].expand(-1, n))
         draws = job.table is not None and table[COEFFS.index("noise")] > 0
         noises.append(torch.randn(job.latents.shape, generator=job.generator) if draws else None)
-        img, row = img + n, row + n * (2 if twins else 1)
+        img, row = img + n, row + n * halves
     as_tensor = lambda v, dtype=torch.long: to_device(torch.tensor(v, dtype=dtype), dev)
     noise = None
     if any(z is not None for z in noises):

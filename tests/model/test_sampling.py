@@ -105,5 +105,11 @@ def test_vector_step_equals_diffusers_step(sampler, learn_sigma, clip):
         torch.testing.assert_close(got, expect, atol=1e-6, rtol=1e-5)
 
 
-def test_dpm_solver_keeps_its_own_scheduler_step():
+def test_dpm_solver_keeps_its_own_scheduler_step_and_other_configs_are_refused():
     assert step_table(make_scheduler("dpm", 10, learn_sigma=True, clip_sample=False)) is None
+    from diffusers import DDPMScheduler
+
+    with pytest.raises(ValueError, match="no batched update"):
+        step_table(DDPMScheduler(variance_type="fixed_large"))
+    with pytest.raises(ValueError, match="unsupported"):
+        step_table(DDPMScheduler(prediction_type="v_prediction"))
