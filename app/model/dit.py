@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from app.model.kernels import PromptAdd, add_norm_modulate
+
 #################################################################################
 #                                  Config                                       #
 #################################################################################
@@ -55,10 +57,6 @@ class DiTConfig:
 #################################################################################
 #               Embedding Layers for Timesteps and Class Labels                 #
 #################################################################################
-
-def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
 
 class TimestepEmbedder(nn.Module):
     """Embeds scalar timesteps into vector representations."""
@@ -187,11 +185,14 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x, c):
+    def forward(self, x, c, prompt: PromptAdd | None = None):
+        """`prompt`: DMP prompts added to x before the block (DiT.forward gets them from the patch)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x  # (B, N, D)
+        # x + g * P, norm1, modulate: one fused kernel on CUDA (app/model/kernels.py), the plain ops elsewhere
+        x, h = add_norm_modulate(x, shift_msa, scale_msa, self.norm1.eps, prompt=prompt)  # (B, N, D) each
+        x, h = add_norm_modulate(x, shift_mlp, scale_mlp, self.norm2.eps, residual=self.attn(h),
+                                 residual_gate=gate_msa)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(h)  # (B, N, D)
 
 
 class FinalLayer(nn.Module):
@@ -203,7 +204,8 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
+        _, h = add_norm_modulate(x, shift, scale, self.norm_final.eps)
+        return self.linear(h)  # (B, N, p*p*C)
 
 
 class DiT(nn.Module):
@@ -278,9 +280,7 @@ class DiT(nn.Module):
         c = t_emb + self.y_embedder(y, self.training)  # (B, D)
         patch_state = patch.prepare(c, t_emb) if patch is not None else None
         for depth, block in enumerate(self.blocks):
-            if patch_state is not None:
-                x = patch_state.add(x, depth)  # x + g[..., None] * P[depth]
-            x = block(x, c)  # (B, N, D)
+            x = block(x, c, patch_state.at(depth) if patch_state is not None else None)  # (B, N, D)
         x = self.final_layer(x, c)  # (B, N, p*p*C)
         return self.unpatchify(x)  # (B, C_out, H, W)
 

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from app.model.kernels import PromptAdd
+
 FORMAT = "dmp-patch"
 FORMAT_VERSION = "1"
 TASKS = ("uncond", "class", "text")
@@ -119,10 +121,9 @@ class PatchState:
     def __init__(self, gates: torch.Tensor, prompts: torch.Tensor):
         self.gates, self.prompts = gates, prompts  # (L, B, N), (L, N, D)
 
-    def add(self, x: torch.Tensor, depth: int) -> torch.Tensor:
-        if depth >= self.prompts.shape[0]:
-            return x
-        return x + self.gates[depth].unsqueeze(-1).to(x.dtype) * self.prompts[depth].to(x.dtype)[None]  # (B, N, D)
+    def at(self, depth: int) -> PromptAdd | None:
+        """What block `depth` adds to its input (nothing past pt_depth)."""
+        return PromptAdd(self.gates[depth], self.prompts, None, depth) if depth < self.prompts.shape[0] else None
 
 
 #################################################################################
@@ -246,13 +247,9 @@ class PooledState:
     def __init__(self, gates: torch.Tensor, prompts: torch.Tensor, slots: torch.Tensor):
         self.gates, self.prompts, self.slots = gates, prompts, slots  # (L, B, N), (S, L, N, D), (B,)
 
-    def add(self, x: torch.Tensor, depth: int) -> torch.Tensor:
-        if x.is_cuda:  # fused Triton gather + gate + add (same math, fp32 accumulate)
-            from app.engine.kernels import gate_add
-
-            return gate_add(x, self.gates[depth], self.prompts, self.slots, depth)
-        prompts = self.prompts[self.slots, depth].to(x.dtype)  # (B, N, D)
-        return x + self.gates[depth].unsqueeze(-1).to(x.dtype) * prompts
+    def at(self, depth: int) -> PromptAdd:
+        """What block `depth` adds to its input: each row's prompts from its own slot."""
+        return PromptAdd(self.gates[depth], self.prompts, self.slots, depth)
 
 
 #################################################################################
