@@ -1,5 +1,6 @@
-"""GPU numerics checks at real shapes: Triton gate-add vs fallback, CUDA-graph replay vs eager, bf16 vs fp32,
-patch install after capture, whole graphed sampling steps vs eager and without host syncs. Prints a table and writes JSON (--json). Run by scripts/gpu_checks.sh."""
+"""GPU checks at real shapes: fused add + LayerNorm + modulate vs torch and fp64, CUDA-graph replay vs eager, bf16
+vs fp32, patch install after capture, whole graphed sampling steps vs eager and without host syncs, and XL/2
+forwards with and without the fused kernels plus a kernel profile. Prints a table and writes JSON (--json)."""
 from __future__ import annotations
 
 import argparse
@@ -9,11 +10,11 @@ import time
 import torch
 
 from app.engine.graphs import GraphedForward
-from app.engine.kernels import gate_add, gate_add_reference
 from app.model.dit import DiT_models
 from app.model.dmp import PatchPool
+from app.model.kernels import PromptAdd, add_norm_modulate, add_norm_modulate_reference, fused
 from app.model.sampling import denoise_step, new_job
-from bench.engine import random_patch, randomize_
+from bench.engine import random_patch, randomize_, time_alternating
 
 
 def rel(a, b) -> float:
@@ -21,26 +22,31 @@ def rel(a, b) -> float:
 
 
 def kernel_checks(B=128, N=256, D=1152, S=9, L=28) -> dict:
-    """Fused kernel vs the torch fallback and an fp64 reference; fresh random inputs per dtype; timings."""
+    """Fused add + LayerNorm + modulate vs the torch reference and fp64, per dtype and variant; timings."""
     from triton.testing import do_bench
 
     out = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        x = torch.randn(B, N, D, device="cuda").to(dtype)
-        gates = torch.randn(B, N, device="cuda").softmax(-1)
-        pool = torch.randn(S, L, N, D, device="cuda")
-        slots = torch.randint(0, S, (B,), device="cuda")
-        fused = gate_add(x, gates, pool, slots, 5)
-        fallback = gate_add_reference(x, gates, pool, slots, 5)
-        ref = x.double() + gates[..., None].double() * pool[slots, 5].double()
-        ms_fused = do_bench(lambda: gate_add(x, gates, pool, slots, 5), return_mode="median")
-        ms_fallback = do_bench(lambda: gate_add_reference(x, gates, pool, slots, 5), return_mode="median")
-        moved = 2 * x.numel() * x.element_size() + B * N * D * pool.element_size() + gates.numel() * 4
-        out[str(dtype).removeprefix("torch.")] = {
-            "fused_vs_fp64_rel": rel(fused, ref), "fallback_vs_fp64_rel": rel(fallback, ref),
-            "fused_vs_fallback_max_abs": (fused.double() - fallback.double()).abs().max().item(),
-            "all_finite": bool(torch.isfinite(fused).all()), "ms_fused": ms_fused, "ms_fallback": ms_fallback,
-            "fused_GBps": moved / ms_fused / 1e6}
+        x, res = (torch.randn(B, N, D, device="cuda").to(dtype) for _ in range(2))
+        shift, scale, gate = (0.5 * torch.randn(B, 6 * D, device="cuda")).to(dtype).chunk(6, dim=1)[:3]
+        prompt = PromptAdd(torch.randn(B, N, device="cuda").softmax(-1), torch.randn(S, L, N, D, device="cuda"),
+                           torch.randint(0, S, (B,), device="cuda"), 5)
+        for name, kw in {"prompt": dict(prompt=prompt), "residual": dict(residual=res, residual_gate=gate)}.items():
+            fused_x, fused_h = add_norm_modulate(x, shift, scale, 1e-6, **kw)
+            ref_x, ref_h = add_norm_modulate_reference(x, shift, scale, 1e-6, **kw)
+            d = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+            if "prompt" in d:
+                d["prompt"] = PromptAdd(prompt.gates.double(), prompt.prompts.double(), prompt.slots, 5)
+            ex_x, ex_h = add_norm_modulate_reference(x.double(), shift.double(), scale.double(), 1e-6, **d)
+            ms_fused = do_bench(lambda: add_norm_modulate(x, shift, scale, 1e-6, **kw), return_mode="median")
+            ms_ref = do_bench(lambda: add_norm_modulate_reference(x, shift, scale, 1e-6, **kw),
+                              return_mode="median")
+            moved = (4 if name == "residual" else 3) * x.numel() * x.element_size()  # reads x (+ y), writes x, h
+            out[f"{name}_{str(dtype).removeprefix('torch.')}"] = {
+                "fused_x_vs_fp64_rel": rel(fused_x, ex_x), "reference_x_vs_fp64_rel": rel(ref_x, ex_x),
+                "fused_h_vs_fp64_rel": rel(fused_h, ex_h), "reference_h_vs_fp64_rel": rel(ref_h, ex_h),
+                "all_finite": bool(torch.isfinite(fused_h).all()), "ms_fused": ms_fused, "ms_reference": ms_ref,
+                "fused_GBps": moved / ms_fused / 1e6}
     return out
 
 
@@ -123,6 +129,65 @@ def step_checks(size="DiT-B/2", steps=6) -> dict:
             "bf16_graph_vs_fp32_eager_latents_rel": rel(a, b), "stats": fwd.stats()}
 
 
+@torch.no_grad()
+def fusion_gain(size="DiT-XL/2", images=(32, 64), repeats=10, top=20) -> dict:
+    """ms per graphed forward (bf16; one patch and none) with the fused kernels and with plain torch ops, and
+    the kernel table of one eager forward (torch.profiler): where the time goes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.device("cuda"):
+        model = randomize_(DiT_models[size](input_size=32, num_classes=1000)).to(torch.bfloat16)
+    cfg = model.config
+    pool = PatchPool(cfg.hidden_size, cfg.num_tokens, cfg.depth, 2, device="cuda")
+    slot = pool.install(random_patch(model, 1))
+    graphs = {}
+    for on in (True, False):
+        with fused(on):  # the kernels a graph replays are fixed at capture
+            for name, p in (("patched", pool), ("unpatched", None)):
+                graphs[f"{'fused' if on else 'plain'}_{name}"] = fwd = GraphedForward(model, p, buckets=images)
+                fwd.capture()
+    out = {"model": size, "forward_ms": {}}
+    for rows in (2 * b for b in images):
+        x = torch.randn(rows, cfg.in_channels, 32, 32, device="cuda")
+        t = torch.randint(0, 1000, (rows,), device="cuda").float()
+        y = torch.randint(0, 1001, (rows,), device="cuda")
+        patch = pool.batch(torch.full((rows,), slot, device="cuda"))
+        fns = {k: (lambda f=f, k=k: f(x, t, y, patch=None if k.endswith("unpatched") else patch))
+               for k, f in graphs.items()}
+        ms = {k: v * 1e3 for k, v in time_alternating(fns, torch.device("cuda"), repeats).items()}
+        ms["fusion_speedup_patched"] = ms["plain_patched"] / ms["fused_patched"]
+        ms["patch_overhead_fused"] = ms["fused_patched"] / ms["fused_unpatched"] - 1
+        ms["patch_overhead_plain"] = ms["plain_patched"] / ms["plain_unpatched"] - 1
+        out["forward_ms"][rows] = ms
+    rows = 2 * images[-1]
+    x = torch.randn(rows, cfg.in_channels, 32, 32, device="cuda", dtype=torch.bfloat16)
+    t, y = torch.randint(0, 1000, (rows,), device="cuda").float(), torch.randint(0, 1000, (rows,), device="cuda")
+    patch = pool.batch(torch.full((rows,), slot, device="cuda"))
+    model(x, t, y, patch=patch)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(x, t, y, patch=patch)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    # kernels only: CPU-side op rows would count their kernels a second time
+    dev_us = [(e.key, e.count, e.self_device_time_total) for e in events if e.device_type == DeviceType.CUDA]
+    dev_us.sort(key=lambda r: -r[2])
+    total = sum(r[2] for r in dev_us)
+    out["profile_rows"] = rows
+    out["profile_kernel_ms_total"] = total / 1e3
+    out["profile_top"] = [{"kernel": k[:120], "calls": c, "ms": us / 1e3, "share": us / total} for k, c, us in
+                          dev_us[:top]]
+    return out
+
+
+def save(result: dict, path: str | None) -> None:
+    """Write what is measured so far (a run cut short by its timeout keeps it)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
@@ -131,13 +196,23 @@ def main():
         raise SystemExit("scripts/gpu_checks.py needs a CUDA GPU")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "kernel": kernel_checks(), "graphs": graph_checks(), "steps": step_checks()}
-    for dtype, r in result["kernel"].items():
-        print(f"gate_add {dtype:>8}: fused rel {r['fused_vs_fp64_rel']:.2e} fallback rel {r['fallback_vs_fp64_rel']:.2e}"
-              f"  fused {r['ms_fused']:.3f} ms ({r['fused_GBps']:.0f} GB/s) vs fallback {r['ms_fallback']:.3f} ms")
+    save(result, args.json)
+    result["fusion"] = fusion_gain()
+    for case, r in result["kernel"].items():
+        print(f"add_norm_modulate {case:>17}: h rel fused {r['fused_h_vs_fp64_rel']:.2e} reference "
+              f"{r['reference_h_vs_fp64_rel']:.2e}  fused {r['ms_fused']:.3f} ms ({r['fused_GBps']:.0f} GB/s) vs "
+              f"reference {r['ms_reference']:.3f} ms")
     for part in ("graphs", "steps"):
         for k, v in result[part].items():
             print(f"{part} {k}: {v}")
-    ok = (all(r["all_finite"] and r["fused_vs_fp64_rel"] <= 2 * r["fallback_vs_fp64_rel"] + 1e-7
+    for rows, r in result["fusion"]["forward_ms"].items():
+        print(f"fusion {result['fusion']['model']} rows={rows}: " + "  ".join(f"{k} {v:.3f}" for k, v in r.items()))
+    print(f"profile, one eager forward at {result['fusion']['profile_rows']} rows, "
+          f"{result['fusion']['profile_kernel_ms_total']:.2f} ms of kernels:")
+    for r in result["fusion"]["profile_top"]:
+        print(f"  {r['ms']:8.3f} ms {r['share']:6.1%} x{r['calls']:<4d} {r['kernel']}")
+    ok = (all(r["all_finite"] and r["fused_h_vs_fp64_rel"] <= 2 * r["reference_h_vs_fp64_rel"] + 1e-6
+              and r["fused_x_vs_fp64_rel"] <= 2 * r["reference_x_vs_fp64_rel"] + 1e-6
               for r in result["kernel"].values())
           and result["graphs"]["recaptures_after_install"] == 0
           and result["graphs"]["bf16_graph_vs_fp32_eager_rel"] < 3e-2
@@ -146,9 +221,7 @@ def main():
           and result["steps"]["stats"]["fallbacks"] == 0
           and result["steps"]["bf16_graph_vs_fp32_eager_latents_rel"] < 5e-2)
     result["ok"] = ok
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    save(result, args.json)
     print("GPU CHECKS", "PASS" if ok else "FAIL")
     raise SystemExit(0 if ok else 1)
 

@@ -19,11 +19,11 @@ fi
 status=0
 { nvidia-smi; $PY -c "import torch, triton, diffusers; print(torch.__version__, triton.__version__, diffusers.__version__)"; } \
     > "$OUT/env.txt" 2>&1
-echo "== 1/3 GPU-marked tests of the engine kernels and graphs (the CPU ones run in CI)"
-timeout 120 $PY -m pytest tests/engine/test_kernels.py tests/engine/test_graphs.py -m gpu -q -rs -p no:cacheprovider 2>&1 \
+echo "== 1/3 GPU-marked tests of the fused kernel and the graphs (the CPU ones run in CI)"
+timeout 120 $PY -m pytest tests/model/test_kernels.py tests/engine/test_graphs.py -m gpu -q -rs -p no:cacheprovider 2>&1 \
     | tee "$OUT/pytest.log" || status=1
-echo "== 2/3 numerics at real shapes: Triton vs fallback, graphs vs eager, bf16 vs fp32, install without recapture"
-timeout 90 $PY -m scripts.gpu_checks --json "$OUT/checks.json" 2>&1 | tee "$OUT/checks.log" || status=1
+echo "== 2/3 real shapes: Triton vs torch vs fp64, graphs vs eager, bf16 vs fp32, install without recapture, fusion gain"
+timeout 180 $PY -m scripts.gpu_checks --json "$OUT/checks.json" 2>&1 | tee "$OUT/checks.log" || status=1
 echo "== 3/3 benchmark vs diffusers: demo shape + DiT-XL/2"
 timeout 300 $PY -m bench.engine --device cuda --json-out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
 echo "gpu_checks exit status $status"
