@@ -67,8 +67,8 @@ def fused(enabled: bool):
 
 def use_triton(x: torch.Tensor) -> bool:
     """The kernel serves CUDA inference (or the interpreter); autograd and torch.compile take the reference."""
-    return (_fused_enabled and triton is not None and (x.is_cuda or INTERPRET) and x.shape[-1] <= MAX_FUSED_WIDTH
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+    return (_fused_enabled and triton is not None and (x.is_cuda or INTERPRET) and 0 < x.shape[-1] <= MAX_FUSED_WIDTH
+            and x.numel() > 0 and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
 
 def add_norm_modulate_reference(x, shift, scale, eps, residual=None, residual_gate=None,
