@@ -18,7 +18,8 @@ def test_env_prefix_and_types(monkeypatch):
     assert s.redis_url is None and str(s.model_dir) == "models" and str(s.patch_dir) == "patches"
 
 
-@pytest.mark.parametrize("key,value", [("DMP_DEVICE", "tpu"), ("DMP_MAX_QUEUE", "0"), ("DMP_PATCH_SLOTS", "1")])
+@pytest.mark.parametrize("key,value", [("DMP_DEVICE", "tpu"), ("DMP_MAX_QUEUE", "0"), ("DMP_PATCH_SLOTS", "1"),
+                                       ("DMP_FUSED_KERNELS", "maybe")])
 def test_bad_values_are_refused(monkeypatch, key, value):
     monkeypatch.setenv(key, value)
     with pytest.raises(pydantic.ValidationError):
