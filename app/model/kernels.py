@@ -144,7 +144,7 @@ def add_norm_modulate(x, shift, scale, eps, residual=None, residual_gate=None, p
     if prompt is not None:
         pool, gates = prompt.prompts.contiguous(), prompt.gates.contiguous()
         slots = prompt.slots.contiguous() if prompt.slots is not None else gates
-        slot_stride = pool.stride(0) if prompt.slots is not None else 0
+        slot_stride = pool.stride(0) if prompt.slots is not None else 0  # 0: one patch for every row
         depth_offset = prompt.depth * pool.stride(-3)
     else:
         pool = gates = slots = x
@@ -153,6 +153,6 @@ def add_norm_modulate(x, shift, scale, eps, residual=None, residual_gate=None, p
     _add_norm_modulate_kernel[(B * N,)](
         x, res, rgate, gates, pool, slots, shift, scale, x_out, h, N, D, eps,
         rgate.stride(0), shift.stride(0), scale.stride(0), slot_stride, depth_offset,
-        HAS_RES=residual is not None, HAS_PROMPT=prompt is not None, HAS_SLOTS=prompt is not None and
-        prompt.slots is not None, BLOCK_D=block_d, num_warps=min(max(block_d // 256, 1), 8))
+        HAS_RES=residual is not None, HAS_PROMPT=prompt is not None, HAS_SLOTS=slot_stride > 0,
+        BLOCK_D=block_d, num_warps=min(max(block_d // 256, 1), 8))
     return x_out, h
