@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(True, description="On CUDA: bucketed CUDA-graph step (app/engine/graphs.py)")
     fused_kernels: bool = Field(True, description="On CUDA: Triton kernels fusing the residual and DMP prompt adds "
                                                   "with LayerNorm + modulate; false = plain torch ops")
+    cuda_compile: bool = Field(False, description="On CUDA with graphs: torch.compile each bucket's step before "
+                                                  "capture (minutes at start); not yet measured on a GPU")
     cpu_compile: bool = Field(False, description="On CPU: one torch.compile'd step per batch bucket, compiled at "
                                                  "start (~10-30 s a bucket); pair with DMP_DTYPE=bfloat16")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default (all cores)")

@@ -143,6 +143,7 @@ def load_bases(settings: Settings) -> dict[str, ServedBase]:
         bases[name] = ServedBase(name, model, _vae(meta.get("vae", "pixel"), model.config.in_channels, device),
                                  encoder, meta, SlotTable(pool),
                                  GraphedForward(model, pool, buckets=buckets_up_to(settings.max_batch),
-                                                compile=device == "cpu") if graphed else None)
+                                                compile=device == "cpu" or settings.cuda_compile)
+                                 if graphed else None)
         log.info("serving base %s (%s, %s) from %s", name, model.config.task, fingerprint(model)[:12], path)
     return bases

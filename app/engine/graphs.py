@@ -7,10 +7,12 @@ graph serves any mix of patches, and installing a patch (an in-place copy into a
 recapture. Batches are padded to the next bucket (padding rows: image 0, t = 0, the null condition, slot 0;
 padding images: zero latents, prev = x); rows never interact in a DiT forward, so padding does not change the
 real rows. Shapes above the largest bucket, or a patch given as a module rather than a pool slot, run eagerly
-and are counted in `fallbacks`. On CPU, `compile=True` runs each bucket through torch.compile with weight
-freezing (Inductor folds the frozen base weights into prepacked oneDNN GEMMs), its C++ wrapper, and math
-attention (for DiT's short sequences Inductor's fused bmm-softmax-bmm beats the CPU flash kernel); the pool
-tensors stay inputs, so installs need no recompile.
+and are counted in `fallbacks`. `compile=True` runs each bucket's step through torch.compile with weight
+freezing; the pool tensors stay inputs, so installs need no recompile. On CPU that is the graph itself (Inductor
+folds the frozen base weights into prepacked oneDNN GEMMs, calls its kernels from its C++ wrapper, and uses math
+attention: for DiT's short sequences its fused bmm-softmax-bmm beats the CPU flash kernel). On CUDA the compiled
+step (Inductor fuses the elementwise work between GEMMs itself, flash attention stays) is what the CUDA graph
+captures; compiling happens in the warm-up before capture.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ class GraphedForward:
         self.dtype = next(model.parameters()).dtype
         self.use_graphs = self.device.type == "cuda"
         self.compiled = None
-        if compile and not self.use_graphs:
+        if compile:
             # Only tensor guards (shape, dtype) stay: they pick the bucket. Guards on the parameters would cost
             # ~0.3 ms a call and protect nothing, since freezing folds the weights into the compiled code.
             self.compiled = torch.compile(self._step_on, dynamic=False,
@@ -86,11 +88,15 @@ class GraphedForward:
         with self._compile_context() if fn is self.compiled else contextlib.nullcontext():
             return fn(*(getattr(batch, f.name) for f in fields(StepBatch)))
 
-    @staticmethod
     @contextlib.contextmanager
-    def _compile_context():
-        """Freezing must be on when Inductor compiles (torch.compile's options= does not reach it); the C++
-        wrapper calls the kernels without a Python frame per op (~0.5 ms a forward at the demo size)."""
+    def _compile_context(self):
+        """Freezing must be on when Inductor compiles (torch.compile's options= does not reach it). CPU only:
+        the C++ wrapper calls the kernels without a Python frame per op (~0.5 ms a forward at the demo size;
+        on CUDA the graph replay has no Python at all), and math attention."""
+        if self.use_graphs:
+            with inductor_config.patch(freezing=True):
+                yield
+            return
         with inductor_config.patch(freezing=True, cpp_wrapper=True), sdpa_kernel([SDPBackend.MATH]):
             yield
 
@@ -145,7 +151,7 @@ class GraphedForward:
             buf = self._static_batch(r)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside capture: Triton JIT, cuBLAS handles, allocator
+            with torch.cuda.stream(stream):  # warm-up outside capture: torch.compile, Triton JIT, cuBLAS, allocator
                 for _ in range(warmup):
                     self._run(buf)
             torch.cuda.current_stream().wait_stream(stream)

@@ -19,7 +19,7 @@ def test_env_prefix_and_types(monkeypatch):
 
 
 @pytest.mark.parametrize("key,value", [("DMP_DEVICE", "tpu"), ("DMP_MAX_QUEUE", "0"), ("DMP_PATCH_SLOTS", "1"),
-                                       ("DMP_FUSED_KERNELS", "maybe")])
+                                       ("DMP_FUSED_KERNELS", "maybe"), ("DMP_CUDA_COMPILE", "2")])
 def test_bad_values_are_refused(monkeypatch, key, value):
     monkeypatch.setenv(key, value)
     with pytest.raises(pydantic.ValidationError):
