@@ -130,6 +130,21 @@ def step_checks(size="DiT-B/2", steps=6) -> dict:
             "bf16_graph_vs_fp32_eager_latents_rel": rel(a, b), "stats": fwd.stats()}
 
 
+def bf16_model_with_patch(size: str):
+    """A random bf16 32x32 class model on CUDA, a 2-slot pool and the slot of one random patch in it."""
+    with torch.device("cuda"):
+        model = randomize_(DiT_models[size](input_size=32, num_classes=1000)).to(torch.bfloat16)
+    cfg = model.config
+    pool = PatchPool(cfg.hidden_size, cfg.num_tokens, cfg.depth, 2, device="cuda")
+    return model, pool, pool.install(random_patch(model, 1))
+
+
+def random_rows(cfg, rows: int):
+    """Forward inputs: fp32 latents, float timesteps, labels including the null class."""
+    return (torch.randn(rows, cfg.in_channels, cfg.input_size, cfg.input_size, device="cuda"),
+            torch.randint(0, 1000, (rows,), device="cuda").float(), torch.randint(0, 1001, (rows,), device="cuda"))
+
+
 @torch.no_grad()
 def fusion_gain(size="DiT-XL/2", images=(32, 64), repeats=10, top=20) -> dict:
     """ms per graphed forward (bf16; one patch and none) with the fused kernels and with plain torch ops, and
@@ -137,11 +152,8 @@ def fusion_gain(size="DiT-XL/2", images=(32, 64), repeats=10, top=20) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.device("cuda"):
-        model = randomize_(DiT_models[size](input_size=32, num_classes=1000)).to(torch.bfloat16)
+    model, pool, slot = bf16_model_with_patch(size)
     cfg = model.config
-    pool = PatchPool(cfg.hidden_size, cfg.num_tokens, cfg.depth, 2, device="cuda")
-    slot = pool.install(random_patch(model, 1))
     graphs = {}
     for on in (True, False):
         with fused(on):  # the kernels a graph replays are fixed at capture
@@ -150,9 +162,7 @@ def fusion_gain(size="DiT-XL/2", images=(32, 64), repeats=10, top=20) -> dict:
                 fwd.capture()
     out = {"model": size, "forward_ms": {}}
     for rows in (2 * b for b in images):
-        x = torch.randn(rows, cfg.in_channels, 32, 32, device="cuda")
-        t = torch.randint(0, 1000, (rows,), device="cuda").float()
-        y = torch.randint(0, 1001, (rows,), device="cuda")
+        x, t, y = random_rows(cfg, rows)
         patch = pool.batch(torch.full((rows,), slot, device="cuda"))
         fns = {k: (lambda f=f, k=k: f(x, t, y, patch=None if k.endswith("unpatched") else patch))
                for k, f in graphs.items()}
@@ -162,8 +172,8 @@ def fusion_gain(size="DiT-XL/2", images=(32, 64), repeats=10, top=20) -> dict:
         ms["patch_overhead_plain"] = ms["plain_patched"] / ms["plain_unpatched"] - 1
         out["forward_ms"][rows] = ms
     rows = 2 * images[-1]
-    x = torch.randn(rows, cfg.in_channels, 32, 32, device="cuda", dtype=torch.bfloat16)
-    t, y = torch.randint(0, 1000, (rows,), device="cuda").float(), torch.randint(0, 1000, (rows,), device="cuda")
+    x, t, y = random_rows(cfg, rows)
+    x = x.bfloat16()
     patch = pool.batch(torch.full((rows,), slot, device="cuda"))
     model(x, t, y, patch=patch)
     torch.cuda.synchronize()
@@ -182,6 +192,29 @@ def fusion_gain(size="DiT-XL/2", images=(32, 64), repeats=10, top=20) -> dict:
     return out
 
 
+@torch.no_grad()
+def compile_gain(size="DiT-XL/2", images=64, repeats=10) -> dict:
+    """One bucket's graphed step (bf16, one patch): the hand-fused eager step vs the torch.compile'd step
+    (DMP_CUDA_COMPILE), both captured by GraphedForward; compile seconds and output agreement."""
+    model, pool, slot = bf16_model_with_patch(size)
+    graphs, setup_s = {}, {}
+    for name, compile_ in (("fused", False), ("compiled", True)):
+        t0 = time.perf_counter()
+        graphs[name] = fwd = GraphedForward(model, pool, buckets=(images,), compile=compile_)
+        fwd.capture()
+        setup_s[name] = time.perf_counter() - t0
+    rows = 2 * images
+    x, t, y = random_rows(model.config, rows)
+    patch = pool.batch(torch.full((rows,), slot, device="cuda"))
+    outs = {k: f(x, t, y, patch=patch) for k, f in graphs.items()}
+    ms = time_alternating({k: (lambda f=f: f(x, t, y, patch=patch)) for k, f in graphs.items()},
+                          torch.device("cuda"), repeats)
+    return {"model": size, "rows": rows, "setup_s": setup_s, "forward_ms": {k: v * 1e3 for k, v in ms.items()},
+            "compiled_speedup": ms["fused"] / ms["compiled"],
+            "compiled_vs_fused_rel": rel(outs["compiled"], outs["fused"]),
+            "stats": {k: f.stats() for k, f in graphs.items()}}
+
+
 def save(result: dict, path: str | None) -> None:
     """Write what is measured so far (a run cut short by its timeout keeps it)."""
     if path:
@@ -192,9 +225,16 @@ def save(result: dict, path: str | None) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compile", action="store_true", help="only the torch.compile'd step vs the hand-fused one")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("scripts/gpu_checks.py needs a CUDA GPU")
+    if args.compile:
+        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "compile": compile_gain()}
+        save(result, args.json)
+        print(json.dumps(result["compile"], indent=1))
+        c = result["compile"]
+        raise SystemExit(0 if c["compiled_vs_fused_rel"] < 5e-2 and c["stats"]["compiled"]["fallbacks"] == 0 else 1)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "kernel": kernel_checks(), "graphs": graph_checks(), "steps": step_checks()}
     save(result, args.json)

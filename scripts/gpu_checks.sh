@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check and the GPU benchmark in one go (about 3-4 minutes on an H200); JSON + logs under $OUT.
+# Every GPU check and the GPU benchmark in one go (at most 10 minutes: stage timeouts 90 + 120 + 240 + 140 s;
+# session 1's three stages took about 3 minutes on an H200); JSON + logs under $OUT, written as each stage ends.
 #   OUT=/tmp/gpu scripts/gpu_checks.sh
 # On the lent device machine diffusers is missing: wheels in .whl5/ (see bench/README.md) are installed first.
 set -uo pipefail
@@ -19,12 +20,14 @@ fi
 status=0
 { nvidia-smi; $PY -c "import torch, triton, diffusers; print(torch.__version__, triton.__version__, diffusers.__version__)"; } \
     > "$OUT/env.txt" 2>&1
-echo "== 1/3 GPU-marked tests of the fused kernel and the graphs (the CPU ones run in CI)"
-timeout 120 $PY -m pytest tests/model/test_kernels.py tests/engine/test_graphs.py -m gpu -q -rs -p no:cacheprovider 2>&1 \
+echo "== 1/4 GPU-marked tests of the fused kernel and the graphs (the CPU ones run in CI)"
+timeout 90 $PY -m pytest tests/model/test_kernels.py tests/engine/test_graphs.py -m gpu -q -rs -p no:cacheprovider 2>&1 \
     | tee "$OUT/pytest.log" || status=1
-echo "== 2/3 real shapes: Triton vs torch vs fp64, graphs vs eager, bf16 vs fp32, install without recapture, fusion gain"
-timeout 180 $PY -m scripts.gpu_checks --json "$OUT/checks.json" 2>&1 | tee "$OUT/checks.log" || status=1
-echo "== 3/3 benchmark vs diffusers: demo shape + DiT-XL/2"
-timeout 300 $PY -m bench.engine --device cuda --json-out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+echo "== 2/4 real shapes: Triton vs torch vs fp64, graphs vs eager, bf16 vs fp32, install without recapture, fusion gain"
+timeout 120 $PY -m scripts.gpu_checks --json "$OUT/checks.json" 2>&1 | tee "$OUT/checks.log" || status=1
+echo "== 3/4 benchmark vs diffusers: demo shape + DiT-XL/2"
+timeout 240 $PY -m bench.engine --device cuda --json-out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+echo "== 4/4 torch.compile'd step (DMP_CUDA_COMPILE) vs the hand-fused one, XL/2 at 128 rows (compiling takes a while)"
+timeout 140 $PY -m scripts.gpu_checks --compile --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.log" || status=1
 echo "gpu_checks exit status $status"
 exit $status
