@@ -47,6 +47,9 @@ class Metrics:
         self.graph_forwards = Gauge("dmp_cuda_graph_forwards", "Graphed-step counts: graphs (CUDA graphs or compiled "
                                     "CPU buckets), captures, replays, fallbacks = eager steps", ["model", "kind"],
                                     registry=r)
+        self.fused_kernels = Gauge("dmp_fused_kernels", "1 when the blocks run the fused Triton kernel (CUDA); 0 on "
+                                   "plain torch (CPU, DMP_FUSED_KERNELS=false, or a failed start-up self-check)",
+                                   registry=r)
         self.device_memory = Gauge("dmp_device_memory_bytes", "Accelerator memory", ["device", "kind"], registry=r)
 
     def refresh_device_memory(self, device: str) -> None:

@@ -12,7 +12,7 @@ import torch
 from app.core.config import Settings
 from app.model import CheckpointError, PatchPool, fingerprint, load_base
 from app.model.dit import DiT
-from app.model.kernels import set_fused
+from app.model.kernels import self_check, set_fused
 from app.model.sampling import SAMPLERS
 from app.model.text import load_text_encoder
 from app.model.vae import PixelVAE, SDVAE
@@ -111,6 +111,8 @@ def load_bases(settings: Settings) -> dict[str, ServedBase]:
     """Every base in DMP_MODEL_DIR, on the configured device; text encoders shared between bases."""
     device = settings.torch_device
     set_fused(settings.fused_kernels)
+    if problem := self_check(device):
+        log.warning(problem)
     root = Path(settings.model_dir)
     paths = sorted(p for p in root.glob("*") if p.suffix in BASE_SUFFIXES or (p.is_dir() and
                                                                                (p / "config.json").exists()))

@@ -17,6 +17,7 @@ from app.engine.bases import ServedBase, load_bases
 from app.engine.batcher import Batcher
 from app.engine.cache import ResultCache
 from app.engine.work import Result, Spec, Work
+from app.model import kernels
 from app.model.sampling import TRAIN_TIMESTEPS, new_job
 
 log = logging.getLogger("dmp.engine")
@@ -49,6 +50,7 @@ class Engine:
             if self.settings.torch_threads:
                 torch.set_num_threads(self.settings.torch_threads)  # shared CPUs: fewer threads, less spinning
             self.bases = load_bases(self.settings)
+            self.metrics.fused_kernels.set(int(kernels.active(self.settings.torch_device)))
             if self.settings.redis_url:
                 self.redis = redis_client(self.settings)
                 if self.settings.cache_ttl > 0:

@@ -65,6 +65,11 @@ def fused(enabled: bool):
         set_fused(before)
 
 
+def active(device) -> bool:
+    """Whether inference on this device runs the Triton kernel (for the dmp_fused_kernels gauge)."""
+    return _fused_enabled and triton is not None and (torch.device(device).type == "cuda" or INTERPRET)
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """The kernel serves CUDA inference (or the interpreter); autograd and torch.compile take the reference."""
     return (_fused_enabled and triton is not None and (x.is_cuda or INTERPRET) and 0 < x.shape[-1] <= MAX_FUSED_WIDTH
@@ -156,3 +161,29 @@ def add_norm_modulate(x, shift, scale, eps, residual=None, residual_gate=None, p
         HAS_RES=residual is not None, HAS_PROMPT=prompt is not None, HAS_SLOTS=slot_stride > 0,
         BLOCK_D=block_d, num_warps=min(max(block_d // 256, 1), 8))
     return x_out, h
+
+
+@torch.no_grad()
+def self_check(device) -> str | None:
+    """Run the kernel once on small inputs against the reference; if it fails or disagrees, turn the Triton path
+    off for this process and say why: a GPU or Triton build the kernel does not support must not stop a server."""
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2, 4, 40, generator=g).to(device) for _ in range(2))
+    shift, scale, gate = (0.5 * torch.randn(3, 2, 40, generator=g)).to(device).unbind(0)
+    prompt = PromptAdd(torch.rand(2, 4, generator=g).to(device), torch.randn(3, 2, 4, 40, generator=g).to(device),
+                       torch.tensor([2, 0], device=device), 1)
+    if not use_triton(x):
+        return None
+    kw = dict(residual=y, residual_gate=gate, prompt=prompt)
+    try:
+        got = add_norm_modulate(x, shift, scale, 1e-6, **kw)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)  # a launch error surfaces here
+    except Exception as e:  # compile or launch failure, of whatever type Triton raises
+        set_fused(False)
+        return f"fused Triton kernel failed ({type(e).__name__}: {str(e)[:200]}); using plain torch ops"
+    want = add_norm_modulate_reference(x, shift, scale, 1e-6, **kw)
+    if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(got, want)):
+        set_fused(False)
+        return "fused Triton kernel disagrees with the torch reference; using plain torch ops"
+    return None

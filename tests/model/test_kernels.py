@@ -111,6 +111,37 @@ def test_triton_path_only_for_cuda_inference():
         assert not use_triton(xc)  # autograd on: the kernel has no backward
 
 
+def test_self_check_is_quiet_where_the_kernel_does_not_run():
+    from app.model import kernels
+
+    assert kernels.self_check("cpu") is None and not kernels.active("cpu")
+
+
+def test_self_check_turns_a_failing_kernel_off(monkeypatch):
+    """A kernel that cannot launch (here: Triton without a GPU or its interpreter) is caught and switched off."""
+    pytest.importorskip("triton")
+    from app.model import kernels
+
+    monkeypatch.setattr(kernels, "use_triton", lambda x: kernels._fused_enabled)
+    with fused(True):
+        problem = kernels.self_check("cpu")
+        assert problem and problem.startswith("fused Triton kernel failed")
+        assert not kernels.use_triton(torch.zeros(1, 1, 8))  # the process now runs plain torch
+        x, _, shift, scale, *_ = random_case()
+        assert torch.equal(add_norm_modulate(x, shift, scale, 1e-6)[1],
+                           add_norm_modulate_reference(x, shift, scale, 1e-6)[1])
+
+
+def test_self_check_turns_a_wrong_kernel_off(monkeypatch):
+    from app.model import kernels
+
+    monkeypatch.setattr(kernels, "use_triton", lambda x: kernels._fused_enabled)
+    monkeypatch.setattr(kernels, "add_norm_modulate", lambda x, *a, **k: (x, torch.zeros_like(x)))
+    with fused(True):
+        assert kernels.self_check("cpu").startswith("fused Triton kernel disagrees with the torch reference")
+        assert not kernels._fused_enabled
+
+
 def within(out, ex, eps, scale):
     return bool(((out.double() - ex).abs() <= eps * scale + 1e-6).all())
 
@@ -156,6 +187,8 @@ for dtype, eps in ((torch.float32, 1e-6), (torch.bfloat16, 2 ** -7)):
                 assert torch.isfinite(out_h).all(), (dtype, B, N, D, name)
                 assert within(out_x, ex_x, eps, mag_x), (dtype, B, N, D, name, slots)
                 assert within(out_h, ex_h, 2 * eps, mag_h), (dtype, B, N, D, name, slots)
+
+assert K.self_check("cpu") is None and K.active("cpu")  # the start-up check passes and leaves the kernel on
 
 # a whole patched DiT forward, mixed slots and one shared patch: kernel path vs the reference path, fp32
 from app.model.dit import DiT_models
