@@ -111,8 +111,6 @@ def load_bases(settings: Settings) -> dict[str, ServedBase]:
     """Every base in DMP_MODEL_DIR, on the configured device; text encoders shared between bases."""
     device = settings.torch_device
     set_fused(settings.fused_kernels)
-    if problem := self_check(device):
-        log.warning(problem)
     root = Path(settings.model_dir)
     paths = sorted(p for p in root.glob("*") if p.suffix in BASE_SUFFIXES or (p.is_dir() and
                                                                                (p / "config.json").exists()))
@@ -148,4 +146,7 @@ def load_bases(settings: Settings) -> dict[str, ServedBase]:
                                                 compile=device == "cpu" or settings.cuda_compile)
                                  if graphed else None)
         log.info("serving base %s (%s, %s) from %s", name, model.config.task, fingerprint(model)[:12], path)
+    for width, dtype in {(b.model.config.hidden_size, next(b.model.parameters()).dtype) for b in bases.values()}:
+        if problem := self_check(device, width, dtype):  # at the served shapes, before any graph captures it
+            log.warning(problem)
     return bases

@@ -188,7 +188,8 @@ for dtype, eps in ((torch.float32, 1e-6), (torch.bfloat16, 2 ** -7)):
                 assert within(out_x, ex_x, eps, mag_x), (dtype, B, N, D, name, slots)
                 assert within(out_h, ex_h, 2 * eps, mag_h), (dtype, B, N, D, name, slots)
 
-assert K.self_check("cpu") is None and K.active("cpu")  # the start-up check passes and leaves the kernel on
+# the start-up check passes and leaves the kernel on
+assert K.self_check("cpu") is None and K.self_check("cpu", 1100, torch.bfloat16) is None and K.active("cpu")
 
 # a whole patched DiT forward, mixed slots and one shared patch: kernel path vs the reference path, fp32
 from app.model.dit import DiT_models
