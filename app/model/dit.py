@@ -185,14 +185,18 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x, c, prompt: PromptAdd | None = None):
-        """`prompt`: DMP prompts added to x before the block (DiT.forward gets them from the patch)."""
+    def forward(self, x, c, prompt: PromptAdd | None = None, pending=None):
+        """One block: x + gate_msa * attn(...) + gate_mlp * mlp(...), with two deferrals that save passes over x.
+        `prompt`: DMP prompts added to x first. `pending` (y, gate): the previous block's MLP branch, still to be
+        added to x. Returns (x without this block's MLP branch, that branch as the next `pending`)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        # x + g * P, norm1, modulate: one fused kernel on CUDA (app/model/kernels.py), the plain ops elsewhere
-        x, h = add_norm_modulate(x, shift_msa, scale_msa, self.norm1.eps, prompt=prompt)  # (B, N, D) each
+        y, gate = pending or (None, None)
+        # x + gate * y, x + g * P, norm1, modulate: one fused kernel on CUDA (app/model/kernels.py), plain ops elsewhere
+        x, h = add_norm_modulate(x, shift_msa, scale_msa, self.norm1.eps, residual=y, residual_gate=gate,
+                                 prompt=prompt)  # (B, N, D) each
         x, h = add_norm_modulate(x, shift_mlp, scale_mlp, self.norm2.eps, residual=self.attn(h),
                                  residual_gate=gate_msa)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(h)  # (B, N, D)
+        return x, (self.mlp(h), gate_mlp)  # (B, N, D), ((B, N, D), (B, D))
 
 
 class FinalLayer(nn.Module):
@@ -202,9 +206,11 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x, c):
+    def forward(self, x, c, pending=None):
+        """`pending` (y, gate): the last block's MLP branch, added to x here (see DiTBlock.forward)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        _, h = add_norm_modulate(x, shift, scale, self.norm_final.eps)
+        y, gate = pending or (None, None)
+        _, h = add_norm_modulate(x, shift, scale, self.norm_final.eps, residual=y, residual_gate=gate)
         return self.linear(h)  # (B, N, p*p*C)
 
 
@@ -279,9 +285,10 @@ class DiT(nn.Module):
         t_emb = self.t_embedder(t)  # (B, D)
         c = t_emb + self.y_embedder(y, self.training)  # (B, D)
         patch_state = patch.prepare(c, t_emb) if patch is not None else None
+        pending = None  # each block's MLP branch is added by the next block's (or the final layer's) first kernel
         for depth, block in enumerate(self.blocks):
-            x = block(x, c, patch_state.at(depth) if patch_state is not None else None)  # (B, N, D)
-        x = self.final_layer(x, c)  # (B, N, p*p*C)
+            x, pending = block(x, c, patch_state.at(depth) if patch_state is not None else None, pending)  # (B, N, D)
+        x = self.final_layer(x, c, pending)  # (B, N, p*p*C)
         return self.unpatchify(x)  # (B, C_out, H, W)
 
 

@@ -1,10 +1,11 @@
 """Fused residual add, DMP prompt add, LayerNorm and adaLN modulate (Triton on CUDA, plain torch elsewhere).
 
-Each DiT block starts its two branches the same way: add something to the residual stream x (the DMP prompts
-g[b, n] * P[slot_b, depth, n, :] before the attention branch; the gated attention output before the MLP branch),
-then LayerNorm and modulate: h = LN(x) * (1 + scale[b]) + shift[b]. In plain torch that is five to seven passes
-over (B, N, D) plus a gathered copy of the prompts; the kernel reads x, the added tensor and the pool rows once
-and writes x and h once, with fp32 arithmetic whatever the storage dtype. The kernel has no backward: it runs
+Each DiT block starts its two branches the same way: add to the residual stream x (before the attention branch:
+the previous block's gated MLP output and the DMP prompts g[b, n] * P[slot_b, depth, n, :]; before the MLP
+branch: the gated attention output), then LayerNorm and modulate: h = LN(x) * (1 + scale[b]) + shift[b]; the
+final layer's norm takes the last block's MLP output the same way. In plain torch that is up to nine passes over
+(B, N, D) plus a gathered copy of the prompts; the kernel reads x, the added tensor and the pool rows once and
+writes x and h once, with fp32 arithmetic whatever the storage dtype. The kernel has no backward: it runs
 on CUDA tensors in inference (no autograd, not under torch.compile, which fuses the same math itself); training
 and CPU run the plain-torch reference, which is the same code as before the fusion, op for op.
 

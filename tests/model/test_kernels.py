@@ -77,25 +77,41 @@ def test_cpu_path_is_the_reference_and_equals_exact_math(name, slots):
     torch.testing.assert_close(out_h.double(), ex_h, rtol=0, atol=1e-4)
 
 
-def test_block_is_the_unfused_dit_math_op_for_op():
-    """The fused-op refactor left the CPU block bitwise what DiT's block was: prompts, norm, modulate, gates."""
-    from app.model.dit import DiTBlock
-
-    torch.manual_seed(0)
-    block = DiTBlock(40, 4).eval()
-    torch.nn.init.normal_(block.adaLN_modulation[1].weight, std=0.1)
-    x, _, _, _, _, prompts = random_case(B=3, D=40)
-    c = torch.randn(3, 40)
-
+def unfused_forward(model, x, t, y, patch):
+    """DiT's forward as written before the fusion: prompt add, then each block's two residual branches in turn."""
     def modulate(v, shift, scale):
         return v * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
-    with torch.no_grad():
+    x = model.x_embedder(x) + model.pos_embed
+    t_emb = model.t_embedder(t)
+    c = t_emb + model.y_embedder(y, False)
+    state = patch.prepare(c, t_emb)
+    for depth, block in enumerate(model.blocks):
+        slots = getattr(state, "slots", None)  # a pooled batch, or one patch module for every row
+        p = state.prompts[depth][None] if slots is None else state.prompts[slots, depth]
+        x = x + state.gates[depth].unsqueeze(-1) * p
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
-        v = x + prompts.gates.unsqueeze(-1) * prompts.prompts[prompts.slots, prompts.depth]
-        v = v + gate_msa.unsqueeze(1) * block.attn(modulate(block.norm1(v), shift_msa, scale_msa))
-        v = v + gate_mlp.unsqueeze(1) * block.mlp(modulate(block.norm2(v), shift_mlp, scale_mlp))
-        assert torch.equal(block(x, c, prompts), v)
+        x = x + gate_msa.unsqueeze(1) * block.attn(modulate(block.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * block.mlp(modulate(block.norm2(x), shift_mlp, scale_mlp))
+    shift, scale = model.final_layer.adaLN_modulation(c).chunk(2, dim=1)
+    return model.unpatchify(model.final_layer.linear(modulate(model.final_layer.norm_final(x), shift, scale)))
+
+
+def test_cpu_forward_is_the_unfused_dit_math_op_for_op():
+    """Fusing the block entries and deferring each MLP branch left the CPU forward bitwise what it was."""
+    from app.model.dit import DiT_models
+    from app.model.dmp import PatchPool
+    from bench.engine import random_patch, randomize_
+
+    model = randomize_(DiT_models["DiT-S/4"](input_size=8, num_classes=10))
+    cfg = model.config
+    pool = PatchPool(cfg.hidden_size, cfg.num_tokens, cfg.depth, 3)
+    s1, s2 = pool.install(random_patch(model, 1)), pool.install(random_patch(model, 2))
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([5., 500., 999.]), torch.tensor([1, 10, 3])
+    with torch.no_grad():
+        for patch in (pool.batch(torch.tensor([s1, 0, s2])), random_patch(model, 3).eval()):
+            assert torch.equal(model(x, t, y, patch=patch), unfused_forward(model, x, t, y, patch))
 
 
 def test_triton_path_only_for_cuda_inference():
