@@ -186,9 +186,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x, c, prompt: PromptAdd | None = None, pending=None):
-        """One block: x + gate_msa * attn(...) + gate_mlp * mlp(...), with two deferrals that save passes over x.
-        `prompt`: DMP prompts added to x first. `pending` (y, gate): the previous block's MLP branch, still to be
-        added to x. Returns (x without this block's MLP branch, that branch as the next `pending`)."""
+        """One block: x + gate_msa * attn(...) + gate_mlp * mlp(...). `prompt`: DMP prompts added to x first.
+        `pending` (y, gate): the previous block's MLP branch, added here inside the first fused kernel rather than
+        by passes of its own. Returns (x without this block's MLP branch, that branch as the next `pending`)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         y, gate = pending or (None, None)
         # x + gate * y, x + g * P, norm1, modulate: one fused kernel on CUDA (app/model/kernels.py), plain ops elsewhere
