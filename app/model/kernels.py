@@ -67,14 +67,14 @@ def fused(enabled: bool):
 
 
 def active(device) -> bool:
-    """Whether inference on this device runs the Triton kernel (for the dmp_fused_kernels gauge)."""
+    """Whether inference on this device runs the Triton kernel (the gauge; use_triton adds per-call conditions)."""
     return _fused_enabled and triton is not None and (torch.device(device).type == "cuda" or INTERPRET)
 
 
 def use_triton(x: torch.Tensor) -> bool:
     """The kernel serves CUDA inference (or the interpreter); autograd and torch.compile take the reference."""
-    return (_fused_enabled and triton is not None and (x.is_cuda or INTERPRET) and 0 < x.shape[-1] <= MAX_FUSED_WIDTH
-            and x.numel() > 0 and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+    return (active(x.device) and 0 < x.shape[-1] <= MAX_FUSED_WIDTH and x.numel() > 0
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
 
 def add_norm_modulate_reference(x, shift, scale, eps, residual=None, residual_gate=None,
