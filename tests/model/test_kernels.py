@@ -97,8 +97,8 @@ def unfused_forward(model, x, t, y, patch):
     return model.unpatchify(model.final_layer.linear(modulate(model.final_layer.norm_final(x), shift, scale)))
 
 
-def test_cpu_forward_is_the_unfused_dit_math_op_for_op():
-    """Fusing the block entries and deferring each MLP branch left the CPU forward bitwise what it was."""
+def small_patched_model():
+    """A random DiT-S/4 on 8x8 latents, 4 rows of inputs, and its patches: mixed pool slots and one module."""
     from app.model.dit import DiT_models
     from app.model.dmp import PatchPool
     from bench.engine import random_patch, randomize_
@@ -108,9 +108,15 @@ def test_cpu_forward_is_the_unfused_dit_math_op_for_op():
     pool = PatchPool(cfg.hidden_size, cfg.num_tokens, cfg.depth, 3)
     s1, s2 = pool.install(random_patch(model, 1)), pool.install(random_patch(model, 2))
     g = torch.Generator().manual_seed(0)
-    x, t, y = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([5., 500., 999.]), torch.tensor([1, 10, 3])
+    x, t, y = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([5., 500., 999., 0.]), torch.tensor([1, 10, 3, 2])
+    return model, (x, t, y), (pool.batch(torch.tensor([s1, 0, s2, s1])), random_patch(model, 3).eval())
+
+
+def test_cpu_forward_is_the_unfused_dit_math_op_for_op():
+    """Fusing the block entries and deferring each MLP branch left the CPU forward bitwise what it was."""
+    model, (x, t, y), patches = small_patched_model()
     with torch.no_grad():
-        for patch in (pool.batch(torch.tensor([s1, 0, s2])), random_patch(model, 3).eval()):
+        for patch in patches:
             assert torch.equal(model(x, t, y, patch=patch), unfused_forward(model, x, t, y, patch))
 
 
@@ -208,17 +214,10 @@ for dtype, eps in ((torch.float32, 1e-6), (torch.bfloat16, 2 ** -7)):
 assert K.self_check("cpu") is None and K.self_check("cpu", 1100, torch.bfloat16) is None and K.active("cpu")
 
 # a whole patched DiT forward, mixed slots and one shared patch: kernel path vs the reference path, fp32
-from app.model.dit import DiT_models
-from app.model.dmp import PatchPool
-from bench.engine import random_patch, randomize_
-torch.manual_seed(0)
-model = randomize_(DiT_models["DiT-S/4"](input_size=8, num_classes=10)).eval()
-cfg = model.config
-pool = PatchPool(cfg.hidden_size, cfg.num_tokens, cfg.depth, 4)
-s1, s2 = pool.install(random_patch(model, 1)), pool.install(random_patch(model, 2))
-x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([10., 500., 999., 0.]), torch.tensor([1, 2, 10, 3])
+from tests.model.test_kernels import small_patched_model
+model, (x, t, y), patches = small_patched_model()
 with torch.no_grad():
-    for patch in (pool.batch(torch.tensor([s1, 0, s2, s1])), random_patch(model, 3).eval(), None):
+    for patch in patches + (None,):
         with K.fused(True):
             a = model(x, t, y, patch=patch)
         with K.fused(False):
