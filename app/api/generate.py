@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from dataclasses import replace
 
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import EngineDep
+from app.api.progress import Followed, sse, sse_response, wants_events
 from app.api.responses import errors
 from app.api.schemas import GenerateRequest, GenerateResponse
 from app.core.errors import ServiceError, Unavailable
@@ -17,12 +19,14 @@ from app.engine.engine import Engine
 from app.engine.images import encode_images, media_type
 from app.engine.work import Result, Spec, Work
 
+log = logging.getLogger("dmp.api")
 router = APIRouter(tags=["generate"])
 MAX_BODY_BYTES = 1024 * 1024  # a request body is a few hundred bytes; refuse megabytes before parsing them
 
-PNG_RESPONSE = {200: {"description": "Images as base64 JSON, or the raw PNG with Accept: image/png and "
-                                     "num_images=1", "content": {"image/png": {"schema": {"type": "string",
-                                                                                          "format": "binary"}}}}}
+RESPONSES = {200: {"description": "Images as base64 JSON; the raw PNG with Accept: image/png and num_images=1; "
+                                  "Server-Sent Events (queued, progress, done | error) with Accept: text/event-stream",
+                   "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                               "text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 class ClientGone(ServiceError):
@@ -57,32 +61,72 @@ def _wants_raw_png(accept: str | None, num_images: int) -> bool:
 
 
 @router.post("/generate", response_model=GenerateResponse, max_body_size=MAX_BODY_BYTES,
-             responses=PNG_RESPONSE | errors(400, 404, 413, 422, 429, 503),
+             responses=RESPONSES | errors(400, 404, 413, 422, 429, 503),
              summary="Generate images from a base model, optionally patched")
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep,
-                   accept: str | None = Header(None, description="image/png + num_images=1: the raw PNG")):
+                   accept: str | None = Header(None, description="image/png + num_images=1: the raw PNG; "
+                                                                  "text/event-stream: progress events")):
     started = time.perf_counter()
     engine.check_admitting()  # also before the cache: a draining server answers nothing new
-    spec = engine.resolve(**body.model_dump())
+    spec = engine.resolve(**body.model_dump(exclude={"previews"}))
+    if wants_events(accept):
+        cached = await _from_cache(engine, spec, body.seed is not None)
+        followed = None if cached[0] is not None else await Followed(engine, spec, body.previews).admit()
+        return sse_response(_events(engine, spec, body.seed is not None, cached, followed, started))
     raw = _wants_raw_png(accept, spec.num_images)
     if raw:
         spec = replace(spec, output_format="png")
     files, version, timings, cached = await _from_cache(engine, spec, body.seed is not None)
     if files is None:
         files, version, timings = await _run(engine, spec, request)
-        if engine.cache is not None and body.seed is not None:
-            await run_in_threadpool(engine.cache.put, engine.cache.key(spec, engine.bases[spec.model].fingerprint,
-                                                                       version), files)
+        await _remember(engine, spec, body.seed is not None, files, version)
     _observe(engine, spec, timings, time.perf_counter() - started)
-    patch = {"name": spec.patch, "version": version} if spec.patch else None
     if raw:
         headers = {"X-Seed": str(spec.seed), "X-Model": spec.model,
                    "Server-Timing": ", ".join(f"{k[:-3]};dur={v:.1f}" for k, v in timings.items())}
-        if patch:
+        if spec.patch:
             headers |= {"X-Patch": spec.patch, "X-Patch-Version": version}
         return Response(files[0], media_type=media_type("png"), headers=headers)
+    return _reply(spec, files, version, timings, cached)
+
+
+def _reply(spec: Spec, files: list[bytes], version: str | None, timings: dict, cached: bool) -> GenerateResponse:
+    patch = {"name": spec.patch, "version": version} if spec.patch else None
     return GenerateResponse(images=[base64.b64encode(f).decode() for f in files], seed=spec.seed, model=spec.model,
                             patch=patch, output_format=spec.output_format, cached=cached, timings=timings)
+
+
+async def _events(engine: Engine, spec: Spec, deterministic: bool, cached, followed: Followed | None,
+                  started: float):
+    """SSE: `queued` {position}, `progress` {step, of[, preview]} per step, then `done` (the JSON body) or `error`."""
+    files, version, timings, hit = cached
+    try:
+        if followed is not None:
+            async for kind, data in followed.events():
+                if kind == "queued":
+                    yield sse("queued", {"position": data})
+                elif kind == "progress":
+                    step, of, preview = data
+                    event = {"step": step, "of": of}
+                    if preview is not None:
+                        event["preview"] = [base64.b64encode(f).decode() for f in preview]
+                    yield sse("progress", event)
+                else:
+                    files, version, timings = await _encode(data, spec)
+            await _remember(engine, spec, deterministic, files, version)
+        _observe(engine, spec, timings, time.perf_counter() - started)
+        yield sse("done", _reply(spec, files, version, timings, hit).model_dump())
+    except ServiceError as e:  # the status line is out already: the error travels as an event
+        yield sse("error", {"error": e.message, "error_type": e.error_type})
+    except Exception:
+        log.exception("streamed generation failed")
+        yield sse("error", {"error": "internal server error", "error_type": "internal"})
+
+
+async def _remember(engine: Engine, spec: Spec, deterministic: bool, files: list[bytes], version) -> None:
+    if engine.cache is not None and deterministic:
+        await run_in_threadpool(engine.cache.put, engine.cache.key(spec, engine.bases[spec.model].fingerprint,
+                                                                   version), files)
 
 
 async def _from_cache(engine: Engine, spec: Spec, deterministic: bool):
@@ -101,7 +145,11 @@ async def _run(engine: Engine, spec: Spec, request: Request):
     base = engine.bases[spec.model]
     y = await run_in_threadpool(engine.condition, base, spec)
     work = engine.submit(spec, y)
-    result = await _wait(work, request, engine.settings.request_timeout)
+    return await _encode(await _wait(work, request, engine.settings.request_timeout), spec)
+
+
+async def _encode(result: Result, spec: Spec):
+    """(files, patch version, timings) with the encoding time added to decode_ms."""
     t0 = time.perf_counter()
     files = await run_in_threadpool(encode_images, result.images, spec.output_format)
     timings = dict(result.timings)

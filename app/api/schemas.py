@@ -29,6 +29,8 @@ class GenerateRequest(BaseModel):
     guidance_scale: StrictFloat | StrictInt | None = Field(None, ge=0, le=50)
     seed: StrictInt | None = Field(None, ge=0, le=2**53 - 1, description="Same seed + request = same pixels")
     output_format: OutputFormat = "png"
+    previews: StrictInt = Field(0, ge=0, le=10, description="With Accept: text/event-stream: how many `progress` "
+                                "events (evenly spaced) carry the current x0 prediction as PNGs")
 
 
 class PatchRef(BaseModel):

@@ -14,7 +14,7 @@ from collections import deque
 from app.core.errors import ServiceError, Unavailable
 from app.core.metrics import Metrics
 from app.engine.bases import ServedBase
-from app.engine.work import Result, Work
+from app.engine.work import Progress, Result, Work
 from app.model.sampling import denoise_step
 from app.model.vae import to_uint8
 
@@ -53,6 +53,7 @@ class Batcher:
 
     def put(self, work: Work) -> None:
         with self.cond:
+            work.ahead = len(self.waiting[work.spec.model])
             self.waiting[work.spec.model].append(work)
             self.metrics.queue_depth.inc()
             self.cond.notify()
@@ -118,6 +119,8 @@ class Batcher:
         images = sum(w.images for w in works)
         self.metrics.batch_size.labels(name).observe(images)
         self.metrics.batch_occupancy.labels(name).observe(images / self.max_batch)
+        for w in works:
+            w.job.keep_x0 = w.job.index + 1 in w.preview_at
         try:
             with base.lock:
                 denoise_step(base.model, [w.job for w in works], pool=base.slots.pool, dtype=self.dtype,
@@ -130,8 +133,20 @@ class Batcher:
             return
         self.running[name] = [w for w in works if not w.job.done]
         for w in works:
+            if w.listener is not None:
+                self._report(w)
             if w.job.done:
                 self._decode(base, w)
+
+    @staticmethod
+    def _report(work: Work) -> None:
+        """Tell a streaming request that a step is done (and hand it the x0 it asked for); never fails the batch."""
+        job = work.job
+        x0, job.x0 = (job.x0 if job.keep_x0 else None), None
+        try:
+            work.listener(Progress(job.index, len(job.t_list), x0))
+        except Exception:
+            log.exception("progress listener failed")
 
     def _decode(self, base: ServedBase, work: Work) -> None:
         sampled = time.perf_counter()

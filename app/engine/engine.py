@@ -5,6 +5,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import torch
@@ -16,7 +17,7 @@ from app.core.redis import redis_client
 from app.engine.bases import ServedBase, load_bases
 from app.engine.batcher import Batcher
 from app.engine.cache import ResultCache
-from app.engine.work import Result, Spec, Work
+from app.engine.work import Progress, Result, Spec, Work, preview_steps
 from app.model import kernels
 from app.model.sampling import TRAIN_TIMESTEPS, new_job
 
@@ -203,8 +204,12 @@ class Engine:
         if self.state != "ready" and not internal:
             raise Unavailable(f"the service is {self.state}", error_type="not_ready", headers=retry)
 
-    def submit(self, spec: Spec, y: torch.Tensor, internal: bool = False) -> Work:
-        """Admit a request (bounded by DMP_MAX_QUEUE), pin its patch version, queue it for the batcher."""
+    def submit(self, spec: Spec, y: torch.Tensor, internal: bool = False,
+               listener: Callable[[Progress], None] | None = None, previews: int = 0) -> Work:
+        """Admit a request (bounded by DMP_MAX_QUEUE), pin its patch version, queue it for the batcher.
+
+        `listener` hears every step of this request (on the runner thread); `previews` of those steps, evenly
+        spaced, also carry the predicted clean sample."""
         self.check_admitting(internal)
         retry = {"Retry-After": str(self.settings.retry_after)}
         with self._lock:
@@ -229,7 +234,8 @@ class Engine:
                 base.slots.release(pin)
             self._done(None)
             raise
-        work = Work(spec, job, pin, deadline=time.monotonic() + self.settings.request_timeout)
+        work = Work(spec, job, pin, deadline=time.monotonic() + self.settings.request_timeout, listener=listener,
+                    preview_at=preview_steps(spec.steps, previews) if listener else frozenset())
         work.future.add_done_callback(self._done)
         self.batcher.put(work)
         return work

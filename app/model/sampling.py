@@ -62,6 +62,8 @@ class Job:
     meta: dict = field(default_factory=dict)
     table: torch.Tensor | None = None  # (len(COEFFS), steps) from step_table; None: the scheduler's own step
     t_list: list = field(default_factory=list)  # timesteps as Python numbers (no tensor indexing per step)
+    keep_x0: bool = False  # set before a step: keep this step's x0 prediction (a streaming preview)
+    x0: torch.Tensor | None = None  # (n, C, H, W) the x0 predicted at the last step that kept it
 
     @property
     def timesteps(self):
@@ -260,12 +262,20 @@ def denoise_step(model: DiT, jobs: list[Job], pool=None, dtype=torch.float32, fo
     img = 0
     for job in jobs:
         n = job.latents.shape[0]
+        if job.keep_x0:  # only the jobs that asked pay for it: a few elementwise ops on their own rows
+            job.x0 = predict_x0(job, eps[img:img + n])
         if job.table is not None:
             job.latents = prev[img:img + n]
         else:  # DPM-Solver: multistep state lives in its scheduler
             job.latents = job.scheduler.step(eps[img:img + n], job.timesteps[job.index], job.latents).prev_sample
         img += n
         job.index += 1
+
+
+def predict_x0(job: Job, eps: torch.Tensor) -> torch.Tensor:
+    """The clean sample the model predicts from the job's current latents: (x - sqrt(1 - a) eps) / sqrt(a)."""
+    a = job.scheduler.alphas_cumprod[int(job.t_list[job.index])].item()
+    return (job.latents - (1 - a) ** 0.5 * eps) / a ** 0.5
 
 
 @torch.no_grad()

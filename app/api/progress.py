@@ -1,0 +1,83 @@
+"""A request's progress as asyncio events: runner-thread step reports -> queue -> (kind, data) pairs; SSE framing."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.core.errors import Unavailable
+from app.engine.engine import Engine
+from app.engine.images import encode_images
+from app.engine.work import Progress, Spec
+from app.model.vae import to_uint8
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the events
+
+
+def wants_events(accept: str | None) -> bool:
+    return accept is not None and "text/event-stream" in accept.lower()
+
+
+def sse(event: str | None, data: dict) -> str:
+    """One Server-Sent Event (an `event:` line only when named)."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+class Followed:
+    """An admitted request whose steps are reported to this event loop (admission errors raise before any byte
+    of the reply is sent)."""
+
+    def __init__(self, engine: Engine, spec: Spec, previews: int, preview_format: str = "png"):
+        self.engine, self.spec, self.previews, self.preview_format = engine, spec, previews, preview_format
+        self.base = engine.bases[spec.model]
+        self.queue: asyncio.Queue[Progress | Future] = asyncio.Queue()  # the steps, then the finished future
+        self.work = None
+
+    async def admit(self) -> "Followed":
+        loop = asyncio.get_running_loop()
+        push = lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        y = await run_in_threadpool(self.engine.condition, self.base, self.spec)
+        self.work = self.engine.submit(self.spec, y, listener=push, previews=self.previews)
+        # the runner reports a step before it answers the future, both on its thread: the result comes last
+        self.work.future.add_done_callback(push)
+        return self
+
+    async def events(self):
+        """("queued", ahead), ("progress", (step, of, preview files | None)) per step, then ("result", Result).
+
+        `previews` steps, evenly spaced, carry the decoded x0 prediction (one file per image). Closing the
+        generator early (the client left) cancels the work; so does passing DMP_REQUEST_TIMEOUT.
+        """
+        deadline = time.monotonic() + self.engine.settings.request_timeout
+        try:
+            yield "queued", self.work.ahead
+            while True:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), timeout=max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    raise Unavailable("the request ran past DMP_REQUEST_TIMEOUT", error_type="deadline_exceeded")
+                if isinstance(item, Future):
+                    yield "result", item.result()
+                    return
+                yield "progress", await _encode_step(self.base, item, self.preview_format)
+        finally:
+            if not self.work.future.done():
+                self.work.cancel()
+
+
+async def _encode_step(base, p: Progress, fmt: str) -> tuple[int, int, list[bytes] | None]:
+    """(step, of, preview files or None); decoding and encoding run off the event loop and off the runner."""
+    if p.x0 is None:
+        return p.step, p.of, None
+    files = await run_in_threadpool(lambda: encode_images(to_uint8(base.vae.decode(p.x0)), fmt))
+    return p.step, p.of, files
