@@ -1,0 +1,91 @@
+"""The serving pool: many patches of one base in fixed-address tensors, one slot index per batch row."""
+from __future__ import annotations
+
+import torch
+
+from app.model.dmp.gate import gate_logits, keep_top_k
+from app.model.dmp.module import DMP, PatchError
+from app.model.kernels import PromptAdd
+
+
+class PatchPool:
+    """Fixed-address tensors holding up to `slots` patches of one base; slot 0 is the zero patch (= the base).
+
+    Each sample of a batch carries a slot index, so one forward serves samples with different patches, and
+    installing a patch copies into a free slot in place (no reallocation, so captured graphs stay valid).
+    """
+
+    def __init__(self, hidden_size: int, num_tokens: int, depth: int, slots: int, device="cpu",
+                 dtype=torch.float32):
+        self.hidden_size, self.num_tokens, self.depth, self.slots = hidden_size, num_tokens, depth, slots
+        z = dict(device=device, dtype=dtype)
+        self.prompts = torch.zeros(slots, depth, num_tokens, hidden_size, **z)  # (S, L, N, D)
+        self.gate_w = torch.zeros(slots, num_tokens, hidden_size, **z)  # (S, N, D)
+        self.gate_w_depth = torch.zeros(slots, num_tokens, **z)  # (S, N)
+        self.gate_b = torch.zeros(slots, num_tokens, **z)  # (S, N)
+        self.gate_on_t = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.ungated = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.keep = torch.full((slots,), num_tokens, dtype=torch.long, device=device)
+        self.in_use = [True] + [False] * (slots - 1)
+
+    def free_slots(self) -> int:
+        return self.in_use.count(False)
+
+    @torch.no_grad()
+    def install(self, patch: DMP) -> int:
+        """Copy a patch into a free slot and return its index."""
+        if patch.hidden_size != self.hidden_size or patch.num_tokens != self.num_tokens or \
+                patch.pt_depth > self.depth:
+            raise PatchError("patch shape does not fit this pool")
+        if False not in self.in_use:
+            raise PatchError("no free patch slot")
+        slot = self.in_use.index(False)
+        self.prompts[slot].zero_()
+        self.prompts[slot, :patch.pt_depth].copy_(patch.prompts)
+        if patch.method == "dmp":
+            self.gate_w[slot].copy_(patch.gate.weight[:, :-1])
+            self.gate_w_depth[slot].copy_(patch.gate.weight[:, -1])
+            self.gate_b[slot].copy_(patch.gate.bias)
+        self.gate_on_t[slot] = patch.gate_input == "t"
+        self.ungated[slot] = patch.method == "pt"
+        self.keep[slot] = patch.k
+        self.in_use[slot] = True
+        return slot
+
+    def free(self, slot: int) -> None:
+        if slot == 0:
+            raise ValueError("slot 0 is the base and is never freed")
+        self.in_use[slot] = False
+
+    def batch(self, slots: torch.Tensor) -> "PooledPatch":
+        return PooledPatch(self, slots)
+
+
+class PooledPatch:
+    """Per-sample slot indices into a pool; what the DiT forward takes as `patch` for mixed batches."""
+
+    def __init__(self, pool: PatchPool, slots: torch.Tensor):
+        self.pool, self.slots = pool, slots  # (B,)
+
+    def prepare(self, c: torch.Tensor, t_emb: torch.Tensor) -> "PooledState":
+        p, s = self.pool, self.slots
+        # gates in fp32 whatever the model dtype: the softmax over N tokens is where bf16 would hurt
+        g_in = torch.where(p.gate_on_t[s][:, None], t_emb, c).float()  # (B, D)
+        logits = gate_logits(g_in, p.gate_w[s].to(g_in.dtype), p.gate_w_depth[s].to(g_in.dtype),
+                             p.gate_b[s].to(g_in.dtype), p.depth)  # (L, B, N)
+        gates = keep_top_k(logits, p.keep[s])
+        gates = torch.where(p.ungated[s][None, :, None], torch.ones_like(gates), gates)
+        return PooledState(gates, p.prompts, s)
+
+
+class PooledState:
+    """Per-forward gates of a pool batch, each row with its own slot."""
+
+    def __init__(self, gates: torch.Tensor, prompts: torch.Tensor, slots: torch.Tensor):
+        self.gates, self.prompts, self.slots = gates, prompts, slots  # (L, B, N), (S, L, N, D), (B,)
+
+    def at(self, depth: int) -> PromptAdd:
+        """What block `depth` adds to its input: each row's prompts from its own slot."""
+        return PromptAdd(self.gates[depth], self.prompts, self.slots, depth)
+
+
