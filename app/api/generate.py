@@ -144,7 +144,7 @@ async def _from_cache(engine: Engine, spec: Spec, deterministic: bool):
 async def _run(engine: Engine, spec: Spec, request: Request):
     base = engine.bases[spec.model]
     y = await run_in_threadpool(engine.condition, base, spec)
-    work = engine.submit(spec, y)
+    work = await run_in_threadpool(engine.submit, spec, y)  # pinning may read the patch back from the store
     return await _encode(await _wait(work, request, engine.settings.request_timeout), spec)
 
 

@@ -21,13 +21,13 @@ UPLOAD_BODY = {"requestBody": {"required": True, "description": "The patch file 
 
 
 def _detail(registry: PatchRegistry, record: PatchRecord) -> PatchDetail:
-    return PatchDetail(**record.summary(), metadata={k: str(v) for k, v in record.metadata.items()},
+    return PatchDetail(**registry.summary(record), metadata={k: str(v) for k, v in record.metadata.items()},
                        versions_held=registry.held_versions(record.name))
 
 
 @router.get("", response_model=PatchList, responses=errors(503), summary="All patches and their states")
 def list_patches(registry: RegistryDep):
-    return PatchList(patches=[PatchInfo(**r.summary()) for r in registry.list()])
+    return PatchList(patches=[PatchInfo(**registry.summary(r)) for r in registry.list()])
 
 
 @router.get("/{name}", response_model=PatchDetail, responses=errors(404, 422, 503), summary="One patch")

@@ -47,7 +47,8 @@ class Followed:
         loop = asyncio.get_running_loop()
         push = lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item)
         y = await run_in_threadpool(self.engine.condition, self.base, self.spec)
-        self.work = self.engine.submit(self.spec, y, listener=push, previews=self.previews)
+        # pinning may read the patch back from the store: off the event loop
+        self.work = await run_in_threadpool(self.engine.submit, self.spec, y, listener=push, previews=self.previews)
         # the runner reports a step before it answers the future, both on its thread: the result comes last
         self.work.future.add_done_callback(push)
         return self

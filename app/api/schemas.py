@@ -86,6 +86,8 @@ class PatchInfo(BaseModel):
     base: str | None
     version: str
     state: Literal["loading", "ready", "failed", "retired"]
+    resident: Literal["stored", "host", "device"] = Field(
+        description="Where the current version is: only in the store, validated in host memory, or in a device slot")
     task: str | None
     domain: str | None
     method: str | None

@@ -30,7 +30,11 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default (all cores)")
     max_queue: int = Field(64, ge=1, description="Requests admitted at once (waiting + running); beyond: 429")
     max_batch: int = Field(16, ge=1, description="Images per batched forward (before CFG doubling)")
-    patch_slots: int = Field(16, ge=2, description="Patch slots per base, slot 0 = the base itself")
+    patch_slots: int = Field(16, ge=2, description="Device patch slots per base (slot 0 = the base itself): an LRU "
+                                                   "cache; any number of patches can be stored")
+    patch_host_bytes: int = Field(2 * 1024 ** 3, ge=0, description="Host-memory cache of validated patches, bytes "
+                                                                  "(pinned on CUDA); beyond it they are re-read from "
+                                                                  "the store on use")
     request_timeout: float = Field(120.0, gt=0, description="Seconds a request may take end to end")
     drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM: seconds to finish in-flight requests")
     max_patch_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Upload cap, counted on received bytes")

@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 OCCUPANCY_BUCKETS = (0.125, 0.25, 0.5, 0.75, 1.0)
+SWAP_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class Metrics:
@@ -41,6 +42,19 @@ class Metrics:
                                   ["model"], registry=r)
         self.versions_held = Gauge("dmp_patch_versions_held", "Retired versions still pinned by requests",
                                    ["model"], registry=r)
+        # per-patch series: resident only while in a slot (<= DMP_PATCH_SLOTS per base); swap-ins and evictions
+        # once per patch that ever moved on this replica, removed on DELETE; the latency histogram per base only
+        self.patch_resident = Gauge("dmp_patch_resident", "Versions of a patch in device slots (no series when "
+                                    "none)", ["model", "patch"], registry=r)
+        self.patch_swap_ins = Counter("dmp_patch_swap_ins", "Copies of a patch into a device slot", ["model", "patch"],
+                                      registry=r)
+        self.patch_evictions = Counter("dmp_patch_evictions", "A patch's slot reused for another patch",
+                                       ["model", "patch"], registry=r)
+        self.patch_swap_in_seconds = Histogram("dmp_patch_swap_in_seconds", "Patch load time: source=store (read "
+                                               "and validate into host memory) or host (copy into a device slot)",
+                                               ["model", "source"], buckets=SWAP_BUCKETS, registry=r)
+        self.patch_host_bytes = Gauge("dmp_patch_host_bytes", "Bytes of patch copies held in host memory", ["model"],
+                                      registry=r)
         self.cache = Counter("dmp_result_cache", "Result cache lookups", ["outcome"], registry=r)
         self.ready = Gauge("dmp_ready", "1 when /health/ready answers 200", registry=r)
         # the name predates DMP_CPU_COMPILE; kept so dashboards keep working
@@ -51,6 +65,11 @@ class Metrics:
                                    "plain torch (CPU, DMP_FUSED_KERNELS=false, or a failed start-up self-check)",
                                    registry=r)
         self.device_memory = Gauge("dmp_device_memory_bytes", "Accelerator memory", ["device", "kind"], registry=r)
+
+    def forget_patch(self, model: str, patch: str) -> None:
+        """A deleted patch leaves no series behind."""
+        for metric in (self.patch_resident, self.patch_swap_ins, self.patch_evictions):
+            metric.remove(model, patch)  # a no-op for a series that does not exist
 
     def refresh_device_memory(self, device: str) -> None:
         """CUDA allocator numbers, when the service runs on a GPU."""

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from app.core.config import Settings
+from app.core.metrics import Metrics
 from app.model import CheckpointError, PatchPool, fingerprint, load_base
 from app.model.dit import DiT
 from app.model.kernels import self_check, set_fused
@@ -17,7 +17,7 @@ from app.model.sampling import SAMPLERS
 from app.model.text import load_text_encoder
 from app.model.vae import PixelVAE, SDVAE
 from app.engine.graphs import GraphedForward, buckets_up_to
-from app.engine.slots import SlotTable
+from app.engine.slots import PatchSlots
 
 log = logging.getLogger("dmp.bases")
 BASE_SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -32,9 +32,8 @@ class ServedBase:
     vae: object
     text_encoder: object | None
     meta: dict
-    slots: SlotTable
+    patches: PatchSlots  # the engine's side of this base's patches: pins, host cache, device slots
     forward: GraphedForward | None = None  # bucketed CUDA graphs / compiled CPU steps; None = eager model
-    lock: threading.Lock = field(default_factory=threading.Lock)  # held by the runner around a step and by installs
 
     @property
     def config(self):
@@ -107,7 +106,7 @@ def _vae(spec: str, channels: int, device: str):
     return SDVAE.from_pretrained(spec).to(device)
 
 
-def load_bases(settings: Settings) -> dict[str, ServedBase]:
+def load_bases(settings: Settings, metrics: Metrics) -> dict[str, ServedBase]:
     """Every base in DMP_MODEL_DIR, on the configured device; text encoders shared between bases."""
     device = settings.torch_device
     set_fused(settings.fused_kernels)
@@ -141,7 +140,7 @@ def load_bases(settings: Settings) -> dict[str, ServedBase]:
         pool = PatchPool(model.config.hidden_size, model.config.num_tokens, model.config.depth,
                          slots=settings.patch_slots, device=device, dtype=torch.float32)
         bases[name] = ServedBase(name, model, _vae(meta.get("vae", "pixel"), model.config.in_channels, device),
-                                 encoder, meta, SlotTable(pool),
+                                 encoder, meta, PatchSlots(name, pool, settings.patch_host_bytes, metrics, device),
                                  GraphedForward(model, pool, buckets=buckets_up_to(settings.max_batch),
                                                 compile=device == "cpu" or settings.cuda_compile)
                                  if graphed else None)

@@ -86,17 +86,31 @@ class Batcher:
         raise RuntimeError("no work")  # unreachable: _has_work was checked under the same lock
 
     def _join_waiting(self, name: str) -> None:
-        """Move waiting requests into the running batch while it has room (caller holds the lock)."""
-        queue, running = self.waiting[name], self.running[name]
+        """Move waiting requests into the running batch while it has room, oldest first (caller holds the lock).
+
+        A request's patch version is seated in a device slot as it joins (a swap-in if it is not resident). When
+        every slot is read by running requests, it waits; younger requests may still join patches that are resident,
+        except the one whose slot frees soonest (the victim), so the waiting one gets a slot within one request's
+        run: requests queue, never fail, and a cold patch is not starved by hot ones."""
+        queue, running, patches = self.waiting[name], self.running[name], self.bases[name].patches
         room = self.max_batch - sum(w.images for w in running)
-        while queue and (room >= queue[0].images or not running):
-            work = queue.popleft()
+        blocked, victim = False, None
+        for work in list(queue):
+            if room < work.images and running:
+                break
+            if not self._dropped(work):
+                if work.pin is not None:
+                    slot = patches.seat(work.pin, evict=not blocked, avoid=victim)
+                    if slot is None:
+                        if not blocked:
+                            blocked, victim = True, patches.victim()
+                        continue
+                    work.job.slot, work.seated = slot, True
+                work.started_at = time.perf_counter()
+                running.append(work)
+                room -= work.images
+            queue.remove(work)
             self.metrics.queue_depth.dec()
-            if self._dropped(work):
-                continue
-            work.started_at = time.perf_counter()
-            running.append(work)
-            room -= work.images
 
     def _dropped(self, work: Work) -> bool:
         """Finish work whose client left or whose deadline passed; True if it was dropped."""
@@ -122,9 +136,8 @@ class Batcher:
         for w in works:
             w.job.keep_x0 = w.job.index + 1 in w.preview_at
         try:
-            with base.lock:
-                denoise_step(base.model, [w.job for w in works], pool=base.slots.pool, dtype=self.dtype,
-                             forward=base.forward)
+            denoise_step(base.model, [w.job for w in works], pool=base.patches.pool, dtype=self.dtype,
+                         forward=base.forward)
         except Exception as e:  # a crash in one step fails that batch, never the runner
             log.exception("denoising step failed for base %s", name)
             self.running[name] = []
@@ -151,8 +164,7 @@ class Batcher:
     def _decode(self, base: ServedBase, work: Work) -> None:
         sampled = time.perf_counter()
         try:
-            with base.lock:
-                images = to_uint8(base.vae.decode(work.job.latents))  # (n, H, W, C)
+            images = to_uint8(base.vae.decode(work.job.latents))  # (n, H, W, C)
         except Exception as e:
             log.exception("decode failed for base %s", base.name)
             self._finish(work, error=e)
@@ -165,8 +177,8 @@ class Batcher:
 
     def _finish(self, work: Work, result: Result | None = None, error: BaseException | None = None) -> None:
         if work.pin is not None:
-            self.bases[work.spec.model].slots.release(work.pin)
-            work.pin = None
+            self.bases[work.spec.model].patches.release(work.pin, seated=work.seated)
+            work.pin, work.seated = None, False
         if work.future.done():
             return
         try:

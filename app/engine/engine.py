@@ -20,6 +20,7 @@ from app.engine.cache import ResultCache
 from app.engine.work import Progress, Result, Spec, Work, preview_steps
 from app.model import kernels
 from app.model.sampling import TRAIN_TIMESTEPS, new_job
+from app.registry.registry import PatchRegistry
 
 log = logging.getLogger("dmp.engine")
 
@@ -31,7 +32,7 @@ class Engine:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.bases: dict[str, ServedBase] = {}
-        self.registry = None
+        self.registry: PatchRegistry | None = None
         self.batcher: Batcher | None = None
         self.cache: ResultCache | None = None
         self.redis = None
@@ -45,12 +46,10 @@ class Engine:
 
     def start(self) -> None:
         """Load bases and patches, start the runner, warm up; blocking (run it in a thread to stay live)."""
-        from app.registry.registry import PatchRegistry
-
         try:
             if self.settings.torch_threads:
                 torch.set_num_threads(self.settings.torch_threads)  # shared CPUs: fewer threads, less spinning
-            self.bases = load_bases(self.settings)
+            self.bases = load_bases(self.settings, self.metrics)
             self.metrics.fused_kernels.set(int(kernels.active(self.settings.torch_device)))
             if self.settings.redis_url:
                 self.redis = redis_client(self.settings)
@@ -209,7 +208,10 @@ class Engine:
         """Admit a request (bounded by DMP_MAX_QUEUE), pin its patch version, queue it for the batcher.
 
         `listener` hears every step of this request (on the runner thread); `previews` of those steps, evenly
-        spaced, also carry the predicted clean sample."""
+        spaced, also carry the predicted clean sample.
+
+        Pinning may read the patch back from the store (when it left host memory): call it off the event loop.
+        The device slot is taken later, by the runner, when the request joins the batch."""
         self.check_admitting(internal)
         retry = {"Retry-After": str(self.settings.retry_after)}
         with self._lock:
@@ -221,17 +223,20 @@ class Engine:
         base, pin = self.bases[spec.model], None
         try:
             if spec.patch is not None:
-                record, pin = self.registry.pin(spec.patch)
+                record = self.registry.get(spec.patch)
                 if record.base != base.name:
                     raise InvalidRequest(f"patch {spec.patch!r} is for model {record.base!r}",
                                          error_type="patch_model_mismatch")
+                pin = base.patches.acquire(spec.patch, self.registry.fetch) if record.state == "ready" else None
+                if pin is None:
+                    raise PatchNotReady(f"patch {spec.patch!r} is {record.state}")
             job = new_job(base.model, y=y, seed=spec.seed, sampler=spec.sampler, steps=spec.steps,
-                          guidance_scale=spec.guidance_scale, n=spec.num_images, slot=pin.slot if pin else 0,
+                          guidance_scale=spec.guidance_scale, n=spec.num_images,
                           beta_schedule=base.beta_schedule, clip_sample=base.clip_sample,
                           device=self.settings.torch_device, dtype=self.settings.torch_dtype)
         except BaseException:
             if pin is not None:
-                base.slots.release(pin)
+                base.patches.release(pin)
             self._done(None)
             raise
         work = Work(spec, job, pin, deadline=time.monotonic() + self.settings.request_timeout, listener=listener,
@@ -255,9 +260,10 @@ class Engine:
     def refresh_gauges(self) -> None:
         """Slot, version and device gauges, read at scrape time."""
         for base in self.bases.values():
-            used, held = base.slots.stats()
-            self.metrics.slots_in_use.labels(base.name).set(used)
-            self.metrics.versions_held.labels(base.name).set(held)
+            stats = base.patches.stats()
+            self.metrics.slots_in_use.labels(base.name).set(stats["slots"])
+            self.metrics.versions_held.labels(base.name).set(stats["held"])
+            self.metrics.patch_host_bytes.labels(base.name).set(stats["host_bytes"])
             if base.forward is not None:
                 for kind, count in base.forward.stats().items():
                     self.metrics.graph_forwards.labels(base.name, kind).set(count)

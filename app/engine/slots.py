@@ -1,83 +1,220 @@
-"""Reference-counted patch versions in a base's PatchPool: a request pins the version current at admission."""
+"""A base's patches on the engine side: versions pinned by requests, a bounded host cache, device slots as an LRU.
+
+Three tiers: the store (disk or Redis, the registry's), host memory (validated copies, pinned on CUDA, at most
+DMP_PATCH_HOST_BYTES of unpinned ones), and the PatchPool's device slots. A request pins the version current at
+admission (its host copy stays until the request ends); the runner seats it in a slot just before it joins the
+batch, evicting the least recently used slot that no running request uses. Slots are fixed-address graph inputs,
+so a swap-in is an in-place copy and no graph is recaptured. Pool tensors are written by the runner thread only.
+"""
 from __future__ import annotations
 
+import itertools
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from app.model.dmp import DMP, PatchError, PatchPool
+import torch
+
+from app.core.metrics import Metrics
+from app.model.dmp import DMP, PatchPool
+
+Loader = Callable[[str, str], DMP]  # (name, version) -> the validated patch, read from the store
 
 
-@dataclass
-class Installed:
-    """One patch version living in one pool slot."""
+@dataclass(eq=False)
+class Version:
+    """One patch version of one base and where it is resident."""
 
     name: str
     version: str
-    slot: int
-    refs: int = 0
+    nbytes: int
+    host: DMP | None = None  # validated copy in host memory; None = only in the store
+    slot: int | None = None  # device slot while resident
+    refs: int = 0  # admitted requests pinning this version
+    seated: int = 0  # running requests reading its slot: it cannot be evicted
     retired: bool = False
+    used: int = 0  # LRU clock of the last seat
+
+    @property
+    def residency(self) -> str:
+        return "device" if self.slot is not None else "host" if self.host is not None else "stored"
 
 
-class SlotTable:
-    """name -> current version's slot; old versions keep their slot until their last request releases it.
+def _on_host(patch: DMP, device: str) -> DMP:
+    """Pinned host memory on CUDA, so a swap-in is an asynchronous copy."""
+    if device == "cuda":
+        with torch.no_grad():
+            for p in patch.parameters():
+                p.data = p.data.pin_memory()
+    return patch
 
-    Pool writes happen under the owning base's lock (taken by the caller), never during a forward.
-    """
 
-    def __init__(self, pool: PatchPool):
-        self.pool = pool
+class PatchSlots:
+    """name -> current version; retired versions live until their last request releases them."""
+
+    def __init__(self, base: str, pool: PatchPool, host_bytes: int, metrics: Metrics, device: str = "cpu"):
+        self.base, self.pool, self.host_bytes, self.metrics, self.device = base, pool, host_bytes, metrics, device
         self._lock = threading.Lock()
-        self.current: dict[str, Installed] = {}
-        self.held: list[Installed] = []  # retired versions still pinned
+        self.current: dict[str, Version] = {}
+        self.held: list[Version] = []  # retired versions still pinned
+        self._clock = itertools.count(1)
 
-    def has_room(self) -> bool:
-        with self._lock:
-            return self.pool.free_slots() > 0
+    # ------------------------------------------------------------------ registry side (any thread)
 
-    def install(self, name: str, version: str, patch: DMP) -> tuple[Installed, bool]:
-        """Copy `patch` into a free slot and make it current; returns (entry, replaced_an_older_version)."""
+    def offer(self, name: str, version: str, patch: DMP, nbytes: int) -> bool:
+        """A validated patch version becomes current (host copy cached); True if it replaced an older version."""
         with self._lock:
             old = self.current.get(name)
             if old is not None and old.version == version:
-                return old, False
-            if self.pool.free_slots() == 0:
-                raise PatchError(f"no free patch slot ({self.pool.slots - 1} in use; raise DMP_PATCH_SLOTS)")
-            entry = Installed(name, version, self.pool.install(patch))
-            self.current[name] = entry
+                if old.host is None:
+                    old.host = _on_host(patch, self.device)
+                    self._trim_host()
+                return False
+            self.current[name] = Version(name, version, nbytes, host=_on_host(patch, self.device),
+                                         used=next(self._clock))
             if old is not None:
                 self._retire(old)
-            return entry, old is not None
+            self._trim_host()
+            return old is not None
 
-    def remove(self, name: str) -> bool:
+    def withdraw(self, name: str) -> bool:
         with self._lock:
             old = self.current.pop(name, None)
             if old is not None:
                 self._retire(old)
+            self.metrics.forget_patch(self.base, name)
             return old is not None
 
-    def acquire(self, name: str) -> Installed | None:
-        """Pin the current version of `name` (None if not installed)."""
+    # ------------------------------------------------------------------ request side
+
+    def acquire(self, name: str, load: Loader) -> Version | None:
+        """Pin the current version of `name` (None if unknown); reads it back from the store if it left host memory."""
         with self._lock:
             entry = self.current.get(name)
-            if entry is not None:
-                entry.refs += 1
-            return entry
+            if entry is None:
+                return None
+            entry.refs += 1
+            entry.used = next(self._clock)
+            if entry.host is not None or entry.slot is not None:
+                return entry
+        try:
+            start = time.perf_counter()
+            patch = _on_host(load(name, entry.version), self.device)  # I/O outside the lock
+            self.metrics.patch_swap_in_seconds.labels(self.base, "store").observe(time.perf_counter() - start)
+        except BaseException:
+            self.release(entry)
+            raise
+        with self._lock:
+            if entry.host is None:
+                entry.host = patch
+                self._trim_host()
+        return entry
 
-    def release(self, entry: Installed) -> None:
+    def release(self, entry: Version, seated: bool = False) -> None:
+        """A request is done with its version; `seated`: it held the version's slot."""
         with self._lock:
             entry.refs -= 1
+            entry.seated -= seated
             if entry.retired and entry.refs == 0:
                 self.held.remove(entry)
-                self.pool.free(entry.slot)
+                self._drop(entry)
+            self._trim_host()
 
-    def _retire(self, entry: Installed) -> None:
+    # ------------------------------------------------------------------ runner thread
+
+    def seat(self, entry: Version, evict: bool = True, avoid: Version | None = None) -> int | None:
+        """The device slot of a pinned version for one running request, swapping it in if needed; None when it is
+        not resident and every slot is used by running requests (or `evict` is off: only resident ones seat)."""
+        with self._lock:
+            if entry.slot is None:
+                if not evict:
+                    return None
+                start = time.perf_counter()
+                if self.pool.free_slots() == 0 and not self._evict_device():
+                    return None
+                entry.slot = self.pool.install(entry.host)  # in place; non-blocking from pinned memory on CUDA
+                self.metrics.patch_swap_ins.labels(self.base, entry.name).inc()
+                self.metrics.patch_swap_in_seconds.labels(self.base, "host").observe(time.perf_counter() - start)
+                self._gauge(entry.name)
+            elif entry is avoid:
+                return None
+            entry.seated += 1
+            entry.used = next(self._clock)
+            return entry.slot
+
+    def victim(self) -> Version | None:
+        """The resident version that frees its slot soonest if no new request joins it: fewest running, then LRU."""
+        with self._lock:
+            seated = [v for v in self._resident() if v.seated > 0]
+            return min(seated, key=lambda v: (v.seated, v.used), default=None)
+
+    # ------------------------------------------------------------------ queries
+
+    def residency(self, name: str) -> str:
+        with self._lock:
+            entry = self.current.get(name)
+            return entry.residency if entry is not None else "stored"
+
+    def held_versions(self, name: str) -> list[str]:
+        with self._lock:
+            return [v.version for v in self.held if v.name == name]
+
+    def stats(self) -> dict[str, int]:
+        """Slots in use (slot 0 excluded), retired versions still pinned, host copies and their bytes."""
+        with self._lock:
+            versions = list(self.current.values()) + self.held
+            hosted = [v for v in versions if v.host is not None]
+            return {"slots": self.pool.slots - 1 - self.pool.free_slots(), "held": len(self.held),
+                    "host": len(hosted), "host_bytes": sum(v.nbytes for v in hosted)}
+
+    # ------------------------------------------------------------------ internals (lock held)
+
+    def _resident(self) -> list[Version]:
+        return [v for v in list(self.current.values()) + self.held if v.slot is not None]
+
+    def _evict_device(self) -> bool:
+        """Free the least recently seated slot no running request reads; False if every slot is in use."""
+        # a pinned version whose host copy is gone keeps its slot: that slot is its only copy outside the store
+        idle = [v for v in self._resident() if v.seated == 0 and (v.host is not None or v.refs == 0)]
+        if not idle:
+            return False
+        lru = min(idle, key=lambda v: v.used)
+        self._unslot(lru)
+        self.metrics.patch_evictions.labels(self.base, lru.name).inc()
+        return True
+
+    def _unslot(self, entry: Version) -> None:
+        self.pool.free(entry.slot)
+        entry.slot = None
+        self._gauge(entry.name)
+
+    def _gauge(self, name: str) -> None:
+        """Resident versions of `name`; a patch that is not resident has no series (cardinality <= slots)."""
+        count = sum(1 for v in self._resident() if v.name == name)
+        if count:
+            self.metrics.patch_resident.labels(self.base, name).set(count)
+        else:
+            self.metrics.patch_resident.remove(self.base, name)
+
+    def _trim_host(self) -> None:
+        """Drop least recently used host copies of unpinned versions while over the byte budget."""
+        hosted = [v for v in self.current.values() if v.host is not None]
+        total = sum(v.nbytes for v in hosted) + sum(v.nbytes for v in self.held if v.host is not None)
+        for v in sorted((v for v in hosted if v.refs == 0), key=lambda v: v.used):
+            if total <= self.host_bytes:
+                break
+            v.host = None
+            total -= v.nbytes
+
+    def _retire(self, entry: Version) -> None:
         entry.retired = True
         if entry.refs == 0:
-            self.pool.free(entry.slot)
+            self._drop(entry)
         else:
             self.held.append(entry)
 
-    def stats(self) -> tuple[int, int]:
-        """(slots in use excluding slot 0, retired versions still pinned)."""
-        with self._lock:
-            return self.pool.slots - 1 - self.pool.free_slots(), len(self.held)
+    def _drop(self, entry: Version) -> None:
+        if entry.slot is not None:
+            self._unslot(entry)
+        entry.host = None

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.engine.slots import Installed
+from app.engine.slots import Version
 from app.model.sampling import Job
 
 
@@ -53,7 +53,7 @@ class Work:
 
     spec: Spec
     job: Job
-    pin: Installed | None
+    pin: Version | None
     deadline: float
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -62,6 +62,7 @@ class Work:
     ahead: int = 0  # requests waiting before this one when it was admitted
     listener: Callable[[Progress], None] | None = None  # streaming requests only; must be quick (runner thread)
     preview_at: frozenset[int] = frozenset()  # steps after which the listener gets the x0 prediction
+    seated: bool = False  # its pin holds a device slot (set by the runner when it joins the batch)
 
     @property
     def images(self) -> int:

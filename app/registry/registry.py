@@ -1,7 +1,10 @@
-"""Patch registry: validates, stores and installs patch versions; keeps replicas in step through Redis pub/sub.
+"""Patch registry: validates and stores patch versions, any number per base, and hands each validated version to
+its base (the engine's side, which owns host copies and device slots); keeps replicas in step through Redis pub/sub.
 
-States: loading -> ready (installed in its base's pool) or failed (refused when loaded from the store);
-a replaced or deleted version becomes retired and its slot is freed once no running request pins it.
+States: loading -> ready (validated and handed to its base) or failed (refused when loaded from the store);
+a replaced or deleted version becomes retired. Where a ready patch is resident (stored / host / device) is the
+base's to say. Dependencies point one way: the engine uses the registry; the registry knows bases only through
+the `ServedModel` protocol below.
 """
 from __future__ import annotations
 
@@ -10,15 +13,16 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
+from typing import Protocol
 
 import redis
+from torch import nn
 
 from app.core.config import Settings
 from app.core.errors import InvalidPatch, NotFound, PatchNotReady, ServiceError, Unavailable
 from app.core.metrics import Metrics
-from app.engine.bases import ServedBase
-from app.engine.slots import Installed
-from app.model.dmp import PatchError, patch_from_bytes, read_header
+from app.model.dmp import DMP, PatchError, patch_from_bytes, read_header
 from app.registry.records import PatchRecord, version_of
 from app.registry.stores import CHANNEL, DiskStore, RedisStore
 
@@ -26,15 +30,37 @@ log = logging.getLogger("dmp.registry")
 RESYNC_SECONDS = 2.0
 
 
+class PatchSink(Protocol):
+    """Where validated patch versions go: one base's host cache and device slots."""
+
+    def offer(self, name: str, version: str, patch: DMP, nbytes: int) -> bool: ...  # True: replaced a version
+
+    def withdraw(self, name: str) -> bool: ...
+
+    def residency(self, name: str) -> str: ...  # "stored" | "host" | "device"
+
+    def held_versions(self, name: str) -> list[str]: ...
+
+
+class ServedModel(Protocol):
+    """What the registry needs of a served base: enough to validate a patch against it, and its sink."""
+
+    name: str
+    model: nn.Module
+    fingerprint: str
+    patches: PatchSink
+
+
 class PatchRegistry:
     """All patches of all served bases, one store behind them."""
 
-    def __init__(self, settings: Settings, bases: dict[str, ServedBase], metrics: Metrics, client=None):
+    def __init__(self, settings: Settings, bases: dict[str, ServedModel], metrics: Metrics, client=None):
         self.settings, self.bases, self.metrics = settings, bases, metrics
         self.origin = uuid.uuid4().hex
         self.store = RedisStore(client, self.origin) if client is not None else DiskStore(settings.patch_dir)
         self.records: dict[str, PatchRecord] = {}
-        self._bytes: dict[str, bytes] = {}  # ready versions' files, to refill a Redis that lost its data
+        # recent ready versions' files (at most DMP_PATCH_HOST_BYTES), to refill a Redis that lost its data
+        self._bytes: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
@@ -83,18 +109,22 @@ class PatchRegistry:
 
     def held_versions(self, name: str) -> list[str]:
         """Retired versions of `name` that running requests still use."""
-        return [e.version for b in self.bases.values() for e in list(b.slots.held) if e.name == name]
+        return [v for b in self.bases.values() for v in b.patches.held_versions(name)]
 
-    def pin(self, name: str) -> tuple[PatchRecord, Installed]:
-        """Pin the current version of a ready patch for one request (released by the batcher)."""
-        with self._lock:
-            record = self.get(name)
-            if record.state != "ready" or record.base not in self.bases:
-                raise PatchNotReady(f"patch {name!r} is {record.state}" + (f": {record.error}" if record.error else ""))
-            entry = self.bases[record.base].slots.acquire(name)
-        if entry is None:
-            raise PatchNotReady(f"patch {name!r} is not installed")
-        return record, entry
+    def summary(self, record: PatchRecord) -> dict:
+        """The record's fields plus where it is resident: device (in a slot), host (in memory) or stored."""
+        base = self.bases.get(record.base) if record.state == "ready" else None
+        return record.summary() | {"resident": base.patches.residency(record.name) if base else "stored"}
+
+    def fetch(self, name: str, version: str) -> DMP:
+        """Read `version` of `name` back from the store and validate it again (a store is untrusted input)."""
+        try:
+            data = self.store.load(name)
+        except redis.RedisError as e:
+            raise self._unreachable(e) from None
+        if data is None or version_of(data) != version:
+            raise PatchNotReady(f"patch {name!r} version {version} is no longer in the store (replaced or deleted)")
+        return self._validate(data)[1]
 
     # ------------------------------------------------------------------ admin
 
@@ -104,19 +134,12 @@ class PatchRegistry:
         with self._lock:
             base, patch = self._validate(data)
             old = self.records.get(name)
-            same = old is not None and old.version == version and old.state == "ready"
-            if not same and not base.slots.has_room():
-                self.metrics.patch_refusals.labels("no_free_slot").inc()
-                raise Unavailable(f"all {self.settings.patch_slots - 1} patch slots of {base.name} are in use "
-                                  "(old versions still running or DMP_PATCH_SLOTS too small)",
-                                  error_type="no_free_slot", headers={"Retry-After": str(self.settings.retry_after)})
             try:
                 self.store.save(name, data, version)
             except redis.RedisError as e:
-                raise Unavailable(f"patch store unreachable: {e.__class__.__name__}", error_type="registry_unavailable",
-                                  headers={"Retry-After": str(self.settings.retry_after)}) from None
+                raise self._unreachable(e) from None
             if old is not None and old.base != base.name and old.base in self.bases:
-                self.bases[old.base].slots.remove(name)  # the name moved to another base
+                self.bases[old.base].patches.withdraw(name)  # the name moved to another base
             record = self._install(name, version, base, patch, data)
             return record, old is None
 
@@ -126,13 +149,16 @@ class PatchRegistry:
             try:
                 self.store.delete(name, record.version)
             except redis.RedisError as e:
-                raise Unavailable(f"patch store unreachable: {e.__class__.__name__}", error_type="registry_unavailable",
-                                  headers={"Retry-After": str(self.settings.retry_after)}) from None
+                raise self._unreachable(e) from None
             self._forget(name)
             record.state = "retired"
             return record
 
     # ------------------------------------------------------------------ internals
+
+    def _unreachable(self, e: redis.RedisError) -> Unavailable:
+        return Unavailable(f"patch store unreachable: {e.__class__.__name__}", error_type="registry_unavailable",
+                           headers={"Retry-After": str(self.settings.retry_after)})
 
     def _validate(self, data: bytes):
         """Find the served base the patch is for (fingerprint, else base_name) and check the whole file."""
@@ -145,7 +171,7 @@ class PatchRegistry:
             raise InvalidPatch(str(e)) from None
         return base, patch
 
-    def _base_for(self, meta: dict) -> ServedBase:
+    def _base_for(self, meta: dict) -> ServedModel:
         fp = meta.get("base_fingerprint")
         for base in self.bases.values():
             if fp and base.fingerprint == fp:
@@ -158,14 +184,13 @@ class PatchRegistry:
         raise PatchError(f"no served base matches this patch (base_name={named!r}, fingerprint "
                          f"{str(fp)[:12]}…); served: {', '.join(self.bases)}")
 
-    def _install(self, name: str, version: str, base: ServedBase, patch, data: bytes) -> PatchRecord:
-        with base.lock:
-            _, replaced = base.slots.install(name, version, patch)
+    def _install(self, name: str, version: str, base: ServedModel, patch, data: bytes) -> PatchRecord:
+        replaced = base.patches.offer(name, version, patch, len(data))
         meta = dict(patch.metadata)
         record = PatchRecord(name, version, "ready", base.name, meta.get("task"), meta.get("domain"), len(data),
                              metadata=meta)
         self.records[name] = record
-        self._bytes[name] = data
+        self._keep_bytes(name, data)
         self.metrics.patch_installs.labels(base.name).inc()
         if replaced:
             self.metrics.patch_swaps.labels(base.name).inc()
@@ -185,7 +210,7 @@ class PatchRegistry:
             try:
                 base, patch = self._validate(data)
                 if current is not None and current.base not in (None, base.name) and current.base in self.bases:
-                    self.bases[current.base].slots.remove(name)
+                    self.bases[current.base].patches.withdraw(name)
                 self._install(name, version, base, patch, data)
             except ServiceError as e:
                 log.warning("patch %s refused: %s", name, e.message)
@@ -193,16 +218,22 @@ class PatchRegistry:
                     self.records[name] = current  # keep serving the good version
                 else:
                     self.records[name] = PatchRecord(name, version, "failed", size_bytes=len(data), error=e.message)
-            except PatchError as e:  # no free slot
-                log.warning("patch %s not installed: %s", name, e)
-                self.metrics.patch_refusals.labels("no_free_slot").inc()
-                self.records[name] = PatchRecord(name, version, "failed", size_bytes=len(data), error=str(e))
+
+    def _keep_bytes(self, name: str, data: bytes) -> None:
+        """Remember a ready file for refilling Redis; the least recent go first past DMP_PATCH_HOST_BYTES."""
+        if not self.store.shared:
+            return  # the disk store does not lose its data with a server
+        self._bytes.pop(name, None)
+        self._bytes[name] = data
+        total = sum(len(b) for b in self._bytes.values())
+        while total > self.settings.patch_host_bytes and self._bytes:
+            total -= len(self._bytes.popitem(last=False)[1])
 
     def _forget(self, name: str) -> None:
         record = self.records.pop(name, None)
         self._bytes.pop(name, None)
         if record is not None and record.base in self.bases:
-            self.bases[record.base].slots.remove(name)
+            self.bases[record.base].patches.withdraw(name)
 
     # ------------------------------------------------------------------ redis replicas
 

@@ -1,36 +1,78 @@
-"""SlotTable: a pinned version keeps its slot after a swap until its last request releases it."""
+"""PatchSlots: pinned versions survive swaps, device slots are an LRU over running requests, host copies are bounded."""
 from __future__ import annotations
 
 import pytest
 
-from app.engine.slots import SlotTable
-from app.model.dmp import PatchError, PatchPool, new_patch_for
+from app.core.metrics import Metrics
+from app.engine.slots import PatchSlots
+from app.model.dmp import PatchPool, new_patch_for
 from conftest import tiny_base
 
 
+class Store:
+    """Stands in for the registry's fetch: counts read-backs."""
+
+    def __init__(self, patch):
+        self.patch, self.reads = patch, []
+
+    def __call__(self, name, version):
+        self.reads.append(name)
+        return self.patch
+
+
 @pytest.fixture
-def table():
-    base = tiny_base("class", seed=0)
-    return SlotTable(PatchPool(32, 16, 2, slots=3)), new_patch_for(base)
+def setup():
+    patch = new_patch_for(tiny_base("class", seed=0))
+    metrics = Metrics()
+    return PatchSlots("digits", PatchPool(32, 16, 2, slots=3), 10**9, metrics), patch, Store(patch), metrics
 
 
-def test_swap_frees_old_slot_only_after_release(table):
-    slots, patch = table
-    v1, _ = slots.install("p", "v1", patch)
-    pin = slots.acquire("p")
-    v2, replaced = slots.install("p", "v2", patch)
-    assert replaced and v2.slot != v1.slot and slots.stats() == (2, 1)
-    assert slots.acquire("p").version == "v2"  # later requests get the new version
-    with pytest.raises(PatchError, match="no free patch slot"):
-        slots.install("q", "x", patch)  # v1 is still pinned
-    slots.release(pin)
-    assert slots.stats() == (1, 0)
-    assert slots.install("q", "x", patch)[0].slot == v1.slot
+def sample(metrics, name, patch):
+    return metrics.registry.get_sample_value(name, {"model": "digits", "patch": patch})
 
 
-def test_same_version_is_a_no_op_and_remove_retires(table):
-    slots, patch = table
-    first, _ = slots.install("p", "v1", patch)
-    again, replaced = slots.install("p", "v1", patch)
-    assert again is first and not replaced and slots.stats() == (1, 0)
-    assert slots.remove("p") and slots.acquire("p") is None and slots.stats() == (0, 0)
+def test_a_pinned_version_keeps_its_slot_after_a_swap(setup):
+    slots, patch, load, _ = setup
+    slots.offer("p", "v1", patch, 100)
+    pin = slots.acquire("p", load)
+    first = slots.seat(pin)
+    assert slots.offer("p", "v2", patch, 100)  # replaced
+    newer = slots.acquire("p", load)
+    assert newer.version == "v2" and slots.held_versions("p") == ["v1"]
+    assert slots.seat(newer) != first and slots.stats()["slots"] == 2
+    assert slots.acquire("q", load) is None  # unknown name
+    slots.release(pin, seated=True)
+    assert slots.held_versions("p") == [] and slots.stats()["slots"] == 1  # v1's slot freed with its last request
+
+
+def test_device_slots_are_an_lru_over_running_requests(setup):
+    slots, patch, load, metrics = setup  # 2 usable slots
+    for name in "abc":
+        slots.offer(name, "v", patch, 100)
+    a, b, c = (slots.acquire(n, load) for n in "abc")
+    sa, sb = slots.seat(a), slots.seat(b)
+    assert slots.residency("a") == "device" and slots.residency("c") == "host"
+    assert slots.seat(c) is None  # both slots are read by running requests: c waits
+    assert slots.victim() is a  # equal load: the least recently seated frees first
+    slots.release(a, seated=True)
+    assert slots.seat(c) == sa and slots.residency("a") == "host"  # a evicted, c swapped into its slot
+    assert slots.seat(b, evict=False) == sb and slots.seat(b, evict=False, avoid=b) is None
+    assert sample(metrics, "dmp_patch_swap_ins_total", "c") == 1
+    assert sample(metrics, "dmp_patch_evictions_total", "a") == 1
+    assert sample(metrics, "dmp_patch_resident", "a") is None and sample(metrics, "dmp_patch_resident", "c") == 1
+    assert load.reads == []  # everything came from host memory
+
+
+def test_host_copies_are_bounded_and_read_back_from_the_store(setup):
+    _, patch, load, metrics = setup
+    slots = PatchSlots("digits", PatchPool(32, 16, 2, slots=2), 250, metrics)  # two 100-byte copies fit
+    for name in "abcd":
+        slots.offer(name, "v", patch, 100)
+    assert [slots.residency(n) for n in "abcd"] == ["stored", "stored", "host", "host"]
+    pin = slots.acquire("a", load)  # read back, pinned: stays over budget until released
+    assert load.reads == ["a"] and slots.residency("a") == "host"
+    assert slots.seat(pin) == 1 and slots.residency("a") == "device"
+    slots.release(pin, seated=True)
+    assert slots.stats()["host_bytes"] <= 250
+    assert slots.withdraw("a") and slots.residency("a") == "stored" and slots.stats()["slots"] == 0
+    assert sample(metrics, "dmp_patch_swap_ins_total", "a") is None  # a deleted patch leaves no series

@@ -25,20 +25,6 @@ def test_bad_files_on_disk_fail_alone(class_only_dirs, tmp_path):
         assert c.post("/generate", json={"patch": "digits-dmp", "class_label": 1, "steps": 2}).status_code == 200
 
 
-def test_slot_exhaustion_is_a_clear_503(class_only_dirs, tmp_path):
-    dirs = copy_dirs(class_only_dirs, tmp_path)
-    digits = class_only_dirs["bases"]["digits"]
-    headers = {"Authorization": "Bearer k", "Content-Type": "application/octet-stream"}
-    with asgi_client(dirs, warmup=False, admin_token="k", patch_slots=3) as c:  # base + 2 patches
-        wait_ready(c)
-        assert c.put("/patches/second", content=make_patch_bytes(digits, "digits", 1), headers=headers).status_code == 201
-        r = c.put("/patches/third", content=make_patch_bytes(digits, "digits", 2), headers=headers)
-        assert r.status_code == 503 and r.json()["error_type"] == "no_free_slot" and "Retry-After" in r.headers
-        assert c.get("/patches/third").status_code == 404 and not (dirs["patches"] / "third.safetensors").exists()
-        assert c.delete("/patches/second", headers=headers).status_code == 200
-        assert c.put("/patches/third", content=make_patch_bytes(digits, "digits", 2), headers=headers).status_code == 201
-
-
 def test_a_non_base_file_in_the_model_dir_is_skipped(class_only_dirs, tmp_path):
     dirs = copy_dirs(class_only_dirs, tmp_path)
     save_file({"step": torch.zeros(1), "opt.exp_avg": torch.zeros(3)}, str(dirs["models"] / "run.ckpt.safetensors"))

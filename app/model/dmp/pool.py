@@ -41,11 +41,12 @@ class PatchPool:
             raise PatchError("no free patch slot")
         slot = self.in_use.index(False)
         self.prompts[slot].zero_()
-        self.prompts[slot, :patch.pt_depth].copy_(patch.prompts)
+        # asynchronous from pinned host memory; stream order puts the copy before the next forward
+        self.prompts[slot, :patch.pt_depth].copy_(patch.prompts, non_blocking=True)
         if patch.method == "dmp":
-            self.gate_w[slot].copy_(patch.gate.weight[:, :-1])
-            self.gate_w_depth[slot].copy_(patch.gate.weight[:, -1])
-            self.gate_b[slot].copy_(patch.gate.bias)
+            self.gate_w[slot].copy_(patch.gate.weight[:, :-1], non_blocking=True)
+            self.gate_w_depth[slot].copy_(patch.gate.weight[:, -1], non_blocking=True)
+            self.gate_b[slot].copy_(patch.gate.bias, non_blocking=True)
         self.gate_on_t[slot] = patch.gate_input == "t"
         self.ungated[slot] = patch.method == "pt"
         self.keep[slot] = patch.k
