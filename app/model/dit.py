@@ -96,13 +96,15 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
-    def token_drop(self, labels):
-        drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        return torch.where(drop_ids, self.num_classes, labels)
+    def token_drop(self, labels, drop=None):
+        if drop is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        return torch.where(drop, self.num_classes, labels)
 
-    def forward(self, labels, train):
+    def forward(self, labels, train, drop=None):
+        """drop (B,) bool: which labels become the null class (drawn here when None, as DiT's force_drop_ids)."""
         if train and self.dropout_prob > 0:
-            labels = self.token_drop(labels)
+            labels = self.token_drop(labels, drop)
         return self.embedding_table(labels)  # (B, D)
 
     def null(self, batch, device):
@@ -118,10 +120,11 @@ class TextEmbedder(nn.Module):
         self.null_embedding = nn.Parameter(torch.zeros(1, text_dim))
         self.dropout_prob = dropout_prob
 
-    def forward(self, emb, train):
+    def forward(self, emb, train, drop=None):
         if train and self.dropout_prob > 0:
-            drop = torch.rand(emb.shape[0], 1, device=emb.device) < self.dropout_prob
-            emb = torch.where(drop, self.null_embedding.to(emb.dtype), emb)
+            if drop is None:
+                drop = torch.rand(emb.shape[0], device=emb.device) < self.dropout_prob
+            emb = torch.where(drop[:, None], self.null_embedding.to(emb.dtype), emb)
         return self.proj(emb.to(self.proj[0].weight.dtype))  # (B, D)
 
     def null(self, batch, device):
@@ -279,11 +282,12 @@ class DiT(nn.Module):
         """The condition meaning 'no condition' (null class or learned null text) for CFG."""
         return self.y_embedder.null(batch, device)
 
-    def forward(self, x, t, y, patch=None):
-        """x (B, C, H, W), t (B,), y (B,) labels or (B, text_dim); patch: DMP module or PatchBatch."""
+    def forward(self, x, t, y, patch=None, drop=None):
+        """x (B, C, H, W), t (B,), y (B,) labels or (B, text_dim); patch: DMP module or PatchBatch;
+        drop (B,) bool: the training condition dropout, when the caller draws it (the trainer, per global batch)."""
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         t_emb = self.t_embedder(t)  # (B, D)
-        c = t_emb + self.y_embedder(y, self.training)  # (B, D)
+        c = t_emb + self.y_embedder(y, self.training, drop)  # (B, D)
         patch_state = patch.prepare(c, t_emb) if patch is not None else None
         pending = None  # each block's MLP branch is added by the next block's (or the final layer's) first kernel
         for depth, block in enumerate(self.blocks):

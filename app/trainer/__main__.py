@@ -17,7 +17,9 @@ def add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--domain", default="")
     p.add_argument("--image-size", type=int, default=d["image_size"])
     p.add_argument("--steps", type=int, default=d["steps"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="global batch: split over the ranks (torchrun) and the accumulation steps")
+    p.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimiser step")
     p.add_argument("--lr", type=float, default=d["lr"])
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--device", default=d["device"], help="auto | cpu | cuda")
@@ -27,6 +29,8 @@ def add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--eval-every", type=int, default=d["eval_every"])
     p.add_argument("--max-seconds", type=float, default=0.0, help="stop early after this much training time")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--allow-batch-change", action="store_true",
+                   help="resume a checkpoint that was trained at another global batch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -92,19 +96,19 @@ def main(argv=None) -> int:
     from app.model.dmp import PatchError
     from app.model.loaders import CheckpointError
     from app.trainer.data import DataError
+    from app.trainer.distributed import shutdown
 
     try:
-        if args.command == "pretrain":
+        if args.command in ("pretrain", "patch"):
             from app.trainer.train import Trainer
 
-            out = Trainer(config_from(args, "pretrain"), resume=not args.no_resume, progress=not args.quiet).run()
-            print(f"wrote base {out}")
-        elif args.command == "patch":
-            from app.trainer.train import Trainer
-
-            method = args.baseline or "dmp"
-            out = Trainer(config_from(args, method), resume=not args.no_resume, progress=not args.quiet).run()
-            print(f"wrote {'FT checkpoint' if method == 'ft' else method.upper() + ' patch'} {out}")
+            method = "pretrain" if args.command == "pretrain" else args.baseline or "dmp"
+            trainer = Trainer(config_from(args, method), resume=not args.no_resume, progress=not args.quiet,
+                              allow_batch_change=args.allow_batch_change)
+            out = trainer.run()
+            if trainer.dist.main:
+                what = {"pretrain": "base", "ft": "FT checkpoint"}.get(method, method.upper() + " patch")
+                print(f"wrote {what} {out}")
         elif args.command == "eval":
             from app.trainer.evaluate import evaluate
             from app.trainer.train import resolve_device
@@ -127,6 +131,8 @@ def main(argv=None) -> int:
     except (PatchError, CheckpointError, DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()  # leave torchrun's process group cleanly (no-op in a single process)
     return 0
 
 

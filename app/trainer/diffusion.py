@@ -57,13 +57,16 @@ class Diffusion:
     def q_sample(self, x0, t, noise):
         return self._at("sqrt_ac", t) * x0 + self._at("sqrt_1m_ac", t) * noise
 
-    def loss(self, model, x0, y, patch=None, generator=None) -> torch.Tensor:
-        """Mean training loss over the batch for uniformly drawn timesteps (DiT's `training_losses`)."""
+    def loss(self, model, x0, y, patch=None, generator=None, t=None, noise=None, drop=None) -> torch.Tensor:
+        """Mean training loss over the batch for uniformly drawn timesteps (DiT's `training_losses`); t, noise
+        and the condition dropout `drop` are drawn here unless given (the trainer draws them per global batch)."""
         B = x0.shape[0]
-        t = torch.randint(0, self.num_timesteps, (B,), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (B,), device=x0.device, generator=generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         x_t = self.q_sample(x0, t, noise)
-        out = model(x_t, t, y, patch=patch).float()  # (B, C_out, H, W)
+        out = model(x_t, t, y, patch=patch, drop=drop).float()  # (B, C_out, H, W)
         C = x0.shape[1]
         eps = out[:, :C]
         mse = ((eps - noise) ** 2).mean(dim=(1, 2, 3))

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
-import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from app.model import DiTConfig, load_base, save_base, fingerprint
@@ -17,6 +19,7 @@ from app.trainer.checkpoint import (load_checkpoint, load_optimizer_tensors, opt
                                     rng_tensors, save_checkpoint)
 from app.trainer.data import DataSet, load_dataset
 from app.trainer.diffusion import Diffusion
+from app.trainer.distributed import Dist, from_env
 
 METHODS = ("pretrain", "dmp", "pt", "ft")
 
@@ -30,7 +33,8 @@ class TrainConfig:
     domain: str = ""
     image_size: int = 32
     steps: int = 1000
-    batch_size: int = 128
+    batch_size: int = 128  # global: split over every rank and accumulation step
+    grad_accum: int = 1  # micro-batches per optimiser step (gradients summed, one all-reduce per step)
     lr: float = 1e-4
     gate_lr_mult: float = 10.0
     weight_decay: float = 0.0
@@ -66,9 +70,7 @@ class TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return Dist().device(name)
 
 
 def new_base(cfg: TrainConfig, data: DataSet) -> DiT:
@@ -105,22 +107,69 @@ def heldout_loss(model, diffusion: Diffusion, data: DataSet, patch=None, n: int 
     return total / 4
 
 
-class Trainer:
-    """One run: builds the model, optimiser and data, then `run()` trains, checkpoints and writes the output."""
+class Objective(nn.Module):
+    """One micro-batch's training loss; a module so that DDP wraps base and patch together."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = True, progress: bool = True):
+    def __init__(self, model: DiT, patch, diffusion: Diffusion, cfg: TrainConfig, dist: Dist):
+        super().__init__()
+        self.model, self.patch, self.diffusion, self.cfg, self.dist = model, patch, diffusion, cfg, dist
+
+    def forward(self, x, y, t, noise, drop=None, gate_noise=None) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        if self.patch is not None:
+            self.patch.gate_noise = gate_noise
+        loss = self.diffusion.loss(self.model, x, y, patch=self.patch, t=t, noise=noise, drop=drop)
+        logs = {"loss": loss.detach()}
+        if cfg.method == "dmp":
+            self.gather_gating()
+            imp = importance_loss(self.patch.last_gates)
+            load = load_loss(self.patch, kind=cfg.load_kind)
+            loss = loss + cfg.w_importance * imp + cfg.w_load * load
+            logs |= {"imp": imp.detach(), "load": load.detach()}
+        return loss, logs
+
+    def gather_gating(self) -> None:
+        """The balancing losses are batch statistics: let them see every rank's rows of this micro-batch.
+
+        Each rank then computes the same value; all_gather's backward sums every rank's gradient into each
+        rank's own rows (x world_size) and DDP's average divides it out again, so the gradient is the global one.
+        """
+        for name, batch_dim in (("last_gates", 1), ("last_logits", 1), ("last_clean_logits", 1),
+                                ("last_noise_std", 0)):
+            value = getattr(self.patch, name, None)
+            if value is not None:
+                setattr(self.patch, name, self.dist.gather_rows(value, batch_dim))
+
+
+class Trainer:
+    """One run: builds the model, optimiser and data, then `run()` trains, checkpoints and writes the output.
+
+    Under torchrun it is one rank of a DDP job: every random draw is made for the global batch from the same
+    seed on every rank, each rank computing its rows, so the math is the same at any world size; rank 0 alone
+    writes checkpoints, outputs and progress, and every rank resumes from the same checkpoint.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: bool = True, progress: bool = True,
+                 allow_batch_change: bool = False):
         if cfg.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}")
-        self.cfg, self.progress = cfg, progress
-        self.device = resolve_device(cfg.device)
+        self.cfg, self.allow_batch_change = cfg, allow_batch_change
+        self.dist = from_env(cfg.device)
+        self.progress = progress and self.dist.main
+        self.device = self.dist.device(cfg.device)
+        parts = self.dist.world_size * cfg.grad_accum
+        if cfg.grad_accum < 1 or cfg.batch_size % parts:
+            raise ValueError(f"the global batch {cfg.batch_size} must split evenly over {self.dist.world_size} "
+                             f"rank(s) x {cfg.grad_accum} accumulation step(s)")
         amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
         self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.train_data = load_dataset(cfg.dataset, "train", cfg.image_size,
-                                       **({"text_encoder": cfg.text_encoder} if "captions" in cfg.dataset else {}))
-        self.test_data = load_dataset(cfg.dataset, "test", cfg.image_size,
-                                      **({"text_encoder": cfg.text_encoder} if "captions" in cfg.dataset else {}))
+        with self.dist.main_first():  # rank 0 builds any data cache, the others read it
+            self.train_data = load_dataset(cfg.dataset, "train", cfg.image_size, **(
+                {"text_encoder": cfg.text_encoder} if "captions" in cfg.dataset else {}))
+            self.test_data = load_dataset(cfg.dataset, "test", cfg.image_size, **(
+                {"text_encoder": cfg.text_encoder} if "captions" in cfg.dataset else {}))
         self.train_data, self.test_data = self.train_data.to(self.device), self.test_data.to(self.device)
         self.hflip = self.train_data.hflip if cfg.hflip == "auto" else cfg.hflip == "on"
         self.patch, self.ema = None, None
@@ -141,6 +190,13 @@ class Trainer:
         self.step, self.history, self.elapsed = 0, {"heldout_loss": []}, 0.0
         if resume and cfg.checkpoint_path.exists():
             self.restore()
+        self.dist.same_everywhere(self.step, self.device, "the step to start from")
+        objective = Objective(self.model, self.patch, self.diffusion, cfg, self.dist)
+        # Frozen weights are not synchronised; every trainable one is used each step (setup_trainable freezes
+        # the ones that would not be), so DDP need not search the graph for unused parameters.
+        self.objective = DistributedDataParallel(
+            objective, device_ids=[self.device] if self.device.type == "cuda" else None,
+        ) if self.dist.active else objective
 
     def setup_trainable(self) -> list:
         cfg = self.cfg
@@ -149,6 +205,8 @@ class Trainer:
             self.patch = new_patch_for(self.model, pt_depth=cfg.pt_depth or None, gate_input=cfg.gate_input,
                                        top_k=cfg.top_k, method=cfg.method, noisy_gating=cfg.noisy_gating)
             self.patch.to(self.device).train()
+            if cfg.method == "dmp" and not cfg.noisy_gating:
+                self.patch.w_noise.requires_grad_(False)  # unused: DDP wants every trainable parameter used
             groups = [{"params": [self.patch.prompts], "lr": cfg.lr}]
             if cfg.method == "dmp":
                 groups.append({"params": [*self.patch.gate.parameters(), self.patch.w_noise],
@@ -158,6 +216,8 @@ class Trainer:
             return [p for g in groups for p in g["params"]]
         self.model.requires_grad_(True)
         self.model.pos_embed.requires_grad_(False)  # fixed sin-cos, as in DiT
+        if hasattr(self.model.y_embedder, "null_embedding") and self.model.y_embedder.dropout_prob == 0:
+            self.model.y_embedder.null_embedding.requires_grad_(False)  # never used without condition dropout
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=self.device.type == "cuda")
@@ -176,7 +236,8 @@ class Trainer:
         return out | optimizer_tensors(self.opt) | rng_tensors(self.gen)
 
     def save_state(self) -> None:
-        meta = {"step": self.step, "elapsed": self.elapsed, "history": self.history, "config": asdict(self.cfg)}
+        meta = {"step": self.step, "elapsed": self.elapsed, "history": self.history, "config": asdict(self.cfg),
+                "world_size": self.dist.world_size}
         if self.patch is not None:
             meta["base_fingerprint"] = self.base_fingerprint
         save_checkpoint(self.cfg.checkpoint_path, self.state_tensors(), meta)
@@ -186,6 +247,11 @@ class Trainer:
         if self.patch is not None and meta.get("base_fingerprint") != self.base_fingerprint:
             raise ValueError(f"checkpoint {self.cfg.checkpoint_path} was made on another base; "
                              "delete it or pass --no-resume")
+        old_batch = meta["config"]["batch_size"]
+        if old_batch != self.cfg.batch_size and not self.allow_batch_change:
+            raise ValueError(f"checkpoint {self.cfg.checkpoint_path} was trained at global batch {old_batch}, "
+                             f"this run asks for {self.cfg.batch_size}: keep the global batch (any world size "
+                             "gives the same math), or pass --allow-batch-change, or --no-resume")
         if self.patch is not None:
             self.patch.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("patch.")})
         else:
@@ -195,26 +261,52 @@ class Trainer:
         load_optimizer_tensors(self.opt, tensors)
         restore_rng(tensors, self.gen)
         self.step, self.elapsed, self.history = meta["step"], meta["elapsed"], meta["history"]
+        if old_batch != self.cfg.batch_size:
+            self.history.setdefault("batch_changes", []).append([self.step, old_batch, self.cfg.batch_size])
 
     # ------------------------------------------------------------------ loop
+    def draw(self) -> dict[str, torch.Tensor | None]:
+        """Everything random in one step, drawn for the global batch (same generator state on every rank)."""
+        cfg, data, g, dev = self.cfg, self.train_data, self.gen, self.device
+        B = cfg.batch_size
+        d = {"idx": torch.randint(0, len(data), (B,), device=dev, generator=g),
+             "flip": torch.rand(B, device=dev, generator=g) < 0.5 if self.hflip else None,
+             "t": torch.randint(0, self.diffusion.num_timesteps, (B,), device=dev, generator=g),
+             "noise": torch.randn((B, *data.x.shape[1:]), device=dev, generator=g)}
+        p = self.model.y_embedder.dropout_prob if self.model.training else 0.0
+        d["drop"] = torch.rand(B, device=dev, generator=g) < p if p > 0 else None  # CFG condition dropout
+        noisy = self.patch is not None and cfg.method == "dmp" and self.patch.noisy_gating
+        d["gate_noise"] = torch.randn((self.patch.pt_depth, B, self.patch.num_tokens), device=dev,
+                                      generator=g) if noisy else None  # (L, B, N)
+        return d
+
+    def micro_batch(self, d: dict, a: int) -> dict[str, torch.Tensor | None]:
+        """This rank's rows of accumulation step a: rows [a*B/A, (a+1)*B/A) of the global batch, split by rank."""
+        share = self.cfg.batch_size // self.cfg.grad_accum
+        mine = self.dist.rows(share)
+        rows = slice(a * share + mine.start, a * share + mine.stop)
+        idx = d["idx"][rows]
+        x = self.train_data.x[idx]
+        if d["flip"] is not None:
+            x = torch.where(d["flip"][rows, None, None, None], x.flip(-1), x)
+        return {"x": x, "y": self.train_data.cond(idx), "t": d["t"][rows], "noise": d["noise"][rows],
+                "drop": None if d["drop"] is None else d["drop"][rows],
+                "gate_noise": None if d["gate_noise"] is None else d["gate_noise"][:, rows]}
+
     def train_step(self) -> dict[str, torch.Tensor]:
-        data, cfg = self.train_data, self.cfg
-        idx = torch.randint(0, len(data), (cfg.batch_size,), device=self.device, generator=self.gen)
-        x = data.x[idx]
-        if self.hflip:
-            flip = torch.rand(len(idx), device=self.device, generator=self.gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            loss = self.diffusion.loss(self.model, x, data.cond(idx), patch=self.patch, generator=self.gen)
-            logs = {"loss": loss}
-            if cfg.method == "dmp":
-                imp = importance_loss(self.patch.last_gates)
-                load = load_loss(self.patch, kind=cfg.load_kind)
-                loss = loss + cfg.w_importance * imp + cfg.w_load * load
-                logs |= {"imp": imp, "load": load}
+        cfg, drawn = self.cfg, self.draw()
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        logs = {}
+        for a in range(cfg.grad_accum):
+            # Gradients of all but the last micro-batch stay local; the last backward all-reduces the sum.
+            sync = a == cfg.grad_accum - 1 or not self.dist.active
+            with nullcontext() if sync else self.objective.no_sync():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    loss, micro_logs = self.objective(**self.micro_batch(drawn, a))
+                (loss / cfg.grad_accum).backward()  # each micro loss is a mean: the step's gradient is the batch mean
+            for k, v in micro_logs.items():
+                logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
         self.opt.step()
         if self.ema is not None:
             ema_p = [p for p in self.ema.parameters()]
@@ -222,40 +314,47 @@ class Trainer:
         return logs
 
     def out_of_time(self) -> bool:
-        return self.cfg.max_seconds > 0 and self.elapsed >= self.cfg.max_seconds
+        """Rank 0's clock decides for every rank (a collective: every rank calls it at the same points)."""
+        if self.cfg.max_seconds <= 0:
+            return False
+        return self.dist.agree(self.elapsed >= self.cfg.max_seconds, self.device)
 
     def eval_model(self):
         return self.ema if self.ema is not None else self.model
 
-    def run(self):
-        cfg = self.cfg
+    def run(self) -> Path:
+        cfg, main = self.cfg, self.dist.main
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method} {cfg.domain or cfg.dataset}",
                    disable=not self.progress, dynamic_ncols=True)
         start = time.perf_counter() - self.elapsed
-        while self.step < cfg.steps and not self.out_of_time():
+        stopped = self.out_of_time()
+        while self.step < cfg.steps and not stopped:
             logs = self.train_step()
             self.step += 1
             bar.update(1)
             if self.step % 25 == 0 or self.step == cfg.steps:
                 bar.set_postfix({k: f"{v.item():.4f}" for k, v in logs.items()}, refresh=False)
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+            if main and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 self.history["heldout_loss"].append(
                     [self.step, heldout_loss(self.eval_model(), self.diffusion, self.test_data, self.patch)])
             self.elapsed = time.perf_counter() - start
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or self.out_of_time():
+            stopped = self.out_of_time()
+            if main and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or stopped):
                 self.save_state()
-        if self.out_of_time() and (not self.history["heldout_loss"] or self.history["heldout_loss"][-1][0] != self.step):
-            self.history["heldout_loss"].append(
-                [self.step, heldout_loss(self.eval_model(), self.diffusion, self.test_data, self.patch)])
+        hist = self.history["heldout_loss"]
+        if main and stopped and (not hist or hist[-1][0] != self.step):
+            hist.append([self.step, heldout_loss(self.eval_model(), self.diffusion, self.test_data, self.patch)])
         bar.close()
-        return self.write_output()
+        return self.write_output() if main else Path(cfg.out)
 
     # ---------------------------------------------------------------- output
     def metrics(self) -> dict:
         hist = self.history["heldout_loss"]
         return {"steps": self.step, "train_seconds": round(self.elapsed, 1), "device": str(self.device),
                 "trainable_params": sum(p.numel() for p in self.params), "planned_steps": self.cfg.steps,
-                "heldout_loss": hist[-1][1] if hist else None, "heldout_loss_curve": hist}
+                "heldout_loss": hist[-1][1] if hist else None, "heldout_loss_curve": hist,
+                "world_size": self.dist.world_size, "global_batch": self.cfg.batch_size,
+                "grad_accum": self.cfg.grad_accum, "batch_changes": self.history.get("batch_changes", [])}
 
     def write_output(self) -> Path:
         cfg = self.cfg

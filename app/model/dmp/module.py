@@ -38,6 +38,9 @@ class DMP(nn.Module):
             self.w_noise = nn.Parameter(torch.zeros(hidden_size, num_tokens))
         self.metadata: dict[str, str] = {}
         self.last_gates: torch.Tensor | None = None  # (pt_depth, B, N), kept in training for the balancing losses
+        # (pt_depth, B, N) standard normal draws for the next training forward's noisy gating, set by a trainer
+        # that draws them for its global batch (data parallelism); None = draw here.
+        self.gate_noise: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -57,7 +60,8 @@ class DMP(nn.Module):
         if self.training and self.noisy_gating:
             noise_std = F.softplus(g_in @ self.w_noise.to(g_in.dtype)) + 1e-2  # (B, N)
             self.last_clean_logits, self.last_noise_std = logits, noise_std
-            logits = logits + torch.randn_like(logits) * noise_std[None]
+            noise = self.gate_noise if self.gate_noise is not None else torch.randn_like(logits)
+            logits = logits + noise.to(logits.dtype) * noise_std[None]
         gates = keep_top_k(logits, self.k)
         if self.training:
             self.last_gates, self.last_logits = gates, logits
