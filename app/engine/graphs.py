@@ -17,6 +17,7 @@ captures; compiling happens in the warm-up before capture.
 from __future__ import annotations
 
 import contextlib
+import types
 from dataclasses import fields
 
 import torch
@@ -56,12 +57,8 @@ class GraphedForward:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.use_graphs = self.device.type == "cuda"
-        self.compiled = None
-        if compile:
-            # Only tensor guards (shape, dtype) stay: they pick the bucket. Guards on the parameters would cost
-            # ~0.3 ms a call and protect nothing, since freezing folds the weights into the compiled code.
-            self.compiled = torch.compile(self._step_on, dynamic=False,
-                                          options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
+        self.compile = compile
+        self.step_fns: dict[int, object] = {}  # rows -> this base's compiled step for that bucket
         self.graphs: dict[int, tuple] = {}  # rows -> (CUDAGraph or None, static StepBatch, static outputs)
         self.padding: dict[int, StepBatch] = {}  # rows -> the padding values of that bucket's buffers
         self.mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -84,9 +81,32 @@ class GraphedForward:
         return run_step(self._denoise, StepBatch(*tensors), self.in_channels)
 
     def _run(self, batch: StepBatch):
-        fn = self.compiled or self._step_on
-        with self._compile_context() if fn is self.compiled else contextlib.nullcontext():
-            return fn(*(getattr(batch, f.name) for f in fields(StepBatch)))
+        args = [getattr(batch, f.name) for f in fields(StepBatch)]
+        if not self.compile:
+            return self._step_on(*args)
+        with self._compile_context():
+            return self._compiled_step(batch.t.shape[0])(*args)
+
+    def _compiled_step(self, rows: int):
+        """This base's compiled step for one bucket, made on first use.
+
+        Dynamo keeps compiled graphs per *code object*, and freezing folds this base's weights into them. So each
+        (base, bucket) compiles its own copy of `_step_on` with its own code object: that cache is reachable from
+        this callable only, which is what ties a graph to its base (the guard filter below keeps only the
+        inputs' tensor guards, so two same-shape bases sharing one code object would share graphs, and all
+        bases' buckets together would hit dynamo's recompile limit). fullgraph: a graph break would compile the
+        rest in frames of shared code (DiT.forward, ...) under the same filtered guards.
+        """
+        if rows not in self.step_fns:
+            name = f"step_{id(self):x}_{rows}"
+            func = GraphedForward._step_on
+            code = func.__code__.replace(co_name=name, co_qualname=name)
+            own = types.MethodType(types.FunctionType(code, func.__globals__, name), self)
+            # Guards on the parameters would cost ~0.3 ms a call and protect nothing: freezing folds the weights
+            # into this callable's graphs, and no other base calls it.
+            self.step_fns[rows] = torch.compile(own, dynamic=False, fullgraph=True, options={
+                "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
+        return self.step_fns[rows]
 
     @contextlib.contextmanager
     def _compile_context(self):
@@ -166,7 +186,7 @@ class GraphedForward:
         if rows not in self.graphs:
             buf = self._static_batch(rows)
             self.graphs[rows] = (None, buf, None)
-            if self.compiled is not None:
+            if self.compile:
                 with torch.no_grad():
                     self._run(buf)
 
@@ -215,6 +235,6 @@ class GraphedForward:
     forward = __call__
 
     def stats(self) -> dict[str, int]:
-        ready = len(self.graphs) if self.use_graphs or self.compiled is not None else 0
+        ready = len(self.graphs) if self.use_graphs or self.compile else 0
         return {"graphs": ready, "captures": self.captures,
                 "replays": self.replays, "fallbacks": self.fallbacks}

@@ -173,6 +173,21 @@ def test_cpu_compiled_bucket_sees_installs_without_recompiling():
     assert counters["stats"]["unique_graphs"] == frames
 
 
+def test_compiled_steps_of_same_shape_bases_stay_apart():
+    """Two bases of identical shapes: each compiled step gives its own base's eager output, never the other's
+    (a compile cache shared through the step's code object served one base's frozen weights for the other)."""
+    models = [tiny_model(seed=s).to(torch.bfloat16) for s in (0, 1)]
+    fwds = [GraphedForward(m, pool_for(m), buckets=(1, 2), cfg=False, compile=True) for m in models]
+    x, t, y = inputs(models[0], 2)
+    for n in (1, 2):  # both buckets of both bases, interleaved
+        for m, fwd in zip(models, fwds):
+            eager = m(x[:n].to(torch.bfloat16), t[:n], y[:n]).float()
+            torch.testing.assert_close(fwd(x[:n], t[:n], y[:n]), eager, rtol=2e-2, atol=2e-2)
+    apart = (models[0](x.to(torch.bfloat16), t, y) - models[1](x.to(torch.bfloat16), t, y)).abs().mean()
+    assert apart > 0.1  # the two bases really differ, so sharing a graph would fail above
+    assert fwds[0].step_fns.keys() == {1, 2} and fwds[0].step_fns[1] is not fwds[1].step_fns[1]
+
+
 # ------------------------------------------------------------------------------------------ GPU
 def _gpu_setup(dtype=torch.float32):
     torch.backends.cuda.matmul.allow_tf32 = False
