@@ -222,9 +222,12 @@ async function generate(patch, seed) {
   const body = requestBody(patch);
   if (seed !== undefined) body.seed = seed;
   const started = performance.now();
+  const headers = { "Content-Type": "application/json", Accept: "application/json" };
+  // Routers hash on it, so a patch's requests reach the replica that holds it (deploy/haproxy/haproxy.cfg).
+  if (body.patch) headers["X-DMP-Patch"] = body.patch;
   const reply = await api("generate", {
     method: "POST",
-    headers: { "Content-Type": "application/json", Accept: "application/json" },
+    headers,
     body: JSON.stringify(body),
   });
   reply.round_trip_ms = performance.now() - started;
