@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-load", type=float, default=0.01)
     p.add_argument("--load-kind", default="smooth", choices=["smooth", "reference"])
     p.add_argument("--gate-lr-mult", type=float, default=10.0)
+    p.add_argument("--selection", default="softmax", choices=["softmax", "hard"],
+                   help="with --top-k < 1: kept prompts weighted by a softmax over them (official code) or 1 (paper)")
+    p.add_argument("--gate-scale", type=float, default=1.0,
+                   help="ours, not the paper's: gates x this in training (num_tokens: uniform gate = PT at init)")
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="> 0: save an EMA of the trained weights (patch or FT model) instead of the raw ones")
     p.add_argument("--text-encoder", default="minilm")
 
     p = sub.add_parser("eval", help="FID-like score, KID and class accuracy of a base with or without a patch")
@@ -80,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("--classifier-steps", type=int, default=3000, help="if the data set's classifier is not cached")
+    p.add_argument("--heldout", action="store_true",
+                   help="also the held-out loss per timestep decile (fixed noise), paired patched vs base")
 
     p = sub.add_parser("table", help="run the comparison table of docs/results.md (FT / PT / DMP, ablations)")
     p.add_argument("--plan", required=True, help="JSON plan (see patches/table_plan.json)")
@@ -116,7 +124,7 @@ def main(argv=None) -> int:
             result = evaluate(args.base, args.patch, args.dataset, sampler=args.sampler, steps=args.steps,
                               guidance_scale=args.guidance_scale, seed=args.seed,
                               device=str(resolve_device(args.device)), progress=True,
-                              classifier_steps=args.classifier_steps)
+                              classifier_steps=args.classifier_steps, heldout=args.heldout)
             text = json.dumps(result, indent=2)
             print(text)
             if args.json:

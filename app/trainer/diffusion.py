@@ -65,14 +65,18 @@ class Diffusion:
             t = torch.randint(0, self.num_timesteps, (B,), device=x0.device, generator=generator)
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        return self.losses(model, x0, y, t, noise, patch=patch, drop=drop).mean()
+
+    def losses(self, model, x0, y, t, noise, patch=None, drop=None) -> torch.Tensor:
+        """Per-sample training loss (B,) at given timesteps and noise."""
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, t, y, patch=patch, drop=drop).float()  # (B, C_out, H, W)
         C = x0.shape[1]
         eps = out[:, :C]
         mse = ((eps - noise) ** 2).mean(dim=(1, 2, 3))
         if out.shape[1] == C:
-            return mse.mean()
-        return (mse + self.vb_term(out[:, C:], eps.detach(), x0, x_t, t)).mean()
+            return mse
+        return mse + self.vb_term(out[:, C:], eps.detach(), x0, x_t, t)
 
     def vb_term(self, v, eps, x0, x_t, t) -> torch.Tensor:
         """KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits/dim; the mean's gradient is stopped as in DiT."""

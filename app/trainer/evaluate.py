@@ -1,5 +1,6 @@
 """FID-like score (Fréchet distance on our classifier's features, never called FID), KID, class accuracy,
-with the floor (train vs test real images) and ceiling (real vs noise) reported beside every score."""
+with the floor (train vs test real images) and ceiling (real vs noise) reported beside every score.
+Scores are against the real train split and, as `*_test`, against the held-out test split."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,7 +59,7 @@ class Evaluator:
             save_classifier(self.clf, path, test_accuracy=self.classifier_acc, dataset=eval_name,
                             steps=classifier_steps)
         self.ref = self.features(self.train.x)
-        test_f = self.features(self.test.x)
+        self.test_ref = test_f = self.features(self.test.x)
         noise = torch.rand(self.test.x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1  # uniform noise
         self.floor = {"fid_like": frechet_distance(self.ref, test_f), "kid": kernel_inception_distance(self.ref, test_f),
                       "class_acc": self.classifier_acc}
@@ -77,7 +78,8 @@ class Evaluator:
         """images (N, C, H, W) in [-1, 1]; labels: the class each image was asked for (class/text models)."""
         f = self.features(images)
         out = {"fid_like": frechet_distance(self.ref, f), "kid": kernel_inception_distance(self.ref, f),
-               "num_samples": len(images)}
+               "fid_like_test": frechet_distance(self.test_ref, f),
+               "kid_test": kernel_inception_distance(self.test_ref, f), "num_samples": len(images)}
         if labels is not None:
             preds = torch.cat([self.clf(images[i:i + 1000].to(self.device).float()).argmax(-1).cpu()
                                for i in range(0, len(images), 1000)])
@@ -125,8 +127,9 @@ def load_model_and_patch(base_path, patch_path=None, device="cpu"):
 
 def evaluate(base_path, patch_path=None, dataset: str | None = None, *, sampler="ddim", steps=50,
              guidance_scale=1.5, seed=0, device="cpu", evaluator: Evaluator | None = None,
-             return_images=False, progress=False, classifier_steps: int = 3000):
-    """Sample one image per test item and score it; returns metrics (and the images if asked)."""
+             return_images=False, progress=False, classifier_steps: int = 3000, heldout=False):
+    """Sample one image per test item and score it; returns metrics (and the images if asked).
+    heldout: also the held-out loss per timestep decile, and with a patch its paired difference to the base."""
     model, patch = load_model_and_patch(base_path, patch_path, device)
     dataset = dataset or model.meta.get("dataset")
     if not dataset:
@@ -140,4 +143,19 @@ def evaluate(base_path, patch_path=None, dataset: str | None = None, *, sampler=
     result = evaluator.score(images, labels if model.config.task != "uncond" else None)
     result |= {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
                "floor": evaluator.floor, "ceiling": evaluator.ceiling, "classifier_acc": evaluator.classifier_acc}
+    if heldout:
+        result["heldout_deciles"] = heldout_deciles(model, patch, evaluator.test, device)
     return (result, images) if return_images else result
+
+
+def heldout_deciles(model, patch, test: DataSet, device) -> dict:
+    """Held-out loss per timestep decile of model+patch, paired with the same model unpatched."""
+    from app.trainer.diffusion import Diffusion
+    from app.trainer.heldout import decile_losses, paired_summary
+
+    diffusion = Diffusion(getattr(model, "meta", {}).get("beta_schedule", "linear"), device)
+    test = test.to(device)
+    base = decile_losses(model, diffusion, test)
+    if patch is None:
+        return {"base": [round(v, 6) for v in base.mean(1).tolist()]}
+    return paired_summary(base, decile_losses(model, diffusion, test, patch=patch))

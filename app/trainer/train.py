@@ -38,7 +38,7 @@ class TrainConfig:
     lr: float = 1e-4
     gate_lr_mult: float = 10.0
     weight_decay: float = 0.0
-    ema_decay: float = 0.0  # pretrain: > 0 keeps an EMA and saves it as the base
+    ema_decay: float = 0.0  # > 0 keeps an EMA of the trained weights (base, FT model or patch) and saves it
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"  # bf16 autocast on GPU, fp32 on CPU
@@ -63,6 +63,8 @@ class TrainConfig:
     w_importance: float = 0.01
     w_load: float = 0.01
     load_kind: str = "smooth"
+    selection: str = "softmax"  # top-k weights: softmax over the kept (official code) | hard (1, the paper)
+    gate_scale: float = 1.0  # ours: gates x this in training, folded into the saved prompts (N: uniform gate = PT)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -203,7 +205,8 @@ class Trainer:
         if cfg.method in ("dmp", "pt"):
             self.model.requires_grad_(False)  # frozen base: only the patch trains
             self.patch = new_patch_for(self.model, pt_depth=cfg.pt_depth or None, gate_input=cfg.gate_input,
-                                       top_k=cfg.top_k, method=cfg.method, noisy_gating=cfg.noisy_gating)
+                                       top_k=cfg.top_k, method=cfg.method, noisy_gating=cfg.noisy_gating,
+                                       selection=cfg.selection, gate_scale=cfg.gate_scale)
             self.patch.to(self.device).train()
             if cfg.method == "dmp" and not cfg.noisy_gating:
                 self.patch.w_noise.requires_grad_(False)  # unused: DDP wants every trainable parameter used
@@ -213,17 +216,22 @@ class Trainer:
                                "lr": cfg.lr * cfg.gate_lr_mult})
             self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          fused=self.device.type == "cuda")
-            return [p for g in groups for p in g["params"]]
-        self.model.requires_grad_(True)
-        self.model.pos_embed.requires_grad_(False)  # fixed sin-cos, as in DiT
-        if hasattr(self.model.y_embedder, "null_embedding") and self.model.y_embedder.dropout_prob == 0:
-            self.model.y_embedder.null_embedding.requires_grad_(False)  # never used without condition dropout
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     fused=self.device.type == "cuda")
-        if cfg.ema_decay > 0:
-            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+            params = [p for g in groups for p in g["params"]]
+        else:
+            self.model.requires_grad_(True)
+            self.model.pos_embed.requires_grad_(False)  # fixed sin-cos, as in DiT
+            if hasattr(self.model.y_embedder, "null_embedding") and self.model.y_embedder.dropout_prob == 0:
+                self.model.y_embedder.null_embedding.requires_grad_(False)  # never used without condition dropout
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         fused=self.device.type == "cuda")
+        if cfg.ema_decay > 0:  # of the trained module: the official DMP code samples from an EMA of the patch
+            self.ema = copy.deepcopy(self.trained).eval().requires_grad_(False)
         return params
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        return self.patch if self.patch is not None else self.model
 
     # ----------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -231,8 +239,8 @@ class Trainer:
             out = {f"patch.{k}": v for k, v in self.patch.state_dict().items()}
         else:
             out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-            if self.ema is not None:
-                out |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+        if self.ema is not None:
+            out |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
         return out | optimizer_tensors(self.opt) | rng_tensors(self.gen)
 
     def save_state(self) -> None:
@@ -256,8 +264,8 @@ class Trainer:
             self.patch.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("patch.")})
         else:
             self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            if self.ema is not None:
-                self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        if self.ema is not None:
+            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         load_optimizer_tensors(self.opt, tensors)
         restore_rng(tensors, self.gen)
         self.step, self.elapsed, self.history = meta["step"], meta["elapsed"], meta["history"]
@@ -310,7 +318,7 @@ class Trainer:
         self.opt.step()
         if self.ema is not None:
             ema_p = [p for p in self.ema.parameters()]
-            torch._foreach_lerp_(ema_p, [p.detach() for p in self.model.parameters()], 1 - cfg.ema_decay)
+            torch._foreach_lerp_(ema_p, [p.detach() for p in self.trained.parameters()], 1 - cfg.ema_decay)
         return logs
 
     def out_of_time(self) -> bool:
@@ -320,7 +328,10 @@ class Trainer:
         return self.dist.agree(self.elapsed >= self.cfg.max_seconds, self.device)
 
     def eval_model(self):
-        return self.ema if self.ema is not None else self.model
+        return self.ema if self.ema is not None and self.patch is None else self.model
+
+    def eval_patch(self):
+        return self.ema if self.ema is not None and self.patch is not None else self.patch
 
     def run(self) -> Path:
         cfg, main = self.cfg, self.dist.main
@@ -336,14 +347,14 @@ class Trainer:
                 bar.set_postfix({k: f"{v.item():.4f}" for k, v in logs.items()}, refresh=False)
             if main and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 self.history["heldout_loss"].append(
-                    [self.step, heldout_loss(self.eval_model(), self.diffusion, self.test_data, self.patch)])
+                    [self.step, heldout_loss(self.eval_model(), self.diffusion, self.test_data, self.eval_patch())])
             self.elapsed = time.perf_counter() - start
             stopped = self.out_of_time()
             if main and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or stopped):
                 self.save_state()
         hist = self.history["heldout_loss"]
         if main and stopped and (not hist or hist[-1][0] != self.step):
-            hist.append([self.step, heldout_loss(self.eval_model(), self.diffusion, self.test_data, self.patch)])
+            hist.append([self.step, heldout_loss(self.eval_model(), self.diffusion, self.test_data, self.eval_patch())])
         bar.close()
         return self.write_output() if main else Path(cfg.out)
 
@@ -360,10 +371,10 @@ class Trainer:
         cfg = self.cfg
         config = asdict(cfg)
         if self.patch is not None:
-            self.patch.eval()
+            patch = self.eval_patch().eval()
             meta = patch_metadata_for(self.model, self.base_meta.get("name", Path(cfg.base).stem),
                                       cfg.domain or self.base_meta.get("domain", ""))
-            return save_patch(self.patch, cfg.out, **meta, train_config=config, metrics=self.metrics())
+            return save_patch(patch, cfg.out, **meta, train_config=config, metrics=self.metrics())
         model = self.eval_model().cpu()
         # Keys the service reads (app/engine/bases.py): name, labels, defaults, schedule, vae, text encoder.
         meta = {"name": Path(cfg.out).stem, "domain": cfg.domain or cfg.dataset, "dataset": cfg.dataset,

@@ -179,3 +179,49 @@ def test_pool_install_free_reuse_keeps_other_slots(tiny_class):
     assert torch.equal(pool.prompts[0], torch.zeros_like(pool.prompts[0]))
     with pytest.raises(ValueError):
         pool.free(0)
+
+
+def test_gate_scale_n_makes_a_uniform_gate_equal_pt_and_folds_into_the_file(tiny_class):
+    from app.model.dmp import patch_from_bytes, patch_metadata_for, patch_to_bytes
+
+    x, t, y = inputs()
+    n = tiny_class.config.num_tokens
+    dmp = new_patch_for(tiny_class, gate_scale=float(n)).eval()  # zero gate weights: uniform 1/N
+    pt = new_patch_for(tiny_class, method="pt").eval()
+    with torch.no_grad():
+        dmp.prompts.normal_(generator=torch.Generator().manual_seed(0))
+        pt.prompts.copy_(dmp.prompts)
+        torch.testing.assert_close(tiny_class(x, t, y, patch=dmp), tiny_class(x, t, y, patch=pt))
+        randomize_patch(dmp, seed=4)
+        trained = tiny_class(x, t, y, patch=dmp)
+    loaded = patch_from_bytes(patch_to_bytes(dmp, **patch_metadata_for(tiny_class, "tiny")), base=tiny_class)
+    assert loaded.gate_scale == 1.0  # the file carries plain prompts: the server needs no new field
+    pool = PatchPool(32, 16, 3, slots=2)
+    slot = pool.install(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_class(x, t, y, patch=loaded), trained)
+        torch.testing.assert_close(tiny_class(x, t, y, patch=pool.batch(torch.full((3,), slot))), trained,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_hard_selection_weights_kept_prompts_one_and_survives_the_file(tiny_class):
+    from app.model.dmp import patch_from_bytes, patch_metadata_for, patch_to_bytes
+
+    x, t, y = inputs()
+    hard = randomize_patch(new_patch_for(tiny_class, top_k=0.25, selection="hard"), seed=5).eval()
+    g = hard.gates(torch.randn(4, 32), torch.randn(4, 32))
+    assert ((g == 1).sum(-1) == hard.k).all() and ((g == 0).sum(-1) == 16 - hard.k).all()
+    soft = randomize_patch(new_patch_for(tiny_class, top_k=0.25), seed=5).eval()
+    assert not torch.equal(soft.gates(torch.randn(4, 32), torch.randn(4, 32)), g)  # the official renormalised one
+    hard.train()  # the straight-through estimator lets the task loss reach the gate
+    tiny_class(x, t, y, patch=hard).square().mean().backward()
+    assert hard.gate.weight.grad.abs().sum() > 0
+    loaded = patch_from_bytes(patch_to_bytes(hard.eval(), **patch_metadata_for(tiny_class, "tiny")), base=tiny_class)
+    assert loaded.selection == "hard"
+    pool = PatchPool(32, 16, 3, slots=2)
+    slot = pool.install(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_class(x, t, y, patch=pool.batch(torch.full((3,), slot))),
+                                   tiny_class(x, t, y, patch=hard), atol=1e-5, rtol=1e-5)
+    with pytest.raises(PatchError):
+        DMP(8, 4, 1, selection="ones")

@@ -95,7 +95,42 @@ def test_evaluation_floor_below_ceiling(base, tmp_path):
     assert ev.floor["fid_like"] < ev.ceiling["fid_like"] and ev.floor["kid"] < ev.ceiling["kid"]
     result = evaluate(base, None, "digits", sampler="ddim", steps=4, evaluator=ev)
     assert result["num_samples"] == len(ev.test) and 0 <= result["class_acc"] <= 1
-    assert np.isfinite(result["fid_like"])
+    assert np.isfinite(result["fid_like"]) and np.isfinite(result["fid_like_test"])
+    assert result["fid_like_test"] != result["fid_like"]  # scored against the held-out split too
+
+
+def test_ema_patch_is_saved_and_resumes_exactly(base, tmp_path):
+    trainer = Trainer(patch_cfg(base, tmp_path / "e.safetensors", steps=20, lr=1e-2, ema_decay=0.8), progress=False)
+    trainer.run()
+    saved = load_patch(tmp_path / "e.safetensors")
+    assert torch.equal(saved.prompts, trainer.ema.prompts) and not torch.equal(saved.prompts, trainer.patch.prompts)
+    assert saved.prompts.abs().sum() > 0  # 20 steps at 0.8 leave little of the zero init
+    Trainer(patch_cfg(base, tmp_path / "h.safetensors", steps=10, lr=1e-2, ema_decay=0.8), progress=False).run()
+    Trainer(patch_cfg(base, tmp_path / "h.safetensors", steps=20, lr=1e-2, ema_decay=0.8), progress=False).run()
+    a, b = load_file(str(tmp_path / "e.safetensors")), load_file(str(tmp_path / "h.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gate_scale_trains_and_saves_scaled_prompts(base, tmp_path):
+    trainer = Trainer(patch_cfg(base, tmp_path / "g.safetensors", steps=5, gate_scale=16.0), progress=False)
+    trainer.run()
+    saved = load_patch(tmp_path / "g.safetensors", base=load_base(base))
+    torch.testing.assert_close(saved.prompts, trainer.patch.prompts.detach() * 16)
+
+
+def test_heldout_deciles_are_deterministic_and_paired(base, tmp_path):
+    from app.trainer.heldout import DECILES, decile_losses, paired_summary
+
+    trainer = Trainer(patch_cfg(base, tmp_path / "d.safetensors", steps=30, lr=1e-2), progress=False)
+    trainer.run()
+    model, diff, test = trainer.model, trainer.diffusion, trainer.test_data
+    a, b = decile_losses(model, diff, test, reps=1), decile_losses(model, diff, test, reps=1)
+    assert a.shape == (DECILES, len(test)) and torch.equal(a, b)
+    assert a[0].mean() > a[-1].mean()  # the learned-variance term dominates at small t
+    same = paired_summary(a, a)
+    assert same["rel_diff_pct"] == [0.0] * DECILES and same["all_rel_diff_se_pct"] == 0.0
+    patched = paired_summary(a, decile_losses(model, diff, test, patch=trainer.patch, reps=1))
+    assert patched["all_rel_diff_pct"] != 0.0 and all(se > 0 for se in patched["rel_diff_se_pct"])
 
 
 def test_captions_are_true_of_their_images():

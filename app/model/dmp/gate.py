@@ -24,6 +24,11 @@ def gate_logits(g_in: torch.Tensor, weight: torch.Tensor, depth_weight: torch.Te
     return base[None] + l[:, None, None] * depth_weight[None]  # (L, B, N)
 
 
+def hard_weights(gates: torch.Tensor) -> torch.Tensor:
+    """Weight 1 on every kept prompt (the paper's hard selection); gradients pass straight through to the softmax."""
+    return (gates > 0).to(gates.dtype) + (gates - gates.detach())  # forward: exactly 1
+
+
 def keep_top_k(logits: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """Softmax over the k largest logits of each row, zeros elsewhere; k may differ per row (..., B)."""
     n = logits.shape[-1]

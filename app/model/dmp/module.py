@@ -5,11 +5,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from app.model.dmp.gate import gate_logits, keep_top_k, num_kept
+from app.model.dmp.gate import gate_logits, hard_weights, keep_top_k, num_kept
 from app.model.kernels import PromptAdd
 
 GATE_INPUTS = ("c", "t")
 METHODS = ("dmp", "pt")  # pt = plain prompt tuning baseline: x + P[l], no gate tensors
+SELECTIONS = ("softmax", "hard")  # top-k weights: softmax renormalised over the kept (official code) | 1 (paper)
 
 
 class PatchError(ValueError):
@@ -20,7 +21,8 @@ class DMP(nn.Module):
     """Prompts P (pt_depth, N, D) mixed by a linear gate on [c or t_emb; depth]; zero-initialised."""
 
     def __init__(self, hidden_size: int, num_tokens: int, pt_depth: int, gate_input: str = "c",
-                 top_k: float = 1.0, method: str = "dmp", noisy_gating: bool = True):
+                 top_k: float = 1.0, method: str = "dmp", noisy_gating: bool = True, selection: str = "softmax",
+                 gate_scale: float = 1.0):
         super().__init__()
         if gate_input not in GATE_INPUTS:
             raise PatchError(f"gate_input must be one of {GATE_INPUTS}, got {gate_input!r}")
@@ -28,6 +30,12 @@ class DMP(nn.Module):
             raise PatchError(f"method must be one of {METHODS}, got {method!r}")
         if not 0 < top_k <= 1:
             raise PatchError(f"top_k must be in (0, 1], got {top_k}")
+        if selection not in SELECTIONS:
+            raise PatchError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        self.selection = selection
+        # Ours, not the paper's: a training-time factor on the gates (N makes a uniform gate equal PT at init);
+        # state_tensors() folds it into the saved prompts, so a patch file never carries it.
+        self.gate_scale = gate_scale
         self.hidden_size, self.num_tokens, self.pt_depth = hidden_size, num_tokens, pt_depth
         self.gate_input, self.top_k, self.method, self.noisy_gating = gate_input, top_k, method, noisy_gating
         self.prompts = nn.Parameter(torch.zeros(pt_depth, num_tokens, hidden_size))
@@ -63,15 +71,17 @@ class DMP(nn.Module):
             noise = self.gate_noise if self.gate_noise is not None else torch.randn_like(logits)
             logits = logits + noise.to(logits.dtype) * noise_std[None]
         gates = keep_top_k(logits, self.k)
+        if self.selection == "hard" and self.k < self.num_tokens:
+            gates = hard_weights(gates)
         if self.training:
             self.last_gates, self.last_logits = gates, logits
         return gates
 
     def prepare(self, c: torch.Tensor, t_emb: torch.Tensor) -> "PatchState":
-        return PatchState(self.gates(c, t_emb), self.prompts)
+        return PatchState(self.gates(c, t_emb) * self.gate_scale, self.prompts)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"prompts": self.prompts.detach()}
+        out = {"prompts": self.prompts.detach() * self.gate_scale}
         if self.method == "dmp":
             out |= {"gate.weight": self.gate.weight.detach(), "gate.bias": self.gate.bias.detach(),
                     "gate.w_noise": self.w_noise.detach()}  # (D, N) as in DESIGN §3

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from app.model.dmp.module import DMP, GATE_INPUTS, METHODS, PatchError
+from app.model.dmp.module import DMP, GATE_INPUTS, METHODS, SELECTIONS, PatchError
 
 FORMAT = "dmp-patch"
 FORMAT_VERSION = "1"
@@ -29,6 +29,7 @@ def patch_to_bytes(patch: DMP, **metadata) -> bytes:
         "format": FORMAT, "format_version": FORMAT_VERSION, "method": patch.method,
         "hidden_size": str(patch.hidden_size), "num_tokens": str(patch.num_tokens),
         "pt_depth": str(patch.pt_depth), "gate_input": patch.gate_input, "top_k": repr(float(patch.top_k)),
+        "selection": patch.selection,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     for key, value in metadata.items():
@@ -98,6 +99,9 @@ def patch_from_bytes(data: bytes, base=None, max_bytes: int = DEFAULT_MAX_PATCH_
         raise PatchError(f"top_k {meta['top_k']!r} is not a number") from None
     if not (0 < top_k <= 1):
         raise PatchError(f"top_k {top_k} is outside (0, 1]")
+    selection = meta.get("selection", "softmax")  # files older than the option are softmax
+    if selection not in SELECTIONS:
+        raise PatchError(f"selection {selection!r} is not one of {SELECTIONS}")
     D, N, L = (_int_meta(meta, k) for k in ("hidden_size", "num_tokens", "pt_depth"))
     if min(D, N, L) < 1:
         raise PatchError("hidden_size, num_tokens and pt_depth must be positive")
@@ -126,7 +130,7 @@ def patch_from_bytes(data: bytes, base=None, max_bytes: int = DEFAULT_MAX_PATCH_
             raise PatchError(f"tensor {name!r} has non-finite values (NaN or Inf)")
     if base is not None:
         check_patch_fits(meta, base)
-    patch = DMP(D, N, L, gate_input=meta["gate_input"], top_k=top_k, method=method)
+    patch = DMP(D, N, L, gate_input=meta["gate_input"], top_k=top_k, method=method, selection=selection)
     with torch.no_grad():
         patch.prompts.copy_(tensors["prompts"])
         if method == "dmp":

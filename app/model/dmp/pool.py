@@ -26,6 +26,7 @@ class PatchPool:
         self.gate_on_t = torch.zeros(slots, dtype=torch.bool, device=device)
         self.ungated = torch.zeros(slots, dtype=torch.bool, device=device)
         self.keep = torch.full((slots,), num_tokens, dtype=torch.long, device=device)
+        self.hard = torch.zeros(slots, dtype=torch.bool, device=device)
         self.in_use = [True] + [False] * (slots - 1)
 
     def free_slots(self) -> int:
@@ -50,6 +51,7 @@ class PatchPool:
         self.gate_on_t[slot] = patch.gate_input == "t"
         self.ungated[slot] = patch.method == "pt"
         self.keep[slot] = patch.k
+        self.hard[slot] = patch.selection == "hard"
         self.in_use[slot] = True
         return slot
 
@@ -75,6 +77,7 @@ class PooledPatch:
         logits = gate_logits(g_in, p.gate_w[s].to(g_in.dtype), p.gate_w_depth[s].to(g_in.dtype),
                              p.gate_b[s].to(g_in.dtype), p.depth)  # (L, B, N)
         gates = keep_top_k(logits, p.keep[s])
+        gates = torch.where(p.hard[s][None, :, None], (gates > 0).to(gates.dtype), gates)
         gates = torch.where(p.ungated[s][None, :, None], torch.ones_like(gates), gates)
         return PooledState(gates, p.prompts, s)
 
