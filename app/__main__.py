@@ -5,19 +5,28 @@ import argparse
 import logging
 import sys
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("dmp")
 
 
 def serve(args) -> int:
+    """Run until SIGTERM (0); 2 on invalid settings, 1 when the engine cannot start (reason logged)."""
     import uvicorn
+    from pydantic import ValidationError
 
     from app.api.main import create_app
-    from app.core.config import Settings
+    from app.core import logs
+    from app.core.config import Settings, describe_errors
 
-    settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        logs.configure("info", "text")  # the log settings themselves may be the bad ones
+        log.error("invalid settings, not starting: %s", describe_errors(e))
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
     app = create_app(settings)
     engine = app.state.engine
 
@@ -25,6 +34,7 @@ def serve(args) -> int:
         """First SIGTERM/SIGINT: stop admitting (503 draining), finish in-flight work, then exit; second: now."""
 
         draining = False
+        exit_code = 0
 
         def handle_exit(self, sig, frame):
             if self.draining:
@@ -41,10 +51,21 @@ def serve(args) -> int:
                 log.warning("drain time over; %d request(s) cut", engine.inflight)
             self.should_exit = True
 
+        def exit_if_start_fails(self):
+            """A process that can never serve must not sit unready forever: exit 1 so the orchestrator sees it."""
+            while engine.state in ("starting", "warming"):
+                time.sleep(0.2)
+            if engine.state == "failed":
+                log.error("start failed, exiting: %s", engine.error)
+                self.exit_code, self.should_exit = 1, True
+
+    # log_config=None: uvicorn's loggers propagate to the handler logs.configure installed (same format)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=2)
-    DrainingServer(config).run()
-    return 0
+                            log_config=None, timeout_graceful_shutdown=2)
+    server = DrainingServer(config)
+    threading.Thread(target=server.exit_if_start_fails, name="dmp-start-watch", daemon=True).start()
+    server.run()
+    return server.exit_code
 
 
 def generate(args) -> int:

@@ -19,6 +19,7 @@ from app.model import DiT, DiTConfig, save_base
 from app.model.dmp import new_patch_for, patch_metadata_for, patch_to_bytes
 
 REPO = Path(__file__).resolve().parents[1]
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"  # the service refuses tokens under 16 characters
 TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, learn_sigma=False)
 BASE_META = dict(vae="pixel", default_sampler="ddim", default_steps="3", default_guidance="1.0",
                  beta_schedule="linear", clip_sample="true")
@@ -202,9 +203,9 @@ def asgi_client(dirs: dict, **settings):
 
 @pytest.fixture(scope="module")
 def client(tiny_dirs, tmp_path_factory):
-    """The three tiny bases behind one app, admin token `secret`; shared by a test module (read-mostly)."""
+    """The three tiny bases behind one app, admin token ADMIN_TOKEN; shared by a test module (read-mostly)."""
     dirs = copy_dirs(tiny_dirs, tmp_path_factory.mktemp("client"))
-    with asgi_client(dirs, admin_token="secret", max_patch_bytes=16384) as c:
+    with asgi_client(dirs, admin_token=ADMIN_TOKEN, max_patch_bytes=16384) as c:
         wait_ready(c)
         c.dirs = dirs
         yield c

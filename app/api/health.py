@@ -12,8 +12,11 @@ from app.core.errors import Unavailable
 router = APIRouter(prefix="/health", tags=["health"])
 
 
-@router.get("/live", response_model=Health, responses=errors(), summary="The process is up")
-def live():
+@router.get("/live", response_model=Health, responses=errors(503),
+            summary="The process is up and has not failed to start")
+def live(engine: EngineDep):
+    if engine.state == "failed":  # `serve` exits on this too; answering 503 covers the moments before
+        raise Unavailable(f"startup failed: {engine.error}", error_type="startup_failed")
     return Health(status="live")
 
 

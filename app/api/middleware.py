@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: X-Request-ID echo, per-route request metrics, and early 413 on declared body sizes.
+"""Pure ASGI middleware: X-Request-ID echo and log context, per-route request metrics, early 413 on declared sizes.
 
 Pure ASGI (not BaseHTTPMiddleware) so the route can still see the client disconnect.
 """
@@ -11,6 +11,7 @@ import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 
+from app.core import logs
 from app.core.errors import error_response
 from app.core.metrics import Metrics
 
@@ -28,6 +29,7 @@ class RequestContext:
         given = Headers(scope=scope).get("x-request-id", "")
         request_id = given if REQUEST_ID_RE.match(given) else uuid.uuid4().hex
         status, started_response = [500], [False]
+        context = logs.request_id.set(request_id)  # every log line of this request carries it
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -58,3 +60,4 @@ class RequestContext:
             self.metrics.requests.labels(path, scope["method"], str(status[0]),
                                          scope.get("dmp.error_type", "")).inc()
             self.metrics.request_seconds.labels(path).observe(time.perf_counter() - started)
+            logs.request_id.reset(context)

@@ -5,8 +5,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+MIN_ADMIN_TOKEN_CHARS = 16
+# Every admin token the docs or deploy files ever showed as an example: public, so never accepted.
+EXAMPLE_ADMIN_TOKENS = frozenset({"s3cret", "secret", "replace-me-at-deploy-time", "change-me", "changeme"})
 
 
 class Settings(BaseSettings):
@@ -46,6 +51,22 @@ class Settings(BaseSettings):
     retry_after: int = Field(1, ge=1, description="Retry-After seconds sent with 429 and 503")
     warmup: bool = Field(True, description="Run one tiny generation per base before reporting ready")
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line, with the "
+                                                "request id on every line logged while serving a request")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token_is_not_guessable(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is None:
+            return None
+        value = token.get_secret_value()
+        if len(value) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(f"must be at least {MIN_ADMIN_TOKEN_CHARS} characters (got {len(value)}); "
+                             "generate one with `openssl rand -hex 32`")
+        if value in EXAMPLE_ADMIN_TOKENS:
+            raise ValueError("is an example value from the docs, known to anyone: generate one with "
+                             "`openssl rand -hex 32`")
+        return token
 
     @cached_property
     def torch_device(self) -> str:
@@ -62,3 +83,8 @@ class Settings(BaseSettings):
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device == "cuda" else torch.float32
         return getattr(torch, self.dtype)
+
+
+def describe_errors(error: ValidationError) -> str:
+    """One line per bad setting, named as its variable, without echoing the value (it may be a secret)."""
+    return "; ".join(f"DMP_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors())

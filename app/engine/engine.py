@@ -25,6 +25,10 @@ from app.registry.registry import PatchRegistry
 log = logging.getLogger("dmp.engine")
 
 
+class NoServableBase(RuntimeError):
+    """Nothing to serve: `python -m app serve` exits non-zero rather than stay up unready forever."""
+
+
 class Engine:
     """Owns the bases, the patch registry and the batcher; the HTTP layer and the CLI both go through it."""
 
@@ -50,6 +54,8 @@ class Engine:
             if self.settings.torch_threads:
                 torch.set_num_threads(self.settings.torch_threads)  # shared CPUs: fewer threads, less spinning
             self.bases = load_bases(self.settings, self.metrics)
+            if not self.bases:
+                raise NoServableBase(f"no servable base model in {self.settings.model_dir}")
             self.metrics.fused_kernels.set(int(kernels.active(self.settings.torch_device)))
             if self.settings.redis_url:
                 self.redis = redis_client(self.settings)
@@ -69,6 +75,9 @@ class Engine:
             if self.state == "warming":
                 self.state = "ready"
             log.info("engine ready: %d base(s) on %s", len(self.bases), self.settings.torch_device)
+        except NoServableBase as e:
+            log.error("engine failed to start: %s", e)  # a configuration fact, not a bug: no traceback
+            self.state, self.error = "failed", str(e)
         except Exception as e:
             log.exception("engine failed to start")
             self.state, self.error = "failed", f"{e.__class__.__name__}: {e}"

@@ -7,6 +7,8 @@ import sys
 
 import httpx
 
+from conftest import ADMIN_TOKEN
+
 
 def test_every_route_declares_its_errors(client):
     spec = client.get("/openapi.json").json()
@@ -24,12 +26,12 @@ def test_every_route_declares_its_errors(client):
 def test_schemathesis_finds_no_server_error(start_server, class_only_dirs, tmp_path):
     shutil.copytree(class_only_dirs["patches"], tmp_path / "patches")
     server = start_server(model_dir=class_only_dirs["models"], patch_dir=tmp_path / "patches",
-                          admin_token="secret", warmup="false", max_steps=20)
+                          admin_token=ADMIN_TOKEN, warmup="false", max_steps=20)
     cli = shutil.which("schemathesis", path=str(__import__("pathlib").Path(sys.executable).parent))
     # positive_data_acceptance is excluded: the schema cannot express "caption only on text models" or
     # "bytes must be a valid patch", so schema-valid requests are rightly refused with 4xx.
     proc = subprocess.run([cli, "run", server.url + "/openapi.json", "--max-examples", "10", "-w", "1",
-                           "--seed", "7", "-H", "Authorization: Bearer secret",
+                           "--seed", "7", "-H", f"Authorization: Bearer {ADMIN_TOKEN}",
                            "--exclude-checks", "positive_data_acceptance"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its report dir
     assert proc.returncode == 0, proc.stdout[-5000:]

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from conftest import asgi_client, copy_dirs, make_patch_bytes, tiny_base, wait_ready
+from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, tiny_base, wait_ready
 
-AUTH = {"Authorization": "Bearer secret", "Content-Type": "application/octet-stream"}
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"}
 
 
 def edit(data: bytes, tensors=None, meta=None) -> bytes:

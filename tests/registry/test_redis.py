@@ -7,9 +7,9 @@ import time
 import httpx
 import pytest
 
-from conftest import asgi_client, copy_dirs, make_patch_bytes, wait_ready
+from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, wait_ready
 
-AUTH = {"Authorization": "Bearer secret", "Content-Type": "application/octet-stream"}
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"}
 pytestmark = pytest.mark.redis
 
 
@@ -24,7 +24,7 @@ def poll(fn, timeout: float, every: float = 0.02):
 
 
 def test_two_replicas_see_each_others_uploads(start_server, redis_server, class_only_dirs, tmp_path):
-    common = dict(model_dir=class_only_dirs["models"], redis_url=redis_server.url, admin_token="secret")
+    common = dict(model_dir=class_only_dirs["models"], redis_url=redis_server.url, admin_token=ADMIN_TOKEN)
     a = start_server(patch_dir=class_only_dirs["patches"], **common)
     b = start_server(patch_dir=tmp_path / "empty", **common)  # starts later, has no files: loads all from Redis
     assert httpx.get(b.url + "/patches/digits-dmp").json()["state"] == "ready"
@@ -45,7 +45,7 @@ def test_two_replicas_see_each_others_uploads(start_server, redis_server, class_
 
 def test_redis_killed_and_restarted_mid_load(start_server, redis_server, class_only_dirs):
     server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"],
-                          redis_url=redis_server.url, admin_token="secret", redis_timeout=0.5)
+                          redis_url=redis_server.url, admin_token=ADMIN_TOKEN, redis_timeout=0.5)
     codes, stop = [], threading.Event()
 
     def load():
@@ -77,7 +77,7 @@ def test_redis_killed_and_restarted_mid_load(start_server, redis_server, class_o
 
 def test_result_cache(redis_server, class_only_dirs, tmp_path):
     dirs = copy_dirs(class_only_dirs, tmp_path)
-    with asgi_client(dirs, redis_url=redis_server.url, cache_ttl=60, admin_token="secret") as c:
+    with asgi_client(dirs, redis_url=redis_server.url, cache_ttl=60, admin_token=ADMIN_TOKEN) as c:
         wait_ready(c)
         body = {"patch": "digits-dmp", "class_label": 6, "steps": 3, "seed": 8}
         first, second = c.post("/generate", json=body).json(), c.post("/generate", json=body).json()
