@@ -9,7 +9,8 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from app.api import generate, health, metrics, models, patches
+from app.api import generate, health, metrics, models, patches, v1
+from app.api.keys import KeyGate
 from app.api.middleware import RequestContext
 from app.core.config import Settings
 from app.core.errors import install_error_handlers
@@ -35,11 +36,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Diffusion transformers served with hot-swappable DMP patches (DESIGN §4).")
     app.state.settings = settings
     app.state.engine = Engine(settings, Metrics())
+    app.state.keys = KeyGate(settings, app.state.engine.metrics)  # a bad DMP_API_KEYS stops the start here
     install_error_handlers(app)
-    for module in (generate, patches, models, health, metrics):
+    for module in (generate, v1, patches, models, health, metrics):
         app.include_router(module.router)
     app.add_middleware(RequestContext, metrics=app.state.engine.metrics,
-                       body_limits={("POST", "/generate"): generate.MAX_BODY_BYTES})
+                       body_limits={("POST", "/generate"): generate.MAX_BODY_BYTES,
+                                    ("POST", "/v1/images/generations"): generate.MAX_BODY_BYTES})
     if not (STATIC_DIR / "index.html").exists():
         STATIC_DIR.mkdir(parents=True, exist_ok=True)
         (STATIC_DIR / "index.html").write_text(PLACEHOLDER)

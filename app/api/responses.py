@@ -5,12 +5,12 @@ from app.api.schemas import ErrorBody
 
 DESCRIPTIONS = {
     400: "Malformed request (e.g. a body that is not JSON)",
-    401: "Missing or wrong admin token",
+    401: "Missing or wrong admin token (admin routes) or API key (generation routes, when DMP_API_KEYS is set)",
     404: "Unknown model or patch, or admin routes disabled",
     413: "Body too large (patch uploads: DMP_MAX_PATCH_BYTES; /generate: 1 MiB)",
     415: "Upload not sent as application/octet-stream",
     422: "Invalid request or refused patch",
-    429: "Admission queue full (DMP_MAX_QUEUE); see Retry-After",
+    429: "Admission queue full (DMP_MAX_QUEUE) or the API key's rate limit reached; see Retry-After",
     500: "Unexpected server error",
     503: "Not ready, draining, registry unreachable, or deadline exceeded",
 }

@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DMP_", extra="ignore")
 
     admin_token: SecretStr | None = Field(None, description="Bearer token for PUT/DELETE /patches; unset = off")
+    api_keys: SecretStr | None = Field(None, description="Keys for /generate and /v1/*: a file or a comma list "
+                                       "of entries KEY | sha256:HEX | ID:KEY | ID:sha256:HEX; unset = open")
+    key_requests_per_min: float = Field(0, ge=0, description="Requests a key may make per minute; 0 = no limit")
+    key_images_per_min: float = Field(0, ge=0, description="Images a key may ask for per minute; 0 = no limit")
     redis_url: str | None = Field(None, description="Redis for shared patches and the result cache; unset = disk")
     model_dir: Path = Field(Path("models"), description="Base checkpoints served (*.safetensors, *.pt, folders)")
     patch_dir: Path = Field(Path("patches"), description="Patch files (embedded registry; seeds Redis once)")

@@ -56,6 +56,11 @@ class Metrics:
         self.patch_host_bytes = Gauge("dmp_patch_host_bytes", "Bytes of patch copies held in host memory", ["model"],
                                       registry=r)
         self.cache = Counter("dmp_result_cache", "Result cache lookups", ["outcome"], registry=r)
+        self.key_requests = Counter("dmp_api_key_requests", "Generation requests by API key id (never the key)",
+                                    ["key", "outcome"], registry=r)
+        self.key_images = Counter("dmp_api_key_images", "Images asked for by API key id", ["key"], registry=r)
+        self.key_refusals = Counter("dmp_api_key_refusals", "Requests refused before any key matched", ["reason"],
+                                    registry=r)
         self.ready = Gauge("dmp_ready", "1 when /health/ready answers 200", registry=r)
         # the name predates DMP_CPU_COMPILE; kept so dashboards keep working
         self.graph_forwards = Gauge("dmp_cuda_graph_forwards", "Graphed-step counts: graphs (CUDA graphs or compiled "
