@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     max_patch_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Upload cap, counted on received bytes")
     max_steps: int = Field(1000, ge=1, description="Largest `steps` a request may ask for")
     max_images: int = Field(8, ge=1, description="Largest `num_images` per request")
+    max_cost: int = Field(8000, ge=1, description="Largest `steps * num_images` per request (its denoising work); "
+                                                  "beyond: 422 cost_too_high")
     max_caption_chars: int = Field(1000, ge=1)
     cache_ttl: int = Field(0, ge=0, description="Seconds a result stays in the Redis cache; 0 = off")
     redis_timeout: float = Field(1.0, gt=0, description="Socket timeout for every Redis call")

@@ -1,8 +1,10 @@
 """Step-level batcher: one runner thread owns the device and advances every running job of a base together.
 
-Each loop iteration picks a base (round robin), lets waiting requests of that base join the running batch at
-this step boundary (up to DMP_MAX_BATCH images), runs one `denoise_step` for all of them (each job carries its
-own timestep, sampler and patch slot), then decodes and answers the jobs that finished.
+Each loop iteration picks a base (round robin), lets waiting requests of that base join its running set at
+this step boundary, shares the step's DMP_MAX_BATCH images between the running requests (least progress first),
+runs one `denoise_step` for them (each job carries its own timestep, sampler and patch slot), then decodes and
+answers the jobs that finished. Sharing rows at every step is what keeps a small request's latency independent of
+big ones admitted before it: a 5-step request behind two 1000-step x 8-image ones takes 5 steps, not 1000.
 """
 from __future__ import annotations
 
@@ -86,18 +88,16 @@ class Batcher:
         raise RuntimeError("no work")  # unreachable: _has_work was checked under the same lock
 
     def _join_waiting(self, name: str) -> None:
-        """Move waiting requests into the running batch while it has room, oldest first (caller holds the lock).
+        """Move waiting requests into the running set, oldest first (caller holds the lock); each step then
+        advances the share of them that fits one batch (`_share`).
 
         A request's patch version is seated in a device slot as it joins (a swap-in if it is not resident). When
         every slot is read by running requests, it waits; younger requests may still join patches that are resident,
         except the one whose slot frees soonest (the victim), so the waiting one gets a slot within one request's
         run: requests queue, never fail, and a cold patch is not starved by hot ones."""
         queue, running, patches = self.waiting[name], self.running[name], self.bases[name].patches
-        room = self.max_batch - sum(w.images for w in running)
         blocked, victim = False, None
         for work in list(queue):
-            if room < work.images and running:
-                break
             if not self._dropped(work):
                 if work.pin is not None:
                     slot = patches.seat(work.pin, evict=not blocked, avoid=victim)
@@ -106,30 +106,44 @@ class Batcher:
                             blocked, victim = True, patches.victim()
                         continue
                     work.job.slot, work.seated = slot, True
-                work.started_at = time.perf_counter()
                 running.append(work)
-                room -= work.images
             queue.remove(work)
             self.metrics.queue_depth.dec()
 
     def _dropped(self, work: Work) -> bool:
-        """Finish work whose client left or whose deadline passed; True if it was dropped."""
-        if work.cancelled.is_set() or work.future.cancelled():
-            self.metrics.dropped.labels("disconnected").inc()
-            self._finish(work, error=Cancelled("the client went away"))
-            return True
+        """Finish work whose deadline passed or whose client left; True if it was dropped. The deadline is checked
+        first: a handler that gives up at the deadline also cancels the work, and that is a deadline cut."""
         if time.monotonic() > work.deadline:
             self.metrics.dropped.labels("deadline").inc()
             self._finish(work, error=DeadlineExceeded("the request ran past DMP_REQUEST_TIMEOUT"))
             return True
+        if work.cancelled.is_set() or work.future.cancelled():
+            self.metrics.dropped.labels("disconnected").inc()
+            self._finish(work, error=Cancelled("the client went away"))
+            return True
         return False
+
+    def _share(self, works: list[Work]) -> list[Work]:
+        """The running requests this step advances: least steps done first (then oldest), while their images fit
+        in DMP_MAX_BATCH (always at least one). A new request starts ahead of long-running ones and keeps its rows
+        until it has caught up with them, so its latency is its own steps, whatever was admitted before it."""
+        chosen, room = [], self.max_batch
+        for w in sorted(works, key=lambda w: (w.job.index, w.admitted_at)):
+            if w.images <= room or not chosen:
+                chosen.append(w)
+                room -= w.images
+        return chosen
 
     def _step(self, name: str) -> None:
         base = self.bases[name]
-        works = [w for w in self.running[name] if not self._dropped(w)]
-        self.running[name] = works
-        if not works:
+        running = [w for w in self.running[name] if not self._dropped(w)]
+        self.running[name] = running
+        if not running:
             return
+        works = self._share(running)
+        now = time.perf_counter()
+        for w in works:
+            w.started_at = w.started_at or now
         images = sum(w.images for w in works)
         self.metrics.batch_size.labels(name).observe(images)
         self.metrics.batch_occupancy.labels(name).observe(images / self.max_batch)
@@ -140,11 +154,11 @@ class Batcher:
                          forward=base.forward)
         except Exception as e:  # a crash in one step fails that batch, never the runner
             log.exception("denoising step failed for base %s", name)
-            self.running[name] = []
+            self.running[name] = [w for w in running if w not in works]
             for w in works:
                 self._finish(w, error=e)
             return
-        self.running[name] = [w for w in works if not w.job.done]
+        self.running[name] = [w for w in running if not w.job.done]
         for w in works:
             if w.listener is not None:
                 self._report(w)

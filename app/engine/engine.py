@@ -190,6 +190,9 @@ class Engine:
         steps = min(base.default_steps, max_steps) if steps is None else steps
         if not 1 <= steps <= max_steps:
             raise InvalidRequest(f"steps must be in [1, {max_steps}] for sampler {sampler}, got {steps}")
+        if steps * num_images > s.max_cost:
+            raise InvalidRequest(f"steps * num_images = {steps * num_images} is over DMP_MAX_COST={s.max_cost}",
+                                 error_type="cost_too_high")
         guidance = base.default_guidance if guidance_scale is None else float(guidance_scale)
         if task == "uncond":
             guidance = 1.0  # nothing to guide towards
