@@ -2,6 +2,8 @@
 
     python -m bench.engine --quick                 # CPU, the demo model, a few minutes
     python -m bench.engine --device cuda           # + DiT-XL/2 (random weights), 250-step DDPM / 50-step DDIM
+    python -m bench.engine --churn                 # only the many-patches case (bench/churn.py): 64 patches
+                                                   # over 8 device slots vs one patch, through the real Engine
 
 Ours: app.model.sampling.denoise_step with the engine's bucketed forward (CUDA graphs on GPU; torch.compile
 with frozen weights on CPU), bf16, patches served from the PatchPool. diffusers: DiTTransformer2DModel built
@@ -24,6 +26,7 @@ from app.model.dit import DiT, DiT_models, DiTConfig
 from app.model.dmp import PatchPool, new_patch_for
 from app.model.loaders import load_base
 from app.model.sampling import denoise_step, make_scheduler, new_job
+from bench.churn import churn_suite
 from bench.diffusers_ref import diffusers_math, diffusers_sample, to_diffusers
 
 XL2_GFLOP_PER_ROW = 237.0  # DESIGN §7: one XL/2 forward of one sample at 256 px (2 x 118.6 GMACs)
@@ -268,6 +271,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-xl", action="store_true", help="skip DiT-XL/2 on GPU")
+    ap.add_argument("--churn", action="store_true", help="only the 64-patches-over-8-slots case (bench/churn.py)")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -282,6 +286,16 @@ def main(argv=None):
         print(msg, flush=True)
         lines.append(msg)
 
+    if args.churn:
+        result = churn_suite(shape=DEMO_SHAPE, randomize=randomize_, random_patch=random_patch, device=device.type,
+                             threads=args.threads, steps=steps, log=log)
+        result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({args.threads} threads)"
+        log(f"64 patches over 8 slots vs 1 patch: throughput ratio {result['throughput_ratio']:.3f}, "
+            f"p95 {result['mixed']['p95_s']:.3f} s vs {result['one_patch']['p95_s']:.3f} s")
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(result, indent=1))
+        print(json.dumps(result))
+        return
     model, source = demo_model(args.model, device)
     log(f"device {device}  demo model: {source}  threads {torch.get_num_threads()}")
     t0 = time.perf_counter()
