@@ -3,14 +3,14 @@
 Discrete events, per replica the engine's own policy: step-level batching up to `max_batch` images (CFG doubles
 the rows), a request seated in a device slot as it joins (LRU over slots no running request reads; when all are
 read it waits and the slot that frees soonest stops taking new requests), a host cache of validated copies in
-front of the store. P patches with Zipf(s) popularity, Poisson arrivals at `load` x the cluster's full-batch
+front of the store (its read-back delays only its own request). P patches with Zipf(s) popularity, Poisson arrivals at `load` x the cluster's full-batch
 capacity. Routing: `random`, `least` (fewest in flight), `chbl` (consistent hashing on the patch with bounded load,
 HAProxy's `hash-balance-factor`: a replica is eligible while in-flight + 1 <= ceil(factor x (total + 1) / R)).
 
 Costs are measured by our benchmarks, not assumed: step time per row count and the slot swap-in of a DiT-XL/2
 patch from `bench/results/*h200*.json` (bench/engine.py on an H200), the read-back + validation of an XL/2 patch
 from the store from `bench/results/*churn*.json` (bench/churn.py). Reported per run: slot hit rate (requests whose
-patch was already in a slot), swap-ins/s over the cluster, and p50/p95 of the latency routing adds: a request's
+patch was already in a slot), swap-ins/s and store read-backs/s over the cluster, and p50/p95 of the latency routing adds: a request's
 end-to-end time minus the compute of the denoising steps it ran in (so queueing, its store read-back and the
 swap-ins of its batches), warm-up excluded.
 
@@ -85,7 +85,7 @@ class Replica:
         self.compute = 0.0  # seconds of denoising steps run so far, swap-ins excluded
         self.busy = False
         self.inflight = 0
-        self.hits = self.seats = self.swaps = 0
+        self.hits = self.seats = self.swaps = self.reads = 0
 
     def admit(self, req: Req, store_ms: float) -> None:
         """Pin in host memory (a read-back from the store delays only this request)."""
@@ -95,6 +95,7 @@ class Replica:
             req.ready = req.arrival
         else:
             req.ready = req.arrival + store_ms / 1e3
+            self.reads += 1
             self.host[req.patch] = None
             if len(self.host) > self.host_cap:
                 self.host.popitem(last=False)
@@ -206,7 +207,7 @@ def simulate(*, replicas: int, patches: int, zipf: float, policy: str, factor: f
         now, _, kind, item = heapq.heappop(events)
         if kind == "arrive":
             if stats0 is None and now >= warm:
-                stats0 = [(s.hits, s.seats, s.swaps) for s in servers], now
+                stats0 = [(s.hits, s.seats, s.swaps, s.reads) for s in servers], now
             if policy == "random":
                 r = pick.randrange(replicas)
             elif policy == "least":
@@ -241,22 +242,22 @@ def simulate(*, replicas: int, patches: int, zipf: float, policy: str, factor: f
                 heapq.heappush(events, (end, order, "step", item))
         order += 1
     (first, t0), t1 = stats0, now
-    hits = sum(s.hits for s in servers) - sum(h for h, _, _ in first)
-    seats = sum(s.seats for s in servers) - sum(n for _, n, _ in first)
-    swaps = sum(s.swaps for s in servers) - sum(w for _, _, w in first)
+    hits, seats, swaps, reads = (sum(getattr(s, k) for s in servers) - sum(f[i] for f in first)
+                                 for i, k in enumerate(("hits", "seats", "swaps", "reads")))
     ms = np.array(added) * 1e3
     return {"replicas": replicas, "patches": patches, "zipf": zipf, "policy": policy,
             "factor": factor if policy == "chbl" else None, "rate_per_s": rate, "hit_rate": hits / seats,
-            "swap_ins_per_s": swaps / (t1 - t0), "added_p50_ms": float(np.percentile(ms, 50)),
+            "swap_ins_per_s": swaps / (t1 - t0), "store_reads_per_s": reads / (t1 - t0), "added_p50_ms": float(np.percentile(ms, 50)),
             "added_p95_ms": float(np.percentile(ms, 95)), "requests": requests}
 
 
 def table(rows: list[dict]) -> str:
-    head = "| R | P | s | routing | slot hit rate | swap-ins/s | added p50 ms | added p95 ms |\n|---|---|---|---|---|---|---|---|"
+    head = ("| R | P | s | routing | slot hit rate | swap-ins/s | store reads/s | added p50 ms | added p95 ms |\n"
+            "|---|---|---|---|---|---|---|---|---|")
     name = lambda r: r["policy"] if r["policy"] != "chbl" else f"chbl {r['factor']:g}"
     return head + "".join(
         f"\n| {r['replicas']} | {r['patches']} | {r['zipf']:g} | {name(r)} | {r['hit_rate']:.3f} | "
-        f"{r['swap_ins_per_s']:.1f} | {r['added_p50_ms']:.0f} | {r['added_p95_ms']:.0f} |" for r in rows)
+        f"{r['swap_ins_per_s']:.1f} | {r['store_reads_per_s']:.1f} | {r['added_p50_ms']:.0f} | {r['added_p95_ms']:.0f} |" for r in rows)
 
 
 def main(argv=None):
@@ -265,7 +266,7 @@ def main(argv=None):
     ap.add_argument("--patches", type=int, nargs="*", default=[100, 10_000])
     ap.add_argument("--zipf", type=float, nargs="*", default=[0.8, 1.2])
     ap.add_argument("--policy", nargs="*", default=["random", "least", "chbl"])
-    ap.add_argument("--factor", type=float, nargs="*", default=[1.25], help="hash-balance-factor / 100")
+    ap.add_argument("--factor", type=float, nargs="*", default=[1.5], help="hash-balance-factor / 100 (deploy/ uses 150)")
     ap.add_argument("--load", type=float, default=0.7, help="arrival rate / cluster full-batch capacity")
     ap.add_argument("--slots", type=int, default=15, help="device patch slots per replica (DMP_PATCH_SLOTS - 1)")
     ap.add_argument("--json-out", default=None)
