@@ -119,8 +119,12 @@ class Objective(nn.Module):
     def forward(self, x, y, t, noise, drop=None, gate_noise=None) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         if self.patch is not None:
-            self.patch.gate_noise = gate_noise
-        loss = self.diffusion.loss(self.model, x, y, patch=self.patch, t=t, noise=noise, drop=drop)
+            self.patch.gate_noise = gate_noise  # this forward's share of the globally drawn gate noise
+        try:
+            loss = self.diffusion.loss(self.model, x, y, patch=self.patch, t=t, noise=noise, drop=drop)
+        finally:
+            if self.patch is not None:
+                self.patch.gate_noise = None
         logs = {"loss": loss.detach()}
         if cfg.method == "dmp":
             self.gather_gating()
