@@ -36,12 +36,13 @@ def test_event_sequence_and_previews(client):
     body = {"model": "digits", "class_label": 3, "steps": 8, "seed": 4, "num_images": 2, "previews": 3}
     events = stream(client, body)
     kinds = [k for k, _ in events]
-    assert kinds == ["queued"] + ["progress"] * 8 + ["done"], kinds
+    assert kinds[0] == "queued" and kinds[-1] == "done" and set(kinds[1:-1]) == {"progress"}, kinds
     assert isinstance(events[0][1]["position"], int) and events[0][1]["position"] >= 0
     progress = [d for k, d in events if k == "progress"]
-    assert [p["step"] for p in progress] == list(range(1, 9)) and {p["of"] for p in progress} == {8}
+    steps = [p["step"] for p in progress]  # plain steps may fold into a later one when the reader lags
+    assert steps == sorted(set(steps)) and steps[-1] == 8 and {p["of"] for p in progress} == {8}
     with_preview = [p["step"] for p in progress if "preview" in p]
-    assert with_preview == [2, 4, 6]  # evenly spaced, before the last step
+    assert with_preview == [2, 4, 6]  # evenly spaced, before the last step, never folded
     for p in progress:
         if "preview" in p:
             assert len(p["preview"]) == 2
@@ -54,7 +55,7 @@ def test_event_sequence_and_previews(client):
 
 def test_no_previews_unless_asked(client):
     events = stream(client, {"model": "blobs", "steps": 4, "seed": 1})
-    assert [k for k, _ in events] == ["queued"] + ["progress"] * 4 + ["done"]
+    assert [k for k, _ in events][-2:] == ["progress", "done"] and events[-2][1] == {"step": 4, "of": 4}
     assert not any("preview" in d for _, d in events)
 
 
