@@ -24,8 +24,10 @@ DATA = ["--dataset", "digits", "--image-size", "8", "--device", "cpu", "--quiet"
         "--checkpoint-every", "10"]
 ARCH = ["--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--patch-size", "2"]
 # Hard top-2-of-4 noisy gating and heavy balancing losses, so the gathered gate statistics and the globally
-# drawn gate noise matter to the result (the default weights of 0.01 would hide a mistake there).
-PATCH = ["--batch-size", "32", "--lr", "1e-2", "--top-k", "0.5", "--w-importance", "1", "--w-load", "1"]
+# drawn gate noise matter to the result (the default weights of 0.01 would hide a mistake there); flips on, so
+# their draws are sliced too.
+PATCH = ["--batch-size", "32", "--lr", "1e-2", "--top-k", "0.5", "--w-importance", "1", "--w-load", "1",
+         "--hflip", "on"]
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
