@@ -1,25 +1,46 @@
-# DMP patch server. Build: docker build -t dmp-server:0.1.0 .   Run: docker run -p 8000:8000 dmp-server:0.1.0
-FROM python:3.11-slim
+# DMP patch server, two variants from one file (the same code, command and user):
+#   docker build --build-arg VARIANT=cuda -t dmp-server:0.1.0-cuda .  # GPU: CUDA torch + the C compiler Triton needs
+#   docker build -t dmp-server:0.1.0-cpu .                            # CPU: CPU-only torch, no compiler, small
+# Run: docker run -p 8000:8000 dmp-server:0.1.0-cpu   (the cuda image: add --gpus all)
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG VARIANT=cpu
 
+FROM ${PYTHON_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-
 WORKDIR /srv/dmp
-
-# Dependencies first, in their own layer, so a code change does not reinstall torch.
+# The pinned dependencies of pyproject.toml, as a requirements file both variants install from.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+    && useradd --system --uid 10001 --user-group --home-dir /tmp dmp
 
-RUN useradd --system --uid 10001 --user-group --home-dir /tmp dmp
+# CPU: torch and torchvision from PyTorch's CPU wheel index (same versions, +cpu builds, no CUDA libraries:
+# gigabytes smaller), then everything else; pip keeps the +cpu builds since they satisfy the pins.
+FROM base AS deps-cpu
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+RUN grep -E '^(torch|torchvision)==' /tmp/requirements.txt > /tmp/torch.txt \
+    && pip install --index-url "$TORCH_CPU_INDEX" -r /tmp/torch.txt \
+    && pip install -r /tmp/requirements.txt
 
+# CUDA: the CUDA torch wheel brings the CUDA runtime; the driver comes from the host (NVIDIA container
+# toolkit). Triton compiles a small launcher with the system C compiler at run time (fused kernels,
+# DMP_CUDA_COMPILE), and python:slim has none: install gcc and the C library headers.
+FROM base AS deps-cuda
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && pip install -r /tmp/requirements.txt
+
+# hadolint ignore=DL3006
+FROM deps-${VARIANT} AS final
+WORKDIR /srv/dmp
 # The code, then the demo bases and patches (the embedded default serves models/ and patches/).
 COPY app ./app
-RUN pip install --no-deps .
+RUN pip install --no-cache-dir --no-deps . && rm /tmp/requirements.txt
 COPY models ./models
 # Without Redis, PUT /patches writes here: the service user must own it.
 COPY --chown=10001:10001 patches ./patches

@@ -36,7 +36,7 @@ async def produce(engine: Engine, spec: Spec, deterministic: bool, request: Requ
         work = await run_in_threadpool(engine.submit, spec, y)  # pinning may read the patch back from the store
         out = await _encode(await _wait(work, request, engine.settings.request_timeout), spec)
         await _remember(engine, spec, deterministic, out)
-    _observe(engine, spec, out.timings, time.perf_counter() - started)
+    _observe(engine, spec, out, time.perf_counter() - started)
     return out
 
 
@@ -58,7 +58,7 @@ async def produce_events(engine: Engine, spec: Spec, deterministic: bool, admitt
             else:
                 yield kind, data
         await _remember(engine, spec, deterministic, out)
-    _observe(engine, spec, out.timings, time.perf_counter() - started)
+    _observe(engine, spec, out, time.perf_counter() - started)
     yield "done", out
 
 
@@ -112,10 +112,14 @@ async def _encode(result: Result, spec: Spec) -> Produced:
     return Produced(files, result.patch_version, timings, False)
 
 
-def _observe(engine: Engine, spec: Spec, timings: dict, total: float) -> None:
+def _observe(engine: Engine, spec: Spec, out: Produced, total: float) -> None:
+    """Stage latencies and images generated; a cache hit generated nothing and is counted on its own."""
     m, labels = engine.metrics, (spec.model, spec.patch or "base")
-    m.queue_seconds.labels(*labels).observe(timings["queue_ms"] / 1000)
-    m.sample_seconds.labels(*labels).observe(timings["sample_ms"] / 1000)
-    m.decode_seconds.labels(*labels).observe(timings["decode_ms"] / 1000)
+    if out.cached:
+        m.images_cached.labels(*labels).inc(spec.num_images)
+        return
+    m.queue_seconds.labels(*labels).observe(out.timings["queue_ms"] / 1000)
+    m.sample_seconds.labels(*labels).observe(out.timings["sample_ms"] / 1000)
+    m.decode_seconds.labels(*labels).observe(out.timings["decode_ms"] / 1000)
     m.total_seconds.labels(*labels).observe(total)
     m.images.labels(*labels).inc(spec.num_images)

@@ -26,11 +26,16 @@ class Metrics:
         self.total_seconds = Histogram("dmp_generate_seconds", "Admission to reply", **stage)
         self.queue_depth = Gauge("dmp_queue_depth", "Requests admitted but not yet running", registry=r)
         self.inflight = Gauge("dmp_inflight", "Requests admitted and not finished", registry=r)
+        self.max_queue = Gauge("dmp_max_queue", "DMP_MAX_QUEUE: admitted requests beyond which /generate answers 429",
+                               registry=r)
         self.batch_size = Histogram("dmp_batch_size", "Images per batched forward", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.batch_occupancy = Histogram("dmp_batch_occupancy", "Batch images / DMP_MAX_BATCH", ["model"],
                                          buckets=OCCUPANCY_BUCKETS, registry=r)
-        self.images = Counter("dmp_images_generated", "Images generated", ["model", "patch"], registry=r)
+        self.images = Counter("dmp_images_generated", "Images generated (cache hits excluded)", ["model", "patch"],
+                              registry=r)
+        self.images_cached = Counter("dmp_images_cached", "Images answered from the result cache, not generated",
+                                     ["model", "patch"], registry=r)
         self.dropped = Counter("dmp_requests_dropped", "Admitted work dropped before the end", ["reason"],
                                registry=r)
         self.patch_swaps = Counter("dmp_patch_swaps", "Patch versions installed over an older one", ["model"],

@@ -35,6 +35,7 @@ class Engine:
     def __init__(self, settings: Settings, metrics: Metrics | None = None):
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.metrics.max_queue.set(settings.max_queue)  # alerts compare dmp_inflight with it
         self.bases: dict[str, ServedBase] = {}
         self.registry: PatchRegistry | None = None
         self.batcher: Batcher | None = None

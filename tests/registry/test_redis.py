@@ -88,7 +88,13 @@ def test_result_cache(redis_server, class_only_dirs, tmp_path):
         assert c.put("/patches/digits-dmp", content=new, headers=AUTH).status_code == 200
         third = c.post("/generate", json=body).json()  # a new patch version is a new key
         assert not third["cached"] and third["images"] != first["images"]
-        assert 'dmp_result_cache_total{outcome="hit"} 1.0' in c.get("/metrics").text
+        metrics = c.get("/metrics").text
+        assert 'dmp_result_cache_total{outcome="hit"} 1.0' in metrics
+        # the hit generated nothing: counted apart, not as an image or a 0 s latency
+        patched = 'model="digits",patch="digits-dmp"'
+        assert f"dmp_images_cached_total{{{patched}}} 1.0" in metrics
+        assert f"dmp_images_generated_total{{{patched}}} 4.0" in metrics
+        assert f"dmp_generate_seconds_count{{{patched}}} 4.0" in metrics
 
 
 def test_hung_redis_never_hangs_a_probe(redis_server, class_only_dirs, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from .conftest import BASE_NAME, PATCH_NAME, REPO
 DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 K8S = DEPLOY / "k8s"
+RULES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
 CONFIG_FILES = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.json"),
                        REPO / "docker-compose.yml"])
 # Labels Prometheus attaches at scrape time, so the service never exports them.
@@ -31,6 +33,17 @@ def load(path: Path) -> list:
 def k8s(kind: str, name: str) -> dict:
     docs = [d for p in K8S.glob("*.yaml") for d in load(p)]
     return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def rules(kind: str) -> list[dict]:
+    """Every recording (kind="record") or alerting (kind="alert") rule of deploy/prometheus/rules/."""
+    return [r for path in RULES for g in load(path)[0]["groups"] for r in g["rules"] if kind in r]
+
+
+def pod_specs() -> list[tuple[str, dict]]:
+    """(name, pod spec) of every workload under deploy/k8s."""
+    docs = [d for p in K8S.glob("*.yaml") for d in load(p)]
+    return [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in docs if d["kind"] == "Deployment"]
 
 
 def dashboard_queries() -> list[str]:
@@ -56,7 +69,7 @@ def grouping_labels(expr: str) -> set[str]:
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_config_file_parses(path):
     docs = load(path)
-    assert docs and all(isinstance(d, dict) for d in docs)
+    assert docs and all(isinstance(d, (dict, list)) for d in docs)  # a list: a JSON 6902 patch
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +94,23 @@ def exposition(server) -> dict[str, set[str]]:
 
 def test_dashboard_queries_only_use_exported_metrics(exposition):
     queries = dashboard_queries()
+    recorded = {r["record"]: r["expr"] for r in rules("record")}
     used = set().union(*map(metric_names, queries))
     assert len(used) >= 15, f"expected the dashboard to chart most dmp_* series, found {sorted(used)}"
-    missing = sorted(used - set(exposition))
-    assert not missing, f"dashboard charts series the service does not export: {missing}"
+    missing = sorted(used - set(exposition) - set(recorded) - {"up"})
+    assert not missing, f"dashboard charts series neither exported nor recorded: {missing}"
+    # what the recording and alerting rules read must be exported (or recorded) too
+    for expr in [*recorded.values(), *(r["expr"] for r in rules("alert"))]:
+        missing = sorted(metric_names(expr) - set(exposition) - set(recorded) - {"up"})
+        assert not missing, f"{expr!r} reads series the service does not export: {missing}"
 
 
 def test_dashboard_groups_by_labels_the_metrics_have(exposition):
     for expr in dashboard_queries():
         names = metric_names(expr)
-        if not all(exposition.get(n) for n in names):
+        if ":" in "".join(names) or not all(exposition.get(n) for n in names):
+            # recorded series are checked against a real Prometheus (test_prometheus_live.py); unobserved ones
+            # (e.g. device memory on CPU) have no labels to check
             continue  # a series with no samples yet (e.g. device memory on CPU) has no labels to check
         have = set().union(*(exposition[n] for n in names)) | SCRAPE_LABELS
         assert grouping_labels(expr) <= have, f"{expr!r} groups by labels its series lack: {have}"
@@ -108,12 +128,21 @@ def test_dashboard_panels_are_laid_out_and_use_the_datasource_variable():
     assert any(d["type"] == "prometheus" for d in datasources)
 
 
-def test_k8s_configmap_sets_only_real_settings():
+def test_k8s_sets_only_real_settings_and_commits_no_secret():
     fields = {f"DMP_{name.upper()}" for name in Settings.model_fields}
     config = k8s("ConfigMap", "dmp-config")["data"]
-    secret = k8s("Secret", "dmp-admin")["stringData"]
-    assert set(config) | set(secret) <= fields, sorted((set(config) | set(secret)) - fields)
-    assert "DMP_ADMIN_TOKEN" in secret and "DMP_ADMIN_TOKEN" not in config
+    (container,) = k8s("Deployment", "dmp-server")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"] for e in container["env"] if e["name"].startswith("DMP_")}
+    assert set(config) | env <= fields, sorted((set(config) | env) - fields)
+    assert "DMP_ADMIN_TOKEN" not in config
+    # no Secret with a value in the repo: kustomize generates them from files git ignores
+    docs = [d for p in DEPLOY.rglob("*.yaml") for d in load(p) if isinstance(d, dict)]
+    assert not [d for d in docs if d.get("kind") in ("Secret", "ExternalSecret") and ("data" in d or "stringData" in d)]
+    generated = load(K8S / "kustomization.yaml")[0]["secretGenerator"]
+    assert {g["name"] for g in generated} == {"dmp-admin", "dmp-redis"}
+    for g in generated:
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(K8S / g["env"])], cwd=REPO)
+        assert ignored.returncode == 0, f"{g['env']} must be git-ignored: it holds a secret value"
 
 
 def test_k8s_deployment_probes_gpu_and_drain():
@@ -129,8 +158,15 @@ def test_k8s_deployment_probes_gpu_and_drain():
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + 5
     refs = {r.get("configMapRef", r.get("secretRef"))["name"] for r in container["envFrom"]}
     assert refs == {"dmp-config", "dmp-admin"}
-    redis_url = k8s("ConfigMap", "dmp-config")["data"]["DMP_REDIS_URL"]
-    assert k8s("Service", "dmp-redis")["metadata"]["name"] in redis_url
+    env = {e["name"]: e for e in container["env"]}
+    # the Redis URL carries the generated password, expanded from the variable declared before it
+    names = list(env)
+    assert names.index("REDIS_PASSWORD") < names.index("DMP_REDIS_URL")
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "dmp-redis"
+    assert env["DMP_REDIS_URL"]["value"] == f"redis://:$(REDIS_PASSWORD)@{k8s('Service', 'dmp-redis')['metadata']['name']}:6379/0"
+    redis_args = k8s("Deployment", "dmp-redis")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert redis_args[redis_args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert redis_args[redis_args.index("--maxmemory-policy") + 1] == "volatile-lru"  # only TTL'd cache keys go
     kustomization = load(K8S / "kustomization.yaml")[0]
     assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml")
                                                         if p.name != "kustomization.yaml")
@@ -158,7 +194,14 @@ def test_dockerfile_runs_the_contract_command_as_non_root():
     # One instruction per logical line: drop comments, join `\` continuations.
     text = "\n".join(ln for ln in (REPO / "Dockerfile").read_text().splitlines() if not ln.lstrip().startswith("#"))
     instructions = [" ".join(ins.split()) for ins in re.sub(r"\\\n", " ", text).splitlines() if ins.strip()]
-    assert instructions[0] == "FROM python:3.11-slim"
+    # the base is a build argument (not pinned here); both variants end in the one final stage
+    args = dict(ln[len("ARG "):].split("=", 1) for ln in instructions if ln.startswith("ARG ") and "=" in ln)
+    assert args["PYTHON_IMAGE"].startswith("python:3.11") and args["VARIANT"] == "cpu"
+    stages = {ln.split()[-1]: ln.split()[1] for ln in instructions if ln.startswith("FROM ")}
+    assert stages["base"] == "${PYTHON_IMAGE}" and stages["final"] == "deps-${VARIANT}"
+    assert {"deps-cpu", "deps-cuda"} <= set(stages) and list(stages)[-1] == "final"
+    cuda = "\n".join(instructions).split("AS deps-cuda")[1].split("FROM ")[0]
+    assert re.search(r"apt-get install .*\bgcc\b", cuda), "Triton needs a C compiler in the CUDA image"
     users = [ln.split()[1] for ln in instructions if ln.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in {"root", "0"}
     (cmd,) = [json.loads(ln[len("CMD "):]) for ln in instructions if ln.startswith("CMD ")]
@@ -169,3 +212,55 @@ def test_dockerfile_runs_the_contract_command_as_non_root():
     for src in re.findall(r"^COPY (?:--\S+ )*(\S+) ", "\n".join(instructions), flags=re.M):
         assert (REPO / src).exists() or src in {"models", "patches"}, f"Dockerfile copies missing {src}"
         assert src in allowed, f".dockerignore keeps {src} out of the build context"
+
+
+def test_k8s_pods_meet_the_restricted_pod_security_standard():
+    labels = k8s("Namespace", "dmp")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    allowed_volumes = {"configMap", "emptyDir", "persistentVolumeClaim", "secret", "projected", "downwardAPI",
+                       "name"}
+    for name, pod in pod_specs():
+        ctx = pod.get("securityContext", {})
+        assert not (pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC")), name
+        for volume in pod.get("volumes", []):
+            assert set(volume) <= allowed_volumes, (name, volume)
+        for c in pod["containers"] + pod.get("initContainers", []):
+            c_ctx = c.get("securityContext", {})
+            assert c_ctx.get("allowPrivilegeEscalation") is False and not c_ctx.get("privileged"), (name, c["name"])
+            assert c_ctx.get("capabilities", {}).get("drop") == ["ALL"], (name, c["name"])
+            assert set(c_ctx.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}, (name, c["name"])
+            assert c_ctx.get("runAsNonRoot", ctx.get("runAsNonRoot")) is True, (name, c["name"])
+            assert c_ctx.get("runAsUser", ctx.get("runAsUser")) != 0, (name, c["name"])
+            seccomp = c_ctx.get("seccompProfile", ctx.get("seccompProfile", {}))
+            assert seccomp.get("type") in ("RuntimeDefault", "Localhost"), (name, c["name"])
+
+
+def test_k8s_replicas_spread_and_autoscale_within_the_budget():
+    pod = k8s("Deployment", "dmp-server")["spec"]["template"]["spec"]
+    selector = {"app.kubernetes.io/name": "dmp-server"}
+    assert any(t["labelSelector"]["matchLabels"] == selector for t in pod["topologySpreadConstraints"])
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    scaled = load(DEPLOY / "keda" / "scaledobject.yaml")[0]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "dmp-server"
+    budget = k8s("PodDisruptionBudget", "dmp-server")["spec"]["minAvailable"]
+    assert scaled["spec"]["minReplicaCount"] > budget  # else the budget blocks every node drain
+    (trigger,) = scaled["spec"]["triggers"]
+    assert "dmp_inflight" in trigger["metadata"]["query"] or "dmp_queue_depth" in trigger["metadata"]["query"]
+    # scale-down waits longer than a replica takes to drain (preStop + DMP_DRAIN_SECONDS)
+    (container,) = pod["containers"]
+    drain = int(container["lifecycle"]["preStop"]["exec"]["command"][-1]) + float(
+        k8s("ConfigMap", "dmp-config")["data"]["DMP_DRAIN_SECONDS"])
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert behavior["stabilizationWindowSeconds"] > drain and behavior["policies"][0]["periodSeconds"] > drain
+
+
+def test_prometheus_configs_load_the_rules_and_every_alert_has_a_unit_test():
+    for name in ("prometheus.yml", "prometheus-k8s.yml"):
+        assert load(DEPLOY / "prometheus" / name)[0]["rule_files"] == ["rules/*.yml"], name
+    alerts = {r["alert"] for r in rules("alert")}
+    assert {"DMPTargetDown", "DMPNotReady", "DMPGenerateErrors", "DMPGenerateSlow", "DMPQueueNearFull",
+            "DMPRejectingRequests", "DMPPatchRefused", "DMPFusedKernelFallback"} <= alerts
+    unit = load(DEPLOY / "prometheus" / "tests" / "dmp-alerts.test.yml")[0]
+    firing = {t["alertname"] for case in unit["tests"] for t in case["alert_rule_test"] if t["exp_alerts"]}
+    assert firing == alerts, f"alerts without a firing unit test: {sorted(alerts - firing)}"
