@@ -26,4 +26,4 @@ async def ready(engine: EngineDep):
     ok, error_type, message = await run_in_threadpool(engine.readiness)  # may ping Redis
     if not ok:
         raise Unavailable(message, error_type=error_type, headers={"Retry-After": str(engine.settings.retry_after)})
-    return Health(status="ready")
+    return Health(status="ready", detail=engine.skipped_detail() if engine.skipped else None)

@@ -68,9 +68,11 @@ class ModelInfo(BaseModel):
     patch_size: int
     text_dim: int
     fingerprint: str
-    vae: str
+    vae: str = Field(description='"pixel", or "sd" for a latent model served through its AutoencoderKL')
+    layout: str = Field(description="Where the base came from: safetensors | pt | diffusers | pipeline")
     text_encoder: str | None
-    labels: list[str]
+    labels: list[str] = Field(description='Class i\'s name; synonyms separated by ", " (any is accepted as '
+                                          "class_label)")
     default_sampler: Sampler
     default_steps: int
     default_guidance: float
@@ -107,4 +109,4 @@ class PatchList(BaseModel):
 
 class Health(BaseModel):
     status: str
-    detail: str | None = None
+    detail: str | None = Field(None, description="Entries of DMP_MODEL_DIR that are not served, and why")

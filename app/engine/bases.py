@@ -1,26 +1,25 @@
-"""The bases a process serves: DiT + VAE + text encoder + defaults from the file's metadata, one patch pool each."""
+"""The bases a process serves: DiT + VAE + text encoder + defaults from its description, one patch pool each."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from app.core.config import Settings
 from app.core.metrics import Metrics
-from app.model import CheckpointError, PatchPool, fingerprint, load_base
+from app.model import PatchPool, fingerprint, load_base
+from app.model.describe import BaseDescription, DescriptionError, describe, is_base_entry, label_index, resolve_vae
 from app.model.dit import DiT
 from app.model.kernels import self_check, set_fused
-from app.model.sampling import SAMPLERS
 from app.model.text import load_text_encoder
 from app.model.vae import PixelVAE, SDVAE
 from app.engine.graphs import GraphedForward, buckets_up_to
 from app.engine.slots import PatchSlots
 
 log = logging.getLogger("dmp.bases")
-BASE_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 @dataclass
@@ -31,7 +30,7 @@ class ServedBase:
     model: DiT
     vae: object
     text_encoder: object | None
-    meta: dict
+    desc: BaseDescription
     patches: PatchSlots  # the engine's side of this base's patches: pins, host cache, device slots
     forward: GraphedForward | None = None  # bucketed CUDA graphs / compiled CPU steps; None = eager model
 
@@ -49,103 +48,124 @@ class ServedBase:
 
     @property
     def labels(self) -> list[str]:
-        try:
-            labels = json.loads(self.meta.get("labels", "[]"))
-        except json.JSONDecodeError:
-            return []
-        return [str(x) for x in labels] if isinstance(labels, list) else []
+        return self.desc.labels
+
+    @cached_property
+    def label_ids(self) -> dict[str, int]:
+        return label_index(self.desc.labels)
 
     @property
     def default_sampler(self) -> str:
-        s = self.meta.get("default_sampler", "ddim")
-        return s if s in SAMPLERS else "ddim"
+        return self.desc.default_sampler
 
     @property
     def default_steps(self) -> int:
-        return _number(self.meta.get("default_steps"), int, 50)
+        return self.desc.default_steps
 
     @property
     def default_guidance(self) -> float:
-        return _number(self.meta.get("default_guidance"), float, 1.0)
+        return self.desc.default_guidance
 
     @property
     def beta_schedule(self) -> str:
-        return "cosine" if self.meta.get("beta_schedule") == "cosine" else "linear"
+        return self.desc.beta_schedule
 
     @property
     def clip_sample(self) -> bool:
-        default = "true" if self.vae.kind == "pixel" else "false"
-        return self.meta.get("clip_sample", default).lower() == "true"
+        return self.vae.kind == "pixel" if self.desc.clip_sample is None else self.desc.clip_sample
 
     @property
     def image_size(self) -> int:
-        scale = 1 if self.vae.kind == "pixel" else 8
-        return self.config.input_size * scale
+        """Pixels per side of a generated image (latent size times the VAE's downscale)."""
+        return self.config.input_size * self.vae.downscale
 
     def describe(self) -> dict:
         cfg = self.config
         return {"name": self.name, "task": self.task, "num_classes": cfg.num_classes, "image_size": self.image_size,
                 "hidden_size": cfg.hidden_size, "depth": cfg.depth, "num_tokens": cfg.num_tokens,
                 "in_channels": cfg.in_channels, "patch_size": cfg.patch_size, "text_dim": cfg.text_dim,
-                "fingerprint": self.fingerprint, "vae": self.vae.kind,
-                "text_encoder": self.meta.get("text_encoder", "") or None, "labels": self.labels,
+                "fingerprint": self.fingerprint, "vae": self.vae.kind, "layout": self.desc.layout,
+                "text_encoder": self.desc.text_encoder or None, "labels": self.labels,
                 "default_sampler": self.default_sampler, "default_steps": self.default_steps,
                 "default_guidance": self.default_guidance}
 
 
-def _number(text, kind, default):
-    try:
-        return kind(text)
-    except (TypeError, ValueError):
-        return default
+class BaseLoader:
+    """Loads each base of DMP_MODEL_DIR on its own: a broken one is reported in `skipped`, never stops the rest.
+    VAEs and text encoders are shared between bases that name the same one."""
 
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics, self.device = settings, metrics, settings.torch_device
+        self.vaes: dict[tuple, object] = {}
+        self.encoders: dict[str, object] = {}
+        self.bases: dict[str, ServedBase] = {}
+        self.skipped: dict[str, str] = {}  # entry name -> why it is not served
 
-def _vae(spec: str, channels: int, device: str):
-    if not spec or spec == "pixel":
-        return PixelVAE(channels)
-    return SDVAE.from_pretrained(spec).to(device)
+    def load_all(self) -> None:
+        root = Path(self.settings.model_dir)
+        for path in sorted(p for p in root.glob("*") if is_base_entry(p)):
+            try:
+                base = self.load(path)
+            except Exception as e:  # any broken file (corrupt, truncated, mismatched) is reported and skipped
+                self.skipped[path.name] = str(e)
+                log.warning("not serving %s: %s", path, e)
+                continue
+            self.bases[base.name] = base
+            log.info("serving base %s (%s, %s, vae %s) from %s", base.name, base.task, base.fingerprint[:12],
+                     base.vae.kind, path)
 
-
-def load_bases(settings: Settings, metrics: Metrics) -> dict[str, ServedBase]:
-    """Every base in DMP_MODEL_DIR, on the configured device; text encoders shared between bases."""
-    device = settings.torch_device
-    set_fused(settings.fused_kernels)
-    root = Path(settings.model_dir)
-    paths = sorted(p for p in root.glob("*") if p.suffix in BASE_SUFFIXES or (p.is_dir() and
-                                                                               (p / "config.json").exists()))
-    encoders: dict[str, object] = {}
-    bases: dict[str, ServedBase] = {}
-    for path in paths:
-        try:
-            model = load_base(path)
-        except CheckpointError as e:  # e.g. a trainer's resume checkpoint next to the bases
-            log.warning("not serving %s: %s", path, e)
-            continue
-        meta = dict(getattr(model, "meta", {}) or {})
-        name = meta.get("name") or path.stem
-        if name in bases:
-            raise ValueError(f"two bases named {name!r} in {root}")
-        graphed = settings.cuda_graphs if device == "cuda" else settings.cpu_compile
+    def load(self, path: Path) -> ServedBase:
+        desc = describe(path)
+        if desc.name in self.bases:
+            raise DescriptionError(f"another base is already named {desc.name!r}")
+        model = load_base(desc.checkpoint, num_heads=desc.num_heads)
+        vae = self.vae(resolve_vae(desc, model.config.in_channels), model.config.in_channels, desc.latent_scale)
+        encoder = self.text_encoder(desc, model) if model.config.task == "text" else None
+        if desc.labels and model.config.task == "class" and len(desc.labels) != model.config.num_classes:
+            raise DescriptionError(f"{len(desc.labels)} labels for a model of {model.config.num_classes} classes")
+        s = self.settings
+        graphed = s.cuda_graphs if self.device == "cuda" else s.cpu_compile
         # graphs capture a plain forward, so the weights themselves take the serving dtype (bf16 by default)
-        model = model.to(device=device, dtype=settings.torch_dtype if graphed else torch.float32)
-        encoder = None
-        if model.config.task == "text":
-            spec = meta.get("text_encoder") or "minilm"
-            if spec not in encoders:
-                encoders[spec] = load_text_encoder(spec, device=device)
-            encoder = encoders[spec]
-            if encoder.dim != model.config.text_dim:
-                raise ValueError(f"base {name}: text encoder {spec} gives {encoder.dim}-d, model wants "
-                                 f"{model.config.text_dim}")
+        model = model.to(device=self.device, dtype=s.torch_dtype if graphed else torch.float32)
         pool = PatchPool(model.config.hidden_size, model.config.num_tokens, model.config.depth,
-                         slots=settings.patch_slots, device=device, dtype=torch.float32)
-        bases[name] = ServedBase(name, model, _vae(meta.get("vae", "pixel"), model.config.in_channels, device),
-                                 encoder, meta, PatchSlots(name, pool, settings.patch_host_bytes, metrics, device),
-                                 GraphedForward(model, pool, buckets=buckets_up_to(settings.max_batch),
-                                                compile=device == "cpu" or settings.cuda_compile)
-                                 if graphed else None)
-        log.info("serving base %s (%s, %s) from %s", name, model.config.task, fingerprint(model)[:12], path)
-    for width, dtype in {(b.model.config.hidden_size, next(b.model.parameters()).dtype) for b in bases.values()}:
-        if problem := self_check(device, width, dtype):  # at the served shapes, before any graph captures it
+                         slots=s.patch_slots, device=self.device, dtype=torch.float32)
+        forward = GraphedForward(model, pool, buckets=buckets_up_to(s.max_batch),
+                                 compile=self.device == "cpu" or s.cuda_compile) if graphed else None
+        return ServedBase(desc.name, model, vae, encoder, desc,
+                          PatchSlots(desc.name, pool, s.patch_host_bytes, self.metrics, self.device), forward)
+
+    def vae(self, spec: str, channels: int, latent_scale: float | None):
+        """The VAE named by `spec`, loaded once per (folder, scale) and shared."""
+        if spec == "pixel":
+            return PixelVAE(channels)
+        key = (str(Path(spec).resolve()) if Path(spec).exists() else spec, latent_scale)
+        if key not in self.vaes:
+            try:
+                self.vaes[key] = SDVAE.from_pretrained(spec, latent_scale).to(self.device)
+            except Exception as e:
+                raise DescriptionError(f"cannot load the VAE {spec}: {e}") from None
+        vae = self.vaes[key]
+        if vae.channels != channels:
+            raise DescriptionError(f"the VAE {spec} has {vae.channels} latent channels, the model {channels}")
+        return vae
+
+    def text_encoder(self, desc: BaseDescription, model: DiT):
+        spec = desc.text_encoder or "minilm"
+        if spec not in self.encoders:
+            self.encoders[spec] = load_text_encoder(spec, device=self.device)
+        encoder = self.encoders[spec]
+        if encoder.dim != model.config.text_dim:
+            raise DescriptionError(f"text encoder {spec} gives {encoder.dim}-d, the model wants {model.config.text_dim}")
+        return encoder
+
+
+def load_bases(settings: Settings, metrics: Metrics) -> tuple[dict[str, ServedBase], dict[str, str]]:
+    """Every servable base in DMP_MODEL_DIR on the configured device, and why each other entry is not served."""
+    set_fused(settings.fused_kernels)
+    loader = BaseLoader(settings, metrics)
+    loader.load_all()
+    for width, dtype in {(b.model.config.hidden_size, next(b.model.parameters()).dtype)
+                         for b in loader.bases.values()}:
+        if problem := self_check(settings.torch_device, width, dtype):  # at the served shapes, before any capture
             log.warning(problem)
-    return bases
+    return loader.bases, loader.skipped

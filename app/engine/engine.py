@@ -37,6 +37,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.metrics.max_queue.set(settings.max_queue)  # alerts compare dmp_inflight with it
         self.bases: dict[str, ServedBase] = {}
+        self.skipped: dict[str, str] = {}  # DMP_MODEL_DIR entries not served, and why
         self.registry: PatchRegistry | None = None
         self.batcher: Batcher | None = None
         self.cache: ResultCache | None = None
@@ -54,9 +55,10 @@ class Engine:
         try:
             if self.settings.torch_threads:
                 torch.set_num_threads(self.settings.torch_threads)  # shared CPUs: fewer threads, less spinning
-            self.bases = load_bases(self.settings, self.metrics)
+            self.bases, self.skipped = load_bases(self.settings, self.metrics)
             if not self.bases:
-                raise NoServableBase(f"no servable base model in {self.settings.model_dir}")
+                raise NoServableBase(f"no servable base model in {self.settings.model_dir}"
+                                     + (f"; {self.skipped_detail()}" if self.skipped else ""))
             self.metrics.fused_kernels.set(int(kernels.active(self.settings.torch_device)))
             if self.settings.redis_url:
                 self.redis = redis_client(self.settings)
@@ -105,11 +107,16 @@ class Engine:
         if self.state in ("draining", "stopped"):
             return False, "draining", "the service is draining before shutdown"
         if not self.bases:
-            return False, "no_models", f"no base models in {self.settings.model_dir}"
+            return False, "no_models", f"no servable base model in {self.settings.model_dir}" + (
+                f"; {self.skipped_detail()}" if self.skipped else "")
         ok, why = self.registry.healthy()
         if not ok:
             return False, "registry_unavailable", why
         return True, "", "ready"
+
+    def skipped_detail(self) -> str:
+        """One line naming every DMP_MODEL_DIR entry not served, with the reason."""
+        return "not served: " + "; ".join(f"{name}: {why}" for name, why in sorted(self.skipped.items()))
 
     def drain(self, timeout: float) -> bool:
         """Stop admitting, wait up to `timeout` s for in-flight requests; True if all finished."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import replace
 from pathlib import Path
 
@@ -130,7 +131,10 @@ def load_diffusers_folder(folder: Path, num_heads: int | None = None) -> DiT:
     dcfg = json.loads(cfg_path.read_text())
     sd = load_file(weights[0]) if weights[0].suffix == ".safetensors" else \
         torch.load(weights[0], map_location="cpu", weights_only=True)
-    converted = convert_diffusers(sd)
+    try:
+        converted = convert_diffusers(sd)
+    except (KeyError, ValueError) as e:  # ValueError: max() of no blocks
+        raise CheckpointError(f"{folder}: not a DiT transformer (missing {e})") from None
     if "y_embedder.embedding_table.weight" not in converted:
         raise CheckpointError("diffusers folder has no class embedder; only class-conditional DiT is supported")
     heads = num_heads or dcfg.get("num_attention_heads")
@@ -147,6 +151,43 @@ def load_diffusers_folder(folder: Path, num_heads: int | None = None) -> DiT:
 #################################################################################
 #                                     Entry                                     #
 #################################################################################
+
+class Inert:
+    """Stands in for a class a checkpoint's pickle names (an OmegaConf config, argparse.Namespace): it keeps the
+    arguments and state it is given and runs nothing, so the tensors beside it load under weights_only."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __call__(self, *args, **kwargs):  # e.g. a defaultdict factory
+        return Inert(*args)
+
+
+def read_torch_file(path) -> object:
+    """torch.load with weights_only=True; classes other than tensors (training configs saved next to the weights)
+    become `Inert` stand-ins instead of refusing the whole file. Nothing in the file is ever executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as a weights-only torch file: {e}") from None
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        stubs = [(type(name.rsplit(".", 1)[-1], (Inert,), {"__module__": "inert"}), name) for name in names]
+        with torch.serialization.safe_globals(stubs):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as a weights-only torch file: {e}") from None
+
 
 def _unwrap(obj) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
@@ -168,8 +209,11 @@ def read_base_metadata(path) -> dict[str, str]:
 
 
 def load_base(path, num_heads: int | None = None) -> DiT:
-    """Load a base DiT in eval mode from .pt, .safetensors, or a diffusers folder; size inferred from tensors."""
+    """Load a base DiT in eval mode from .pt, .safetensors, a diffusers transformer or DiTPipeline folder; size
+    inferred from tensors."""
     path = Path(path)
+    if path.is_dir() and (path / "model_index.json").exists():  # a whole DiTPipeline folder: its transformer
+        path = path / "transformer"
     if path.is_dir():
         model = load_diffusers_folder(path, num_heads=num_heads)
     elif path.suffix == ".safetensors":
@@ -184,11 +228,7 @@ def load_base(path, num_heads: int | None = None) -> DiT:
             model = build_from_state_dict(sd, num_heads=num_heads)
         model.meta = meta
     elif path.suffix in (".pt", ".pth", ".bin"):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path} as a weights-only torch file: {e}") from None
-        model = build_from_state_dict(_unwrap(obj), num_heads=num_heads)
+        model = build_from_state_dict(_unwrap(read_torch_file(path)), num_heads=num_heads)
     elif not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     else:

@@ -13,6 +13,7 @@ class PixelVAE:
 
     kind = "pixel"
     latent_scale = 1.0
+    downscale = 1
 
     def __init__(self, channels: int = 1):
         self.channels = channels
@@ -28,20 +29,22 @@ class PixelVAE:
 
 
 class SDVAE:
-    """Stable Diffusion's AutoencoderKL (diffusers), latents scaled by 0.18215 as in DiT."""
+    """Stable Diffusion's AutoencoderKL (diffusers); latents scaled by its config's scaling_factor (0.18215 in DiT)."""
 
     kind = "sd"
-    latent_scale = SD_LATENT_SCALE
 
-    def __init__(self, autoencoder):
+    def __init__(self, autoencoder, latent_scale: float | None = None):
         self.autoencoder = autoencoder.eval().requires_grad_(False)
-        self.channels = autoencoder.config.latent_channels
+        cfg = autoencoder.config
+        self.channels = cfg.latent_channels
+        self.latent_scale = latent_scale or getattr(cfg, "scaling_factor", None) or SD_LATENT_SCALE
+        self.downscale = 2 ** (len(cfg.block_out_channels) - 1)  # pixels per latent cell along each side
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "SDVAE":
+    def from_pretrained(cls, path: str | Path, latent_scale: float | None = None) -> "SDVAE":
         from diffusers import AutoencoderKL
 
-        return cls(AutoencoderKL.from_pretrained(str(path)))
+        return cls(AutoencoderKL.from_pretrained(str(path)), latent_scale)
 
     @classmethod
     def random_sd(cls, **overrides) -> "SDVAE":
