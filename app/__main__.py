@@ -1,4 +1,5 @@
-"""`python -m app serve [--host H] [--port P]` and `python -m app generate ...` (same engine as the server)."""
+"""`python -m app serve [--host H] [--port P]`, `python -m app generate ...` (same engine as the server) and
+`python -m app import-dmp CKPT --base-out B --patch-out P` (official DMP checkpoints)."""
 from __future__ import annotations
 
 import argparse
@@ -97,6 +98,23 @@ def generate(args) -> int:
     return 0
 
 
+def import_dmp(args) -> int:
+    from app.model.loaders import CheckpointError
+    from app.model.official import import_dmp as run
+
+    try:
+        done = run(args.ckpt, args.base_out, args.patch_out, name=args.name, domain=args.domain or "",
+                   weights=args.weights, vae=args.vae, labels=args.labels, beta_schedule=args.beta_schedule,
+                   num_heads=args.num_heads)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in done.notes:
+        print(f"note: {note}")
+    print(f"wrote base {done.base_path} and patch {done.patch_path} (from the {done.weights!r} weights)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app", description="DMP patch server")
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +134,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float)
     g.add_argument("--out", required=True)
     g.set_defaults(func=generate)
+    i = sub.add_parser("import-dmp", help="convert an official sangminwoo/DMP training checkpoint to a base + patch")
+    i.add_argument("ckpt", help="the official train.py checkpoint (.pt with model / ema / opt / config)")
+    i.add_argument("--base-out", required=True, help="our base .safetensors to write (put it in DMP_MODEL_DIR)")
+    i.add_argument("--patch-out", required=True, help="our patch .safetensors to write (put it in DMP_PATCH_DIR)")
+    i.add_argument("--name", help="the base's served name (default: the --base-out file name)")
+    i.add_argument("--domain", help="the patch's domain (default: the checkpoint's data set name)")
+    i.add_argument("--weights", choices=("ema", "model"), help="which state dict (default: ema when present)")
+    i.add_argument("--vae", help="the VAE folder or Hub id to serve with (default: stabilityai/sd-vae-ft-<its vae>)")
+    i.add_argument("--labels", help="class names: a JSON list or id2label file (e.g. a DiTPipeline model_index.json)")
+    i.add_argument("--beta-schedule", choices=("linear", "cosine"), help="default: the checkpoint's schedule_name")
+    i.add_argument("--num-heads", type=int, help="only for a non-standard width")
+    i.set_defaults(func=import_dmp)
     return p
 
 
