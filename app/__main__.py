@@ -126,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--model")
     g.add_argument("--patch")
     cond = g.add_mutually_exclusive_group()
-    cond.add_argument("--class-label", type=int)
+    cond.add_argument("--class-label", type=lambda v: int(v) if v.isdigit() else v, help="a number or a class name")
     cond.add_argument("--caption")
     g.add_argument("--seed", type=int, required=True)
     g.add_argument("--steps", type=int)

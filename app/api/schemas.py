@@ -1,7 +1,7 @@
 """Request and response bodies of the HTTP API (DESIGN §4)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
@@ -21,7 +21,9 @@ class GenerateRequest(BaseModel):
 
     model: StrictStr | None = Field(None, max_length=128, description="Base name; optional with a patch or one base")
     patch: StrictStr | None = Field(None, max_length=64, description="Patch name; null = the base model")
-    class_label: StrictInt | None = Field(None, ge=0, le=100_000, description="Class index (class models)")
+    class_label: Annotated[StrictInt, Field(ge=0, le=100_000)] | Annotated[StrictStr, Field(min_length=1, max_length=200)] \
+        | None = Field(None, description="Class index, or a class name: any synonym of a label in GET /models, "
+                                         "any case (class models); an unknown name is 400 unknown_class")
     caption: StrictStr | None = Field(None, max_length=10_000, description="Caption (text models)")
     num_images: StrictInt = Field(1, ge=1, le=64)
     steps: StrictInt | None = Field(None, ge=1, le=1000, description="Denoising steps; default from the model")

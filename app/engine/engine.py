@@ -1,6 +1,7 @@
 """The engine facade: loads bases and patches, resolves requests, admits them (bounded), warms up, drains."""
 from __future__ import annotations
 
+import difflib
 import logging
 import secrets
 import threading
@@ -11,7 +12,7 @@ from concurrent.futures import Future
 import torch
 
 from app.core.config import Settings
-from app.core.errors import InvalidRequest, NotFound, Overloaded, PatchNotReady, Unavailable
+from app.core.errors import BadRequest, InvalidRequest, NotFound, Overloaded, PatchNotReady, Unavailable
 from app.core.metrics import Metrics
 from app.core.redis import redis_client
 from app.engine.bases import ServedBase, load_bases
@@ -27,6 +28,19 @@ log = logging.getLogger("dmp.engine")
 
 class NoServableBase(RuntimeError):
     """Nothing to serve: `python -m app serve` exits non-zero rather than stay up unready forever."""
+
+
+def class_id(base: ServedBase, name: str) -> int:
+    """A class label given by name (any synonym, any case) -> its id; unknown: 400 naming up to 3 close ones."""
+    key = name.strip().lower()
+    if key in base.label_ids:
+        return base.label_ids[key]
+    if not base.label_ids:
+        raise BadRequest(f"model {base.name} has no class names: send class_label as a number",
+                         error_type="unknown_class")
+    close = difflib.get_close_matches(key, base.label_ids, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise BadRequest(f"model {base.name} has no class named {name!r}{hint}", error_type="unknown_class")
 
 
 class Engine:
@@ -149,7 +163,7 @@ class Engine:
                            error_type="model_not_found")
         return self.bases[name]
 
-    def resolve(self, *, model: str | None = None, patch: str | None = None, class_label: int | None = None,
+    def resolve(self, *, model: str | None = None, patch: str | None = None, class_label: int | str | None = None,
                 caption: str | None = None, num_images: int = 1, steps: int | None = None,
                 sampler: str | None = None, guidance_scale: float | None = None, seed: int | None = None,
                 output_format: str = "png") -> Spec:
@@ -179,6 +193,8 @@ class Engine:
                 raise InvalidRequest(f"model {base.name} is class-conditional: send class_label, not caption")
             if class_label is None:
                 raise InvalidRequest(f"model {base.name} needs class_label in [0, {base.config.num_classes})")
+            if isinstance(class_label, str):
+                class_label = class_id(base, class_label)
             if not 0 <= class_label < base.config.num_classes:
                 raise InvalidRequest(f"class_label must be in [0, {base.config.num_classes}), got {class_label}")
         elif task == "text":

@@ -115,3 +115,21 @@ def test_sidecar_with_an_unknown_key_is_refused(tmp_path, model_dir):
 
 def test_pipeline_folder_loads_as_its_transformer(model_dir):
     assert fingerprint(load_base(model_dir / "pipe")) == fingerprint(load_base(model_dir / "pipe" / "transformer"))
+
+
+@pytest.mark.parametrize("name", ["Tinca tinca", "  GOLDFISH ", "crane"])
+def test_class_label_by_any_synonym_equals_the_id(client, name):
+    ids = {"tinca tinca": 0, "goldfish": 1, "crane": 2}
+    body = {"model": "pipe", "steps": 2, "seed": 9}
+    by_name = client.post("/generate", json=body | {"class_label": name})
+    by_id = client.post("/generate", json=body | {"class_label": ids[name.strip().lower()]})
+    assert by_name.status_code == 200, by_name.text
+    assert by_name.json()["images"] == by_id.json()["images"]
+
+
+def test_unknown_class_name_is_400_with_close_matches(client):
+    r = client.post("/generate", json={"model": "pipe", "class_label": "goldfsh", "steps": 1})
+    assert r.status_code == 400 and r.json()["error_type"] == "unknown_class"
+    assert "'goldfish'" in r.json()["error"]
+    r = client.post("/generate", json={"model": "orig", "class_label": "tench", "steps": 1})  # orig has no names
+    assert r.status_code == 400 and r.json()["error_type"] == "unknown_class"
