@@ -31,6 +31,16 @@ def tiny_transformer(seed: int = 0, classes: int = 3, sample: int = 8) -> DiTTra
     return dm.eval()
 
 
+def tie_embedders(dm: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """Every block's copy of the timestep/label embedder set to block 0's, as in a real (converted) checkpoint."""
+    first = dict(dm.transformer_blocks[0].norm1.emb.named_parameters())
+    with torch.no_grad():
+        for block in dm.transformer_blocks[1:]:
+            for name, p in block.norm1.emb.named_parameters():
+                p.copy_(first[name])
+    return dm
+
+
 def write_pipeline(folder: Path, transformer, vae, id2label: dict | None = ID2LABEL, **scheduler) -> Path:
     """A DiTPipeline folder as the Hub holds facebook/DiT-XL-2-256: save_pretrained, plus id2label in
     model_index.json (diffusers does not write it; the Hub file has it)."""
