@@ -70,6 +70,13 @@ class SDVAE:
         return self.autoencoder.decode(latents.to(self.autoencoder.dtype) / self.latent_scale).sample.float()
 
 
+def vae_downscale(spec: str) -> int:
+    """Pixels per latent cell along a side, from an AutoencoderKL folder's (or Hub id's) config alone."""
+    from diffusers import AutoencoderKL
+
+    return 2 ** (len(AutoencoderKL.load_config(str(spec))["block_out_channels"]) - 1)
+
+
 def to_uint8(images: torch.Tensor) -> "torch.Tensor":
     """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

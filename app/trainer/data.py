@@ -191,9 +191,48 @@ def bundled(name: str, image_size: int, text_encoder: str = "minilm") -> DataSet
     return DataSet(name, x, y, "class", 10, DIGIT_NAMES, hflip=False)  # flipping changes digits
 
 
-def image_folder(root: str, image_size: int, channels: int = 3, vae: str | None = None) -> DataSet:
-    """ImageFolder-style tree (root/class_name/*.png|jpg|...), any size: resized, centre-cropped, optionally
-    encoded through an SD VAE folder; the result is cached by file list, mtimes, size and VAE."""
+def class_ids_by_name(classes: list[str], labels: list[str]) -> list[int]:
+    """The base's class id of each ImageFolder class folder, matched by name (any synonym of a label, any case) or
+    by number; refuses folders that match no label, naming close ones."""
+    import difflib
+
+    from app.model.describe import label_index
+
+    index, ids, unknown = label_index(labels), [], []
+    for name in classes:
+        key = name.replace("_", " ").strip().lower()
+        if key in index:
+            ids.append(index[key])
+        elif name.isdigit() and int(name) < len(labels):
+            ids.append(int(name))
+        else:
+            close = difflib.get_close_matches(key, index, n=3)
+            unknown.append(f"{name!r}" + (f" (close: {', '.join(close)})" if close else ""))
+    if unknown:
+        raise DataError(f"class folders that name no label of the base: {'; '.join(unknown)}")
+    return ids
+
+
+def read_captions(root: Path, files: list[Path]) -> list[str]:
+    """Captions from root/captions.json ({"relative/path.png": "caption"}), one per image."""
+    import json
+
+    try:
+        table = json.loads((root / "captions.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {root / 'captions.json'}: {e}") from None
+    missing = [str(f.relative_to(root)) for f in files if str(f.relative_to(root)) not in table]
+    if missing:
+        raise DataError(f"captions.json has no caption for {len(missing)} image(s), e.g. {missing[0]}")
+    return [str(table[str(f.relative_to(root))]) for f in files]
+
+
+def image_folder(root: str, image_size: int, channels: int = 3, vae: str | None = None,
+                 labels: list[str] | None = None, text_encoder: str | None = None) -> DataSet:
+    """An image folder, any image size (resized, centre-cropped; encoded once through a VAE and cached on disk by
+    file list, mtimes, size and VAE): root/<class>/<image> (class-conditional; with `labels`, class folders are
+    matched to the base's labels by name), root/<image> (unconditional, FFHQ-style), or with `text_encoder`
+    root/**/<image> + root/captions.json (text)."""
     from PIL import Image
 
     root_path = Path(root)
@@ -201,10 +240,14 @@ def image_folder(root: str, image_size: int, channels: int = 3, vae: str | None 
         raise DataError(f"image folder {root} does not exist")
     exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
     classes = sorted(p.name for p in root_path.iterdir() if p.is_dir())
-    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root_path / c).rglob("*"))
-             if f.suffix.lower() in exts]
+    if text_encoder or not classes:  # one class: every image under root
+        files = [(f, 0) for f in sorted(root_path.rglob("*")) if f.suffix.lower() in exts]
+    else:
+        files = [(f, i) for i, c in enumerate(classes) for f in sorted((root_path / c).rglob("*"))
+                 if f.suffix.lower() in exts]
     if not files:
-        raise DataError(f"no images under {root} (expected {root}/<class>/<image> with {sorted(exts)})")
+        raise DataError(f"no images under {root} (expected {root}/<class>/<image> or {root}/<image> with "
+                        f"{sorted(exts)})")
     key = f"folder:{root_path.resolve()}:{image_size}:{channels}:{vae}:" + hashlib.sha256(
         "".join(f"{f}{f.stat().st_mtime_ns}" for f, _ in files).encode()).hexdigest()
 
@@ -229,9 +272,19 @@ def image_folder(root: str, image_size: int, channels: int = 3, vae: str | None 
         return {"x": x, "labels": torch.tensor([i for _, i in files])}
 
     t = cached(key, build)
-    task = "class" if len(classes) > 1 else "uncond"
-    return DataSet(f"folder:{root}", t["x"], t["labels"], task, len(classes) if task == "class" else 0,
-                   tuple(classes), hflip=True, meta={"vae": vae or "pixel"})
+    meta = {"vae": vae or "pixel"}
+    if text_encoder:
+        caps = read_captions(root_path, [f for f, _ in files])
+        return DataSet(f"folder:{root}", t["x"], t["labels"], "text", 0, (), hflip=False, captions=caps,
+                       text=text_embeddings(caps, text_encoder), meta=meta | {"text_encoder": text_encoder})
+    if not classes or (len(classes) == 1 and not labels):
+        return DataSet(f"folder:{root}", t["x"], t["labels"], "uncond", 0, tuple(classes), hflip=True, meta=meta)
+    if labels:  # the base's own class ids, so label i means what the base means by i
+        ids = torch.tensor(class_ids_by_name(classes, labels))
+        return DataSet(f"folder:{root}", t["x"], ids[t["labels"]], "class", len(labels), tuple(labels),
+                       hflip=True, meta=meta)
+    return DataSet(f"folder:{root}", t["x"], t["labels"], "class", len(classes), tuple(classes), hflip=True,
+                   meta=meta)
 
 
 def split_indices(n: int, test_fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED):

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from app.model import DiTConfig, load_base, save_base, fingerprint
+from app.model.describe import describe, resolve_vae
 from app.model.dit import DiT
 from app.model.dmp import importance_loss, load_loss, new_patch_for, patch_metadata_for, save_patch
 from app.trainer.checkpoint import (load_checkpoint, load_optimizer_tensors, optimizer_tensors, restore_rng,
@@ -20,6 +21,7 @@ from app.trainer.checkpoint import (load_checkpoint, load_optimizer_tensors, opt
 from app.trainer.data import DataSet, load_dataset
 from app.trainer.diffusion import Diffusion
 from app.trainer.distributed import Dist, from_env
+from app.model.vae import vae_downscale
 
 METHODS = ("pretrain", "dmp", "pt", "ft")
 
@@ -171,25 +173,26 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        with self.dist.main_first():  # rank 0 builds any data cache, the others read it
-            self.train_data = load_dataset(cfg.dataset, "train", cfg.image_size, **(
-                {"text_encoder": cfg.text_encoder} if "captions" in cfg.dataset else {}))
-            self.test_data = load_dataset(cfg.dataset, "test", cfg.image_size, **(
-                {"text_encoder": cfg.text_encoder} if "captions" in cfg.dataset else {}))
-        self.train_data, self.test_data = self.train_data.to(self.device), self.test_data.to(self.device)
-        self.hflip = self.train_data.hflip if cfg.hflip == "auto" else cfg.hflip == "on"
-        self.patch, self.ema = None, None
-        if cfg.method == "pretrain":
-            self.model = new_base(cfg, self.train_data)
-            self.base_meta = {}
-        else:
+        self.patch, self.ema, self.desc = None, None, None
+        data_kw = {"text_encoder": cfg.text_encoder} if "captions" in cfg.dataset else {}
+        if cfg.method != "pretrain":
             if not cfg.base:
                 raise ValueError(f"--base is required for {cfg.method}")
-            self.model = load_base(cfg.base)
-            self.base_meta = dict(self.model.meta)
-            check_base_matches(self.model, self.train_data)
+            self.desc = describe(cfg.base)  # the same description the server reads: VAE, labels, schedule
+            self.model = load_base(self.desc.checkpoint, num_heads=self.desc.num_heads)
             self.base_fingerprint = fingerprint(self.model)
-        beta = self.base_meta.get("beta_schedule", cfg.beta_schedule)
+            data_kw = self.base_data_kwargs(cfg)
+        size = cfg.image_size if self.desc is None else self.pixel_size
+        with self.dist.main_first():  # rank 0 builds any data cache (latents, caption embeddings), the others read it
+            self.train_data = load_dataset(cfg.dataset, "train", size, **data_kw)
+            self.test_data = load_dataset(cfg.dataset, "test", size, **data_kw)
+        self.train_data, self.test_data = self.train_data.to(self.device), self.test_data.to(self.device)
+        self.hflip = self.train_data.hflip if cfg.hflip == "auto" else cfg.hflip == "on"
+        if cfg.method == "pretrain":
+            self.model = new_base(cfg, self.train_data)
+        else:
+            check_base_matches(self.model, self.train_data)
+        beta = self.desc.beta_schedule if self.desc else cfg.beta_schedule
         self.diffusion = Diffusion(beta, self.device)
         self.model.to(self.device).train()
         self.params = self.setup_trainable()
@@ -203,6 +206,20 @@ class Trainer:
         self.objective = DistributedDataParallel(
             objective, device_ids=[self.device] if self.device.type == "cuda" else None,
         ) if self.dist.active else objective
+
+    def base_data_kwargs(self, cfg: TrainConfig) -> dict:
+        """How to read the data for this base (its VAE, labels, text encoder); sets the pixel size it generates."""
+        mc, desc = self.model.config, self.desc
+        vae = resolve_vae(desc, mc.in_channels)
+        self.pixel_size = mc.input_size * (vae_downscale(vae) if vae != "pixel" else 1)
+        if not cfg.dataset.startswith("folder:"):
+            return {"text_encoder": desc.text_encoder or cfg.text_encoder} if mc.task == "text" else {}
+        kw = {"channels": 3 if vae != "pixel" else mc.in_channels, "vae": None if vae == "pixel" else vae}
+        if mc.task == "class":
+            kw["labels"] = desc.labels or [str(i) for i in range(mc.num_classes)]
+        elif mc.task == "text":
+            kw["text_encoder"] = desc.text_encoder or cfg.text_encoder
+        return kw
 
     def setup_trainable(self) -> list:
         cfg = self.cfg
@@ -376,8 +393,7 @@ class Trainer:
         config = asdict(cfg)
         if self.patch is not None:
             patch = self.eval_patch().eval()
-            meta = patch_metadata_for(self.model, self.base_meta.get("name", Path(cfg.base).stem),
-                                      cfg.domain or self.base_meta.get("domain", ""))
+            meta = patch_metadata_for(self.model, self.desc.name, cfg.domain or self.desc.meta.get("domain", ""))
             return save_patch(patch, cfg.out, **meta, train_config=config, metrics=self.metrics())
         model = self.eval_model().cpu()
         # Keys the service reads (app/engine/bases.py): name, labels, defaults, schedule, vae, text encoder.
@@ -390,5 +406,5 @@ class Trainer:
         if self.train_data.task == "text":
             meta["text_encoder"] = cfg.text_encoder
         if cfg.method == "ft":
-            meta |= {"finetuned_from": self.base_fingerprint, "name": self.base_meta.get("name", "") + "-ft"}
+            meta |= {"finetuned_from": self.base_fingerprint, "name": self.desc.name + "-ft"}
         return save_base(model, cfg.out, **meta)
