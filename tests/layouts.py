@@ -18,11 +18,11 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
                          sample_size=16).eval()
 
 
-def tiny_transformer(seed: int = 0, classes: int = 3, sample: int = 8) -> DiTTransformer2DModel:
+def tiny_transformer(seed: int = 0, classes: int = 3, sample: int = 8, layers: int = 2) -> DiTTransformer2DModel:
     """A class-conditional diffusers DiT on 4-channel latents with random (non-identity) weights."""
     torch.manual_seed(seed)
     dm = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8,
-                               num_layers=2, sample_size=sample, patch_size=2, num_embeds_ada_norm=classes)
+                               num_layers=layers, sample_size=sample, patch_size=2, num_embeds_ada_norm=classes)
     sd = {k: torch.randn_like(v) * 0.1 for k, v in dm.state_dict().items()}
     for k in list(sd):  # diffusers keeps one embedder copy per block; a real checkpoint has them equal
         if ".norm1.emb." in k and not k.startswith("transformer_blocks.0."):

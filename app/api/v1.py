@@ -15,7 +15,7 @@ from app.api.v1_errors import OpenAIError, OpenAIRoute, openai_error
 from app.api.v1_schemas import ImageData, OpenAIErrorBody, ImageRequest, ImagesResponse, ModelCard, ModelCardList
 from app.core.errors import NotFound, ServiceError
 from app.engine.bases import ServedBase
-from app.engine.engine import Engine
+from app.engine.engine import Engine, class_id
 from app.engine.work import Spec
 
 log = logging.getLogger("dmp.api")
@@ -144,7 +144,7 @@ def _size(base: ServedBase, size: str | None) -> str:
 
 
 def _condition(engine: Engine, model: str | None, patch: str | None, prompt: str) -> dict:
-    """The prompt as the base's condition: a caption, a class label (index), or nothing."""
+    """The prompt as the base's condition: a caption, a class label (index or name), or nothing."""
     only = next(iter(engine.bases)) if len(engine.bases) == 1 else None
     name = model or (engine.registry.get(patch).base if patch else only)
     task = engine.bases[name].task if name in engine.bases else None  # unknown: resolve says what is missing
@@ -152,10 +152,13 @@ def _condition(engine: Engine, model: str | None, patch: str | None, prompt: str
         return {"caption": prompt}
     if task == "class":
         text = prompt.strip()
-        if not text.isdigit():
-            raise OpenAIError(f"model {name} is class-conditional: the prompt is a class index", status=400,
-                              error_type="unknown_class", param="prompt")
-        return {"class_label": int(text)}
+        if text.isdigit():
+            return {"class_label": int(text)}
+        try:
+            return {"class_label": class_id(engine.bases[name], text)}  # a class name, as in POST /generate
+        except ServiceError as e:
+            raise OpenAIError(f"model {name} is class-conditional: the prompt is a class index or name; {e.message}",
+                              status=400, error_type="unknown_class", param="prompt") from None
     return {}
 
 

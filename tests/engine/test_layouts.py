@@ -133,3 +133,13 @@ def test_unknown_class_name_is_400_with_close_matches(client):
     assert "'goldfish'" in r.json()["error"]
     r = client.post("/generate", json={"model": "orig", "class_label": "tench", "steps": 1})  # orig has no names
     assert r.status_code == 400 and r.json()["error_type"] == "unknown_class"
+
+
+def test_openai_prompt_names_the_class(client):
+    body = {"model": "pipe", "prompt": "Goldfish", "size": "auto", "seed": 9, "steps": 2}
+    r = client.post("/v1/images/generations", json=body)
+    assert r.status_code == 200, r.text
+    by_id = client.post("/generate", json={"model": "pipe", "class_label": 1, "steps": 2, "seed": 9})
+    assert r.json()["data"][0]["b64_json"] == by_id.json()["images"][0]
+    r = client.post("/v1/images/generations", json=body | {"prompt": "goldfsh"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_class" and "goldfish" in r.text
