@@ -41,7 +41,7 @@ def main() -> None:
                                  max_queue=8, request_timeout=3600, torch_threads=args.threads))
         engine.start()
         alone = min(timed(engine, SMALL) for _ in range(3))
-        bigs = [engine.submit(spec, engine.condition(engine.bases["mnist"], spec))
+        bigs = [engine.submit(spec)
                 for spec in (engine.resolve(**BIG), engine.resolve(**BIG | {"seed": 3}))]
         while any(w.job.index == 0 for w in bigs):  # both are stepping
             time.sleep(0.01)

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -209,3 +210,21 @@ def client(tiny_dirs, tmp_path_factory):
         wait_ready(c)
         c.dirs = dirs
         yield c
+
+
+def with_header(data: bytes, change) -> bytes:
+    """A safetensors file with its JSON header rewritten by `change(header) -> header or raw JSON bytes`."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = change(json.loads(data[8:8 + n]))
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
+
+
+# Headers a red-team pass sent: metadata that is not safetensors' {str: str}, and a header nested 100k deep.
+BAD_HEADERS = {
+    "list_value": lambda h: h | {"__metadata__": h["__metadata__"] | {"domain": [1, 2]}},
+    "number_value": lambda h: h | {"__metadata__": h["__metadata__"] | {"pt_depth": 2}},
+    "metadata_list": lambda h: h | {"__metadata__": [1]},
+    "metadata_string": lambda h: h | {"__metadata__": "dmp-patch"},
+    "deeply_nested": lambda h: b'{"__metadata__": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+}

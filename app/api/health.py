@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import EngineDep
 from app.api.responses import errors
@@ -14,7 +13,7 @@ router = APIRouter(prefix="/health", tags=["health"])
 
 @router.get("/live", response_model=Health, responses=errors(503),
             summary="The process is up and has not failed to start")
-def live(engine: EngineDep):
+async def live(engine: EngineDep):  # on the event loop: no thread pool to wait for under load
     if engine.state == "failed":  # `serve` exits on this too; answering 503 covers the moments before
         raise Unavailable(f"startup failed: {engine.error}", error_type="startup_failed")
     return Health(status="live")
@@ -23,7 +22,7 @@ def live(engine: EngineDep):
 @router.get("/ready", response_model=Health, responses=errors(503),
             summary="Models loaded and warmed, registry reachable, not draining")
 async def ready(engine: EngineDep):
-    ok, error_type, message = await run_in_threadpool(engine.readiness)  # may ping Redis
+    ok, error_type, message = engine.readiness()  # no I/O, no lock: what the registry's threads last saw
     if not ok:
         raise Unavailable(message, error_type=error_type, headers={"Retry-After": str(engine.settings.retry_after)})
     return Health(status="ready", detail=engine.skipped_detail() if engine.skipped else None)

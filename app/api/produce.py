@@ -31,9 +31,8 @@ async def produce(engine: Engine, spec: Spec, deterministic: bool, request: Requ
     """The files for `spec`, from the cache or a fresh run (dropped if the client leaves)."""
     out = await _from_cache(engine, spec, deterministic)
     if out is None:
-        base = engine.bases[spec.model]
-        y = await run_in_threadpool(engine.condition, base, spec)
-        work = await run_in_threadpool(engine.submit, spec, y)  # pinning may read the patch back from the store
+        # admission, then encoding the condition and pinning (which may read the patch back from the store)
+        work = await run_in_threadpool(engine.submit, spec)
         out = await _encode(await _wait(work, request, engine.settings.request_timeout), spec)
         await _remember(engine, spec, deterministic, out)
     _observe(engine, spec, out, time.perf_counter() - started)

@@ -75,9 +75,8 @@ class Followed:
 
     async def admit(self) -> "Followed":
         self.inbox = Inbox(asyncio.get_running_loop())
-        y = await run_in_threadpool(self.engine.condition, self.base, self.spec)
-        # pinning may read the patch back from the store: off the event loop
-        self.work = await run_in_threadpool(self.engine.submit, self.spec, y, listener=self.inbox.put,
+        # admission, then encoding the condition and pinning (which may read the patch back from the store)
+        self.work = await run_in_threadpool(self.engine.submit, self.spec, listener=self.inbox.put,
                                             previews=self.previews)
         # the runner reports a step before it answers the future, both on its thread: the result comes last
         self.work.future.add_done_callback(self.inbox.put)

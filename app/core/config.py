@@ -53,6 +53,8 @@ class Settings(BaseSettings):
                                                   "beyond: 422 cost_too_high")
     max_caption_chars: int = Field(1000, ge=1)
     cache_ttl: int = Field(0, ge=0, description="Seconds a result stays in the Redis cache; 0 = off")
+    cache_secret: SecretStr | None = Field(None, description="HMAC key of result-cache entries, the same on every "
+                                                             "replica; unset = a random key per process")
     redis_timeout: float = Field(1.0, gt=0, description="Socket timeout for every Redis call")
     retry_after: int = Field(1, ge=1, description="Retry-After seconds sent with 429 and 503")
     warmup: bool = Field(True, description="Run one tiny generation per base before reporting ready")

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
+import hmac
 import json
 import logging
 from dataclasses import asdict
@@ -16,10 +18,28 @@ log = logging.getLogger("dmp.cache")
 
 
 class ResultCache:
-    """Encoded images per request key, with a TTL; any Redis error is a miss, never a failed request."""
+    """Encoded images per request key, with a TTL; any Redis error is a miss, never a failed request.
 
-    def __init__(self, client: redis.Redis, ttl: int, metrics: Metrics):
-        self.client, self.ttl, self.metrics = client, ttl, metrics
+    Entries are `<hex HMAC-SHA256 of key + payload>:<JSON list of base64 files>`, keyed by DMP_CACHE_SECRET:
+    anything else under `dmp:result:*` (garbage, or well-formed bytes that a replica with the secret did not write
+    for this key) is a miss counted as `invalid`."""
+
+    def __init__(self, client: redis.Redis, ttl: int, metrics: Metrics, secret: bytes):
+        self.client, self.ttl, self.metrics, self.secret = client, ttl, metrics, secret
+
+    def _mac(self, key: str, payload: bytes) -> bytes:
+        return hmac.new(self.secret, key.encode() + b"\0" + payload, hashlib.sha256).hexdigest().encode()
+
+    def _files(self, key: str, raw: bytes) -> list[bytes] | None:
+        """The files of a signed entry, or None when it is not one."""
+        mac, _, payload = raw.partition(b":")
+        if not hmac.compare_digest(mac, self._mac(key, payload)):
+            return None
+        try:
+            files = json.loads(payload)
+            return [base64.b64decode(f, validate=True) for f in files] if isinstance(files, list) else None
+        except (ValueError, TypeError, binascii.Error, RecursionError):
+            return None
 
     @staticmethod
     def key(spec: Spec, fingerprint: str, patch_version: str | None) -> str:
@@ -33,12 +53,16 @@ class ResultCache:
             log.debug("cache read failed: %s", e)
             self.metrics.cache.labels("error").inc()
             return None
-        self.metrics.cache.labels("hit" if raw else "miss").inc()
-        return [base64.b64decode(s) for s in json.loads(raw)] if raw else None
+        files = self._files(key, raw) if isinstance(raw, bytes) else None
+        if raw and files is None:
+            log.debug("cache entry %s is not one of ours: a miss", key)
+        self.metrics.cache.labels("hit" if files else "invalid" if raw else "miss").inc()
+        return files or None
 
     def put(self, key: str, files: list[bytes]) -> None:
         try:
-            self.client.set(key, json.dumps([base64.b64encode(f).decode() for f in files]), ex=self.ttl)
+            payload = json.dumps([base64.b64encode(f).decode() for f in files]).encode()
+            self.client.set(key, self._mac(key, payload) + b":" + payload, ex=self.ttl)
         except redis.RedisError as e:
             log.debug("cache write failed: %s", e)
             self.metrics.cache.labels("error").inc()

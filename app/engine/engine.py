@@ -77,7 +77,9 @@ class Engine:
             if self.settings.redis_url:
                 self.redis = redis_client(self.settings)
                 if self.settings.cache_ttl > 0:
-                    self.cache = ResultCache(self.redis, self.settings.cache_ttl, self.metrics)
+                    secret = self.settings.cache_secret
+                    self.cache = ResultCache(self.redis, self.settings.cache_ttl, self.metrics,
+                                             secret.get_secret_value().encode() if secret else secrets.token_bytes(32))
             self.registry = PatchRegistry(self.settings, self.bases, self.metrics, client=self.redis)
             self.registry.start()
             for base in self.bases.values():
@@ -109,7 +111,7 @@ class Engine:
         for base in self.bases.values():
             spec = self.resolve(model=base.name, class_label=0 if base.task == "class" else None,
                                 caption="warm-up" if base.task == "text" else None, steps=1, seed=0)
-            self.submit(spec, self.condition(base, spec), internal=True).future.result(
+            self.submit(spec, internal=True).future.result(
                 timeout=self.settings.request_timeout)
 
     def readiness(self) -> tuple[bool, str, str]:
@@ -239,14 +241,15 @@ class Engine:
         if self.state != "ready" and not internal:
             raise Unavailable(f"the service is {self.state}", error_type="not_ready", headers=retry)
 
-    def submit(self, spec: Spec, y: torch.Tensor, internal: bool = False,
+    def submit(self, spec: Spec, y: torch.Tensor | None = None, internal: bool = False,
                listener: Callable[[Progress], None] | None = None, previews: int = 0) -> Work:
         """Admit a request (bounded by DMP_MAX_QUEUE), pin its patch version, queue it for the batcher.
 
         `listener` hears every step of this request (on the runner thread); `previews` of those steps, evenly
         spaced, also carry the predicted clean sample.
 
-        Pinning may read the patch back from the store (when it left host memory): call it off the event loop.
+        Admission comes first, then the expensive part: the condition (`y`, e.g. the caption's embedding) unless
+        given, and pinning, which may read the patch back from the store: call it off the event loop.
         The device slot is taken later, by the runner, when the request joins the batch."""
         self.check_admitting(internal)
         retry = {"Retry-After": str(self.settings.retry_after)}
@@ -258,6 +261,8 @@ class Engine:
             self.metrics.inflight.set(self._inflight)
         base, pin = self.bases[spec.model], None
         try:
+            if y is None:
+                y = self.condition(base, spec)
             if spec.patch is not None:
                 record = self.registry.get(spec.patch)
                 if record.base != base.name:
@@ -290,7 +295,7 @@ class Engine:
     def generate(self, **request) -> tuple[Spec, Result]:
         """Blocking generation for the CLI: the same resolve -> condition -> submit path as HTTP."""
         spec = self.resolve(**request)
-        work = self.submit(spec, self.condition(self.bases[spec.model], spec))
+        work = self.submit(spec)
         return spec, work.future.result(timeout=self.settings.request_timeout)
 
     def refresh_gauges(self) -> None:

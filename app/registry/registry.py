@@ -8,7 +8,6 @@ the `ServedModel` protocol below.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -24,10 +23,12 @@ from app.core.errors import InvalidPatch, NotFound, PatchNotReady, ServiceError,
 from app.core.metrics import Metrics
 from app.model.dmp import DMP, PatchError, patch_from_bytes, read_header
 from app.registry.records import PatchRecord, version_of
-from app.registry.stores import CHANNEL, DiskStore, RedisStore
+from app.registry.stores import CHANNEL, DiskStore, RedisStore, parse_event
 
 log = logging.getLogger("dmp.registry")
 RESYNC_SECONDS = 2.0
+PING_EVERY = 0.2  # seconds between the watcher's Redis pings
+PING_SLOW = 0.5  # a ping unanswered this long makes the replica unready (Redis hung, connection still open)
 
 
 class PatchSink(Protocol):
@@ -65,14 +66,16 @@ class PatchRegistry:
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
         self.connected = not self.store.shared  # Redis: set once the listener has subscribed and synced
+        self._ping_ok, self._ping_started = True, None  # the watcher's last ping, and when one still in flight began
+        self._reported: set = set()  # bad data already logged (each once)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         """Load every stored patch; with Redis, seed the shipped patches once and follow changes."""
         if isinstance(self.store, RedisStore):
-            self._listener = threading.Thread(target=self._listen, name="dmp-registry", daemon=True)
-            self._listener.start()
+            self._start_listener()
+            threading.Thread(target=self._watch, name="dmp-redis-watch", daemon=True).start()
         else:
             for name in self.store.names():
                 self._load(name, self.store.load(name))
@@ -82,27 +85,53 @@ class PatchRegistry:
         if self._listener is not None:
             self._listener.join(timeout=3)
 
+    def _start_listener(self) -> None:
+        self._listener = threading.Thread(target=self._listen, name="dmp-registry", daemon=True)
+        self._listener.start()
+
     def healthy(self) -> tuple[bool, str]:
-        """(reachable, why not): the disk store always is; Redis must answer a ping within its timeout."""
+        """(reachable, why not), from what the sync and watcher threads last saw: no Redis call, no lock, so a
+        probe answers at once however hung Redis is. A sync thread that died is restarted (unready meanwhile)."""
         if not self.store.shared:
             return True, ""
-        try:
-            self.store.ping()
-        except redis.RedisError as e:
-            return False, f"redis unreachable: {e.__class__.__name__}"
+        if not self._listener.is_alive() and not self._stop.is_set():
+            log.error("patch sync thread died; restarting it")
+            self.connected = False
+            self._start_listener()
+            return False, "patch sync thread died; restarted"
+        started = self._ping_started
+        if not self._ping_ok or (started is not None and time.monotonic() - started > PING_SLOW):
+            return False, "redis unreachable (no answer to ping)"
         if not self.connected:
             return False, "patch registry is resynchronising with redis"
         return True, ""
 
+    def _watch(self) -> None:
+        """Ping Redis a few times a second, so readiness knows within PING_SLOW that it stopped answering."""
+        while not self._stop.wait(PING_EVERY):
+            self._ping_started = time.monotonic()
+            try:
+                self.store.ping()
+                self._ping_ok = True
+            except redis.RedisError:
+                self._ping_ok = False
+            self._ping_started = None
+
+    def _report(self, key, message: str, *args) -> None:
+        """Log bad stored data once per distinct item (any client can write Redis: never a log flood)."""
+        if key not in self._reported and len(self._reported) < 10_000:
+            self._reported.add(key)
+            log.warning(message, *args)
+
     # ------------------------------------------------------------------ queries
 
+    # No lock here: these run on the event loop, and the lock can be held by a write waiting on a hung Redis.
+    # dict.copy()/get are atomic under the GIL.
     def list(self) -> list[PatchRecord]:
-        with self._lock:
-            return sorted(self.records.values(), key=lambda r: r.name)
+        return sorted(self.records.copy().values(), key=lambda r: r.name)
 
     def get(self, name: str) -> PatchRecord:
-        with self._lock:
-            record = self.records.get(name)
+        record = self.records.get(name)
         if record is None:
             raise NotFound(f"no patch named {name!r}", error_type="patch_not_found")
         return record
@@ -204,20 +233,21 @@ class PatchRegistry:
         version = version_of(data)
         with self._lock:
             current = self.records.get(name)
-            if current is not None and current.version == version and current.state == "ready":
-                return
+            if current is not None and current.version == version and current.state in ("ready", "failed"):
+                return  # already served, or already refused (and logged)
             self.records[name] = PatchRecord(name, version, "loading", size_bytes=len(data))
             try:
                 base, patch = self._validate(data)
                 if current is not None and current.base not in (None, base.name) and current.base in self.bases:
                     self.bases[current.base].patches.withdraw(name)
                 self._install(name, version, base, patch, data)
-            except ServiceError as e:
-                log.warning("patch %s refused: %s", name, e.message)
+            except Exception as e:  # stored bytes are untrusted input: whatever is wrong fails this record alone
+                why = e.message if isinstance(e, ServiceError) else f"{e.__class__.__name__}: {e}"
+                log.warning("patch %s refused: %s", name, why)
                 if current is not None and current.state == "ready":
                     self.records[name] = current  # keep serving the good version
                 else:
-                    self.records[name] = PatchRecord(name, version, "failed", size_bytes=len(data), error=e.message)
+                    self.records[name] = PatchRecord(name, version, "failed", size_bytes=len(data), error=why)
 
     def _keep_bytes(self, name: str, data: bytes) -> None:
         """Remember a ready file for refilling Redis; the least recent go first past DMP_PATCH_HOST_BYTES."""
@@ -272,13 +302,17 @@ class PatchRegistry:
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=0.2)
                     if message and message.get("type") == "message":
-                        self._on_event(json.loads(message["data"]))
+                        self._on_event(message["data"])
                     if time.monotonic() - last > RESYNC_SECONDS:
                         self._resync()  # also notices a Redis that stopped answering
                         last = time.monotonic()
-            except (redis.RedisError, OSError, ValueError) as e:
+            except (redis.RedisError, OSError) as e:
                 if self.connected:
                     log.warning("lost redis (%s); retrying", e.__class__.__name__)
+                self.connected = False
+                self._stop.wait(0.3)
+            except Exception:  # a bug or data nobody foresaw: unready, resync from scratch, never a dead thread
+                log.exception("patch sync failed; resynchronising")
                 self.connected = False
                 self._stop.wait(0.3)
             finally:
@@ -288,9 +322,13 @@ class PatchRegistry:
                     except Exception:
                         pass
 
-    def _on_event(self, event: dict) -> None:
-        name = event.get("name")
-        if not isinstance(name, str) or event.get("origin") == self.origin:
+    def _on_event(self, raw: bytes) -> None:
+        event = parse_event(raw)
+        if event is None:
+            self._report("event", "ignoring a malformed message on %s (logged once): %r", CHANNEL, raw[:200])
+            return
+        name = event["name"]
+        if event.get("origin") == self.origin:
             return
         if event.get("op") == "delete":
             with self._lock:
@@ -301,7 +339,9 @@ class PatchRegistry:
     def _resync(self) -> None:
         """Make local records match Redis: load new or changed versions, forget deleted names."""
         self._populate()
-        versions = self.store.versions()
+        versions, bad = self.store.versions()
+        for field in bad:
+            self._report(("field", field), "skipping field %r of the patch versions hash: not a patch name", field)
         with self._lock:
             local = {n: r.version for n, r in self.records.items()}
         for name in set(local) - set(versions):

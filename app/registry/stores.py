@@ -73,15 +73,31 @@ class RedisStore:
     def key(name: str) -> str:
         return f"dmp:patch:{name}"
 
-    def versions(self) -> dict[str, str]:
-        raw = self.client.hgetall(VERSIONS)
-        return {k.decode(): v.decode() for k, v in raw.items()}
+    def versions(self) -> tuple[dict[str, str], list[bytes]]:
+        """({name: version}, the fields that are not a valid name and version): Redis is untrusted input, and one
+        bad field must not stop the others from syncing."""
+        good, bad = {}, []
+        for k, v in self.client.hgetall(VERSIONS).items():
+            try:
+                name, version = k.decode(), v.decode()
+            except UnicodeDecodeError:
+                bad.append(k)
+                continue
+            if NAME_RE.match(name):
+                good[name] = version
+            else:
+                bad.append(k)
+        return good, bad
 
     def names(self) -> list[str]:
-        return sorted(self.versions())
+        return sorted(self.versions()[0])
 
     def load(self, name: str) -> bytes | None:
-        return self.client.get(self.key(name))
+        """The stored bytes; a key of another Redis type (WRONGTYPE) reads as bytes no patch file can be."""
+        try:
+            return self.client.get(self.key(name))
+        except redis.ResponseError:
+            return b""
 
     def save(self, name: str, data: bytes, version: str) -> None:
         event = json.dumps({"op": "put", "name": name, "version": version, "origin": self.origin})
@@ -104,3 +120,15 @@ class RedisStore:
 
     def ping(self) -> None:
         self.client.ping()
+
+
+def parse_event(raw) -> dict | None:
+    """A pub/sub event as {op, name, ...}, or None when it is not one of ours (any client may publish)."""
+    try:
+        event = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(event, dict) or event.get("op") not in ("put", "delete"):
+        return None
+    name = event.get("name")
+    return event if isinstance(name, str) and NAME_RE.match(name) else None

@@ -106,9 +106,8 @@ def test_hung_redis_never_hangs_a_probe(redis_server, class_only_dirs, tmp_path)
         wait_ready(c)
         redis_server.proc.send_signal(signal.SIGSTOP)
         try:
-            t0 = time.monotonic()
-            r = c.get("/health/ready")
-            assert r.status_code == 503 and time.monotonic() - t0 < 2
+            assert poll(lambda: c.get("/health/ready").status_code == 503, 2)  # no hung Redis call behind a probe
+            assert c.get("/health/ready").json()["error_type"] == "registry_unavailable"
             gen = c.post("/generate", json={"patch": "digits-dmp", "class_label": 1, "steps": 2, "seed": 1})
             assert gen.status_code == 200  # installed patches keep serving
         finally:

@@ -61,8 +61,13 @@ def read_header(data: bytes) -> dict:
         header = json.loads(data[8:8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PatchError(f"not a safetensors file: header is not JSON ({e})") from None
+    except RecursionError:  # e.g. 100k nested brackets
+        raise PatchError("not a safetensors file: header is nested too deeply") from None
     if not isinstance(header, dict):
         raise PatchError("not a safetensors file: header is not an object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise PatchError("__metadata__ must be an object of strings (safetensors string metadata)")
     return header
 
 
