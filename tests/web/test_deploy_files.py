@@ -41,9 +41,9 @@ def rules(kind: str) -> list[dict]:
 
 
 def pod_specs() -> list[tuple[str, dict]]:
-    """(name, pod spec) of every workload under deploy/k8s."""
-    docs = [d for p in K8S.glob("*.yaml") for d in load(p)]
-    return [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in docs if d["kind"] == "Deployment"]
+    """(name, pod spec) of every workload in namespace dmp: deploy/k8s and the training Job of deploy/train."""
+    docs = [d for folder in ("k8s", "train") for p in (DEPLOY / folder).glob("*.yaml") for d in load(p)]
+    return [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in docs if d["kind"] in ("Deployment", "Job")]
 
 
 def dashboard_queries() -> list[str]:
@@ -219,6 +219,7 @@ def test_k8s_pods_meet_the_restricted_pod_security_standard():
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
     allowed_volumes = {"configMap", "emptyDir", "persistentVolumeClaim", "secret", "projected", "downwardAPI",
                        "name"}
+    assert {name for name, _ in pod_specs()} == {"dmp-server", "dmp-redis", "dmp-router", "dmp-train"}
     for name, pod in pod_specs():
         ctx = pod.get("securityContext", {})
         assert not (pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC")), name
