@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import httpx
 import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import ServerProcess, copy_dirs
+from app.model import save_base
+from tests.conftest import BASE_META, ServerProcess, copy_dirs, tiny_base
 
 EXTRA = {"steps": 3}
 
@@ -19,6 +21,9 @@ def server(tiny_dirs, tmp_path_factory):
     """The three tiny bases and their patches, keys off."""
     root = tmp_path_factory.mktemp("openai")
     dirs = copy_dirs(tiny_dirs, root)
+    labels = json.dumps(["tabby cat, kitty", "dog"] + [f"thing {i}" for i in range(2, 10)])
+    save_base(tiny_base("class", seed=9), dirs["models"] / "pets.safetensors", **BASE_META, name="pets", task="class",
+              labels=labels)
     proc = ServerProcess({"DMP_MODEL_DIR": str(dirs["models"]), "DMP_PATCH_DIR": str(dirs["patches"])},
                          root / "server.log")
     proc.wait_ready(timeout=180)
@@ -60,6 +65,16 @@ def test_patch_changes_the_image_and_seed_reproduces(oai):
     a, b = one("digits", 3), one("digits", 3)
     assert a == b  # same seed -> same bytes
     assert one("digits", 4) != a and one("digits-dmp", 3) != a
+
+
+def test_class_prompt_by_name(oai):
+    def one(prompt):
+        return oai.images.generate(model="pets", prompt=prompt, extra_body=EXTRA | {"seed": 2}).data[0].b64_json
+
+    assert one("Kitty") == one("tabby cat") == one("0") != one("dog")
+    with pytest.raises(openai.BadRequestError) as e:
+        one("kiten")
+    assert e.value.body["code"] == "unknown_class" and "kitty" in e.value.body["message"]  # close matches named
 
 
 def test_output_format_and_extras(oai):
