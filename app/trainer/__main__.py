@@ -89,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", action="store_true",
                    help="also the held-out loss per timestep decile (fixed noise), paired patched vs base")
 
+    p = sub.add_parser("compare", help="paired comparison of a base with patches / FT models over sampling seeds")
+    p.add_argument("--base", required=True)
+    p.add_argument("--arm", action="append", default=[], metavar="LABEL=FILE", help="a patch or an FT model")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm"])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=1.5)
+    p.add_argument("--cache", default="runs/compare", help="sampled features per arm and seed")
+    p.add_argument("--boots", type=int, default=100, help="bootstrap draws for the SE of a paired difference")
+    p.add_argument("--no-heldout", action="store_true", help="skip the held-out loss per timestep decile")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None)
+
     p = sub.add_parser("table", help="run the comparison table of docs/results.md (FT / PT / DMP, ablations)")
     p.add_argument("--plan", required=True, help="JSON plan (see patches/table_plan.json)")
     p.add_argument("--runs", default="runs/table")
@@ -131,6 +144,10 @@ def main(argv=None) -> int:
                 from pathlib import Path
 
                 Path(args.json).write_text(text)
+        elif args.command == "compare":
+            from app.trainer.compare import main_compare
+
+            main_compare(args)
         elif args.command == "table":
             from app.trainer.table import run_table
 

@@ -158,3 +158,18 @@ def test_caption_attributes_on_drawn_strokes():
     for row in range(4, 24):
         leaning[row, 20 - (row - 4) // 2: 22 - (row - 4) // 2] = 1.0  # top to the right: italic slant
     assert "slanted" in caption(leaning, 7)
+
+
+def test_compare_pairs_seeds_and_a_copy_of_the_base_differs_by_zero(base, tmp_path):
+    from app.trainer.compare import compare
+
+    Trainer(patch_cfg(base, tmp_path / "c.safetensors", steps=20, lr=1e-2), progress=False).run()
+    arms = {"same": str(base), "dmp": str(tmp_path / "c.safetensors")}
+    out = compare(base, arms, [0, 1], steps=4, cache=tmp_path / "cache", boots=10, classifier_dir=tmp_path,
+                  classifier_steps=100)
+    same, dmp = out["arms"]["same"], out["arms"]["dmp"]
+    assert same["summary"]["d_fid_like"]["mean"] == 0.0 and same["per_seed"][0]["d_fid_like_se"] == 0.0
+    assert same["heldout_deciles"]["all_rel_diff_pct"] == 0.0
+    assert dmp["summary"]["d_fid_like"]["mean"] != 0.0 and dmp["summary"]["d_fid_like"]["se_over_seeds"] > 0
+    assert dmp["heldout_deciles"]["all_rel_diff_se_pct"] > 0
+    assert len(list((tmp_path / "cache").glob("*.npy"))) > 0  # features cached for reruns

@@ -1,0 +1,143 @@
+"""Paired comparison of a base with patches or FT models: the same sampling seeds for every arm, FID-like against
+the train and the test split with a bootstrap SE of the paired difference, class accuracy, and the held-out loss
+per timestep decile (same images, timesteps and noise). Sampled features are cached, so reruns only add arms."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.trainer.evaluate import Evaluator, eval_conditions, frechet_distance, sample_images
+
+
+def file_key(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def is_patch(path) -> bool:
+    from app.model.dmp import read_header
+
+    data = Path(path).read_bytes()
+    return (read_header(data).get("__metadata__") or {}).get("format") == "dmp-patch"
+
+
+def load_arm(base_path, path):
+    """(model, patch) for one arm: a patch rides on the base; anything else is a full model (FT)."""
+    from app.model import load_base, load_patch
+
+    if path is None:
+        return load_base(base_path), None
+    if is_patch(path):
+        model = load_base(base_path)
+        return model, load_patch(path, base=model).eval()
+    return load_base(path), None
+
+
+def arm_features(ev: Evaluator, base_path, path, seed: int, sampler: str, steps: int, guidance: float,
+                 cache: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Classifier features (n, F) of one arm's samples at one seed, and the predicted classes; cached on disk."""
+    key = f"{file_key(path or base_path)}-{file_key(base_path)}-{sampler}{steps}-g{guidance}-s{seed}"
+    f_path, p_path = cache / f"{key}.npy", cache / f"{key}.pred.npy"
+    if f_path.exists():
+        return np.load(f_path), (np.load(p_path) if p_path.exists() else None)
+    model, patch = load_arm(base_path, path)
+    model.eval()
+    y, labels = eval_conditions(model, ev.test)
+    images = sample_images(model, y, patch=patch, sampler=sampler, steps=steps, guidance_scale=guidance, seed=seed)
+    feats = ev.features(images)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(f_path, feats)
+    if labels is None:
+        return feats, None
+    with torch.no_grad():
+        preds = torch.cat([ev.clf(images[i:i + 1000].float()).argmax(-1) for i in range(0, len(images), 1000)])
+    np.save(p_path, preds.numpy())
+    return feats, preds.numpy()
+
+
+def paired_fid(ref: np.ndarray, base_f: np.ndarray, arm_f: np.ndarray, boots: int = 100, seed: int = 0):
+    """FID-like of both, and the bootstrap SE of their difference resampling the paired samples together."""
+    fb, fa = frechet_distance(ref, base_f), frechet_distance(ref, arm_f)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(boots):
+        idx = rng.integers(0, len(base_f), len(base_f))
+        diffs.append(frechet_distance(ref, arm_f[idx]) - frechet_distance(ref, base_f[idx]))
+    return fb, fa, float(np.std(diffs, ddof=1))
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    if len(values) < 2:
+        return values[0], None
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def compare(base_path, arms: dict[str, str], seeds: list[int], *, sampler="ddim", steps=50, guidance=1.5,
+            cache="runs/compare", device="cpu", heldout=True, boots=100, classifier_dir="runs/classifiers",
+            classifier_steps=3000) -> dict:
+    """Every arm against the base at every seed (same seeds, same conditions); arms map label -> file."""
+    from app.model import load_base
+    from app.trainer.diffusion import Diffusion
+    from app.trainer.heldout import decile_losses, paired_summary
+
+    base = load_base(base_path)
+    ev = Evaluator(base.meta.get("dataset"), base.config.input_size, device=device, progress=False,
+                   classifier_dir=classifier_dir, classifier_steps=classifier_steps)
+    labels = eval_conditions(base, ev.test)[1]
+    cache = Path(cache)
+    out = {"base": str(base_path), "seeds": seeds, "sampler": f"{sampler} {steps}, guidance {guidance}",
+           "num_samples": len(ev.test), "floor": ev.floor["fid_like"], "arms": {}}
+    base_feats = {s: arm_features(ev, base_path, None, s, sampler, steps, guidance, cache) for s in seeds}
+    base_losses = None
+    if heldout:
+        diffusion = Diffusion(base.meta.get("beta_schedule", "linear"), device)
+        base_losses = decile_losses(base, diffusion, ev.test)
+    out["base_scores"] = {s: {"fid_like": frechet_distance(ev.ref, f), "fid_like_test": frechet_distance(ev.test_ref, f),
+                              **({"class_acc": float((p == labels.numpy()).mean())} if p is not None else {})}
+                          for s, (f, p) in base_feats.items()}
+    for label, path in arms.items():
+        rows = {}
+        for s in seeds:
+            (bf, bp), (af, ap) = base_feats[s], arm_features(ev, base_path, path, s, sampler, steps, guidance, cache)
+            row = {}
+            for name, ref in (("fid_like", ev.ref), ("fid_like_test", ev.test_ref)):
+                fb, fa, se = paired_fid(ref, bf, af, boots=boots, seed=s)
+                row |= {name: fa, f"d_{name}": fa - fb, f"d_{name}_pct": 100 * (fa - fb) / fb, f"d_{name}_se": se}
+            if ap is not None:
+                row |= {"class_acc": float((ap == labels.numpy()).mean()),
+                        "d_class_acc": float((ap == labels.numpy()).mean() - (bp == labels.numpy()).mean())}
+            rows[s] = row
+        summary = {}
+        for key in ("d_fid_like", "d_fid_like_pct", "d_fid_like_test", "d_fid_like_test_pct", "d_class_acc"):
+            if key in rows[seeds[0]]:
+                m, se = mean_se([rows[s][key] for s in seeds])
+                summary[key] = {"mean": m, "se_over_seeds": se}
+        arm = {"file": str(path), "per_seed": rows, "summary": summary}
+        if heldout:
+            model, patch = load_arm(base_path, path)
+            arm["heldout_deciles"] = paired_summary(base_losses, decile_losses(model, diffusion, ev.test, patch=patch))
+        out["arms"][label] = arm
+    return out
+
+
+def main_compare(args) -> None:
+    arms = dict(a.split("=", 1) for a in args.arm)
+    result = compare(args.base, arms, args.seeds, sampler=args.sampler, steps=args.steps, guidance=args.guidance_scale,
+                     cache=args.cache, device=args.device, heldout=not args.no_heldout, boots=args.boots)
+    text = json.dumps(result, indent=1)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    for label, arm in result["arms"].items():
+        s = arm["summary"]
+        line = f"{label}: dFID-like {s['d_fid_like_pct']['mean']:+.2f}% (train ref), " \
+               f"{s['d_fid_like_test_pct']['mean']:+.2f}% (test ref)"
+        if "heldout_deciles" in arm:
+            h = arm["heldout_deciles"]
+            line += f", held-out loss {h['all_rel_diff_pct']:+.3f}% ± {h['all_rel_diff_se_pct']:.3f}"
+        print(line)
