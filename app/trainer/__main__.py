@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out loss per timestep decile")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None, help="also write the paired table here")
 
     p = sub.add_parser("table", help="run the comparison table of docs/results.md (FT / PT / DMP, ablations)")
     p.add_argument("--plan", required=True, help="JSON plan (see patches/table_plan.json)")

@@ -133,6 +133,8 @@ def main_compare(args) -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(result))
     for label, arm in result["arms"].items():
         s = arm["summary"]
         line = f"{label}: dFID-like {s['d_fid_like_pct']['mean']:+.2f}% (train ref), " \
@@ -141,3 +143,36 @@ def main_compare(args) -> None:
             h = arm["heldout_deciles"]
             line += f", held-out loss {h['all_rel_diff_pct']:+.3f}% ± {h['all_rel_diff_se_pct']:.3f}"
         print(line)
+
+
+def pm(mean: float, se: float | None, digits: int = 2) -> str:
+    return f"{mean:+.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+
+def markdown(result: dict) -> str:
+    """The paired table: one row per arm, differences vs the base with their SE (over seeds, else bootstrap)."""
+    seeds = result["seeds"]
+    base = result["base_scores"]
+    fids = ", ".join(f"{base[s]['fid_like']:.2f}" for s in seeds)
+    fids_test = ", ".join(f"{base[s]['fid_like_test']:.2f}" for s in seeds)
+    lines = [f"Base `{result['base']}`, {result['sampler']}, {result['num_samples']} samples per arm and seed, "
+             f"sampling seeds {', '.join(map(str, seeds))} shared by every arm; floor (train vs test real) "
+             f"{result['floor']:.2f}. Base FID-like per seed: {fids} (train ref), {fids_test} (test ref).", "",
+             "| arm | Δ FID-like vs base, train ref (%) | Δ FID-like, test ref (%) | Δ class acc | "
+             "Δ held-out loss (%) | Δ held-out loss per decile t∈[0,100) … [900,1000) (%) |",
+             "|---|---|---|---|---|---|"]
+    for label, arm in result["arms"].items():
+        s, per = arm["summary"], arm["per_seed"]
+
+        def cell(key):
+            m, se = s[key]["mean"], s[key]["se_over_seeds"]
+            if se is None:  # one seed: the bootstrap SE of the paired difference, in % of the base
+                k = key.removesuffix("_pct")
+                se = 100 * per[seeds[0]][f"{k}_se"] / (per[seeds[0]][k.removeprefix("d_")] - per[seeds[0]][k])
+            return pm(m, se)
+        acc = pm(s["d_class_acc"]["mean"], s["d_class_acc"]["se_over_seeds"], 3) if "d_class_acc" in s else "—"
+        h = arm.get("heldout_deciles")
+        held = pm(h["all_rel_diff_pct"], h["all_rel_diff_se_pct"], 3) if h else "—"
+        dec = ", ".join(f"{m:+.2f}" for m in h["rel_diff_pct"]) if h else "—"
+        lines.append(f"| {label} | {cell('d_fid_like_pct')} | {cell('d_fid_like_test_pct')} | {acc} | {held} | {dec} |")
+    return "\n".join(lines) + "\n"

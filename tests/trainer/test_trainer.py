@@ -161,7 +161,7 @@ def test_caption_attributes_on_drawn_strokes():
 
 
 def test_compare_pairs_seeds_and_a_copy_of_the_base_differs_by_zero(base, tmp_path):
-    from app.trainer.compare import compare
+    from app.trainer.compare import compare, markdown
 
     Trainer(patch_cfg(base, tmp_path / "c.safetensors", steps=20, lr=1e-2), progress=False).run()
     arms = {"same": str(base), "dmp": str(tmp_path / "c.safetensors")}
@@ -173,3 +173,7 @@ def test_compare_pairs_seeds_and_a_copy_of_the_base_differs_by_zero(base, tmp_pa
     assert dmp["summary"]["d_fid_like"]["mean"] != 0.0 and dmp["summary"]["d_fid_like"]["se_over_seeds"] > 0
     assert dmp["heldout_deciles"]["all_rel_diff_se_pct"] > 0
     assert len(list((tmp_path / "cache").glob("*.npy"))) > 0  # features cached for reruns
+    assert "| same | +0.00 ± 0.00 |" in markdown(out)
+    one_seed = compare(base, {"dmp": arms["dmp"]}, [0], steps=4, cache=tmp_path / "cache", boots=10,
+                       classifier_dir=tmp_path, heldout=False)
+    assert "| dmp |" in markdown(one_seed)  # bootstrap SE where there is one seed
