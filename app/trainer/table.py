@@ -149,8 +149,9 @@ def run_table(plan_path: str, runs: str, jobs: int = 1, device: str = "auto", do
     tasks = tasks_of(plan)
     threads = max(1, torch.get_num_threads() // jobs)  # honours OMP_NUM_THREADS / taskset
     args = [(t, plan, runs, device, threads) for t in tasks]
-    if report_only:
-        results = finished(tasks, runs)
+    out_dir = Path(doc).parent / "results"
+    if report_only:  # the finished runs, else the committed results of the last full run
+        results = finished(tasks, runs) or json.loads((out_dir / "results.json").read_text())
     elif jobs > 1:
         prepare(plan, device)
         with mp.get_context("spawn").Pool(jobs) as pool:
@@ -158,7 +159,6 @@ def run_table(plan_path: str, runs: str, jobs: int = 1, device: str = "auto", do
     else:
         prepare(plan, device)
         results = [_worker(a) for a in args]
-    out_dir = Path(doc).parent / "results"
     copy_figures(results, runs, out_dir)
     if not report_only:
         heatmaps(plan, runs, device, out_dir)
@@ -195,7 +195,8 @@ def write_doc(plan: dict, results: list[dict], doc: Path, out_dir: Path) -> None
              f"{plan['batch_size']}, on the same training split the base was pretrained on. FID-like = Fréchet "
              "distance on the 128-d penultimate features of our own small classifier (not FID; not comparable to "
              "published FIDs). KID (cubic-kernel MMD², unbiased, so it can dip below 0) on the same features. One sample per test item; mean ± std over seeds "
-             "(seed = patch-training seed and sampling seed).", ""]
+             "(seed = patch-training seed and sampling seed). Δ vs base: the paired difference of FID-like from the "
+             "base's at the same seed (same sampling noise), in % of the base, mean ± standard error over seeds.", ""]
     analysis = doc.parent / "results_analysis.md"
     for dom in plan["domains"]:
         rows = [r for r in results if r["domain"] == dom["name"]]
@@ -207,19 +208,18 @@ def write_doc(plan: dict, results: list[dict], doc: Path, out_dir: Path) -> None
                   f"Classifier test accuracy {first['classifier_acc']:.4f}. Floor (train vs test real): FID-like "
                   f"{first['floor']['fid_like']:.2f}, KID {first['floor']['kid']:.3g}. Ceiling (uniform "
                   f"noise): FID-like {first['ceiling']['fid_like']:.1f}. Samples per score: {first['num_samples']}.",
-                  "", "| row | seeds | FID-like | KID | class acc | trained params | train s | sampler | grid |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "", HEADER.format("row"), "|---|---|---|---|---|---|---|---|---|---|"]
+        base = {r["seed"]: r["fid_like"] for r in rows if r["label"] == "base"}
         for method, name in METHOD_ROWS:
             rs = [r for r in rows if r["label"] == method]
-            lines.append(_row(name, rs, rel, dom))
+            lines.append(_row(name, rs, rel, dom, base))
         abl = [r for r in rows if r["label"] not in dict(METHOD_ROWS)]
         planned = list(plan.get("ablations", {})) if dom.get("ablations") else []
         if planned:
             lines += ["", f"Ablations ({dom['name']}, DMP, same steps):", "",
-                      "| variant | seeds | FID-like | KID | class acc | trained params | train s | sampler | grid |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      HEADER.format("variant"), "|---|---|---|---|---|---|---|---|---|---|"]
             for label in planned:
-                lines.append(_row(label, [r for r in abl if r["label"] == label], rel, dom))
+                lines.append(_row(label, [r for r in abl if r["label"] == label], rel, dom, base))
         heat = out_dir / f"gates-{dom['name']}.png"
         if heat.exists():
             lines += ["", f"Gate activations of the DMP patch: ![gates]({rel}/{heat.name})"]
@@ -229,14 +229,27 @@ def write_doc(plan: dict, results: list[dict], doc: Path, out_dir: Path) -> None
     doc.write_text("\n".join(lines) + "\n")
 
 
-def _row(name: str, rs: list[dict], rel: str, dom: dict) -> str:
+HEADER = "| {} | seeds | FID-like | Δ vs base (paired, %) | KID | class acc | trained params | train s | sampler | grid |"
+
+
+def paired_delta(rs: list[dict], base: dict[int, float]) -> str:
+    """100 (row - base) / base at each seed both have: the value for one seed, else mean ± standard error."""
+    d = [100 * (r["fid_like"] - base[r["seed"]]) / base[r["seed"]] for r in rs if r["seed"] in base]
+    if not d or rs[0]["label"] == "base":
+        return "—"
+    if len(d) == 1:
+        return f"{d[0]:+.2f}"
+    return f"{statistics.mean(d):+.2f} ± {statistics.stdev(d) / len(d) ** 0.5:.2f}"
+
+
+def _row(name: str, rs: list[dict], rel: str, dom: dict, base: dict[int, float]) -> str:
     if not rs:
-        return f"| {name} | 0 | not run | — | — | — | — | — | — |"
+        return f"| {name} | 0 | not run | — | — | — | — | — | — | — |"
     acc = [r["class_acc"] for r in rs if "class_acc" in r]
     secs = [r["train"].get("train_seconds", 0) for r in rs if r["train"]]
     stem = slug(rs[0]["label"], rs[0]["seed"])
     params = rs[0]["train"].get("trainable_params", "—") if rs[0]["train"] else 0
-    return (f"| {name} | {len(rs)} | {_stat([r['fid_like'] for r in rs])} | "
+    return (f"| {name} | {len(rs)} | {_stat([r['fid_like'] for r in rs])} | {paired_delta(rs, base)} | "
             f"{_stat([r['kid'] for r in rs], '.3g')} | {_stat(acc, '.3f') if acc else '—'} | {params} | "
             f"{_stat(secs, '.0f') if secs else '—'} | {rs[0]['sampler']} {rs[0]['steps']}, cfg "
             f"{rs[0]['guidance_scale']} | ![]({rel}/{dom['name']}-{stem}.png) |")
