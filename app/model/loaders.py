@@ -77,9 +77,11 @@ def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None, **ov
 
 def build_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None = None, **overrides) -> DiT:
     cfg = infer_config(sd, num_heads=num_heads, **overrides)
-    model = DiT(cfg)
-    try:
-        model.load_state_dict(sd, strict=True)
+    with torch.device("meta"):  # no random init of weights about to be replaced: XL/2 loads in half the memory
+        model = DiT(cfg)
+    try:  # the loaded tensors become the parameters (fp32, as a freshly built model would be)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
+                              strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint does not match the inferred DiT: {e}") from None
     return model.eval()
