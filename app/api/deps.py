@@ -25,8 +25,7 @@ def get_engine(request: Request) -> Engine:
 
 def get_registry(engine: Annotated[Engine, Depends(get_engine)]) -> PatchRegistry:
     if engine.registry is None:
-        raise Unavailable("the service is still starting", error_type="not_ready",
-                          headers={"Retry-After": str(engine.settings.retry_after)})
+        raise Unavailable("the service is still starting", error_type="not_ready")
     return engine.registry
 
 

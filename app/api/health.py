@@ -24,5 +24,5 @@ async def live(engine: EngineDep):  # on the event loop: no thread pool to wait 
 async def ready(engine: EngineDep):
     ok, error_type, message = engine.readiness()  # no I/O, no lock: what the registry's threads last saw
     if not ok:
-        raise Unavailable(message, error_type=error_type, headers={"Retry-After": str(engine.settings.retry_after)})
+        raise Unavailable(message, error_type=error_type)
     return Health(status="ready", detail=engine.skipped_detail() if engine.skipped else None)

@@ -10,10 +10,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from app.api import generate, health, metrics, models, patches, v1
+from app.api.errors import install_error_handlers
 from app.api.keys import KeyGate
 from app.api.middleware import RequestContext
 from app.core.config import Settings
-from app.core.errors import install_error_handlers
 from app.core.metrics import Metrics
 from app.engine.engine import Engine
 

@@ -11,8 +11,8 @@ import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 
+from app.api.errors import error_response
 from app.core import logs
-from app.core.errors import error_response
 from app.core.metrics import Metrics
 
 log = logging.getLogger("dmp.api")

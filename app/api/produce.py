@@ -10,14 +10,10 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from app.api.progress import Followed
-from app.core.errors import ServiceError, Unavailable
+from app.core.errors import ClientGone, DeadlineExceeded
 from app.engine.engine import Engine
 from app.engine.images import encode_images
 from app.engine.work import Result, Spec, Work
-
-
-class ClientGone(ServiceError):
-    status, error_type = 499, "client_closed_request"
 
 
 class Produced(NamedTuple):
@@ -81,7 +77,7 @@ async def _wait(work: Work, request: Request, timeout: float) -> Result:
     work.cancel()
     if gone in done:
         raise ClientGone("the client closed the connection")
-    raise Unavailable("the request ran past DMP_REQUEST_TIMEOUT", error_type="deadline_exceeded")
+    raise DeadlineExceeded("the request ran past DMP_REQUEST_TIMEOUT")
 
 
 async def _from_cache(engine: Engine, spec: Spec, deterministic: bool) -> Produced | None:

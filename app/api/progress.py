@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.core.errors import Unavailable
+from app.core.errors import DeadlineExceeded
 from app.engine.engine import Engine
 from app.engine.images import encode_images
 from app.engine.work import Progress, Spec
@@ -96,7 +96,7 @@ class Followed:
                 try:
                     items = await self.inbox.take(timeout=max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
-                    raise Unavailable("the request ran past DMP_REQUEST_TIMEOUT", error_type="deadline_exceeded")
+                    raise DeadlineExceeded("the request ran past DMP_REQUEST_TIMEOUT")
                 steps = [p for p in items if isinstance(p, Progress)]
                 for i, p in enumerate(steps):
                     if p.x0 is not None or i == len(steps) - 1:

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.errors import reply_headers
 from app.core.errors import ServiceError
 
 log = logging.getLogger("dmp.api")
@@ -52,7 +53,7 @@ class OpenAIRoute(APIRoute):
                                     "invalid_value", param=loc[0])
             except ServiceError as e:
                 return openai_error(request, e.status, e.message, e.error_type, getattr(e, "param", None),
-                                    e.headers)
+                                    reply_headers(request, e))
             except StarletteHTTPException as e:
                 return openai_error(request, e.status_code, str(e.detail), "http_error",
                                     headers=dict(e.headers or {}))

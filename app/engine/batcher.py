@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 
-from app.core.errors import ServiceError, Unavailable
+from app.core.errors import ClientGone, DeadlineExceeded, ServiceError, Unavailable
 from app.core.metrics import Metrics
 from app.engine.bases import ServedBase
 from app.engine.work import Progress, Result, Work
@@ -21,14 +21,6 @@ from app.model.sampling import denoise_step
 from app.model.vae import to_uint8
 
 log = logging.getLogger("dmp.batcher")
-
-
-class DeadlineExceeded(ServiceError):
-    status, error_type = 503, "deadline_exceeded"
-
-
-class Cancelled(ServiceError):
-    status, error_type = 499, "cancelled"
 
 
 class Batcher:
@@ -119,7 +111,7 @@ class Batcher:
             return True
         if work.cancelled.is_set() or work.future.cancelled():
             self.metrics.dropped.labels("disconnected").inc()
-            self._finish(work, error=Cancelled("the client went away"))
+            self._finish(work, error=ClientGone("the client went away"))
             return True
         return False
 

@@ -172,8 +172,7 @@ class Engine:
         """Check a request against the served bases and limits and fill in every default."""
         s = self.settings
         if self.registry is None:
-            raise Unavailable("the service is still starting", error_type="not_ready",
-                              headers={"Retry-After": str(s.retry_after)})
+            raise Unavailable("the service is still starting", error_type="not_ready")
         record = self.registry.get(patch) if patch is not None else None
         if record is not None and record.state != "ready":
             raise PatchNotReady(f"patch {patch!r} is {record.state}" + (f": {record.error}" if record.error else ""))
@@ -235,11 +234,10 @@ class Engine:
 
     def check_admitting(self, internal: bool = False) -> None:
         """503 while draining or not ready (warm-up work is internal and may run before ready)."""
-        retry = {"Retry-After": str(self.settings.retry_after)}
         if self.state in ("draining", "stopped"):
-            raise Unavailable("the service is draining before shutdown", error_type="draining", headers=retry)
+            raise Unavailable("the service is draining before shutdown", error_type="draining")
         if self.state != "ready" and not internal:
-            raise Unavailable(f"the service is {self.state}", error_type="not_ready", headers=retry)
+            raise Unavailable(f"the service is {self.state}", error_type="not_ready")
 
     def submit(self, spec: Spec, y: torch.Tensor | None = None, internal: bool = False,
                listener: Callable[[Progress], None] | None = None, previews: int = 0) -> Work:
@@ -252,11 +250,10 @@ class Engine:
         given, and pinning, which may read the patch back from the store: call it off the event loop.
         The device slot is taken later, by the runner, when the request joins the batch."""
         self.check_admitting(internal)
-        retry = {"Retry-After": str(self.settings.retry_after)}
         with self._lock:
             if self._inflight >= self.settings.max_queue:
                 raise Overloaded(f"{self._inflight} requests in flight (DMP_MAX_QUEUE={self.settings.max_queue}); "
-                                 "retry later", headers=retry)
+                                 "retry later")
             self._inflight += 1
             self.metrics.inflight.set(self._inflight)
         base, pin = self.bases[spec.model], None

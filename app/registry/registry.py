@@ -19,9 +19,9 @@ import redis
 from torch import nn
 
 from app.core.config import Settings
-from app.core.errors import InvalidPatch, NotFound, PatchNotReady, ServiceError, Unavailable
+from app.core.errors import NotFound, PatchError, PatchNotReady, ServiceError, Unavailable
 from app.core.metrics import Metrics
-from app.model.dmp import DMP, PatchError, patch_from_bytes, read_header
+from app.model.dmp import DMP, patch_from_bytes, read_header
 from app.registry.records import PatchRecord, version_of
 from app.registry.stores import CHANNEL, DiskStore, RedisStore, parse_event
 
@@ -186,8 +186,7 @@ class PatchRegistry:
     # ------------------------------------------------------------------ internals
 
     def _unreachable(self, e: redis.RedisError) -> Unavailable:
-        return Unavailable(f"patch store unreachable: {e.__class__.__name__}", error_type="registry_unavailable",
-                           headers={"Retry-After": str(self.settings.retry_after)})
+        return Unavailable(f"patch store unreachable: {e.__class__.__name__}", error_type="registry_unavailable")
 
     def _validate(self, data: bytes):
         """Find the served base the patch is for (fingerprint, else base_name) and check the whole file."""
@@ -195,9 +194,9 @@ class PatchRegistry:
             meta = read_header(data).get("__metadata__") or {}
             base = self._base_for(meta)
             patch = patch_from_bytes(data, base=base.model, max_bytes=self.settings.max_patch_bytes)
-        except PatchError as e:
+        except PatchError:
             self.metrics.patch_refusals.labels("invalid").inc()
-            raise InvalidPatch(str(e)) from None
+            raise
         return base, patch
 
     def _base_for(self, meta: dict) -> ServedModel:

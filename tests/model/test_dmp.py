@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from app.core.errors import NoFreeSlot
 from app.model.dmp import DMP, PatchError, PatchPool, importance_loss, keep_top_k, load_loss, new_patch_for
 
 
@@ -171,7 +172,7 @@ def test_pool_install_free_reuse_keeps_other_slots(tiny_class):
     b = pool.install(randomize_patch(new_patch_for(tiny_class), seed=2))
     snapshot = pool.prompts[b].clone()
     addr = pool.prompts.data_ptr()
-    with pytest.raises(PatchError, match="no free"):
+    with pytest.raises(NoFreeSlot, match="no free"):
         pool.install(new_patch_for(tiny_class))
     pool.free(a)
     c = pool.install(randomize_patch(new_patch_for(tiny_class), seed=3))

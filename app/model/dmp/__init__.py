@@ -1,7 +1,8 @@
 """DMP patches: the module and its gate, the balancing losses, the serving pool, and patch files."""
 from app.model.dmp.gate import keep_top_k, num_kept
 from app.model.dmp.losses import importance_loss, load_loss
-from app.model.dmp.module import DMP, PatchError, PatchState
+from app.core.errors import PatchError
+from app.model.dmp.module import DMP, PatchState
 from app.model.dmp.patchfile import (load_patch, new_patch_for, patch_from_bytes, patch_metadata_for, patch_to_bytes,
                                      read_header, save_patch)
 from app.model.dmp.pool import PatchPool, PooledPatch

@@ -5,16 +5,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from app.core.errors import PatchError
 from app.model.dmp.gate import gate_logits, hard_weights, keep_top_k, num_kept
 from app.model.kernels import PromptAdd
 
 GATE_INPUTS = ("c", "t")
 METHODS = ("dmp", "pt")  # pt = plain prompt tuning baseline: x + P[l], no gate tensors
 SELECTIONS = ("softmax", "hard")  # top-k weights: softmax renormalised over the kept (official code) | 1 (paper)
-
-
-class PatchError(ValueError):
-    """A patch file or patch request was refused; the message says why."""
 
 
 class DMP(nn.Module):

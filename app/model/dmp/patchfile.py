@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from app.model.dmp.module import DMP, GATE_INPUTS, METHODS, SELECTIONS, PatchError
+from app.core.errors import PatchError
+from app.model.dmp.module import DMP, GATE_INPUTS, METHODS, SELECTIONS
 
 FORMAT = "dmp-patch"
 FORMAT_VERSION = "1"

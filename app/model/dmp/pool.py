@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from app.core.errors import NoFreeSlot, PatchError
 from app.model.dmp.gate import gate_logits, keep_top_k
-from app.model.dmp.module import DMP, PatchError
+from app.model.dmp.module import DMP
 from app.model.kernels import PromptAdd
 
 
@@ -39,7 +40,7 @@ class PatchPool:
                 patch.pt_depth > self.depth:
             raise PatchError("patch shape does not fit this pool")
         if False not in self.in_use:
-            raise PatchError("no free patch slot")
+            raise NoFreeSlot("no free patch slot")
         slot = self.in_use.index(False)
         self.prompts[slot].zero_()
         # asynchronous from pinned host memory; stream order puts the copy before the next forward
