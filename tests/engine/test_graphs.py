@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from app.core.errors import NoFreeSlot
 from app.engine.graphs import GraphedForward, row_buckets
 from app.model.dit import DiT, DiTConfig
 from app.model.dmp import PatchPool, new_patch_for
@@ -120,7 +121,7 @@ def test_pool_install_free_reuse_never_touches_a_slot_in_use():
         assert all(torch.equal(p, q) for p, q in zip(before, after))
     assert all(torch.equal(t, torch.zeros_like(t)) for t in base)
     assert [t.data_ptr() for t in (pool.prompts, pool.gate_w, pool.gate_b, pool.gate_w_depth)] == addresses
-    with pytest.raises(ValueError):
+    with pytest.raises(NoFreeSlot):
         pool.install(random_patch(model, 9))  # full
     with pytest.raises(ValueError):
         pool.free(0)
