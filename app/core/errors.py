@@ -13,9 +13,11 @@ class ServiceError(Exception):
     error_type = "internal"
     retry = False  # True: the condition passes (queue full, starting, draining): the reply carries Retry-After
 
-    def __init__(self, message: str, *, error_type: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, *, status: int | None = None, error_type: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
+        self.status = status or self.status
         self.error_type = error_type or self.error_type
         self.headers = headers or {}
 
