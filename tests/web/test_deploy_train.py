@@ -4,11 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import kubernetes_validate
-import pytest
 import yaml
 from torch.distributed.run import get_args_parser
 
 from app.trainer.__main__ import build_parser
+
+from .test_deploy_tools import K8S_VERSIONS, run, tool
 
 TRAIN = Path(__file__).resolve().parents[2] / "deploy" / "train"
 RESOURCES = [d for p in sorted(TRAIN.glob("*.yaml")) if p.name != "kustomization.yaml"
@@ -19,10 +20,13 @@ def resource(kind: str) -> dict:
     return next(d for d in RESOURCES if d["kind"] == kind)
 
 
-@pytest.mark.parametrize("version", ["1.29.0", "1.37.0"])
-def test_manifests_pass_strict_schema_validation(version):
-    for doc in RESOURCES:
-        kubernetes_validate.validate(doc, version, strict=True)  # raises on any unknown or mistyped field
+def test_kustomize_build_is_valid_kubernetes():
+    docs = [d for d in yaml.safe_load_all(run(tool("kubectl"), "kustomize", TRAIN)) if d]
+    assert sorted(d["kind"] for d in docs) == sorted(d["kind"] for d in RESOURCES)
+    for doc in docs:
+        assert doc["metadata"]["namespace"] == "dmp"
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)  # raises on any unknown or mistyped field
 
 
 def test_kustomization_lists_every_manifest():
@@ -56,3 +60,15 @@ def test_job_command_is_a_two_node_torchrun_of_the_trainer():
     assert resource("PersistentVolumeClaim")["metadata"]["name"] == claim
     assert "ReadWriteMany" in resource("PersistentVolumeClaim")["spec"]["accessModes"]
     assert all(p.startswith(shared) for p in (train.out, train.base, train.dataset.removeprefix("folder:")))
+
+
+def test_network_policy_lets_the_trainers_reach_each_other():
+    """The namespace denies by default; rendezvous, store and NCCL ports are chosen at run time, so no port list."""
+    pods = resource("Job")["spec"]["template"]["metadata"]["labels"]
+    policy = resource("NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pods.items()
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    (ingress,), (egress,) = policy["ingress"], policy["egress"]
+    assert "ports" not in ingress and "ports" not in egress
+    assert [p["podSelector"]["matchLabels"] for p in ingress["from"]] == [policy["podSelector"]["matchLabels"]]
+    assert [p["podSelector"]["matchLabels"] for p in egress["to"]] == [policy["podSelector"]["matchLabels"]]
