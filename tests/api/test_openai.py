@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import httpx
 import openai
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from app.model import save_base
+from tests.api.test_server import metric
 from tests.conftest import BASE_META, ServerProcess, copy_dirs, tiny_base
 
 EXTRA = {"steps": 3}
@@ -24,7 +26,8 @@ def server(tiny_dirs, tmp_path_factory):
     labels = json.dumps(["tabby cat, kitty", "dog"] + [f"thing {i}" for i in range(2, 10)])
     save_base(tiny_base("class", seed=9), dirs["models"] / "pets.safetensors", **BASE_META, name="pets", task="class",
               labels=labels)
-    proc = ServerProcess({"DMP_MODEL_DIR": str(dirs["models"]), "DMP_PATCH_DIR": str(dirs["patches"])},
+    proc = ServerProcess({"DMP_MODEL_DIR": str(dirs["models"]), "DMP_PATCH_DIR": str(dirs["patches"]),
+                          "DMP_TORCH_THREADS": "1"},  # no OpenMP spinning on a shared CPU
                          root / "server.log")
     proc.wait_ready(timeout=180)
     yield proc
@@ -176,3 +179,17 @@ def test_rate_limit_shared_by_replicas_through_redis(start_server, class_only_di
     with pytest.raises(openai.RateLimitError):  # one request token left, but 1 of 10 image tokens
         bob.images.generate(model="digits", prompt="1", n=2, extra_body=EXTRA)
     assert 'outcome="rate_limited"' in httpx.get(b.url + "/metrics").text
+
+
+def test_leaving_an_openai_stream_cancels_the_work(server):
+    """The openai client closing its stream mid-generation drops the work at the next step."""
+    before = metric(server.url, 'dmp_requests_dropped_total{reason="disconnected"}')
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    stream = client.images.generate(model="digits", prompt="1", stream=True, partial_images=3,
+                                    extra_body={"steps": 1000, "seed": 1})
+    assert next(iter(stream)).type == "image_generation.partial_image"  # at step 250 of 1000: still running
+    stream.close()
+    end = time.monotonic() + 30
+    while metric(server.url, 'dmp_requests_dropped_total{reason="disconnected"}') <= before:
+        assert time.monotonic() < end, "the runner kept working for a client that left"
+        time.sleep(0.1)
