@@ -105,9 +105,9 @@ class Bench:
         jobs = [new_job(self.ours, y=(seed + i) % self.cfg.num_classes, seed=seed + i, sampler=sampler,
                         steps=steps, guidance_scale=guidance, n=per_job, slot=s, device=self.device)
                 for i, s in enumerate(slots)]
-        forward, pool = (self.unpatched, None) if unpatched else (self.patched, self.pool)
+        step = (self.unpatched if unpatched else self.patched).step
         while not jobs[0].done:
-            denoise_step(self.ours, jobs, pool=pool, forward=forward)
+            denoise_step(self.ours, jobs, step=step)
         return torch.cat([j.latents for j in jobs])
 
     def diffusers_run(self, *, batch: int, sampler: str, steps: int, guidance: float, dtype="bf16", seed=0):

@@ -13,7 +13,7 @@ from app.engine.graphs import GraphedForward
 from app.model.dit import DiT_models
 from app.model.dmp import PatchPool
 from app.model.kernels import PromptAdd, add_norm_modulate, add_norm_modulate_reference, fused, use_triton
-from app.model.sampling import denoise_step, new_job
+from app.model.sampling import denoise_step, eager_step, new_job
 from bench.engine import random_patch, randomize_, time_alternating
 
 
@@ -116,10 +116,10 @@ def step_checks(size="DiT-B/2", steps=6) -> dict:
     eager, graphed = jobs(model32), jobs(model16)
     syncs = 0
     for _ in range(steps):
-        denoise_step(model32, eager, pool=pool)
+        denoise_step(model32, eager, step=eager_step(model32, pool))
         torch.cuda.set_sync_debug_mode("error")
         try:
-            denoise_step(model16, graphed, pool=pool, forward=fwd)
+            denoise_step(model16, graphed, step=fwd.step)
         except RuntimeError:  # a synchronizing call inside the step
             syncs += 1
         finally:

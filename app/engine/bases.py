@@ -14,6 +14,7 @@ from app.model import PatchPool, fingerprint, load_base
 from app.model.describe import BaseDescription, DescriptionError, describe, is_base_entry, label_index, resolve_vae
 from app.model.dit import DiT
 from app.model.kernels import self_check, set_fused
+from app.model.protocols import VAE, TextEncoder
 from app.model.text import load_text_encoder
 from app.model.vae import PixelVAE, SDVAE
 from app.engine.graphs import GraphedForward, buckets_up_to
@@ -28,8 +29,8 @@ class ServedBase:
 
     name: str
     model: DiT
-    vae: object
-    text_encoder: object | None
+    vae: VAE
+    text_encoder: TextEncoder | None
     desc: BaseDescription
     patches: PatchSlots  # the engine's side of this base's patches: pins, host cache, device slots
     forward: GraphedForward | None = None  # bucketed CUDA graphs / compiled CPU steps; None = eager model

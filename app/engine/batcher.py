@@ -17,7 +17,7 @@ from app.core.errors import ClientGone, DeadlineExceeded, ServiceError, Unavaila
 from app.core.metrics import Metrics
 from app.engine.bases import ServedBase
 from app.engine.work import Progress, Result, Work
-from app.model.sampling import denoise_step
+from app.model.sampling import denoise_step, eager_step
 from app.model.vae import to_uint8
 
 log = logging.getLogger("dmp.batcher")
@@ -27,7 +27,10 @@ class Batcher:
     """Waiting queues per base, the running batch per base, and the runner thread."""
 
     def __init__(self, bases: dict[str, ServedBase], max_batch: int, dtype, metrics: Metrics):
-        self.bases, self.max_batch, self.dtype, self.metrics = bases, max_batch, dtype, metrics
+        self.bases, self.max_batch, self.metrics = bases, max_batch, metrics
+        # each base's step: its bucketed graphs, or the eager forward; both read patches from the pool's slots
+        self.steps = {name: b.forward.step if b.forward is not None else
+                      eager_step(b.model, b.patches.pool, dtype=dtype) for name, b in bases.items()}
         self.waiting: dict[str, deque[Work]] = {name: deque() for name in bases}
         self.running: dict[str, list[Work]] = {name: [] for name in bases}  # runner thread only
         self.cond = threading.Condition()
@@ -142,8 +145,7 @@ class Batcher:
         for w in works:
             w.job.keep_x0 = w.job.index + 1 in w.preview_at
         try:
-            denoise_step(base.model, [w.job for w in works], pool=base.patches.pool, dtype=self.dtype,
-                         forward=base.forward)
+            denoise_step(base.model, [w.job for w in works], step=self.steps[name])
         except Exception as e:  # a crash in one step fails that batch, never the runner
             log.exception("denoising step failed for base %s", name)
             self.running[name] = [w for w in running if w not in works]

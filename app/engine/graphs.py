@@ -44,7 +44,7 @@ def row_buckets(buckets=BUCKETS, cfg: bool = True) -> list[int]:
 
 
 class GraphedForward:
-    """The denoiser for denoise_step: `step(StepBatch)` pads to a bucket and replays that bucket's graph;
+    """The step function for denoise_step: `step(StepBatch)` pads to a bucket and replays that bucket's graph;
     `forward(x, t, y, patch=None)` (same as calling it) is the plain forward on the same graphs.
 
     The model may be bf16: inputs are cast inside; timestep features, gates, outputs and the update stay fp32.
@@ -220,7 +220,9 @@ class GraphedForward:
         n = x.shape[0]
         if patch is None:
             slots = torch.zeros(n, dtype=torch.long, device=x.device)
-        elif isinstance(patch, PooledPatch) and patch.pool is self.pool and self.pool is not None:
+        elif isinstance(patch, PooledPatch):
+            if patch.pool is not self.pool:
+                raise ValueError("this PooledPatch indexes another pool than the one these graphs read")
             slots = patch.slots
         else:  # a patch module: no graph takes it
             self.fallbacks += 1

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from app.model.kernels import PromptAdd, add_norm_modulate
+from app.model.protocols import Patch
 
 #################################################################################
 #                                  Config                                       #
@@ -282,7 +283,7 @@ class DiT(nn.Module):
         """The condition meaning 'no condition' (null class or learned null text) for CFG."""
         return self.y_embedder.null(batch, device)
 
-    def forward(self, x, t, y, patch=None, drop=None):
+    def forward(self, x, t, y, patch: Patch | None = None, drop=None):
         """x (B, C, H, W), t (B,), y (B,) labels or (B, text_dim); patch: DMP module or PatchBatch;
         drop (B,) bool: the training condition dropout, when the caller draws it (the trainer, per global batch)."""
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)

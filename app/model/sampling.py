@@ -8,12 +8,15 @@ captures as one graph per batch bucket.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from app.model.dit import DiT
+from app.model.dmp import PatchPool
+from app.model.protocols import VAE, Patch, Scheduler, TextEncoder
 from app.model.vae import PixelVAE, to_uint8
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
@@ -53,9 +56,9 @@ class Job:
     y: torch.Tensor  # (n,) labels or (n, text_dim)
     y_null: torch.Tensor | None  # same shape as y; None = no CFG
     guidance_scale: float
-    scheduler: object
+    scheduler: Scheduler
     generator: torch.Generator
-    patch: object = None  # DMP module (single-patch batches) ...
+    patch: Patch | None = None  # DMP module (single-patch batches) ...
     slot: int = 0  # ... or a slot in the engine's PatchPool
     index: int = 0
     cfg_channels: str = "all"
@@ -80,8 +83,8 @@ class Job:
 
 
 def new_job(model: DiT, *, y, seed: int, sampler: str = "ddpm", steps: int = 250, guidance_scale: float = 1.0,
-            n: int = 1, patch=None, slot: int = 0, beta_schedule: str = "linear", clip_sample: bool = False,
-            device="cpu", dtype=torch.float32, cfg_channels: str = "all") -> Job:
+            n: int = 1, patch: Patch | None = None, slot: int = 0, beta_schedule: str = "linear",
+            clip_sample: bool = False, device="cpu", dtype=torch.float32, cfg_channels: str = "all") -> Job:
     """Create a job; the initial noise comes from a CPU generator seeded with `seed`, so it is device-independent."""
     cfg = model.config
     gen = torch.Generator("cpu").manual_seed(int(seed))
@@ -241,24 +244,36 @@ def run_step(denoise, b: StepBatch, in_channels: int):
     return out, vector_step(b.x, eps, b.coef, v, b.noise), eps, v
 
 
+StepFn = Callable[[StepBatch], tuple]  # StepBatch -> run_step's (out, prev, eps, v)
+
+
+def eager_step(model: DiT, pool: PatchPool | None = None, patch: Patch | None = None,
+               dtype=torch.float32) -> StepFn:
+    """run_step on the model's plain forward: each row's patch from its `pool` slot, or `patch` for every row."""
+    if pool is not None and patch is not None:
+        raise ValueError("give a pool (patches by slot) or one patch, not both")
+
+    def denoise(x, t, y, slots):
+        rows_patch = pool.batch(slots) if pool is not None else patch
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return model(x, t, y, patch=rows_patch).float()
+
+    return lambda batch: run_step(denoise, batch, model.config.in_channels)
+
+
 @torch.no_grad()
-def denoise_step(model: DiT, jobs: list[Job], pool=None, dtype=torch.float32, forward=None) -> None:
+def denoise_step(model: DiT, jobs: list[Job], step: StepFn | None = None, dtype=torch.float32) -> None:
     """One batched forward and one batched DDIM/DDPM update for all jobs (DPM-Solver jobs: their scheduler's
-    own multistep update). `pool`: PatchPool for slots; `forward`: what runs the denoiser: the model (default),
-    or app.engine.graphs.GraphedForward, which runs the whole step as one compiled or captured graph."""
+    own multistep update). `step` runs the batch and reads each row's patch from its slot: eager_step(model, pool)
+    or app.engine.graphs.GraphedForward.step. Without it, jobs carry one patch module (or none), run eagerly."""
     batch = plan_step(model, jobs)
-    if forward is not None and hasattr(forward, "step") and forward.pool is pool:
-        _, prev, eps, v = forward.step(batch)
-    else:
-        if pool is None and len({id(j.patch) for j in jobs}) > 1:
-            raise ValueError("jobs with different patches need a PatchPool")
-
-        def denoise(x, t, y, slots):
-            patch = pool.batch(slots) if pool is not None else jobs[0].patch
-            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                return (forward or model)(x, t, y, patch=patch).float()
-
-        _, prev, eps, v = run_step(denoise, batch, model.config.in_channels)
+    if step is None:
+        if len({id(j.patch) for j in jobs}) > 1:
+            raise ValueError("jobs with different patches need a pool step (eager_step(model, pool))")
+        step = eager_step(model, patch=jobs[0].patch, dtype=dtype)
+    elif any(j.patch is not None for j in jobs):
+        raise ValueError("a step function reads patches from pool slots: these jobs carry patch modules")
+    _, prev, eps, v = step(batch)
     img = 0
     for job in jobs:
         n = job.latents.shape[0]
@@ -279,10 +294,11 @@ def predict_x0(job: Job, eps: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model: DiT, vae=None, *, y=None, captions: list[str] | None = None, text_encoder=None,
-             patch=None, sampler: str = "ddpm", steps: int = 250, guidance_scale: float = 1.0,
-             seeds: list[int] | int = 0, beta_schedule: str | None = None, clip_sample: bool | None = None,
-             device=None, dtype=torch.float32, cfg_channels: str = "all", progress: bool = False):
+def generate(model: DiT, vae: VAE | None = None, *, y=None, captions: list[str] | None = None,
+             text_encoder: TextEncoder | None = None, patch: Patch | None = None, sampler: str = "ddpm",
+             steps: int = 250, guidance_scale: float = 1.0, seeds: list[int] | int = 0,
+             beta_schedule: str | None = None, clip_sample: bool | None = None, device=None, dtype=torch.float32,
+             cfg_channels: str = "all", progress: bool = False):
     """Base + optional patch + sampler + guidance + seeds -> uint8 images (B, H, W, C).
 
     One image per seed; `y` is a class label or one per seed (ignored for unconditional models); `captions`
@@ -310,7 +326,8 @@ def generate(model: DiT, vae=None, *, y=None, captions: list[str] | None = None,
     return to_uint8(vae.decode(latents))
 
 
-def condition_rows(model: DiT, n: int, y=None, captions=None, text_encoder=None) -> list[torch.Tensor]:
+def condition_rows(model: DiT, n: int, y=None, captions=None,
+                   text_encoder: TextEncoder | None = None) -> list[torch.Tensor]:
     """One condition tensor per image, from labels or captions, checked against the model's task."""
     task = model.config.task
     if task == "text":

@@ -2,16 +2,9 @@
 from __future__ import annotations
 
 import os
-from typing import Protocol
-
 import torch
 
-
-class TextEncoder(Protocol):
-    name: str
-    dim: int
-
-    def encode(self, captions: list[str]) -> torch.Tensor: ...
+from app.model.protocols import TextEncoder
 
 
 class MiniLMEncoder:

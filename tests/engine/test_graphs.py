@@ -6,7 +6,7 @@ from app.core.errors import NoFreeSlot
 from app.engine.graphs import GraphedForward, row_buckets
 from app.model.dit import DiT, DiTConfig
 from app.model.dmp import PatchPool, new_patch_for
-from app.model.sampling import denoise_step, new_job
+from app.model.sampling import denoise_step, eager_step, new_job
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -136,17 +136,30 @@ def test_denoise_step_with_graphed_forward_matches_eager_jobs(task, compile):
     g = torch.Generator().manual_seed(0)
     y = [torch.randn(1, 8, generator=g) for _ in range(3)] if task == "text" else [3, 7, 1]
 
-    def run(forward):
+    def run(step):
         jobs = [new_job(model, y=y[0], seed=5, sampler="ddim", steps=4, guidance_scale=4.0, slot=s1),
                 new_job(model, y=y[1], seed=6, sampler="ddpm", steps=3, guidance_scale=1.5, slot=s2, n=2),
                 new_job(model, y=y[2], seed=7, sampler="ddim", steps=4, guidance_scale=1.0, slot=0)]
         while any(not j.done for j in jobs):
-            denoise_step(model, [j for j in jobs if not j.done], pool=pool, forward=forward)
+            denoise_step(model, [j for j in jobs if not j.done], step=step)
         return torch.cat([j.latents for j in jobs])
 
     fwd = GraphedForward(model, pool, buckets=(2, 4), compile=compile)  # rows: 7 -> 8, then 3 -> 4
-    torch.testing.assert_close(run(fwd), run(None), rtol=1e-4 if compile else 0, atol=1e-4 if compile else 1e-5)
+    torch.testing.assert_close(run(fwd.step), run(eager_step(model, pool)), rtol=1e-4 if compile else 0, atol=1e-4 if compile else 1e-5)
     assert fwd.fallbacks == 0 and sorted(fwd.graphs) == [4, 8]
+
+
+def test_a_mismatched_pool_or_patch_is_an_error_not_an_eager_fallback():
+    model = tiny_model()
+    pool, other = pool_for(model), pool_for(model)
+    fwd = GraphedForward(model, pool, buckets=(4,), cfg=False)
+    x, t, y = inputs(model, 2)
+    with pytest.raises(ValueError, match="another pool"):
+        fwd(x, t, y, patch=other.batch(torch.zeros(2, dtype=torch.long)))
+    job = new_job(model, y=3, seed=0, sampler="ddim", steps=2, patch=random_patch(model, 1))
+    with pytest.raises(ValueError, match="pool slots"):
+        denoise_step(model, [job], step=fwd.step)
+    assert fwd.fallbacks == 0
 
 
 def test_unpatched_forward_runs_no_patch_work():

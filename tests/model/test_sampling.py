@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from app.model import PatchPool, denoise_step, generate, new_job
+from app.model.sampling import eager_step
 from app.model.dmp import new_patch_for
 from app.model.sampling import guide, make_scheduler, step_table, vector_step
 
@@ -11,7 +12,7 @@ from .test_dmp import randomize_patch
 
 def run_jobs(model, jobs, pool=None):
     while any(not j.done for j in jobs):
-        denoise_step(model, [j for j in jobs if not j.done], pool=pool)
+        denoise_step(model, [j for j in jobs if not j.done], step=eager_step(model, pool) if pool else None)
     return [j.latents for j in jobs]
 
 
