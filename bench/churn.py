@@ -62,8 +62,10 @@ def _round(engine: Engine, names: list[str], requests: int, concurrency: int, st
     return time.perf_counter() - t0, latencies
 
 
-def _counter_total(engine: Engine, name: str) -> float:
-    return sum(s.value for f in engine.metrics.registry.collect() for s in f.samples if s.name == name)
+def metric_total(engine: Engine, name: str, **labels: str) -> float:
+    """Sum of one metric's samples over the series carrying `labels`."""
+    return sum(s.value for f in engine.metrics.registry.collect() for s in f.samples
+               if s.name == name and labels.items() <= s.labels.items())
 
 
 def store_load_ms(repeats: int = 3) -> float:
@@ -97,16 +99,16 @@ def churn_suite(*, shape: dict, randomize, random_patch, device: str, threads: i
             modes = {"one_patch": names[:1], "mixed": names}
             _round(engine, names, patches, concurrency, steps, seed=999)  # seat most patches once
             results = {m: {"seconds": [], "latencies": []} for m in modes}
-            swaps0 = _counter_total(engine, "dmp_patch_swap_ins_total")
+            swaps0 = metric_total(engine, "dmp_patch_swap_ins_total")
             for r in range(rounds):
                 for mode, pool in modes.items():
                     secs, lats = _round(engine, pool, requests, concurrency, steps, seed=r)
                     results[mode]["seconds"].append(secs)
                     results[mode]["latencies"] += lats
                     log(f"round {r} {mode:<10} {requests / secs:7.2f} img/s  p95 {np.percentile(lats, 95):.3f} s")
-            swap_ins = _counter_total(engine, "dmp_patch_swap_ins_total") - swaps0
-            hist = {s.name: s.value for f in engine.metrics.registry.collect() for s in f.samples
-                    if f.name == "dmp_patch_swap_in_seconds" and s.labels.get("source") == "host"}
+            swap_ins = metric_total(engine, "dmp_patch_swap_ins_total") - swaps0
+            host_s = metric_total(engine, "dmp_patch_swap_in_seconds_sum", source="host")
+            host_n = metric_total(engine, "dmp_patch_swap_in_seconds_count", source="host")
         finally:
             engine.stop()
     out = {"patches": patches, "device_slots": slots, "requests_per_round": requests, "concurrency": concurrency,
@@ -117,7 +119,6 @@ def churn_suite(*, shape: dict, randomize, random_patch, device: str, threads: i
     out["throughput_ratio"] = out["mixed"]["images_per_s"] / out["one_patch"]["images_per_s"]
     out["p95_ratio"] = out["mixed"]["p95_s"] / out["one_patch"]["p95_s"]
     out["mixed_swap_ins_per_request"] = swap_ins / (rounds * requests)
-    out["swap_in_host_ms_mean"] = 1e3 * hist.get("dmp_patch_swap_in_seconds_sum", 0) / max(
-        hist.get("dmp_patch_swap_in_seconds_count", 0), 1)
+    out["swap_in_host_ms_mean"] = 1e3 * host_s / max(host_n, 1)
     out["xl2_patch_store_load_ms"] = store_load_ms()
     return out
