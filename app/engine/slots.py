@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,23 +60,26 @@ class PatchSlots:
         self.current: dict[str, Version] = {}
         self.held: list[Version] = []  # retired versions still pinned
         self._clock = itertools.count(1)
+        # bookkeeping that keeps every operation O(slots), not O(patches): thousands of patches per base
+        self._slotted: dict[int, Version] = {}  # slot -> version in it
+        self._hosted: OrderedDict[Version, None] = OrderedDict()  # versions with a host copy, least recent first
+        self._host_total = 0
 
     # ------------------------------------------------------------------ registry side (any thread)
 
     def offer(self, name: str, version: str, patch: DMP, nbytes: int) -> bool:
         """A validated patch version becomes current (host copy cached); True if it replaced an older version."""
+        patch = _on_host(patch, self.device)
         with self._lock:
             old = self.current.get(name)
             if old is not None and old.version == version:
                 if old.host is None:
-                    old.host = _on_host(patch, self.device)
-                    self._trim_host()
+                    self._host(old, patch)
                 return False
-            self.current[name] = Version(name, version, nbytes, host=_on_host(patch, self.device),
-                                         used=next(self._clock))
+            entry = self.current[name] = Version(name, version, nbytes, used=next(self._clock))
+            self._host(entry, patch)
             if old is not None:
                 self._retire(old)
-            self._trim_host()
             return old is not None
 
     def withdraw(self, name: str) -> bool:
@@ -96,6 +100,8 @@ class PatchSlots:
                 return None
             entry.refs += 1
             entry.used = next(self._clock)
+            if entry.host is not None:
+                self._hosted.move_to_end(entry)
             if entry.host is not None or entry.slot is not None:
                 return entry
         try:
@@ -107,8 +113,7 @@ class PatchSlots:
             raise
         with self._lock:
             if entry.host is None:
-                entry.host = patch
-                self._trim_host()
+                self._host(entry, patch)
         return entry
 
     def release(self, entry: Version, seated: bool = False) -> None:
@@ -134,6 +139,7 @@ class PatchSlots:
                 if self.pool.free_slots() == 0 and not self._evict_device():
                     return None
                 entry.slot = self.pool.install(entry.host)  # in place; non-blocking from pinned memory on CUDA
+                self._slotted[entry.slot] = entry
                 self.metrics.patch_swap_ins.labels(self.base, entry.name).inc()
                 self.metrics.patch_swap_in_seconds.labels(self.base, "host").observe(time.perf_counter() - start)
                 self._gauge(entry.name)
@@ -163,15 +169,13 @@ class PatchSlots:
     def stats(self) -> dict[str, int]:
         """Slots in use (slot 0 excluded), retired versions still pinned, host copies and their bytes."""
         with self._lock:
-            versions = list(self.current.values()) + self.held
-            hosted = [v for v in versions if v.host is not None]
-            return {"slots": self.pool.slots - 1 - self.pool.free_slots(), "held": len(self.held),
-                    "host": len(hosted), "host_bytes": sum(v.nbytes for v in hosted)}
+            return {"slots": len(self._slotted), "held": len(self.held), "host": len(self._hosted),
+                    "host_bytes": self._host_total}
 
     # ------------------------------------------------------------------ internals (lock held)
 
     def _resident(self) -> list[Version]:
-        return [v for v in list(self.current.values()) + self.held if v.slot is not None]
+        return list(self._slotted.values())
 
     def _evict_device(self) -> bool:
         """Free the least recently seated slot no running request reads; False if every slot is in use."""
@@ -186,6 +190,7 @@ class PatchSlots:
 
     def _unslot(self, entry: Version) -> None:
         self.pool.free(entry.slot)
+        del self._slotted[entry.slot]
         entry.slot = None
         self._gauge(entry.name)
 
@@ -197,15 +202,26 @@ class PatchSlots:
         else:
             self.metrics.patch_resident.remove(self.base, name)
 
+    def _host(self, entry: Version, patch: DMP) -> None:
+        entry.host = patch
+        self._hosted[entry] = None
+        self._host_total += entry.nbytes
+        self._trim_host()
+
+    def _unhost(self, entry: Version) -> None:
+        if entry.host is not None:
+            entry.host = None
+            del self._hosted[entry]
+            self._host_total -= entry.nbytes
+
     def _trim_host(self) -> None:
         """Drop least recently used host copies of unpinned versions while over the byte budget."""
-        hosted = [v for v in self.current.values() if v.host is not None]
-        total = sum(v.nbytes for v in hosted) + sum(v.nbytes for v in self.held if v.host is not None)
-        for v in sorted((v for v in hosted if v.refs == 0), key=lambda v: v.used):
-            if total <= self.host_bytes:
+        if self._host_total <= self.host_bytes:
+            return
+        for v in [v for v in self._hosted if v.refs == 0]:
+            self._unhost(v)
+            if self._host_total <= self.host_bytes:
                 break
-            v.host = None
-            total -= v.nbytes
 
     def _retire(self, entry: Version) -> None:
         entry.retired = True
@@ -217,4 +233,4 @@ class PatchSlots:
     def _drop(self, entry: Version) -> None:
         if entry.slot is not None:
             self._unslot(entry)
-        entry.host = None
+        self._unhost(entry)
