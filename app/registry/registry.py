@@ -62,6 +62,7 @@ class PatchRegistry:
         self.records: dict[str, PatchRecord] = {}
         # recent ready versions' files (at most DMP_PATCH_HOST_BYTES), to refill a Redis that lost its data
         self._bytes: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes_total = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
@@ -252,15 +253,18 @@ class PatchRegistry:
         """Remember a ready file for refilling Redis; the least recent go first past DMP_PATCH_HOST_BYTES."""
         if not self.store.shared:
             return  # the disk store does not lose its data with a server
-        self._bytes.pop(name, None)
+        self._drop_bytes(name)
         self._bytes[name] = data
-        total = sum(len(b) for b in self._bytes.values())
-        while total > self.settings.patch_host_bytes and self._bytes:
-            total -= len(self._bytes.popitem(last=False)[1])
+        self._bytes_total += len(data)
+        while self._bytes_total > self.settings.patch_host_bytes and self._bytes:
+            self._bytes_total -= len(self._bytes.popitem(last=False)[1])
+
+    def _drop_bytes(self, name: str) -> None:
+        self._bytes_total -= len(self._bytes.pop(name, b""))
 
     def _forget(self, name: str) -> None:
         record = self.records.pop(name, None)
-        self._bytes.pop(name, None)
+        self._drop_bytes(name)
         if record is not None and record.base in self.bases:
             self.bases[record.base].patches.withdraw(name)
 
