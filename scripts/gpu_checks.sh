@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and the GPU benchmark in one go (at most 10 minutes: stage timeouts 90 + 120 + 240 + 140 s;
 # session 1's three stages took about 3 minutes on an H200); JSON + logs under $OUT, written as each stage ends.
-#   OUT=/tmp/gpu scripts/gpu_checks.sh
+#   OUT=/tmp/gpu scripts/gpu_checks.sh              (SERVICE=1: also stage 5, the HTTP service under load)
 # On the lent device machine diffusers is missing: wheels in .whl5/ (see bench/README.md) are installed first.
 set -uo pipefail
 OUT=${OUT:-bench/results/local}
@@ -29,5 +29,9 @@ echo "== 3/4 benchmark vs diffusers: demo shape + DiT-XL/2"
 timeout 240 $PY -m bench.engine --device cuda --json-out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
 echo "== 4/4 torch.compile'd step (DMP_CUDA_COMPILE) vs the hand-fused one, XL/2 at 128 rows (compiling takes a while)"
 timeout 140 $PY -m scripts.gpu_checks --compile --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.log" || status=1
+if [ "${SERVICE:-0}" = 1 ]; then  # not in the 10-minute budget above: run it on its own lease
+    echo "== 5/5 the service on the GPU: determinism among batch-mates, hot swap, load (bench/service_gpu.sh)"
+    bash bench/service_gpu.sh "$OUT/service" 2>&1 | tee "$OUT/service.log" || status=1
+fi
 echo "gpu_checks exit status $status"
 exit $status

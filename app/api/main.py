@@ -18,7 +18,6 @@ from app.core.metrics import Metrics
 from app.engine.engine import Engine
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "web" / "static"
-PLACEHOLDER = "<!doctype html><title>DMP</title><p>The web UI is not built yet; see <a href='/docs'>/docs</a>.</p>\n"
 
 
 @asynccontextmanager
@@ -43,10 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext, metrics=app.state.engine.metrics,
                        body_limits={("POST", "/generate"): generate.MAX_BODY_BYTES,
                                     ("POST", "/v1/images/generations"): generate.MAX_BODY_BYTES})
-    if not (STATIC_DIR / "index.html").exists():
-        STATIC_DIR.mkdir(parents=True, exist_ok=True)
-        (STATIC_DIR / "index.html").write_text(PLACEHOLDER)
-    app.mount("/ui", StaticFiles(directory=STATIC_DIR, html=True), name="ui")
+    app.mount("/ui", StaticFiles(directory=STATIC_DIR, html=True), name="ui")  # shipped as package data
 
     @app.get("/", include_in_schema=False)
     def root():

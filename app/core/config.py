@@ -1,4 +1,8 @@
-"""Service settings: one pydantic-settings class, read from `DMP_*` environment variables; nothing else reads env."""
+"""Service settings: one pydantic-settings class, read from `DMP_*` environment variables.
+
+The only other environment reads: DMP_DATA_CACHE (the trainer's dataset cache, app/trainer/data.py),
+TRITON_INTERPRET (Triton's CPU interpreter, app/model/kernels.py); app/model/text.py sets HF_HUB_OFFLINE.
+"""
 from __future__ import annotations
 
 from functools import cached_property

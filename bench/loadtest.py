@@ -1,6 +1,6 @@
 """Small load test of a running server: requests/s and p50/p95 latency at several concurrencies.
 
-    python tests/api/loadtest.py --url http://127.0.0.1:8000 --model mnist --patches mnist-dmp --steps 10
+    python -m bench.loadtest --url http://127.0.0.1:8000 --model mnist --patches mnist-dmp --steps 10
 """
 from __future__ import annotations
 

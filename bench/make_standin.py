@@ -1,6 +1,6 @@
 """Write a stand-in for the demo base (the trainer's default architecture, random weights) and two patches.
 
-    python tests/api/make_standin.py /tmp/load    # -> /tmp/load/models/standin.safetensors, /tmp/load/patches/p{0,1}
+    python -m bench.make_standin /tmp/load    # -> /tmp/load/models/standin.safetensors, /tmp/load/patches/p{0,1}
 """
 from __future__ import annotations
 
@@ -10,10 +10,18 @@ from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
-from conftest import make_patch_bytes  # noqa: E402
+from app.model import DiT, DiTConfig, save_base
+from app.model.dmp import new_patch_for, patch_metadata_for, patch_to_bytes
 
-from app.model import DiT, DiTConfig, save_base  # noqa: E402
+
+def random_patch_bytes(base: DiT, seed: int) -> bytes:
+    """A non-zero DMP patch for `base`, as file bytes."""
+    torch.manual_seed(seed)
+    patch = new_patch_for(base)
+    with torch.no_grad():
+        for p in patch.parameters():
+            p.normal_(0, 0.5)
+    return patch_to_bytes(patch, **patch_metadata_for(base, "standin"))
 
 
 def main(root: Path) -> None:
@@ -27,7 +35,7 @@ def main(root: Path) -> None:
               default_sampler="ddim", default_steps="20", default_guidance="1.0", beta_schedule="linear",
               clip_sample="true", labels=json.dumps([str(i) for i in range(10)]))
     for i in range(2):
-        (root / "patches" / f"p{i}.safetensors").write_bytes(make_patch_bytes(model, "standin", seed=i))
+        (root / "patches" / f"p{i}.safetensors").write_bytes(random_patch_bytes(model, seed=i))
 
 
 if __name__ == "__main__":

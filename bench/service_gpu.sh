@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Device check of the service (DMP_DEVICE=cuda): generation, determinism in batches, hot swap, load numbers.
-# Usage on a GPU machine, from the repo root: bash tests/api/gpu_check.sh OUTDIR
+# Stage 5 of scripts/gpu_checks.sh (SERVICE=1 OUT=... scripts/gpu_checks.sh); alone: bash bench/service_gpu.sh OUTDIR
 set -u
 OUT=${1:-/tmp/gpu_check}; mkdir -p "$OUT"; W=/tmp/gpu_standin; PORT=8790
-python3 tests/api/make_standin.py $W || exit 1
+python3 -m bench.make_standin $W || exit 1
 for RUN in ${RUNS:-bfloat16:true float32:true bfloat16:false}; do
   DTYPE=${RUN%%:*}; GRAPHS=${RUN##*:}; TAG=${DTYPE}_graphs-$GRAPHS
   DMP_DEVICE=cuda DMP_DTYPE=$DTYPE DMP_CUDA_GRAPHS=$GRAPHS DMP_MODEL_DIR=$W/models DMP_PATCH_DIR=$W/patches DMP_ADMIN_TOKEN=t \
@@ -30,7 +30,7 @@ print("$TAG batch-mates codes", set(codes), "probes identical in batch:", same)
 m = httpx.get(u + "/metrics").text
 print([l for l in m.splitlines() if l.startswith(("dmp_batch_size_sum", "dmp_batch_size_count", "dmp_device_memory", "dmp_cuda_graph"))])
 PY
-  python3 tests/api/loadtest.py --url http://127.0.0.1:$PORT --model standin --class-label 3 --patches p0,p1 \
+  python3 -m bench.loadtest --url http://127.0.0.1:$PORT --model standin --class-label 3 --patches p0,p1 \
     --steps 20 --per-client 8 --clients 1,4,16,64 | tee "$OUT/load_$TAG.md"
   kill $PID; wait $PID
 done
