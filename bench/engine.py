@@ -29,8 +29,8 @@ from app.model.sampling import denoise_step, make_scheduler, new_job
 from bench.churn import churn_suite
 from bench.diffusers_ref import diffusers_math, diffusers_sample, to_diffusers
 
-XL2_GFLOP_PER_ROW = 237.0  # DESIGN §7: one XL/2 forward of one sample at 256 px (2 x 118.6 GMACs)
-BF16_TFLOPS = 790.0  # measured bf16 GEMM rate on an H200 here (DESIGN §7, KINDS.md)
+XL2_GFLOP_PER_ROW = 237.0  # docs/design.md §7: one XL/2 forward of one sample at 256 px (2 x 118.6 GMACs)
+BF16_TFLOPS = 790.0  # measured bf16 GEMM rate on an H200 here (docs/design.md §7)
 DEMO_SHAPE = dict(input_size=32, patch_size=4, in_channels=1, hidden_size=128, depth=8, num_heads=4,
                   num_classes=10, learn_sigma=True)  # app/trainer/train.py's pretrain defaults
 

@@ -1,4 +1,4 @@
-"""Tiny random latent bases written in every layout a user brings (DESIGN §4b), for the layout and trainer tests."""
+"""Tiny random latent bases in every layout a user brings (docs/design.md §4b), for the layout and trainer tests."""
 from __future__ import annotations
 
 import json

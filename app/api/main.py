@@ -32,7 +32,7 @@ async def lifespan(app: FastAPI):
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     app = FastAPI(title="DMP patch server", version="0.1.0", lifespan=lifespan,
-                  description="Diffusion transformers served with hot-swappable DMP patches (DESIGN §4).")
+                  description="Diffusion transformers served with hot-swappable DMP patches (docs/design.md §4).")
     app.state.settings = settings
     app.state.engine = Engine(settings, Metrics())
     app.state.keys = KeyGate(settings, app.state.engine.metrics)  # a bad DMP_API_KEYS stops the start here

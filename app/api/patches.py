@@ -15,7 +15,7 @@ from app.registry.registry import PatchRegistry
 
 router = APIRouter(prefix="/patches", tags=["patches"])
 PatchName = Annotated[str, Path(pattern=NAME_PATTERN, description="Letters, digits, '.', '_', '-'; at most 64")]
-UPLOAD_BODY = {"requestBody": {"required": True, "description": "The patch file (DESIGN §3 safetensors)",
+UPLOAD_BODY = {"requestBody": {"required": True, "description": "The patch file (docs/design.md §3 safetensors)",
                                "content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                    "format": "binary"}}}}}
 

@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (DESIGN §4)."""
+"""Request and response bodies of the HTTP API (docs/design.md §4)."""
 from __future__ import annotations
 
 from typing import Annotated, Literal

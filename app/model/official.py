@@ -3,7 +3,7 @@
 Its checkpoint is `{"model", "ema", "opt", "config"}`: each of model/ema a facebookresearch/DiT state dict plus
 `prompt_embeddings (pt_depth, N, D)`, `gate.weight (N, D+1)`, `gate.bias (N,)`, `w_noise (D, N)`; `config` is its
 Hydra (OmegaConf) config, read here without running any of its code. Its "add" mode with the linear gate on
-c = t_emb + y_emb and k = int(topk * N) kept prompts is exactly DESIGN §2, so the patch reproduces its forward.
+c = t_emb + y_emb and k = int(topk * N) kept prompts is exactly docs/design.md §2: the patch reproduces its forward.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def import_dmp(ckpt, base_out, patch_out, *, name: str | None = None, domain: st
     mode = _get(cfg, "models.vp.type", _get(cfg, "general.type", "add"))
     if mode != "add":
         raise CheckpointError(f"vp.type={mode!r}: only the 'add' mode converts (prepend adds tokens to the sequence, "
-                              "which a patch of DESIGN §2 cannot express)")
+                              "which a patch of docs/design.md §2 cannot express)")
     gate_type = _get(cfg, "models.vp.gate_type", _get(cfg, "general.gate_type", "linear"))
     if gate_type not in ("linear", "PT"):
         raise CheckpointError(f"gate_type={gate_type!r}: only the linear gate (or PT, no gate) converts")

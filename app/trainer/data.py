@@ -1,4 +1,4 @@
-"""Data sets: the bundled ones (DESIGN §6) and an ImageFolder-style tree, as in-memory tensors with a test split.
+"""Data sets: the bundled ones (docs/design.md §6) and an ImageFolder-style tree, in-memory tensors with a test split.
 
 Images are stored as model inputs: pixels in [-1, 1] for pixel-space models, or VAE latents (computed once and
 cached on disk) for latent models. Text data sets also carry their caption embeddings (cached the same way).

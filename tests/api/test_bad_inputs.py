@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 BAD_GENERATE = [
-    ("class_label names no class", {"model": "digits", "class_label": "three"}, 400),  # names: DESIGN §4b
+    ("class_label names no class", {"model": "digits", "class_label": "three"}, 400),  # names: docs/design.md §4b
     ("class_label is an empty name", {"model": "digits", "class_label": ""}, 422),
     ("class_label is a float", {"model": "digits", "class_label": 3.5}, 422),
     ("class_label is a bool", {"model": "digits", "class_label": True}, 422),

@@ -1,4 +1,4 @@
-"""DMP math (DESIGN §2): zero-init identity, gates, top-k, balancing losses, pool, baselines."""
+"""DMP math (docs/design.md §2): zero-init identity, gates, top-k, balancing losses, pool, baselines."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Patch files (DESIGN §3): round trip, and every refusal raises PatchError naming the problem."""
+"""Patch files (docs/design.md §3): round trip, and every refusal raises PatchError naming the problem."""
 import json
 import pickle
 

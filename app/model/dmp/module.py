@@ -81,7 +81,7 @@ class DMP(nn.Module):
         out = {"prompts": self.prompts.detach() * self.gate_scale}
         if self.method == "dmp":
             out |= {"gate.weight": self.gate.weight.detach(), "gate.bias": self.gate.bias.detach(),
-                    "gate.w_noise": self.w_noise.detach()}  # (D, N) as in DESIGN §3
+                    "gate.w_noise": self.w_noise.detach()}  # (D, N) as in docs/design.md §3
         return out
 
 

@@ -25,7 +25,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def patch_to_bytes(patch: DMP, **metadata) -> bytes:
-    """Serialise a patch to safetensors bytes with the DESIGN §3 metadata."""
+    """Serialise a patch to safetensors bytes with the docs/design.md §3 metadata."""
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "method": patch.method,
         "hidden_size": str(patch.hidden_size), "num_tokens": str(patch.num_tokens),
@@ -80,7 +80,7 @@ def _int_meta(meta: dict, key: str) -> int:
 
 
 def patch_from_bytes(data: bytes, base=None, max_bytes: int = DEFAULT_MAX_PATCH_BYTES) -> DMP:
-    """Validate safetensors bytes in full (DESIGN §3) and build the patch; raises PatchError."""
+    """Validate safetensors bytes in full (docs/design.md §3) and build the patch; raises PatchError."""
     if len(data) > max_bytes:
         raise PatchError(f"patch is {len(data)} bytes, over the {max_bytes}-byte cap")
     header = read_header(data)
