@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 import time
@@ -13,7 +14,7 @@ log = logging.getLogger("dmp")
 
 
 def serve(args) -> int:
-    """Run until SIGTERM (0); 2 on invalid settings, 1 when the engine cannot start (reason logged)."""
+    """Run until SIGTERM (exit 0); 2 on invalid settings, 1 when the engine cannot start (reason logged)."""
     import uvicorn
     from pydantic import ValidationError
 
@@ -50,6 +51,7 @@ def serve(args) -> int:
                 log.info("drained")
             else:
                 log.warning("drain time over; %d request(s) cut", engine.inflight)
+            engine.cut()  # what is still running gets its 503 shutting_down now, not a cancelled task's 500
             self.should_exit = True
 
         def exit_if_start_fails(self):
@@ -62,11 +64,16 @@ def serve(args) -> int:
 
     # log_config=None: uvicorn's loggers propagate to the handler logs.configure installed (same format)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=settings.log_level.lower(),
-                            log_config=None, timeout_graceful_shutdown=2)
+                            log_config=None, timeout_graceful_shutdown=0.5)  # drained already: just flush replies
     server = DrainingServer(config)
     threading.Thread(target=server.exit_if_start_fails, name="dmp-start-watch", daemon=True).start()
     server.run()
-    return server.exit_code
+    # Every request is answered and the engine stopped. AnyIO's idle worker threads are not daemons and would
+    # hold interpreter exit for up to 10 s (seen: drain time + 6 s), so leave now, logs flushed.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(server.exit_code)
 
 
 def generate(args) -> int:

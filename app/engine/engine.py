@@ -144,6 +144,13 @@ class Engine:
                 self._lock.wait(end - time.monotonic())
             return self._inflight == 0
 
+    def cut(self) -> None:
+        """End of the drain: the runner stops after its current step and answers every request it still holds
+        with 503 shutting_down (their handlers reply that, as JSON)."""
+        self.state = "stopped"
+        if self.batcher is not None:
+            self.batcher.stop()
+
     def stop(self) -> None:
         self.state = "stopped"
         if self.batcher is not None:

@@ -21,7 +21,9 @@ def test_overload_gives_429_with_retry_after(start_server, class_only_dirs):
     server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"], max_queue=2,
                           max_batch=1)
     with ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda _: httpx.post(server.url + "/generate", json=SLOW, timeout=120), range(8)))
+        # 8 at once against a queue of 2: the 2 admitted share each step (fairness), so keep them short
+        replies = list(pool.map(lambda _: httpx.post(server.url + "/generate", json=SLOW | {"steps": 150},
+                                                     timeout=300), range(8)))
     codes = sorted(r.status_code for r in replies)
     assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
     for r in replies:
@@ -46,7 +48,9 @@ def test_sigterm_drains(start_server, class_only_dirs):
     server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"],
                           drain_seconds=60)
     slow: list[httpx.Response] = []
-    t = threading.Thread(target=lambda: slow.append(httpx.post(server.url + "/generate", json=SLOWER, timeout=120)))
+    # 200 of SLOWER's steps: in flight for a few seconds, done well within the drain even on a starved CPU
+    t = threading.Thread(target=lambda: slow.append(httpx.post(server.url + "/generate", json=SLOWER | {"steps": 200},
+                                                               timeout=120)))
     t.start()
     while metric(server.url, "dmp_inflight") < 1:
         time.sleep(0.05)
@@ -59,3 +63,25 @@ def test_sigterm_drains(start_server, class_only_dirs):
     t.join(120)
     assert slow and slow[0].status_code == 200, "the in-flight request was not finished"
     assert server.proc.wait(30) == 0
+
+
+def test_drain_overrun_gets_json_503_and_exits_on_time(start_server, class_only_dirs):
+    """Requests still running when DMP_DRAIN_SECONDS ends get the planned JSON 503 shutting_down (not a cancelled
+    task's plain-text 500), and the process exits within the drain time + 1 s."""
+    drain = 2.0
+    server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"],
+                          drain_seconds=drain, request_timeout=600)
+    slow: list[httpx.Response] = []
+    t = threading.Thread(target=lambda: slow.append(httpx.post(server.url + "/generate", json=SLOWER | {"steps": 999},
+                                                               timeout=120)))
+    t.start()
+    while metric(server.url, "dmp_inflight") < 1:
+        time.sleep(0.05)
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(30)
+    took = time.monotonic() - sent
+    t.join(30)
+    assert slow and slow[0].status_code == 503, slow and slow[0].text
+    assert slow[0].json()["error_type"] == "shutting_down"
+    assert code == 0 and took < drain + 1.0, took
