@@ -30,3 +30,34 @@ def test_one_bad_file_at_start_fails_alone(class_only_dirs, tmp_path):
         assert len(states) == len(BAD_HEADERS)
         r = c.post("/generate", json={"patch": "digits-dmp", "class_label": 1, "steps": 2, "seed": 1})
         assert r.status_code == 200
+
+
+def test_absurd_but_finite_values_are_422(client, tiny_dirs):
+    """1e37 prompts are finite yet black out every image: refused against the base's activation scale."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from app.model.dmp import read_header
+
+    good = (client.dirs["patches"] / "digits-dmp.safetensors").read_bytes()
+    tensors, meta = st_load(good), read_header(good)["__metadata__"]
+    for name, scale, word in (("prompts", 1e37, "token scale"), ("gate.weight", 1e30, "gate logits"),
+                              ("gate.bias", 1e6, "gate logits")):
+        data = st_save(tensors | {name: tensors[name] * 0 + scale}, metadata=meta)
+        r = client.put("/patches/absurd", content=data, headers=AUTH)
+        assert r.status_code == 422 and r.json()["error_type"] == "invalid_patch", r.text
+        assert word in r.json()["error"]
+    assert client.get("/patches/absurd").status_code == 404
+    assert client.put("/patches/absurd", content=st_save(tensors, metadata=meta), headers=AUTH).status_code == 201
+
+
+def test_shipped_patches_are_far_inside_the_bounds():
+    from app.model import load_base, load_patch
+    from app.model.dmp.bounds import PROMPT_FACTOR, activation_scale
+    from conftest import REPO
+
+    for name in ("mnist", "animals", "mnist-captions"):
+        base = load_base(REPO / "models" / f"{name}.safetensors")
+        patch = load_patch(REPO / "patches" / f"{name}-dmp.safetensors", base=base)  # passes the check
+        tokens, _ = activation_scale(base)
+        assert patch.prompts.abs().max() < 0.01 * PROMPT_FACTOR * tokens

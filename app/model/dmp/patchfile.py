@@ -13,6 +13,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from app.core.errors import PatchError
+from app.model.dmp.bounds import check_magnitudes
 from app.model.dmp.module import DMP, GATE_INPUTS, METHODS, SELECTIONS
 
 FORMAT = "dmp-patch"
@@ -136,6 +137,8 @@ def patch_from_bytes(data: bytes, base=None, max_bytes: int = DEFAULT_MAX_PATCH_
             raise PatchError(f"tensor {name!r} has non-finite values (NaN or Inf)")
     if base is not None:
         check_patch_fits(meta, base)
+        if too_large := check_magnitudes(tensors, base):
+            raise PatchError(too_large)
     patch = DMP(D, N, L, gate_input=meta["gate_input"], top_k=top_k, method=method, selection=selection)
     with torch.no_grad():
         patch.prompts.copy_(tensors["prompts"])
