@@ -68,10 +68,6 @@ class Work:
     def images(self) -> int:
         return self.spec.num_images
 
-    @property
-    def patch_label(self) -> str:
-        return self.spec.patch or "base"
-
     def cancel(self) -> None:
         """The client went away (or gave up): the runner drops this work at the next step boundary."""
         self.cancelled.set()

@@ -19,7 +19,6 @@ class MiniLMEncoder:
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(get_model_path()), device=device)
-        self.max_tokens = self.model.max_seq_length
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> torch.Tensor:

@@ -6,7 +6,6 @@ import re
 import time
 from dataclasses import dataclass, field
 
-STATES = ("loading", "ready", "failed", "retired")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 NAME_RE = re.compile(NAME_PATTERN)
 

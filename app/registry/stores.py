@@ -31,9 +31,6 @@ class DiskStore:
     def path(self, name: str) -> Path:
         return self.root / f"{name}.safetensors"
 
-    def size(self, name: str) -> int:
-        return self.path(name).stat().st_size
-
     def load(self, name: str) -> bytes | None:
         try:
             return self.path(name).read_bytes()

@@ -11,8 +11,6 @@ from app.model.loaders import infer_config
 
 from layouts import tiny_transformer
 
-from .conftest import randomize, tiny_config
-
 
 def diffusers_dit(seed=0, layers=2, classes=10, sample=16):
     return tiny_transformer(seed, classes=classes, sample=sample, layers=layers)

@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from conftest import ADMIN_TOKEN, BAD_HEADERS, asgi_client, copy_dirs, make_patch_bytes, wait_ready, with_header
+from conftest import BAD_HEADERS, asgi_client, copy_dirs, make_patch_bytes, wait_ready, with_header
 
 pytestmark = pytest.mark.redis
 CHANNEL, VERSIONS = "dmp:patch-events", "dmp:patch-versions"

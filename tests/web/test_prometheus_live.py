@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from .conftest import BASE_NAME, PATCH_NAME, TEXT_NAME, free_port
-from .test_deploy_files import DEPLOY, RULES, dashboard_queries, rules
+from .test_deploy_files import RULES, dashboard_queries, rules
 
 SCRAPE_S = 1
 # Dashboard series this run cannot produce, and why; every other query must return data.
