@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from app.core.devices import pick_device
 from app.engine.graphs import BUCKETS, GraphedForward
 from app.model.dit import DiT, DiT_models, DiTConfig
 from app.model.dmp import PatchPool, new_patch_for
@@ -274,8 +275,7 @@ def main(argv=None):
     ap.add_argument("--churn", action="store_true", help="only the 64-patches-over-8-slots case (bench/churn.py)")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(pick_device(args.device))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     steps = args.steps or (20 if args.quick else 50)

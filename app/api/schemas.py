@@ -5,7 +5,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-Sampler = Literal["ddpm", "ddim", "dpm"]
+from app.model.sampling import SAMPLERS
+
+Sampler = Literal[SAMPLERS]
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 

@@ -82,19 +82,15 @@ class Settings(BaseSettings):
 
     @cached_property
     def torch_device(self) -> str:
-        import torch
+        from app.core.devices import pick_device
 
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return pick_device(self.device)
 
     @cached_property
     def torch_dtype(self):
-        import torch
+        from app.core.devices import pick_dtype
 
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device == "cuda" else torch.float32
-        return getattr(torch, self.dtype)
+        return pick_dtype(self.dtype, self.torch_device)
 
 
 def describe_errors(error: ValidationError) -> str:

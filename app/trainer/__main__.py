@@ -6,11 +6,21 @@ import json
 import sys
 from dataclasses import fields
 
+from app.model.dmp.module import GATE_INPUTS, SELECTIONS
+from app.model.sampling import SAMPLERS
 from app.trainer.train import TrainConfig
 
 
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def option(p: argparse.ArgumentParser, name: str, overrides: dict | None = None, **kw) -> None:
+    """--name-with-dashes, its default TrainConfig's (or this command's override): each default stated once."""
+    p.add_argument("--" + name.replace("_", "-"), default=(overrides or {}).get(name, DEFAULTS[name]), **kw)
+
+
 def add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
-    d = {f.name: f.default for f in fields(TrainConfig)} | defaults
+    d = DEFAULTS | defaults
     p.add_argument("--dataset", required="dataset" not in defaults, default=d.get("dataset"),
                    help="mnist | animals | mnist-captions | digits | digits-captions | folder:PATH")
     p.add_argument("--out", required=True, help="output .safetensors (base, patch, or FT checkpoint)")
@@ -45,41 +55,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="train a base DiT from scratch (EMA weights are saved)")
-    add_train_args(p, {"lr": 3e-4, "batch_size": 256, "ema_decay": 0.999})
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--depth", type=int, default=8)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--patch-size", type=int, default=4)
-    p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--beta-schedule", default="linear", choices=["linear", "cosine"])
-    p.add_argument("--text-encoder", default="minilm")
+    pretrain = {"lr": 3e-4, "batch_size": 256, "ema_decay": 0.999}  # where pretraining differs from patching
+    add_train_args(p, pretrain)
+    option(p, "ema_decay", pretrain, type=float)
+    for name in ("hidden_size", "depth", "num_heads", "patch_size"):
+        option(p, name, type=int)
+    option(p, "learn_sigma", action=argparse.BooleanOptionalAction)
+    option(p, "beta_schedule", choices=["linear", "cosine"])
+    option(p, "text_encoder")
 
     p = sub.add_parser("patch", help="freeze a base and train a DMP patch (or the FT / PT baselines)")
     add_train_args(p, {})
     p.add_argument("--base", required=True, help="base .safetensors / .pt / diffusers folder")
     p.add_argument("--baseline", choices=["ft", "pt"], help="ft: full fine-tuning; pt: gate-less prompt tuning")
-    p.add_argument("--pt-depth", type=int, default=0, help="blocks that get prompts (0 = all)")
-    p.add_argument("--gate-input", default="c", choices=["c", "t"])
-    p.add_argument("--top-k", type=float, default=1.0, help="fraction of prompts kept (1 = soft)")
+    option(p, "pt_depth", type=int, help="blocks that get prompts (0 = all)")
+    option(p, "gate_input", choices=GATE_INPUTS)
+    option(p, "top_k", type=float, help="fraction of prompts kept (1 = soft)")
     p.add_argument("--no-noisy-gating", dest="noisy_gating", action="store_false")
-    p.add_argument("--w-importance", type=float, default=0.01)
-    p.add_argument("--w-load", type=float, default=0.01)
-    p.add_argument("--load-kind", default="smooth", choices=["smooth", "reference"])
-    p.add_argument("--gate-lr-mult", type=float, default=10.0)
-    p.add_argument("--selection", default="softmax", choices=["softmax", "hard"],
-                   help="with --top-k < 1: kept prompts weighted by a softmax over them (official code) or 1 (paper)")
-    p.add_argument("--gate-scale", type=float, default=1.0,
-                   help="ours, not the paper's: gates x this in training (num_tokens: uniform gate = PT at init)")
-    p.add_argument("--ema-decay", type=float, default=0.0,
-                   help="> 0: save an EMA of the trained weights (patch or FT model) instead of the raw ones")
-    p.add_argument("--text-encoder", default="minilm")
+    option(p, "w_importance", type=float)
+    option(p, "w_load", type=float)
+    option(p, "load_kind", choices=["smooth", "reference"])
+    option(p, "gate_lr_mult", type=float)
+    option(p, "selection", choices=SELECTIONS,
+           help="with --top-k < 1: kept prompts weighted by a softmax over them (official code) or 1 (paper)")
+    option(p, "gate_scale", type=float,
+           help="ours, not the paper's: gates x this in training (num_tokens: uniform gate = PT at init)")
+    option(p, "ema_decay", type=float,
+           help="> 0: save an EMA of the trained weights (patch or FT model) instead of the raw ones")
+    option(p, "text_encoder")
 
     p = sub.add_parser("eval", help="FID-like score, KID and class accuracy of a base with or without a patch")
     p.add_argument("--base", required=True)
     p.add_argument("--patch", default=None)
     p.add_argument("--dataset", default=None, help="defaults to the data set recorded in the base")
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm"])
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
@@ -93,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True)
     p.add_argument("--arm", action="append", default=[], metavar="LABEL=FILE", help="a patch or an FT model")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm"])
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=1.5)
     p.add_argument("--cache", default="runs/compare", help="sampled features per arm and seed")

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as collectives  # public autograd all_gather is deprecated
 
+from app.core.devices import pick_device
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -30,9 +32,7 @@ class Dist:
 
     def device(self, name: str) -> torch.device:
         """`auto` / `cuda` become this rank's own GPU (cuda:LOCAL_RANK)."""
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(name)
+        dev = torch.device(pick_device(name))
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", self.local_rank)
         return dev

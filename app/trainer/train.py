@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from app.core.devices import pick_dtype
 from app.model import DiTConfig, load_base, save_base, fingerprint
 from app.model.describe import describe, resolve_vae
 from app.model.dit import DiT
@@ -169,7 +170,7 @@ class Trainer:
         if cfg.grad_accum < 1 or cfg.batch_size % parts:
             raise ValueError(f"the global batch {cfg.batch_size} must split evenly over {self.dist.world_size} "
                              f"rank(s) x {cfg.grad_accum} accumulation step(s)")
-        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
+        amp = cfg.amp if cfg.amp != "auto" else ("none" if pick_dtype("auto", self.device) == torch.float32 else "bf16")
         self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)

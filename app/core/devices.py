@@ -1,0 +1,18 @@
+"""The one reading of "auto" for devices and dtypes, shared by the service settings, the trainer and bench/."""
+from __future__ import annotations
+
+import torch
+
+
+def pick_device(name: str = "auto") -> str:
+    """`auto`: CUDA when available, else CPU; any other name as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    """`auto`: bf16 on CUDA, fp32 elsewhere; any other name is a torch dtype (`float32`, `bfloat16`, ...)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
