@@ -26,3 +26,8 @@ async def ready(engine: EngineDep):
     if not ok:
         raise Unavailable(message, error_type=error_type)
     return Health(status="ready", detail=engine.skipped_detail() if engine.skipped else None)
+
+
+# HEAD too (some load balancers and uptime checkers probe with it); one operation each in the OpenAPI document
+for path, probe in (("/live", live), ("/ready", ready)):
+    router.add_api_route(path, probe, methods=["HEAD"], response_model=Health, include_in_schema=False)

@@ -1,18 +1,21 @@
 """/patches: list, describe, upload (hot swap) and delete patches."""
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from app.api.deps import AdminDep, RegistryDep, SettingsDep
 from app.api.responses import errors
 from app.api.schemas import PatchDetail, PatchInfo, PatchList
-from app.core.errors import PayloadTooLarge, UnsupportedMediaType
+from app.core.errors import ClientGone, PayloadTooLarge, UnsupportedMediaType
 from app.registry.records import NAME_PATTERN, PatchRecord
 from app.registry.registry import PatchRegistry
 
+log = logging.getLogger("dmp.api")
 router = APIRouter(prefix="/patches", tags=["patches"])
 PatchName = Annotated[str, Path(pattern=NAME_PATTERN, description="Letters, digits, '.', '_', '-'; at most 64")]
 UPLOAD_BODY = {"requestBody": {"required": True, "description": "The patch file (docs/design.md §3 safetensors)",
@@ -45,11 +48,15 @@ async def put_patch(name: PatchName, request: Request, response: Response, regis
         registry.metrics.patch_refusals.labels("content_type").inc()
         raise UnsupportedMediaType(f"send the patch as application/octet-stream, not {content_type or 'nothing'!r}")
     data = bytearray()
-    async for chunk in request.stream():  # count what arrives; Content-Length is not trusted
-        data += chunk
-        if len(data) > settings.max_patch_bytes:
-            registry.metrics.patch_refusals.labels("too_large").inc()
-            raise PayloadTooLarge(f"patch is over the {settings.max_patch_bytes}-byte cap (DMP_MAX_PATCH_BYTES)")
+    try:
+        async for chunk in request.stream():  # count what arrives; Content-Length is not trusted
+            data += chunk
+            if len(data) > settings.max_patch_bytes:
+                registry.metrics.patch_refusals.labels("too_large").inc()
+                raise PayloadTooLarge(f"patch is over the {settings.max_patch_bytes}-byte cap (DMP_MAX_PATCH_BYTES)")
+    except ClientDisconnect:  # the uploader went away mid-body: nothing changed, nothing to trace
+        log.warning("upload of patch %s aborted by the client after %d bytes", name, len(data))
+        raise ClientGone("the client closed the connection during the upload") from None
     record, created = await run_in_threadpool(registry.put, name, bytes(data))
     response.status_code = 201 if created else 200
     return _detail(registry, record)

@@ -38,10 +38,12 @@ class DiskStore:
             return None
 
     def save(self, name: str, data: bytes, version: str) -> None:
-        """Temp file in the same directory, fsync, rename: readers see the old or the new file, never half."""
+        """Temp file in the same directory, fsync, rename: readers see the old or the new file, never half. The
+        file takes the directory's read/write bits (mkstemp's 0600 would hide it from the shipped files' readers)."""
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-", suffix=".tmp")
         try:
+            os.fchmod(fd, self.root.stat().st_mode & 0o666)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
