@@ -35,7 +35,7 @@ class Version:
     refs: int = 0  # admitted requests pinning this version
     seated: int = 0  # running requests reading its slot: it cannot be evicted
     retired: bool = False
-    used: int = 0  # LRU clock of the last seat
+    used: int = 0  # LRU clock of the last pin or seat
 
     @property
     def residency(self) -> str:
