@@ -15,6 +15,7 @@ from app.model.describe import BaseDescription, DescriptionError, describe, is_b
 from app.model.dit import DiT
 from app.model.kernels import self_check, set_fused
 from app.model.protocols import VAE, TextEncoder
+from app.model.sampling import clips_x0
 from app.model.text import load_text_encoder
 from app.model.vae import PixelVAE, SDVAE
 from app.engine.graphs import GraphedForward, buckets_up_to
@@ -73,7 +74,7 @@ class ServedBase:
 
     @property
     def clip_sample(self) -> bool:
-        return self.vae.kind == "pixel" if self.desc.clip_sample is None else self.desc.clip_sample
+        return clips_x0(self.vae.kind) if self.desc.clip_sample is None else self.desc.clip_sample
 
     @property
     def image_size(self) -> int:

@@ -23,6 +23,11 @@ SAMPLERS = ("ddpm", "ddim", "dpm")
 TRAIN_TIMESTEPS = 1000
 
 
+def clips_x0(vae_kind: str) -> bool:
+    """The default x0 clipping: to [-1, 1] for pixel models (their data range), never for latents."""
+    return vae_kind == "pixel"
+
+
 def noise_schedule_kwargs(beta_schedule: str = "linear") -> dict:
     """DiT's training schedule: linear 1e-4..0.02 over 1000 steps, or cosine ('squaredcos_cap_v2')."""
     if beta_schedule == "cosine":
@@ -309,7 +314,7 @@ def generate(model: DiT, vae: VAE | None = None, *, y=None, captions: list[str] 
     meta = getattr(model, "meta", {})
     beta_schedule = beta_schedule or meta.get("beta_schedule", "linear")
     if clip_sample is None:
-        clip_sample = vae.kind == "pixel"
+        clip_sample = clips_x0(vae.kind)
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     conds = condition_rows(model, len(seeds), y=y, captions=captions, text_encoder=text_encoder)
     jobs = [new_job(model, y=cond, seed=s, sampler=sampler, steps=steps, guidance_scale=guidance_scale,

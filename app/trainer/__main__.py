@@ -8,6 +8,7 @@ from dataclasses import fields
 
 from app.model.dmp.module import GATE_INPUTS, SELECTIONS
 from app.model.sampling import SAMPLERS
+from app.trainer.evaluate import EVAL_SAMPLING
 from app.trainer.train import TrainConfig
 
 
@@ -88,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True)
     p.add_argument("--patch", default=None)
     p.add_argument("--dataset", default=None, help="defaults to the data set recorded in the base")
-    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=1.5)
+    p.add_argument("--sampler", default=EVAL_SAMPLING["sampler"], choices=SAMPLERS)
+    p.add_argument("--steps", type=int, default=EVAL_SAMPLING["steps"])
+    p.add_argument("--guidance-scale", type=float, default=EVAL_SAMPLING["guidance_scale"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the result here")
@@ -102,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True)
     p.add_argument("--arm", action="append", default=[], metavar="LABEL=FILE", help="a patch or an FT model")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=1.5)
+    p.add_argument("--sampler", default=EVAL_SAMPLING["sampler"], choices=SAMPLERS)
+    p.add_argument("--steps", type=int, default=EVAL_SAMPLING["steps"])
+    p.add_argument("--guidance-scale", type=float, default=EVAL_SAMPLING["guidance_scale"])
     p.add_argument("--cache", default="runs/compare", help="sampled features per arm and seed")
     p.add_argument("--boots", type=int, default=100, help="bootstrap draws for the SE of a paired difference")
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out loss per timestep decile")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.trainer.evaluate import Evaluator, eval_conditions, frechet_distance, sample_images
+from app.trainer.evaluate import EVAL_SAMPLING, Evaluator, eval_conditions, frechet_distance, sample_images
 
 
 def file_key(path) -> str:
@@ -77,7 +77,8 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
-def compare(base_path, arms: dict[str, str], seeds: list[int], *, sampler="ddim", steps=50, guidance=1.5,
+def compare(base_path, arms: dict[str, str], seeds: list[int], *, sampler=EVAL_SAMPLING["sampler"],
+            steps=EVAL_SAMPLING["steps"], guidance=EVAL_SAMPLING["guidance_scale"],
             cache="runs/compare", device="cpu", heldout=True, boots=100, classifier_dir="runs/classifiers",
             classifier_steps=3000) -> dict:
     """Every arm against the base at every seed (same seeds, same conditions); arms map label -> file."""

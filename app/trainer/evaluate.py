@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from app.model.sampling import new_job, denoise_step
+from app.model.sampling import clips_x0, denoise_step, new_job
 from app.trainer.classifier import load_classifier, save_classifier, train_classifier
 from app.trainer.data import DataSet, load_dataset
 
@@ -96,8 +96,12 @@ def eval_conditions(model, test: DataSet) -> tuple[torch.Tensor, torch.Tensor | 
     return torch.zeros(len(test), dtype=torch.long), None
 
 
+EVAL_SAMPLING = {"sampler": "ddim", "steps": 50, "guidance_scale": 1.5}  # evaluation; a trained base's serving default
+
+
 @torch.no_grad()
-def sample_images(model, y: torch.Tensor, *, patch=None, sampler="ddim", steps=50, guidance_scale=1.5, seed=0,
+def sample_images(model, y: torch.Tensor, *, patch=None, sampler=EVAL_SAMPLING["sampler"],
+                  steps=EVAL_SAMPLING["steps"], guidance_scale=EVAL_SAMPLING["guidance_scale"], seed=0,
                   chunk=1000, dtype=torch.float32, progress=False) -> torch.Tensor:
     """Samples (N, C, H, W) in [-1, 1] for conditions y, in chunks of one job each (seed + chunk index)."""
     from tqdm.auto import tqdm
@@ -108,7 +112,8 @@ def sample_images(model, y: torch.Tensor, *, patch=None, sampler="ddim", steps=5
     for i in range(0, len(y), chunk):
         yc = y[i:i + chunk].to(device)
         job = new_job(model, y=yc, seed=seed * 100_003 + i, sampler=sampler, steps=steps, n=len(yc),
-                      guidance_scale=guidance_scale, patch=patch, beta_schedule=beta_schedule, clip_sample=True,
+                      guidance_scale=guidance_scale, patch=patch, beta_schedule=beta_schedule,
+                      clip_sample=clips_x0("pixel"),  # scored in pixels: the trainer's evaluation data
                       device=device, dtype=dtype)
         for _ in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
             denoise_step(model, [job], dtype=dtype)
@@ -125,9 +130,10 @@ def load_model_and_patch(base_path, patch_path=None, device="cpu"):
     return model, patch
 
 
-def evaluate(base_path, patch_path=None, dataset: str | None = None, *, sampler="ddim", steps=50,
-             guidance_scale=1.5, seed=0, device="cpu", evaluator: Evaluator | None = None,
-             return_images=False, progress=False, classifier_steps: int = 3000, heldout=False):
+def evaluate(base_path, patch_path=None, dataset: str | None = None, *, sampler=EVAL_SAMPLING["sampler"],
+             steps=EVAL_SAMPLING["steps"], guidance_scale=EVAL_SAMPLING["guidance_scale"], seed=0, device="cpu",
+             evaluator: Evaluator | None = None, return_images=False, progress=False, classifier_steps: int = 3000,
+             heldout=False):
     """Sample one image per test item and score it; returns metrics (and the images if asked).
     heldout: also the held-out loss per timestep decile, and with a patch its paired difference to the base."""
     model, patch = load_model_and_patch(base_path, patch_path, device)

@@ -16,12 +16,14 @@ from app.core.devices import pick_dtype
 from app.model import DiTConfig, load_base, save_base, fingerprint
 from app.model.describe import describe, resolve_vae
 from app.model.dit import DiT
+from app.model.sampling import clips_x0
 from app.model.dmp import importance_loss, load_loss, new_patch_for, patch_metadata_for, save_patch
 from app.trainer.checkpoint import (load_checkpoint, load_optimizer_tensors, optimizer_tensors, restore_rng,
                                     rng_tensors, save_checkpoint)
 from app.trainer.data import DataSet, load_dataset
 from app.trainer.diffusion import Diffusion
 from app.trainer.distributed import Dist, from_env
+from app.trainer.evaluate import EVAL_SAMPLING
 from app.model.vae import vae_downscale
 
 METHODS = ("pretrain", "dmp", "pt", "ft")
@@ -400,9 +402,10 @@ class Trainer:
         # Keys the service reads (app/engine/bases.py): name, labels, defaults, schedule, vae, text encoder.
         meta = {"name": Path(cfg.out).stem, "domain": cfg.domain or cfg.dataset, "dataset": cfg.dataset,
                 "beta_schedule": self.diffusion.beta_schedule, "vae": self.train_data.meta.get("vae", "pixel"),
-                "clip_sample": "true" if self.train_data.meta.get("vae", "pixel") == "pixel" else "false",
+                "clip_sample": str(clips_x0(self.train_data.meta.get("vae", "pixel"))).lower(),
                 "labels": list(self.train_data.class_names) if self.train_data.task != "uncond" else [],
-                "default_sampler": "ddim", "default_steps": "50", "default_guidance": "1.5",
+                "default_sampler": EVAL_SAMPLING["sampler"], "default_steps": str(EVAL_SAMPLING["steps"]),
+                "default_guidance": str(EVAL_SAMPLING["guidance_scale"] if self.train_data.task != "uncond" else 1.0),
                 "train_config": config, "metrics": self.metrics()}
         if self.train_data.task == "text":
             meta["text_encoder"] = cfg.text_encoder
