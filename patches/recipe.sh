@@ -3,7 +3,8 @@
 #   models/mnist.safetensors            CPU (1 thread), deterministic: rerunning gives the same bytes' tensors
 #   models/animals.safetensors          CPU (2 threads), 16x16 like mnist
 #   models/mnist-captions.safetensors   CPU (1 thread), 16x16 like mnist, 18,265 steps
-#   patches/mnist-dmp.safetensors       the table's DMP run, seed 0 (CPU)
+#   patches/mnist-dmp.safetensors       1,000 steps, gate x64 in training (ours), lr 1e-3, EMA 0.995 (CPU); the paired
+#                                       comparison with the base is docs/results/compare-mnist*.json
 #   patches/animals-dmp.safetensors, patches/mnist-captions-dmp.safetensors   200 CPU steps each
 #   (animals base and patch made with OMP_NUM_THREADS=2: not bit-identical to a 1-thread rerun)
 #   docs/results.md + docs/results/*.png
@@ -38,9 +39,31 @@ if [ "$STAGE" != gpu ]; then   # --- CPU
   # mnist again with 3,000 further steps (seed 0) and a 10x learning-rate variant: docs/long/results.md
   $PY -m app.trainer table --plan patches/table_plan_long.json --runs runs/table_long --doc docs/long/results.md
 
+  # mnist-dmp (issue 11): the gate is multiplied by N = 64 tokens in training, so a uniform gate adds what PT would
+  # (ours, not the paper's; the file holds 64 x prompts and is an ordinary patch), prompts and gate at lr 1e-3,
+  # and the EMA (0.995) of the patch is saved. Made at commit 0844859 with exactly this command on models/mnist.
+  $PY -m app.trainer patch --base runs/cpu/mnist.safetensors --dataset mnist --image-size 16 \
+      --out runs/cpu/mnist-dmp.safetensors --steps 1000 --batch-size 64 --lr 1e-3 --gate-lr-mult 1 --gate-scale 64 \
+      --ema-decay 0.995 --seed 0 --eval-every 250 --checkpoint-every 250 --device cpu --quiet
+  # the same recipe at lr 1e-4, and PT at lr 1e-4 with the same EMA (the gate's contribution at equal init)
+  $PY -m app.trainer patch --base runs/cpu/mnist.safetensors --dataset mnist --image-size 16 \
+      --out runs/cpu/mnist-dmp-lr1e-4.safetensors --steps 1000 --batch-size 64 --gate-scale 64 \
+      --ema-decay 0.995 --seed 0 --eval-every 250 --checkpoint-every 250 --device cpu --quiet
+  $PY -m app.trainer patch --baseline pt --base runs/cpu/mnist.safetensors --dataset mnist --image-size 16 \
+      --out runs/cpu/mnist-pt-lr1e-4.safetensors --steps 1000 --batch-size 64 \
+      --ema-decay 0.995 --seed 0 --eval-every 250 --checkpoint-every 250 --device cpu --quiet
+  # paired comparisons (same sampling seeds, 500 samples, DDIM 50, guidance 1.5): docs/results_analysis.md
+  $PY -m app.trainer compare --base runs/cpu/mnist.safetensors \
+      --arm "+DMP (shipped mnist-dmp)=runs/cpu/mnist-dmp.safetensors" --seeds 0 1 \
+      --json docs/results/compare-mnist-shipped.json --markdown docs/results/compare-mnist-shipped.md
+  $PY -m app.trainer compare --base runs/cpu/mnist.safetensors --arm "+PT, lr 1e-4=runs/cpu/mnist-pt-lr1e-4.safetensors" \
+      --arm "+DMP gate x64, lr 1e-4=runs/cpu/mnist-dmp-lr1e-4.safetensors" \
+      --arm "+DMP gate x64, lr 1e-3 (shipped)=runs/cpu/mnist-dmp.safetensors" --seeds 0 \
+      --json docs/results/compare-mnist-s0.json --markdown docs/results/compare-mnist-s0.md
+
   mkdir -p models
   cp runs/cpu/mnist.safetensors models/mnist.safetensors
-  cp runs/table_cpu/mnist/dmp-s0.safetensors patches/mnist-dmp.safetensors
+  cp runs/cpu/mnist-dmp.safetensors patches/mnist-dmp.safetensors
   cp runs/cpu/animals.safetensors models/animals.safetensors
   cp runs/cpu/mnist-captions.safetensors models/mnist-captions.safetensors
   for d in animals mnist-captions; do
