@@ -65,3 +65,19 @@ def test_single_folder_is_unconditional_and_a_class_base_says_so(setup, capsys):
     code = main(["patch", "--base", str(models / "pipe"), "--dataset", f"folder:{tmp_path / 'faces'}", "--steps",
                  "1", "--device", "cpu", "--out", str(tmp_path / "x.safetensors"), "--quiet"])
     assert code == 2 and "class" in capsys.readouterr().err
+
+
+def test_captions_file_makes_a_text_data_set(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("DMP_DATA_CACHE", str(tmp_path / "cache"))
+    write_images(tmp_path / "coco" / "a", 2, seed=1)
+    write_images(tmp_path / "coco" / "b", 1, seed=2)
+    caps = {"a/0.png": "a red bus", "a/1.png": "two cats on a sofa", "b/0.png": "a bowl of soup"}
+    (tmp_path / "coco" / "captions.json").write_text(json.dumps(caps))
+    ds = image_folder(str(tmp_path / "coco"), 8, text_encoder="minilm")
+    assert ds.task == "text" and ds.captions == list(caps.values()) and tuple(ds.text.shape) == (3, 384)
+    del caps["b/0.png"]
+    (tmp_path / "coco" / "captions.json").write_text(json.dumps(caps))
+    with pytest.raises(DataError, match="no caption for 1 image"):
+        image_folder(str(tmp_path / "coco"), 8, text_encoder="minilm")
