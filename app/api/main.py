@@ -9,7 +9,7 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from app.api import generate, health, metrics, models, patches, v1
+from app.api import gates, generate, health, metrics, models, patches, v1
 from app.api.errors import install_error_handlers
 from app.api.keys import KeyGate
 from app.api.middleware import RequestContext
@@ -35,9 +35,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Diffusion transformers served with hot-swappable DMP patches (docs/design.md §4).")
     app.state.settings = settings
     app.state.engine = Engine(settings, Metrics())
+    app.state.gate_maps = gates.GateMaps(app.state.engine)
     app.state.keys = KeyGate(settings, app.state.engine.metrics)  # a bad DMP_API_KEYS stops the start here
     install_error_handlers(app)
-    for module in (generate, v1, patches, models, health, metrics):
+    for module in (generate, v1, patches, gates, models, health, metrics):
         app.include_router(module.router)
     app.add_middleware(RequestContext, metrics=app.state.engine.metrics,
                        body_limits={("POST", "/generate"): generate.MAX_BODY_BYTES,

@@ -235,9 +235,13 @@ class Engine:
     def condition(self, base: ServedBase, spec: Spec) -> torch.Tensor:
         """The model's y for this request: a label, the null class, or the caption's embedding (1, text_dim)."""
         if base.task == "text":
-            with self._encoder_lock:
-                return base.text_encoder.encode([spec.caption])
+            return self.encode(base, spec.caption)
         return torch.tensor(spec.class_label if base.task == "class" else 0)
+
+    def encode(self, base: ServedBase, caption: str) -> torch.Tensor:
+        """A caption's embedding (1, text_dim); one encoder call at a time."""
+        with self._encoder_lock:
+            return base.text_encoder.encode([caption])
 
     def check_admitting(self, internal: bool = False) -> None:
         """503 while draining or not ready (warm-up work is internal and may run before ready)."""

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.model.dmp.gatemap import gate_weights, heatmap_png
 from app.model.vae import to_uint8
 
 
@@ -26,39 +27,15 @@ def save_grid(images: torch.Tensor, path, ncol: int = 10, scale: int = 2) -> Pat
     return Path(path)
 
 
-@torch.no_grad()
 def gate_activations(model, patch, y: torch.Tensor, timesteps: int = 1000) -> torch.Tensor:
     """Gate weights (pt_depth, T, N) averaged over the conditions y, for every training timestep."""
-    device = next(model.parameters()).device
-    patch = patch.eval()
-    out = []
-    for t in range(timesteps):
-        tt = torch.full((len(y),), float(t), device=device)
-        t_emb = model.t_embedder(tt)
-        c = t_emb + model.y_embedder(y.to(device), False)
-        out.append(patch.gates(c, t_emb).mean(dim=1))  # (L, N)
-    return torch.stack(out, dim=1).cpu()  # (L, T, N)
+    return gate_weights(model, patch, y, list(range(timesteps)))
 
 
 def save_gate_heatmap(gates: torch.Tensor, path, title: str = "") -> Path:
-    """Heatmap per block of gate weight, timestep on the y axis and prompt index on the x axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Heatmap of gate weight (timestep up, prompt index across) for the first, middle and last block."""
     L = gates.shape[0]
-    shown = sorted({0, L // 2, L - 1})
-    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 4), squeeze=False)
-    for ax, l in zip(axes[0], shown):
-        im = ax.imshow(gates[l].numpy(), aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
-        ax.set_title(f"block {l}")
-        ax.set_xlabel("prompt (token) index")
-        ax.set_ylabel("timestep t")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(title)
-    fig.tight_layout()
+    png = heatmap_png(gates, list(range(gates.shape[1])), sorted({0, L // 2, L - 1}), title=title, columns=3)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    Path(path).write_bytes(png)
     return Path(path)
