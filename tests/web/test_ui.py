@@ -1,6 +1,8 @@
 """The console in a real headless Chromium against a real `python -m app serve` (see conftest.py)."""
 from __future__ import annotations
 
+import io
+import json
 import shutil
 
 import pytest
@@ -12,6 +14,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="needs the chromium and chromedriver binaries "
                                        "(Debian packages chromium, chromium-driver)")
+
+from PIL import Image  # noqa: E402
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -113,7 +117,10 @@ def test_compare_uses_same_seed_and_patch_changes_image(page):
     fill(page, "num_images", "1")
     page.find_element(By.ID, "compare").click()
     page.find_element(By.ID, "generate").click()
-    base_img, patch_img = wait_for_images(page, 2)
+    base_img, patch_img, diff_img = wait_for_images(page, 3)
+    mean = page.find_element(By.CSS_SELECTOR, "#results .diff-mean")
+    assert float(mean.get_attribute("data-mean")) > 0 and "mean |Δ|" in mean.text
+    assert natural_size(page, diff_img) == natural_size(page, base_img)
     seeds = [dd.text for dd in page.find_elements(By.CSS_SELECTOR, '#results dd[data-field="seed"]')]
     patch_names = [dd.text for dd in page.find_elements(By.CSS_SELECTOR, '#results dd[data-field="patch"]')]
     assert seeds[0] == seeds[1] and seeds[0].isdigit()
@@ -190,3 +197,90 @@ def test_patches_table_lists_the_patch(page):
     assert cells[2]  # a version string
     assert cells[3:5] == ["ready", "class"]
     assert cells[5] == "test"
+
+
+def test_compare_up_to_four_seeds(page):
+    Select(page.find_element(By.ID, "model")).select_by_value(BASE_NAME)
+    Select(page.find_element(By.ID, "patch")).select_by_value(PATCH_NAME)
+    fill(page, "seed", "40")
+    fill(page, "num_images", "1")
+    fill(page, "compare_seeds", "3")
+    page.find_element(By.ID, "compare").click()
+    page.find_element(By.ID, "generate").click()
+    wait_for_images(page, 9)
+    seeds = [dd.text for dd in page.find_elements(By.CSS_SELECTOR, '#results dd[data-field="seed"]')]
+    assert seeds == ["40", "40", "41", "41", "42", "42"]
+    assert len(page.find_elements(By.CSS_SELECTOR, "#results .diff-mean")) == 3
+    fill(page, "compare_seeds", "5")
+    page.find_element(By.ID, "generate").click()
+    assert "Seeds to compare must be 1 to 4" in wait_for_error(page).text
+    assert script_errors(page) == []
+
+
+def test_gate_heatmap_and_lines_for_the_selected_patch(page, server):
+    Select(page.find_element(By.ID, "model")).select_by_value(BASE_NAME)
+    Select(page.find_element(By.ID, "class_label")).select_by_value("2")
+    Select(page.find_element(By.ID, "patch")).select_by_value(PATCH_NAME)
+    img = WebDriverWait(page, WAIT_S).until(
+        lambda d: d.find_element(By.ID, "gates-img") if d.find_element(By.ID, "gates-img").is_displayed()
+        and d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0",
+                             d.find_element(By.ID, "gates-img")) else False, message="no gate heatmap")
+    assert "class_label=2" in img.get_attribute("src")
+    status, png = server.get(f"/patches/{PATCH_NAME}/gates.png?timesteps=50&class_label=2")
+    assert status == 200
+    served = Image.open(io.BytesIO(png)).size
+    assert natural_size(page, img) == served
+    status, body = server.get(f"/patches/{PATCH_NAME}/gates?timesteps=50&class_label=2")
+    blocks = json.loads(body)["blocks"]
+    charts = page.find_elements(By.CSS_SELECTOR, "#gates-lines svg")
+    assert len(charts) == blocks
+    assert len(charts[0].find_elements(By.TAG_NAME, "polyline")) == min(3, json.loads(body)["prompts"])
+    assert "block 0" in charts[0].text
+    assert script_errors(page) == []
+
+
+def test_generation_streams_progress_then_the_image(page):
+    Select(page.find_element(By.ID, "model")).select_by_value(BASE_NAME)
+    fill(page, "steps", "8")
+    fill(page, "seed", "3")
+    page.execute_script("""
+        window.seen = [];
+        new MutationObserver((records) => records.forEach((r) => r.addedNodes.forEach(
+            (n) => window.seen.push(n.textContent)))).observe(document.getElementById('progress-text'),
+            {childList: true});
+        window.previews = [];
+        new MutationObserver(() => window.previews.push(document.getElementById('preview').src))
+            .observe(document.getElementById('preview'), {attributes: true, attributeFilter: ['src']});""")
+    page.find_element(By.ID, "generate").click()
+    wait_for_images(page, 1)
+    seen = page.execute_script("return window.seen")
+    steps = [s.split("step ")[1] for s in seen if "step " in s]
+    assert any("queued" in s for s in seen), seen
+    assert steps and steps[-1] == "8/8", seen
+    assert [int(s.split("/")[0]) for s in steps] == sorted(int(s.split("/")[0]) for s in steps)
+    previews = [p for p in page.execute_script("return window.previews") if p.startswith("data:image/png")]
+    assert previews, "no preview image shown"
+    assert not page.find_element(By.ID, "progress").is_displayed()
+    assert script_errors(page) == []
+
+
+def dropped_disconnected(server) -> float:
+    text = server.get("/metrics")[1].decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("dmp_requests_dropped_total{") and 'reason="disconnected"' in line)
+
+
+def test_cancel_stops_the_work_on_the_server(page, server):
+    before = dropped_disconnected(server)
+    Select(page.find_element(By.ID, "model")).select_by_value(BASE_NAME)
+    fill(page, "steps", "1000")
+    fill(page, "num_images", "4")
+    page.find_element(By.ID, "generate").click()
+    WebDriverWait(page, WAIT_S).until(lambda d: "step " in d.find_element(By.ID, "progress-text").text)
+    page.find_element(By.ID, "cancel").click()
+    WebDriverWait(page, 30).until(lambda d: "Cancelled" in d.find_element(By.ID, "status").text)
+    WebDriverWait(page, 60).until(lambda d: dropped_disconnected(server) > before,
+                                  message="the server did not count the request as dropped")
+    assert page.find_elements(By.CSS_SELECTOR, "#results img") == []
+    assert not page.find_element(By.ID, "error").is_displayed()
+    assert script_errors(page) == []

@@ -4,8 +4,10 @@
 // The page lives at <root>/ui/, the API at <root>/, so a path prefix added by a proxy keeps working.
 const API = new URL("../", document.baseURI);
 const NO_PATCH = "";  // the "base" choice of the patch select
+const PREVIEWS = 4;  // evolving x0 previews per generation (SSE progress events)
+const MAX_COMPARE_SEEDS = 4;
 
-const state = { models: [], patches: [] };
+const state = { models: [], patches: [], running: null };  // running: the AbortController of a generation
 const $ = (id) => document.getElementById(id);
 
 /** An API failure carrying the service's {error, error_type} reply. */
@@ -153,6 +155,7 @@ function renderPatchTable() {
       renderModelFields();
       $("patch").value = p.name;
       renderCompareHint();
+      renderGates();
       $("patch").focus();
     });
     row.insertCell().append(use);
@@ -218,20 +221,43 @@ function requestBody(patch) {
   return body;
 }
 
-async function generate(patch, seed) {
+/** One generation streamed as SSE: the progress area follows it; `label` says which run it is. */
+async function generate(patch, seed, label, signal) {
   const body = requestBody(patch);
   if (seed !== undefined) body.seed = seed;
+  body.previews = PREVIEWS;
   const started = performance.now();
-  const headers = { "Content-Type": "application/json", Accept: "application/json" };
+  const headers = { "Content-Type": "application/json" };
   // Routers hash on it, so a patch's requests reach the replica that holds it (deploy/haproxy/haproxy.cfg).
   if (body.patch) headers["X-DMP-Patch"] = body.patch;
-  const reply = await api("generate", {
-    method: "POST",
-    headers,
-    body: JSON.stringify(body),
-  });
+  showProgress(label, "sending…", 0, 1);
+  const reply = await streamGenerate(body, headers, (name, ev) => {
+    if (name === "queued") {
+      showProgress(label, ev.position ? `queued: ${ev.position} ahead` : "queued: next", 0, 1);
+    } else if (name === "progress") {
+      showProgress(label, `step ${ev.step}/${ev.of}`, ev.step, ev.of);
+      if (ev.preview && ev.preview.length) {
+        $("preview").src = `data:image/png;base64,${ev.preview[0]}`;
+        $("preview").alt = `Preview of ${label} at step ${ev.step} of ${ev.of}`;
+        $("preview").hidden = false;
+      }
+    }
+  }, signal);
   reply.round_trip_ms = performance.now() - started;
   return reply;
+}
+
+function showProgress(label, text, value, max) {
+  $("progress").hidden = false;
+  $("progress-bar").max = max;
+  $("progress-bar").value = value;
+  $("progress-text").textContent = `${label}: ${text}`;
+}
+
+function hideProgress() {
+  $("progress").hidden = true;
+  $("preview").hidden = true;
+  $("preview").removeAttribute("src");
 }
 
 function ms(value) {
@@ -283,6 +309,54 @@ function resultCard(title, reply, prompt) {
   return card;
 }
 
+/** Seeds for a comparison: the typed one (or the server's pick for the first) then the next ones. */
+function compareSeeds() {
+  const n = numberField("compare_seeds") ?? 1;
+  if (!Number.isInteger(n) || n < 1 || n > MAX_COMPARE_SEEDS) {
+    throw new ApiError(0, `Seeds to compare must be 1 to ${MAX_COMPARE_SEEDS}`, "invalid_input");
+  }
+  return n;
+}
+
+/** base, patch and |Δ| for one seed; the base run picks the seed when none is given. */
+async function comparePair(patch, seed, prompt, signal) {
+  const base = await generate(NO_PATCH, seed, `base, seed ${seed ?? "random"}`, signal);
+  const patched = await generate(patch, base.seed, `patch ${patch}, seed ${base.seed}`, signal);
+  const row = document.createElement("div");
+  row.className = "compare-row";
+  row.append(resultCard("base", base, prompt), resultCard(`patch ${patch}`, patched, prompt),
+    await diffCard(base, patched));
+  return { row, seed: base.seed };
+}
+
+async function diffCard(base, patched) {
+  const card = document.createElement("figure");
+  card.className = "result diff";
+  const grid = document.createElement("div");
+  grid.className = "grid";
+  const fmt = `data:image/${base.output_format || "png"};base64,`;
+  let total = 0;
+  for (let i = 0; i < Math.min(base.images.length, patched.images.length); i++) {
+    const d = await differenceImage(fmt + base.images[i], fmt + patched.images[i]);
+    total += d.mean;
+    const img = document.createElement("img");
+    img.src = d.src;
+    img.alt = `Per-pixel difference of image ${i + 1}, seed ${base.seed}: brighter = changed more (white = ${d.max} of 255)`;
+    grid.append(img);
+  }
+  const mean = total / Math.max(1, base.images.length);
+  const cap = document.createElement("figcaption");
+  const head = document.createElement("strong");
+  head.textContent = "|base − patch|";
+  const meta = document.createElement("p");
+  meta.className = "diff-mean";
+  meta.dataset.mean = mean.toFixed(3);
+  meta.textContent = `mean |Δ| = ${mean.toFixed(2)} of 255` + (mean === 0 ? " (the patch changed nothing)" : "");
+  cap.append(head, meta);
+  card.append(grid, cap);
+  return card;
+}
+
 async function onSubmit(event) {
   event.preventDefault();
   clearError();
@@ -291,18 +365,26 @@ async function onSubmit(event) {
   const patch = $("patch").value;
   const compare = $("compare").checked && patch !== NO_PATCH;
   const prompt = promptText();
+  const controller = new AbortController();
+  state.running = controller;
   button.disabled = true;
+  $("cancel").hidden = false;
   results.setAttribute("aria-busy", "true");
   $("status").textContent = compare ? "Generating base and patch…" : "Generating…";
   try {
     let cards;
     if (compare) {
-      // The base run fixes the seed (the server picks one when the field is empty); the patch reuses it.
-      const base = await generate(NO_PATCH);
-      const patched = await generate(patch, base.seed);
-      cards = [resultCard("base", base, prompt), resultCard(`patch ${patch}`, patched, prompt)];
+      const n = compareSeeds();
+      const typed = $("seed").value.trim();
+      let seed = /^-?\d+$/.test(typed) ? Number(typed) : (typed || undefined);
+      cards = [];
+      for (let i = 0; i < n; i++) {
+        const pair = await comparePair(patch, seed, prompt, controller.signal);
+        cards.push(pair.row);
+        seed = pair.seed + 1;
+      }
     } else {
-      const reply = await generate(patch);
+      const reply = await generate(patch, undefined, patch || "base", controller.signal);
       cards = [resultCard(patch || "base", reply, prompt)];
     }
     results.className = compare ? "results compare" : "results";
@@ -310,10 +392,17 @@ async function onSubmit(event) {
     $("status").textContent = "Done.";
   } catch (err) {
     results.replaceChildren();  // old images next to a new error would read as its result
-    showError(err);
-    $("status").textContent = "Failed.";
+    if (err.name === "AbortError") {
+      $("status").textContent = "Cancelled: the service stops the work at its next step.";
+    } else {
+      showError(err);
+      $("status").textContent = "Failed.";
+    }
   } finally {
+    state.running = null;
+    hideProgress();
     button.disabled = false;
+    $("cancel").hidden = true;
     results.removeAttribute("aria-busy");
   }
 }
@@ -324,6 +413,7 @@ async function refresh() {
     await loadModels();
     await loadPatches();
     renderModelFields();
+    renderGates();
   } catch (err) {
     showError(err);
   }
@@ -332,8 +422,11 @@ async function refresh() {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("gen-form").addEventListener("submit", onSubmit);
-  $("model").addEventListener("change", renderModelFields);
-  $("patch").addEventListener("change", renderCompareHint);
+  $("model").addEventListener("change", () => { renderModelFields(); renderGates(); });
+  $("patch").addEventListener("change", () => { renderCompareHint(); renderGates(); });
+  $("class_label").addEventListener("change", renderGates);
+  $("caption").addEventListener("change", renderGates);
+  $("cancel").addEventListener("click", () => state.running && state.running.abort());
   $("refresh").addEventListener("click", refresh);
   refresh();
 });
