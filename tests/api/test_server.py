@@ -44,16 +44,21 @@ def test_disconnected_client_work_is_dropped(start_server, class_only_dirs):
     assert metric(server.url, "dmp_inflight") == 0
 
 
-def test_sigterm_drains(start_server, class_only_dirs):
-    server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"],
-                          drain_seconds=60)
-    slow: list[httpx.Response] = []
-    # 200 of SLOWER's steps: in flight for a few seconds, done well within the drain even on a starved CPU
-    t = threading.Thread(target=lambda: slow.append(httpx.post(server.url + "/generate", json=SLOWER | {"steps": 200},
-                                                               timeout=120)))
+def in_flight(server, body: dict) -> tuple[threading.Thread, list[httpx.Response]]:
+    """POST `body` from a thread; returns once the server counts it in flight (the reply lands in the list)."""
+    reply: list[httpx.Response] = []
+    t = threading.Thread(target=lambda: reply.append(httpx.post(server.url + "/generate", json=body, timeout=120)))
     t.start()
     while metric(server.url, "dmp_inflight") < 1:
         time.sleep(0.05)
+    return t, reply
+
+
+def test_sigterm_drains(start_server, class_only_dirs):
+    server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"],
+                          drain_seconds=60)
+    # 200 of SLOWER's steps: in flight for a few seconds, done well within the drain even on a starved CPU
+    t, slow = in_flight(server, SLOWER | {"steps": 200})
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     late = httpx.post(server.url + "/generate", json=SLOW | {"steps": 2}, timeout=10)
@@ -71,12 +76,7 @@ def test_drain_overrun_gets_json_503_and_exits_on_time(start_server, class_only_
     drain = 2.0
     server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"],
                           drain_seconds=drain, request_timeout=600)
-    slow: list[httpx.Response] = []
-    t = threading.Thread(target=lambda: slow.append(httpx.post(server.url + "/generate", json=SLOWER | {"steps": 999},
-                                                               timeout=120)))
-    t.start()
-    while metric(server.url, "dmp_inflight") < 1:
-        time.sleep(0.05)
+    t, slow = in_flight(server, SLOWER | {"steps": 999})
     sent = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     code = server.proc.wait(30)
