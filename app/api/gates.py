@@ -97,7 +97,7 @@ def get_maps(request: Request) -> GateMaps:
 MapsDep = Annotated[GateMaps, Depends(get_maps)]
 
 
-@router.get("/{name}/gates", responses=errors(404, 422, 503),
+@router.get("/{name}/gates", responses=errors(400, 404, 422, 503),
             summary="Softmax gate weights [block][timestep][prompt] of a patch for one condition")
 async def gates(name: PatchName, maps: MapsDep, registry: RegistryDep, class_label: ClassLabel = None, caption: Caption = None,
                 timesteps: Timesteps = 50):
@@ -105,7 +105,7 @@ async def gates(name: PatchName, maps: MapsDep, registry: RegistryDep, class_lab
     return {k: v for k, v in entry.items() if k != "png"}
 
 
-@router.get("/{name}/gates.png", responses={200: {"content": {"image/png": {}}}} | errors(404, 422, 503),
+@router.get("/{name}/gates.png", responses={200: {"content": {"image/png": {}}}} | errors(400, 404, 422, 503),
             response_class=Response, summary="Heatmap of a patch's gate weights, one panel per block (paper Fig. 5)")
 async def gates_png(name: PatchName, maps: MapsDep, registry: RegistryDep, class_label: ClassLabel = None, caption: Caption = None,
                     timesteps: Timesteps = 50):

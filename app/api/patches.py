@@ -10,7 +10,7 @@ from starlette.requests import ClientDisconnect
 
 from app.api.deps import AdminDep, RegistryDep, SettingsDep
 from app.api.responses import errors
-from app.api.schemas import PatchDetail, PatchInfo, PatchList
+from app.api.schemas import PatchDetail, PatchHistory, PatchInfo, PatchList
 from app.core.errors import ClientGone, PayloadTooLarge, UnsupportedMediaType
 from app.registry.records import NAME_PATTERN, PatchRecord
 from app.registry.registry import PatchRegistry
@@ -36,6 +36,13 @@ def list_patches(registry: RegistryDep):
 @router.get("/{name}", response_model=PatchDetail, responses=errors(404, 422, 503), summary="One patch")
 def get_patch(name: PatchName, registry: RegistryDep):
     return _detail(registry, registry.get(name))
+
+
+@router.get("/{name}/history", response_model=PatchHistory, responses=errors(404, 422, 503),
+            summary="Versions of a name this replica installed or deleted since it started, newest first")
+def patch_history(name: PatchName, registry: RegistryDep):
+    record = registry.records.get(name)
+    return PatchHistory(name=name, current=record.version if record else None, history=registry.history(name))
 
 
 @router.put("/{name}", response_model=PatchDetail, dependencies=[AdminDep], openapi_extra=UPLOAD_BODY,

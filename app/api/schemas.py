@@ -111,6 +111,18 @@ class PatchList(BaseModel):
     patches: list[PatchInfo]
 
 
+class PatchEvent(BaseModel):
+    version: str
+    event: str = Field(description="installed | deleted")
+    at: float = Field(description="Unix time this replica saw it")
+
+
+class PatchHistory(BaseModel):
+    name: str
+    current: str | None = Field(description="The version served now; null when deleted")
+    history: list[PatchEvent] = Field(description="Newest first; this replica's view since it started (at most 20)")
+
+
 class Health(BaseModel):
     status: str
     detail: str | None = Field(None, description="Entries of DMP_MODEL_DIR that are not served, and why")

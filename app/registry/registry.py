@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Protocol
 
 import redis
@@ -27,6 +27,8 @@ from app.registry.stores import CHANNEL, DiskStore, RedisStore, parse_event
 
 log = logging.getLogger("dmp.registry")
 RESYNC_SECONDS = 2.0
+HISTORY_PER_NAME = 20  # version events kept per name
+HISTORY_NAMES = 1000  # names whose history is kept
 PING_EVERY = 0.2  # seconds between the watcher's Redis pings
 PING_SLOW = 0.5  # a ping unanswered this long makes the replica unready (Redis hung, connection still open)
 
@@ -69,6 +71,8 @@ class PatchRegistry:
         self.connected = not self.store.shared  # Redis: set once the listener has subscribed and synced
         self._ping_ok, self._ping_started = True, None  # the watcher's last ping, and when one still in flight began
         self._reported: set = set()  # bad data already logged (each once)
+        # what this replica saw happen to each name since it started: name -> (version, event, time), oldest first
+        self._history: OrderedDict[str, deque[tuple[str, str, float]]] = OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -140,6 +144,20 @@ class PatchRegistry:
     def held_versions(self, name: str) -> list[str]:
         """Retired versions of `name` that running requests still use."""
         return [v for b in self.bases.values() for v in b.patches.held_versions(name)]
+
+    def history(self, name: str) -> list[dict]:
+        """Versions of `name` this replica installed or deleted since it started, newest first."""
+        events = self._history.get(name)
+        if events is None:
+            raise NotFound(f"no patch named {name!r} seen since this replica started", error_type="patch_not_found")
+        return [{"version": v, "event": e, "at": at} for v, e, at in reversed(list(events))]
+
+    def _note(self, name: str, version: str, event: str) -> None:
+        events = self._history.pop(name, None) or deque(maxlen=HISTORY_PER_NAME)
+        events.append((version, event, time.time()))
+        self._history[name] = events  # most recently changed last: the oldest names go first
+        while len(self._history) > HISTORY_NAMES:
+            self._history.popitem(last=False)
 
     def summary(self, record: PatchRecord) -> dict:
         """The record's fields plus where it is resident: device (in a slot), host (in memory) or stored."""
@@ -219,6 +237,7 @@ class PatchRegistry:
         record = PatchRecord(name, version, "ready", base.name, meta.get("task"), meta.get("domain"), len(data),
                              metadata=meta)
         self.records[name] = record
+        self._note(name, version, "installed")
         self._keep_bytes(name, data)
         self.metrics.patch_installs.labels(base.name).inc()
         if replaced:
@@ -265,6 +284,8 @@ class PatchRegistry:
     def _forget(self, name: str) -> None:
         record = self.records.pop(name, None)
         self._drop_bytes(name)
+        if record is not None:
+            self._note(name, record.version, "deleted")
         if record is not None and record.base in self.bases:
             self.bases[record.base].patches.withdraw(name)
 

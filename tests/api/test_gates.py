@@ -87,3 +87,19 @@ def test_a_new_version_is_not_served_from_the_cache(gclient, tiny_dirs):
     assert after["version"] != before["version"]
     want = expected(tiny_dirs["bases"]["digits"], data, 1, after["timesteps"])
     assert torch.allclose(torch.tensor(after["weights"]), want, atol=1e-4)
+
+
+def test_history_lists_versions_newest_first(gclient, tiny_dirs):
+    first = gclient.get("/patches/digits-dmp").json()["version"]
+    data = make_patch_bytes(tiny_dirs["bases"]["digits"], "digits", seed=1234)
+    assert gclient.put("/patches/hist", content=data, headers=AUTH).status_code == 201
+    assert gclient.delete("/patches/hist", headers=AUTH).status_code == 200
+    body = gclient.get("/patches/hist/history").json()
+    assert body["current"] is None
+    assert [e["event"] for e in body["history"]] == ["deleted", "installed"]
+    assert body["history"][0]["at"] >= body["history"][1]["at"]
+    main = gclient.get("/patches/digits-dmp/history").json()
+    assert main["current"] == gclient.get("/patches/digits-dmp").json()["version"]
+    assert first in [e["version"] for e in main["history"]]
+    r = gclient.get("/patches/never-seen/history")
+    assert r.status_code == 404 and r.json()["error_type"] == "patch_not_found"

@@ -24,6 +24,7 @@ BASE_NAME = "tiny"
 PATCH_NAME = "tiny-dmp"
 TEXT_NAME = "tiny-text"
 LABELS = ["circle", "square", "cross"]
+ADMIN_TOKEN = "console-test-admin-token-0123456789"
 START_TIMEOUT_S = 180  # torch import + model load + warm-up on a busy 2-core machine
 
 
@@ -39,6 +40,17 @@ class Server:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
+
+    def put_patch(self, name: str, data: bytes) -> int:
+        """PUT a patch file as the admin; returns the status."""
+        req = urllib.request.Request(self.url + f"/patches/{name}", data=data, method="PUT",
+                                     headers={"Content-Type": "application/octet-stream",
+                                              "Authorization": f"Bearer {ADMIN_TOKEN}"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status
+        except urllib.error.HTTPError as e:
+            return e.code
 
     def post_json(self, path: str, body: dict) -> tuple[int, dict]:
         """POST a JSON body; returns (status, parsed JSON reply)."""
@@ -111,7 +123,7 @@ def server(tmp_path_factory) -> Server:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DMP_")}
     env |= {"DMP_MODEL_DIR": str(root / "models"), "DMP_PATCH_DIR": str(root / "patches"), "DMP_DEVICE": "cpu",
-            "DMP_DRAIN_SECONDS": "1"}
+            "DMP_DRAIN_SECONDS": "1", "DMP_ADMIN_TOKEN": ADMIN_TOKEN}
     log = root / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],

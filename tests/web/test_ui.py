@@ -4,10 +4,12 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import urllib.request
 
 import pytest
+import torch
 
-from .conftest import BASE_NAME, LABELS, PATCH_NAME, TEXT_NAME
+from .conftest import ADMIN_TOKEN, BASE_NAME, LABELS, PATCH_NAME, TEXT_NAME, tiny_base
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -284,3 +286,63 @@ def test_cancel_stops_the_work_on_the_server(page, server):
     assert page.find_elements(By.CSS_SELECTOR, "#results img") == []
     assert not page.find_element(By.ID, "error").is_displayed()
     assert script_errors(page) == []
+
+
+def patch_file(tmp_path, seed: int):
+    """A valid patch for the `tiny` base, written to a .safetensors file."""
+    from app.model.dmp import new_patch_for, patch_metadata_for, patch_to_bytes
+
+    base = tiny_base(num_classes=len(LABELS))
+    torch.manual_seed(seed)
+    patch = new_patch_for(base)
+    with torch.no_grad():
+        for p in patch.parameters():
+            p.normal_(0, 0.5)
+    path = tmp_path / f"upload-{seed}.safetensors"
+    path.write_bytes(patch_to_bytes(patch, **patch_metadata_for(base, BASE_NAME, "uploaded")))
+    return path
+
+
+def table_names(driver) -> list[str]:
+    return [r.find_elements(By.TAG_NAME, "td")[0].text for r in driver.find_elements(By.CSS_SELECTOR, "#patches-table tbody tr")]
+
+
+def test_upload_with_a_wrong_token_shows_the_401_text(page, tmp_path):
+    fill(page, "admin_token", "not-the-token")
+    fill(page, "upload_name", "wrong-token")
+    page.find_element(By.ID, "upload_file").send_keys(str(patch_file(tmp_path, 1)))
+    page.find_element(By.ID, "upload").click()
+    error = WebDriverWait(page, 60).until(
+        lambda d: d.find_element(By.ID, "manage-error") if d.find_element(By.ID, "manage-error").is_displayed()
+        else False)
+    assert "invalid_token (HTTP 401)" in error.text and "wrong admin token" in error.text
+    assert "wrong-token" not in table_names(page)
+    assert page.execute_script("return window.localStorage.length + window.sessionStorage.length") == 0
+    assert script_errors(page) == []
+
+
+def test_upload_adds_the_patch_then_history_and_delete(page, tmp_path):
+    fill(page, "admin_token", ADMIN_TOKEN)
+    fill(page, "upload_name", "uploaded-dmp")
+    page.find_element(By.ID, "upload_file").send_keys(str(patch_file(tmp_path, 2)))
+    page.find_element(By.ID, "upload").click()
+    WebDriverWait(page, 60).until(lambda d: "uploaded-dmp" in table_names(d), message="upload not listed")
+    assert "is ready on tiny" in page.find_element(By.ID, "manage-status").text
+    assert page.execute_script("return window.localStorage.length + window.sessionStorage.length") == 0
+    page.find_element(By.CSS_SELECTOR, '[aria-label="Version history of patch uploaded-dmp"]').click()
+    history = WebDriverWait(page, 30).until(
+        lambda d: d.find_element(By.ID, "history") if d.find_element(By.ID, "history").is_displayed() else False)
+    assert "installed" in history.text and "Versions of uploaded-dmp" in history.text
+    page.find_element(By.CSS_SELECTOR, '[aria-label="Delete patch uploaded-dmp (admin)"]').click()
+    WebDriverWait(page, 60).until(lambda d: "uploaded-dmp" not in table_names(d), message="delete not shown")
+    assert script_errors(page) == []
+
+
+def test_list_follows_changes_made_elsewhere(page, server, tmp_path):
+    assert "elsewhere-dmp" not in table_names(page)
+    assert server.put_patch("elsewhere-dmp", patch_file(tmp_path, 3).read_bytes()) == 201
+    WebDriverWait(page, 30).until(lambda d: "elsewhere-dmp" in table_names(d), message="poll did not pick it up")
+    req = urllib.request.Request(server.url + "/patches/elsewhere-dmp", method="DELETE",
+                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    urllib.request.urlopen(req, timeout=30).close()
+    WebDriverWait(page, 30).until(lambda d: "elsewhere-dmp" not in table_names(d), message="poll missed the delete")

@@ -158,7 +158,21 @@ function renderPatchTable() {
       renderGates();
       $("patch").focus();
     });
-    row.insertCell().append(use);
+    const history = document.createElement("button");
+    history.type = "button";
+    history.className = "secondary small";
+    history.textContent = "History";
+    history.setAttribute("aria-label", `Version history of patch ${p.name}`);
+    history.addEventListener("click", () => showHistory(p.name));
+    const del = document.createElement("button");
+    del.type = "button";
+    del.className = "danger small";
+    del.textContent = "Delete";
+    del.setAttribute("aria-label", `Delete patch ${p.name} (admin)`);
+    del.addEventListener("click", () => deletePatch(p.name));
+    const actions = row.insertCell();
+    actions.className = "actions";
+    actions.append(use, history, del);
     return row;
   });
   body.replaceChildren(...rows);
@@ -175,10 +189,7 @@ async function loadModels() {
 }
 
 async function loadPatches() {
-  const { patches } = await api("patches");
-  state.patches = patches || [];
-  renderPatchTable();
-  renderPatchOptions();
+  await pollPatches();
 }
 
 async function checkHealth() {
@@ -428,5 +439,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("caption").addEventListener("change", renderGates);
   $("cancel").addEventListener("click", () => state.running && state.running.abort());
   $("refresh").addEventListener("click", refresh);
+  $("upload-form").addEventListener("submit", onUpload);
+  startPolling();
   refresh();
 });
