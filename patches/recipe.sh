@@ -54,7 +54,7 @@ if [ "$STAGE" != gpu ]; then   # --- CPU
       --ema-decay 0.995 --seed 0 --eval-every 250 --checkpoint-every 250 --device cpu --quiet
   # paired comparisons (same sampling seeds, 500 samples, DDIM 50, guidance 1.5): docs/results_analysis.md
   $PY -m app.trainer compare --base runs/cpu/mnist.safetensors \
-      --arm "+DMP (shipped mnist-dmp)=runs/cpu/mnist-dmp.safetensors" --seeds 0 1 \
+      --arm "+DMP (shipped mnist-dmp)=runs/cpu/mnist-dmp.safetensors" --seeds 0 1 2 \
       --json docs/results/compare-mnist-shipped.json --markdown docs/results/compare-mnist-shipped.md
   $PY -m app.trainer compare --base runs/cpu/mnist.safetensors --arm "+PT, lr 1e-4=runs/cpu/mnist-pt-lr1e-4.safetensors" \
       --arm "+DMP gate x64, lr 1e-4=runs/cpu/mnist-dmp-lr1e-4.safetensors" \
