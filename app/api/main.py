@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api import gates, generate, health, metrics, models, patches, v1
 from app.api.errors import install_error_handlers
 from app.api.keys import KeyGate
-from app.api.middleware import RequestContext
+from app.api.middleware import ConsoleHeaders, RequestContext
 from app.core.config import Settings
 from app.core.metrics import Metrics
 from app.engine.engine import Engine
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext, metrics=app.state.engine.metrics,
                        body_limits={("POST", "/generate"): generate.MAX_BODY_BYTES,
                                     ("POST", "/v1/images/generations"): generate.MAX_BODY_BYTES})
+    app.add_middleware(ConsoleHeaders)
     app.mount("/ui", StaticFiles(directory=STATIC_DIR, html=True), name="ui")  # shipped as package data
 
     @app.get("/", include_in_schema=False)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -346,3 +348,68 @@ def test_list_follows_changes_made_elsewhere(page, server, tmp_path):
                                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     urllib.request.urlopen(req, timeout=30).close()
     WebDriverWait(page, 30).until(lambda d: "elsewhere-dmp" not in table_names(d), message="poll missed the delete")
+
+
+def test_service_glance_reads_metrics(page, server):
+    status, _ = server.post_json("/generate", {"model": BASE_NAME, "class_label": 0, "num_images": 3})
+    assert status == 200
+    WebDriverWait(page, 30).until(lambda d: "waiting" in d.find_element(By.ID, "glance-queue").text)
+    assert page.find_element(By.ID, "glance-queue").text.split()[0].isdigit()
+    # images/s needs two scrapes; the p95 comes from dmp_generate_seconds
+    WebDriverWait(page, 30).until(lambda d: "images/s" in d.find_element(By.ID, "glance-rate").text)
+    assert page.find_element(By.ID, "glance-p95").text.split()[1] == "ms"
+    assert script_errors(page) == []
+
+
+def test_csp_forbids_external_resources(page, server):
+    with urllib.request.urlopen(server.url + "/ui/", timeout=30) as resp:
+        csp = resp.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "connect-src 'self'" in csp
+    blocked = page.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        document.addEventListener('securitypolicyviolation', (e) => done(e.blockedURI), {once: true});
+        const img = new Image();
+        img.src = 'http://example.invalid/pixel.png';
+        setTimeout(() => done(null), 5000);""")
+    assert blocked and blocked.startswith("http://example.invalid")
+    page.get_log("browser")  # the violation report itself is expected here
+
+
+SHOT_VIEWS = {"glance": "section[aria-labelledby=glance-title]", "generate": "section[aria-labelledby=gen-title]",
+              "result": "section[aria-labelledby=out-title]", "gates": "section[aria-labelledby=gates-title]",
+              "patches": "section[aria-labelledby=patches-title]"}
+
+
+@pytest.mark.parametrize("width", [1280, 375])
+def test_screenshots_of_each_view(page, tmp_path_factory, width):
+    """Each view at desktop and phone width, saved under a tmp dir (and DMP_CONSOLE_SHOTS when set)."""
+    out = tmp_path_factory.mktemp(f"console-{width}")
+    keep = os.environ.get("DMP_CONSOLE_SHOTS")
+    page.set_window_size(width, 1400)
+    try:
+        Select(page.find_element(By.ID, "model")).select_by_value(BASE_NAME)
+        Select(page.find_element(By.ID, "class_label")).select_by_value("0")
+        Select(page.find_element(By.ID, "patch")).select_by_value(PATCH_NAME)
+        fill(page, "seed", "11")
+        fill(page, "num_images", "2")
+        fill(page, "compare_seeds", "2")
+        page.find_element(By.ID, "compare").click()
+        page.find_element(By.ID, "generate").click()
+        wait_for_images(page, 12)
+        WebDriverWait(page, WAIT_S).until(lambda d: d.execute_script(
+            "const i = document.getElementById('gates-img'); return i.complete && i.naturalWidth > 0"))
+        WebDriverWait(page, 30).until(lambda d: "images/s" in d.find_element(By.ID, "glance-rate").text)
+        page.find_element(By.CSS_SELECTOR, f'[aria-label="Version history of patch {PATCH_NAME}"]').click()
+        WebDriverWait(page, 30).until(lambda d: d.find_element(By.ID, "history").is_displayed())
+        # nothing wider than the window: no sideways scrolling at 375 px
+        assert page.execute_script("return document.documentElement.scrollWidth") <= width
+        for view, selector in SHOT_VIEWS.items():
+            png = page.find_element(By.CSS_SELECTOR, selector).screenshot_as_png
+            (out / f"{view}-{width}.png").write_bytes(png)
+            if keep:
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                (Path(keep) / f"{view}-{width}.png").write_bytes(png)
+            assert Image.open(io.BytesIO(png)).size[0] <= width
+    finally:
+        page.set_window_size(1280, 1000)
+    assert script_errors(page) == []

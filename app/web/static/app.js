@@ -441,5 +441,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("refresh").addEventListener("click", refresh);
   $("upload-form").addEventListener("submit", onUpload);
   startPolling();
+  startGlance();
   refresh();
 });
