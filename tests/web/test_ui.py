@@ -306,7 +306,9 @@ def patch_file(tmp_path, seed: int):
 
 
 def table_names(driver) -> list[str]:
-    return [r.find_elements(By.TAG_NAME, "td")[0].text for r in driver.find_elements(By.CSS_SELECTOR, "#patches-table tbody tr")]
+    """The names in the patch table, read in one script (the poll may re-render it between selenium calls)."""
+    return driver.execute_script("return [...document.querySelectorAll('#patches-table tbody tr')]"
+                                 ".map((r) => r.cells[0].textContent)")
 
 
 def test_upload_with_a_wrong_token_shows_the_401_text(page, tmp_path):
