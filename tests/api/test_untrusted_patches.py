@@ -60,4 +60,5 @@ def test_shipped_patches_are_far_inside_the_bounds():
         base = load_base(REPO / "models" / f"{name}.safetensors")
         patch = load_patch(REPO / "patches" / f"{name}-dmp.safetensors", base=base)  # passes the check
         tokens, _ = activation_scale(base)
-        assert patch.prompts.abs().max() < 0.01 * PROMPT_FACTOR * tokens
+        # 5 % of the bound: mnist-dmp (issue 11: gate x64 folded into its prompts) peaks at 1.6 %
+        assert patch.prompts.abs().max() < 0.05 * PROMPT_FACTOR * tokens
