@@ -2,8 +2,8 @@
 (every image comes out black), so a patch is refused when its values are out of all proportion to the base's.
 
 - prompts: |P| <= PROMPT_FACTOR x the largest |token| the base feeds its first block (patch embedding + position
-  embedding of unit-Gaussian latents). Trained patches sit far below: the demo patches at 0.5-1.3 % of that scale.
-- gate: the largest logit a row can reach, sum_j |W_ij| x max(|gate input|, depth) + |b_i|, at most
+  embedding of unit-Gaussian latents). Trained patches sit far below (the demo patches under 2 % of the bound).
+- gate: the largest logit a row can reach, sum_j<D |W_ij| x |gate input| + |W_iD| x (pt_depth - 1) + |b_i|, at most
   MAX_GATE_LOGIT (softmax is saturated long before; an overflow to inf would make the gates NaN). The gate input's
   scale is the largest |c| (or |t_embed|) of the base over timesteps 0-999 and the null condition.
 """
@@ -41,8 +41,9 @@ def check_magnitudes(tensors: dict[str, torch.Tensor], base) -> str | None:
         return (f"prompts reach |{prompts:.3g}|, over {PROMPT_FACTOR:g} x this base's token scale {tokens:.3g} "
                 f"(bound {PROMPT_FACTOR * tokens:.3g})")
     if "gate.weight" in tensors:
-        reach = max(gate_input, base.config.depth)
-        logits = (tensors["gate.weight"].float().abs().sum(1) * reach + tensors["gate.bias"].float().abs()).max()
+        w = tensors["gate.weight"].float().abs()  # (N, D + 1): the last column multiplies the raw depth index
+        depth = int(tensors["prompts"].shape[0]) - 1
+        logits = (w[:, :-1].sum(1) * gate_input + w[:, -1] * depth + tensors["gate.bias"].float().abs()).max()
         if logits.item() > MAX_GATE_LOGIT:
             return (f"gate logits can reach |{logits.item():.3g}|, over {MAX_GATE_LOGIT:g} (gate input scale "
                     f"{gate_input:.3g} of this base)")
