@@ -203,14 +203,20 @@ def test_patches_table_lists_the_patch(page):
     assert cells[5] == "test"
 
 
-def test_compare_up_to_four_seeds(page):
+def start_compare(page, seed: str, images: str, seeds: str, class_label: str = "0") -> None:
+    """Compare base and patch for `seeds` seeds from `seed`, `images` images each."""
     Select(page.find_element(By.ID, "model")).select_by_value(BASE_NAME)
+    Select(page.find_element(By.ID, "class_label")).select_by_value(class_label)
     Select(page.find_element(By.ID, "patch")).select_by_value(PATCH_NAME)
-    fill(page, "seed", "40")
-    fill(page, "num_images", "1")
-    fill(page, "compare_seeds", "3")
+    fill(page, "seed", seed)
+    fill(page, "num_images", images)
+    fill(page, "compare_seeds", seeds)
     page.find_element(By.ID, "compare").click()
     page.find_element(By.ID, "generate").click()
+
+
+def test_compare_up_to_four_seeds(page):
+    start_compare(page, "40", "1", "3")
     wait_for_images(page, 9)
     seeds = [dd.text for dd in page.find_elements(By.CSS_SELECTOR, '#results dd[data-field="seed"]')]
     assert seeds == ["40", "40", "41", "41", "42", "42"]
@@ -389,14 +395,7 @@ def test_screenshots_of_each_view(page, tmp_path_factory, width):
     keep = os.environ.get("DMP_CONSOLE_SHOTS")
     page.set_window_size(width, 1400)
     try:
-        Select(page.find_element(By.ID, "model")).select_by_value(BASE_NAME)
-        Select(page.find_element(By.ID, "class_label")).select_by_value("0")
-        Select(page.find_element(By.ID, "patch")).select_by_value(PATCH_NAME)
-        fill(page, "seed", "11")
-        fill(page, "num_images", "2")
-        fill(page, "compare_seeds", "2")
-        page.find_element(By.ID, "compare").click()
-        page.find_element(By.ID, "generate").click()
+        start_compare(page, "11", "2", "2")
         wait_for_images(page, 12)
         WebDriverWait(page, WAIT_S).until(lambda d: d.execute_script(
             "const i = document.getElementById('gates-img'); return i.complete && i.naturalWidth > 0"))
