@@ -293,15 +293,25 @@ def split_indices(n: int, test_fraction: float = TEST_FRACTION, seed: int = SPLI
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
+def _build(name: str, image_size: int, **kwargs) -> DataSet:
+    if name.startswith("folder:"):
+        return image_folder(name.removeprefix("folder:"), image_size, **kwargs)
+    return bundled(name, image_size, **kwargs)
+
+
 def load_dataset(name: str, split: str = "train", image_size: int = 32, **kwargs) -> DataSet:
     """A data set by name ('mnist', ..., or 'folder:PATH') and split ('train', 'test' or 'all')."""
-    if name.startswith("folder:"):
-        ds = image_folder(name.removeprefix("folder:"), image_size, **kwargs)
-    else:
-        ds = bundled(name, image_size, **kwargs)
+    if split not in ("train", "test", "all"):
+        raise DataError(f"split must be train, test or all, got {split!r}")
+    ds = _build(name, image_size, **kwargs)
     if split == "all":
         return ds
     train, test = split_indices(len(ds))
-    if split not in ("train", "test"):
-        raise DataError(f"split must be train, test or all, got {split!r}")
     return ds.subset(train if split == "train" else test)
+
+
+def load_splits(name: str, image_size: int = 32, **kwargs) -> tuple[DataSet, DataSet]:
+    """The train and test splits of one data set, built (decoded, encoded, embedded) once."""
+    ds = _build(name, image_size, **kwargs)
+    train, test = split_indices(len(ds))
+    return ds.subset(train), ds.subset(test)

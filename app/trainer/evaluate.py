@@ -11,7 +11,7 @@ from scipy import linalg
 
 from app.model.sampling import clips_x0, denoise_step, new_job
 from app.trainer.classifier import load_classifier, save_classifier, train_classifier
-from app.trainer.data import DataSet, load_dataset
+from app.trainer.data import DataSet, load_splits
 
 
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -47,7 +47,7 @@ class Evaluator:
     def __init__(self, dataset: str, image_size: int = 32, device="cpu", classifier_dir="runs/classifiers",
                  classifier_steps: int = 3000, progress: bool = True):
         self.device = device
-        self.train, self.test = load_dataset(dataset, "train", image_size), load_dataset(dataset, "test", image_size)
+        self.train, self.test = load_splits(dataset, image_size)
         eval_name = dataset.removesuffix("-captions")  # captioned digits use the digit classifier
         path = Path(classifier_dir) / f"{eval_name}-{image_size}.safetensors"
         if path.exists():

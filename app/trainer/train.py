@@ -20,7 +20,7 @@ from app.model.sampling import clips_x0
 from app.model.dmp import importance_loss, load_loss, new_patch_for, patch_metadata_for, save_patch
 from app.trainer.checkpoint import (load_checkpoint, load_optimizer_tensors, optimizer_tensors, restore_rng,
                                     rng_tensors, save_checkpoint)
-from app.trainer.data import DataSet, load_dataset
+from app.trainer.data import DataSet, load_splits
 from app.trainer.diffusion import Diffusion
 from app.trainer.distributed import Dist, from_env
 from app.trainer.evaluate import EVAL_SAMPLING
@@ -187,8 +187,7 @@ class Trainer:
             data_kw = self.base_data_kwargs(cfg)
         size = cfg.image_size if self.desc is None else self.pixel_size
         with self.dist.main_first():  # rank 0 builds any data cache (latents, caption embeddings), the others read it
-            self.train_data = load_dataset(cfg.dataset, "train", size, **data_kw)
-            self.test_data = load_dataset(cfg.dataset, "test", size, **data_kw)
+            self.train_data, self.test_data = load_splits(cfg.dataset, size, **data_kw)
         self.train_data, self.test_data = self.train_data.to(self.device), self.test_data.to(self.device)
         self.hflip = self.train_data.hflip if cfg.hflip == "auto" else cfg.hflip == "on"
         if cfg.method == "pretrain":

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app.trainer.data import DataError, load_animals_raw, load_dataset
+from app.trainer.data import DataError, load_animals_raw, load_dataset, load_splits
 
 
 def test_image_folder_loads_resizes_and_caches(tmp_path, monkeypatch):
@@ -42,6 +42,8 @@ def test_bundled_sets_and_disjoint_splits():
     train, test = load_dataset("mnist", "train", 32), load_dataset("mnist", "test", 32)
     assert train.x.shape[1:] == (1, 32, 32) and len(train) + len(test) == 5000 and len(test) == 500
     assert not set(map(bytes, train.x[:200].numpy())) & set(map(bytes, test.x.numpy()))
+    both = load_splits("mnist", 32)  # one build, the same two splits
+    assert torch.equal(both[0].x, train.x) and torch.equal(both[1].x, test.x)
     animals = load_dataset("animals", "test", 32)
     assert animals.task == "uncond" and animals.num_classes == 0 and animals.hflip
     assert (animals.cond(torch.arange(4)) == 0).all()
