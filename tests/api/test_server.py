@@ -47,7 +47,7 @@ def test_disconnected_client_work_is_dropped(start_server, class_only_dirs):
 def in_flight(server, body: dict) -> tuple[threading.Thread, list[httpx.Response]]:
     """POST `body` from a thread; returns once the server counts it in flight (the reply lands in the list)."""
     reply: list[httpx.Response] = []
-    t = threading.Thread(target=lambda: reply.append(httpx.post(server.url + "/generate", json=body, timeout=120)))
+    t = threading.Thread(target=lambda: reply.append(httpx.post(server.url + "/generate", json=body, timeout=300)))
     t.start()
     while metric(server.url, "dmp_inflight") < 1:
         time.sleep(0.05)
@@ -56,16 +56,17 @@ def in_flight(server, body: dict) -> tuple[threading.Thread, list[httpx.Response
 
 def test_sigterm_drains(start_server, class_only_dirs):
     server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"],
-                          drain_seconds=60)
-    # 200 of SLOWER's steps: in flight for a few seconds, done well within the drain even on a starved CPU
-    t, slow = in_flight(server, SLOWER | {"steps": 200})
+                          drain_seconds=300, request_timeout=600)
+    # All 1000 of SLOWER's steps, so the request is still running when the late one arrives on an idle fast machine
+    # (200 steps ended within the 0.3 s below, and the drained server was gone); the long drain covers a starved CPU.
+    t, slow = in_flight(server, SLOWER)
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     late = httpx.post(server.url + "/generate", json=SLOW | {"steps": 2}, timeout=10)
     assert late.status_code == 503 and late.json()["error_type"] == "draining"
     ready = httpx.get(server.url + "/health/ready", timeout=10)
     assert ready.status_code == 503 and ready.json()["error_type"] == "draining"
-    t.join(120)
+    t.join(300)
     assert slow and slow[0].status_code == 200, "the in-flight request was not finished"
     assert server.proc.wait(30) == 0
 
