@@ -10,6 +10,7 @@ import httpx
 
 SLOW = {"class_label": 1, "steps": 400, "seed": 1}  # ~a second on the tiny model
 SLOWER = {"class_label": 1, "steps": 1000, "num_images": 8, "guidance_scale": 2.0, "seed": 1}  # 16 rows x 1000
+HEAVY_LIMITS = {"max_images": 64, "max_cost": 64_000}  # lets the drain tests hold work that outlasts a fast machine
 
 
 def metric(url: str, name: str) -> float:
@@ -56,10 +57,10 @@ def in_flight(server, body: dict) -> tuple[threading.Thread, list[httpx.Response
 
 def test_sigterm_drains(start_server, class_only_dirs):
     server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"],
-                          drain_seconds=300, request_timeout=600)
-    # All 1000 of SLOWER's steps, so the request is still running when the late one arrives on an idle fast machine
-    # (200 steps ended within the 0.3 s below, and the drained server was gone); the long drain covers a starved CPU.
-    t, slow = in_flight(server, SLOWER)
+                          drain_seconds=300, request_timeout=600, **HEAVY_LIMITS)
+    # 4x SLOWER's work (~5 s on an idle 2-core box, where SLOWER itself took 1.2 s and 200 steps ended before the late
+    # request below, the drained server gone); the long drain covers a starved CPU.
+    t, slow = in_flight(server, SLOWER | {"num_images": 32})
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     late = httpx.post(server.url + "/generate", json=SLOW | {"steps": 2}, timeout=10)
@@ -76,8 +77,8 @@ def test_drain_overrun_gets_json_503_and_exits_on_time(start_server, class_only_
     task's plain-text 500), and the process exits within the drain time + 1 s."""
     drain = 2.0
     server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"],
-                          drain_seconds=drain, request_timeout=600)
-    t, slow = in_flight(server, SLOWER | {"steps": 999})
+                          drain_seconds=drain, request_timeout=600, **HEAVY_LIMITS)
+    t, slow = in_flight(server, SLOWER | {"num_images": 64})  # ~10 s idle: always past the 2 s drain
     sent = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     code = server.proc.wait(30)
