@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="paired comparison of a base with patches / FT models over sampling seeds")
     p.add_argument("--base", required=True)
-    p.add_argument("--arm", action="append", default=[], metavar="LABEL=FILE", help="a patch or an FT model")
+    p.add_argument("--arm", action="append", default=[], metavar="LABEL=FILE[,FILE...]",
+                   help="a patch or an FT model; several files = training runs (seeds) of one recipe")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--sampler", default=EVAL_SAMPLING["sampler"], choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=EVAL_SAMPLING["steps"])

@@ -77,11 +77,41 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
-def compare(base_path, arms: dict[str, str], seeds: list[int], *, sampler=EVAL_SAMPLING["sampler"],
+SUMMARY_KEYS = ("d_fid_like", "d_fid_like_pct", "d_fid_like_test", "d_fid_like_test_pct", "d_class_acc")
+
+
+def summarise(runs: list[dict], seeds: list[int]) -> dict:
+    """Mean ± SE of each paired difference: over training runs (each averaged over the sampling seeds) when the
+    arm has several, else over the sampling seeds of its one run."""
+    summary = {}
+    for key in SUMMARY_KEYS:
+        if key not in runs[0]["per_seed"][seeds[0]]:
+            continue
+        if len(runs) > 1:
+            m, se = mean_se([statistics.fmean(r["per_seed"][s][key] for s in seeds) for r in runs])
+            summary[key] = {"mean": m, "se": se, "se_over": "training runs"}
+        else:
+            m, se = mean_se([runs[0]["per_seed"][s][key] for s in seeds])
+            summary[key] = {"mean": m, "se": se, "se_over": "sampling seeds"}
+    return summary
+
+
+def pool_heldout(per_run: list[dict]) -> dict:
+    """One run's paired held-out summary as is; several runs': per-decile means and SEs over the runs."""
+    if len(per_run) == 1:
+        return per_run[0]
+    deciles = [mean_se([h["rel_diff_pct"][d] for h in per_run]) for d in range(len(per_run[0]["rel_diff_pct"]))]
+    m, se = mean_se([h["all_rel_diff_pct"] for h in per_run])
+    return {"rel_diff_pct": [round(x, 3) for x, _ in deciles], "rel_diff_se_pct": [round(s, 3) for _, s in deciles],
+            "all_rel_diff_pct": round(m, 3), "all_rel_diff_se_pct": round(se, 3), "se_over": "training runs"}
+
+
+def compare(base_path, arms: dict[str, str | list[str]], seeds: list[int], *, sampler=EVAL_SAMPLING["sampler"],
             steps=EVAL_SAMPLING["steps"], guidance=EVAL_SAMPLING["guidance_scale"],
             cache="runs/compare", device="cpu", heldout=True, boots=100, classifier_dir="runs/classifiers",
             classifier_steps=3000) -> dict:
-    """Every arm against the base at every seed (same seeds, same conditions); arms map label -> file."""
+    """Every arm against the base at every seed (same seeds, same conditions); arms map label -> file, or ->
+    the files of several training runs (seeds) of the same recipe."""
     from app.model import load_base
     from app.trainer.diffusion import Diffusion
     from app.trainer.heldout import decile_losses, paired_summary
@@ -101,33 +131,42 @@ def compare(base_path, arms: dict[str, str], seeds: list[int], *, sampler=EVAL_S
     out["base_scores"] = {s: {"fid_like": frechet_distance(ev.ref, f), "fid_like_test": frechet_distance(ev.test_ref, f),
                               **({"class_acc": float((p == labels.numpy()).mean())} if p is not None else {})}
                           for s, (f, p) in base_feats.items()}
-    for label, path in arms.items():
-        rows = {}
-        for s in seeds:
-            (bf, bp), (af, ap) = base_feats[s], arm_features(ev, base_path, path, s, sampler, steps, guidance, cache)
-            row = {}
-            for name, ref in (("fid_like", ev.ref), ("fid_like_test", ev.test_ref)):
-                fb, fa, se = paired_fid(ref, bf, af, boots=boots, seed=s)
-                row |= {name: fa, f"d_{name}": fa - fb, f"d_{name}_pct": 100 * (fa - fb) / fb, f"d_{name}_se": se}
-            if ap is not None:
-                row |= {"class_acc": float((ap == labels.numpy()).mean()),
-                        "d_class_acc": float((ap == labels.numpy()).mean() - (bp == labels.numpy()).mean())}
-            rows[s] = row
-        summary = {}
-        for key in ("d_fid_like", "d_fid_like_pct", "d_fid_like_test", "d_fid_like_test_pct", "d_class_acc"):
-            if key in rows[seeds[0]]:
-                m, se = mean_se([rows[s][key] for s in seeds])
-                summary[key] = {"mean": m, "se_over_seeds": se}
-        arm = {"file": str(path), "per_seed": rows, "summary": summary}
+    for label, paths in arms.items():
+        runs = []
+        for path in [paths] if isinstance(paths, (str, Path)) else paths:
+            rows = {}
+            for s in seeds:
+                (bf, bp), (af, ap) = base_feats[s], arm_features(ev, base_path, path, s, sampler, steps, guidance, cache)
+                row = {}
+                for name, ref in (("fid_like", ev.ref), ("fid_like_test", ev.test_ref)):
+                    fb, fa, se = paired_fid(ref, bf, af, boots=boots, seed=s)
+                    row |= {name: fa, f"d_{name}": fa - fb, f"d_{name}_pct": 100 * (fa - fb) / fb, f"d_{name}_se": se}
+                if ap is not None:
+                    row |= {"class_acc": float((ap == labels.numpy()).mean()),
+                            "d_class_acc": float((ap == labels.numpy()).mean() - (bp == labels.numpy()).mean())}
+                rows[s] = row
+            run = {"file": str(path), "per_seed": rows}
+            if heldout:
+                model, patch = load_arm(base_path, path)
+                run["heldout_deciles"] = paired_summary(base_losses, decile_losses(model, diffusion, ev.test, patch=patch))
+            runs.append(run)
+        arm = {"runs": runs, "summary": summarise(runs, seeds)}
         if heldout:
-            model, patch = load_arm(base_path, path)
-            arm["heldout_deciles"] = paired_summary(base_losses, decile_losses(model, diffusion, ev.test, patch=patch))
+            arm["heldout_deciles"] = pool_heldout([r["heldout_deciles"] for r in runs])
         out["arms"][label] = arm
     return out
 
 
+def parse_arm(text: str) -> tuple[str, list[str]]:
+    """'LABEL=FILE[,FILE...]': one recipe, one file per training run."""
+    label, sep, files = text.partition("=")
+    if not sep or not label or not files:
+        raise ValueError(f"--arm wants LABEL=FILE[,FILE...], got {text!r}")
+    return label, files.split(",")
+
+
 def main_compare(args) -> None:
-    arms = dict(a.split("=", 1) for a in args.arm)
+    arms = dict(parse_arm(a) for a in args.arm)
     result = compare(args.base, arms, args.seeds, sampler=args.sampler, steps=args.steps, guidance=args.guidance_scale,
                      cache=args.cache, device=args.device, heldout=not args.no_heldout, boots=args.boots)
     text = json.dumps(result, indent=1)
@@ -151,29 +190,33 @@ def pm(mean: float, se: float | None, digits: int = 2) -> str:
 
 
 def markdown(result: dict) -> str:
-    """The paired table: one row per arm, differences vs the base with their SE (over seeds, else bootstrap)."""
+    """The paired table: one row per arm, differences vs the base with their SE (over training runs when an arm
+    has several, else over sampling seeds, else the bootstrap SE of one paired difference)."""
     seeds = result["seeds"]
     base = result["base_scores"]
     fids = ", ".join(f"{base[s]['fid_like']:.2f}" for s in seeds)
     fids_test = ", ".join(f"{base[s]['fid_like_test']:.2f}" for s in seeds)
     lines = [f"Base `{result['base']}`, {result['sampler']}, {result['num_samples']} samples per arm and seed, "
              f"sampling seeds {', '.join(map(str, seeds))} shared by every arm; floor (train vs test real) "
-             f"{result['floor']:.2f}. Base FID-like per seed: {fids} (train ref), {fids_test} (test ref).", "",
-             "| arm | Δ FID-like vs base, train ref (%) | Δ FID-like, test ref (%) | Δ class acc | "
+             f"{result['floor']:.2f}. Base FID-like per seed: {fids} (train ref), {fids_test} (test ref). "
+             "± is the standard error over the arm's training runs (each averaged over the sampling seeds) where it "
+             "has several, else over the sampling seeds.", "",
+             "| arm | training runs | Δ FID-like vs base, train ref (%) | Δ FID-like, test ref (%) | Δ class acc | "
              "Δ held-out loss (%) | Δ held-out loss per decile t∈[0,100) … [900,1000) (%) |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for label, arm in result["arms"].items():
-        s, per = arm["summary"], arm["per_seed"]
+        s, runs = arm["summary"], arm["runs"]
 
         def cell(key):
-            m, se = s[key]["mean"], s[key]["se_over_seeds"]
-            if se is None:  # one seed: the bootstrap SE of the paired difference, in % of the base
-                k = key.removesuffix("_pct")
-                se = 100 * per[seeds[0]][f"{k}_se"] / (per[seeds[0]][k.removeprefix("d_")] - per[seeds[0]][k])
+            m, se = s[key]["mean"], s[key]["se"]
+            if se is None:  # one run, one seed: the bootstrap SE of the paired difference, in % of the base
+                k, row = key.removesuffix("_pct"), runs[0]["per_seed"][seeds[0]]
+                se = 100 * row[f"{k}_se"] / (row[k.removeprefix("d_")] - row[k])
             return pm(m, se)
-        acc = pm(s["d_class_acc"]["mean"], s["d_class_acc"]["se_over_seeds"], 3) if "d_class_acc" in s else "—"
+        acc = pm(s["d_class_acc"]["mean"], s["d_class_acc"]["se"], 3) if "d_class_acc" in s else "—"
         h = arm.get("heldout_deciles")
         held = pm(h["all_rel_diff_pct"], h["all_rel_diff_se_pct"], 3) if h else "—"
         dec = ", ".join(f"{m:+.2f}" for m in h["rel_diff_pct"]) if h else "—"
-        lines.append(f"| {label} | {cell('d_fid_like_pct')} | {cell('d_fid_like_test_pct')} | {acc} | {held} | {dec} |")
+        lines.append(f"| {label} | {len(runs)} | {cell('d_fid_like_pct')} | {cell('d_fid_like_test_pct')} | {acc} | "
+                     f"{held} | {dec} |")
     return "\n".join(lines) + "\n"

@@ -190,12 +190,22 @@ def test_compare_pairs_seeds_and_a_copy_of_the_base_differs_by_zero(base, tmp_pa
     out = compare(base, arms, [0, 1], steps=4, cache=tmp_path / "cache", boots=10, classifier_dir=tmp_path,
                   classifier_steps=100)
     same, dmp = out["arms"]["same"], out["arms"]["dmp"]
-    assert same["summary"]["d_fid_like"]["mean"] == 0.0 and same["per_seed"][0]["d_fid_like_se"] == 0.0
+    assert same["summary"]["d_fid_like"]["mean"] == 0.0 and same["runs"][0]["per_seed"][0]["d_fid_like_se"] == 0.0
     assert same["heldout_deciles"]["all_rel_diff_pct"] == 0.0
-    assert dmp["summary"]["d_fid_like"]["mean"] != 0.0 and dmp["summary"]["d_fid_like"]["se_over_seeds"] > 0
+    assert dmp["summary"]["d_fid_like"]["mean"] != 0.0 and dmp["summary"]["d_fid_like"]["se"] > 0
+    assert dmp["summary"]["d_fid_like"]["se_over"] == "sampling seeds"
     assert dmp["heldout_deciles"]["all_rel_diff_se_pct"] > 0
     assert len(list((tmp_path / "cache").glob("*.npy"))) > 0  # features cached for reruns
-    assert "| same | +0.00 ± 0.00 |" in markdown(out)
+    assert "| same | 1 | +0.00 ± 0.00 |" in markdown(out)
+    # two training runs of one recipe: the SE is taken over the runs' seed-averaged differences
+    two = compare(base, {"runs": [arms["same"], arms["dmp"]]}, [0, 1], steps=4, cache=tmp_path / "cache", boots=10,
+                  classifier_dir=tmp_path)["arms"]["runs"]
+    per_run = [sum(r["per_seed"][s]["d_fid_like_pct"] for s in (0, 1)) / 2 for r in two["runs"]]
+    assert two["summary"]["d_fid_like_pct"]["se_over"] == "training runs"
+    assert two["summary"]["d_fid_like_pct"]["mean"] == pytest.approx(sum(per_run) / 2)
+    assert two["summary"]["d_fid_like_pct"]["se"] == pytest.approx(abs(per_run[0] - per_run[1]) / 2)
+    assert two["heldout_deciles"]["all_rel_diff_pct"] == pytest.approx(dmp["heldout_deciles"]["all_rel_diff_pct"] / 2,
+                                                                       abs=1e-3)
     one_seed = compare(base, {"dmp": arms["dmp"]}, [0], steps=4, cache=tmp_path / "cache", boots=10,
                        classifier_dir=tmp_path, heldout=False)
     assert "| dmp |" in markdown(one_seed)  # bootstrap SE where there is one seed
