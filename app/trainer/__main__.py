@@ -32,6 +32,8 @@ def add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="global batch: split over the ranks (torchrun) and the accumulation steps")
     p.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimiser step")
     p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--lr-decay-steps", type=int, default=d["lr_decay_steps"],
+                   help="> 0: the lr falls linearly to 0 over the last this many steps")
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--device", default=d["device"], help="auto | cpu | cuda")
     p.add_argument("--amp", default=d["amp"], choices=["auto", "bf16", "none"])
@@ -110,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default="runs/compare", help="sampled features per arm and seed")
     p.add_argument("--boots", type=int, default=100, help="bootstrap draws for the SE of a paired difference")
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out loss per timestep decile")
+    p.add_argument("--seed-per-run", action="store_true",
+                   help="sample an arm's i-th training run at the i-th seed only (one pass per run)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None, help="also write the paired table here")

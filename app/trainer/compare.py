@@ -80,18 +80,18 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
 SUMMARY_KEYS = ("d_fid_like", "d_fid_like_pct", "d_fid_like_test", "d_fid_like_test_pct", "d_class_acc")
 
 
-def summarise(runs: list[dict], seeds: list[int]) -> dict:
-    """Mean ± SE of each paired difference: over training runs (each averaged over the sampling seeds) when the
+def summarise(runs: list[dict]) -> dict:
+    """Mean ± SE of each paired difference: over training runs (each averaged over its sampling seeds) when the
     arm has several, else over the sampling seeds of its one run."""
     summary = {}
     for key in SUMMARY_KEYS:
-        if key not in runs[0]["per_seed"][seeds[0]]:
+        if key not in next(iter(runs[0]["per_seed"].values())):
             continue
         if len(runs) > 1:
-            m, se = mean_se([statistics.fmean(r["per_seed"][s][key] for s in seeds) for r in runs])
+            m, se = mean_se([statistics.fmean(row[key] for row in r["per_seed"].values()) for r in runs])
             summary[key] = {"mean": m, "se": se, "se_over": "training runs"}
         else:
-            m, se = mean_se([runs[0]["per_seed"][s][key] for s in seeds])
+            m, se = mean_se([row[key] for row in runs[0]["per_seed"].values()])
             summary[key] = {"mean": m, "se": se, "se_over": "sampling seeds"}
     return summary
 
@@ -109,20 +109,25 @@ def pool_heldout(per_run: list[dict]) -> dict:
 def compare(base_path, arms: dict[str, str | list[str]], seeds: list[int], *, sampler=EVAL_SAMPLING["sampler"],
             steps=EVAL_SAMPLING["steps"], guidance=EVAL_SAMPLING["guidance_scale"],
             cache="runs/compare", device="cpu", heldout=True, boots=100, classifier_dir="runs/classifiers",
-            classifier_steps=3000) -> dict:
+            classifier_steps=3000, seed_per_run=False) -> dict:
     """Every arm against the base at every seed (same seeds, same conditions); arms map label -> file, or ->
-    the files of several training runs (seeds) of the same recipe."""
+    the files of several training runs (seeds) of the same recipe. seed_per_run: run i is sampled at seeds[i]
+    only (and compared with the base at that seed), which costs one sampling pass per run instead of len(seeds)."""
     from app.model import load_base
     from app.trainer.diffusion import Diffusion
     from app.trainer.heldout import decile_losses, paired_summary
 
+    arms = {label: [paths] if isinstance(paths, (str, Path)) else list(paths) for label, paths in arms.items()}
+    for label, paths in arms.items():
+        if seed_per_run and len(paths) != len(seeds):  # checked before any sampling
+            raise ValueError(f"arm {label!r}: {len(paths)} training runs for {len(seeds)} seeds (one seed per run)")
     base = load_base(base_path)
     ev = Evaluator(base.meta.get("dataset"), base.config.input_size, device=device, progress=False,
                    classifier_dir=classifier_dir, classifier_steps=classifier_steps)
     labels = eval_conditions(base, ev.test)[1]
     cache = Path(cache)
     out = {"base": str(base_path), "seeds": seeds, "sampler": f"{sampler} {steps}, guidance {guidance}",
-           "num_samples": len(ev.test), "floor": ev.floor["fid_like"], "arms": {}}
+           "num_samples": len(ev.test), "floor": ev.floor["fid_like"], "seed_per_run": seed_per_run, "arms": {}}
     base_feats = {s: arm_features(ev, base_path, None, s, sampler, steps, guidance, cache) for s in seeds}
     base_losses = None
     if heldout:
@@ -133,9 +138,9 @@ def compare(base_path, arms: dict[str, str | list[str]], seeds: list[int], *, sa
                           for s, (f, p) in base_feats.items()}
     for label, paths in arms.items():
         runs = []
-        for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        for i, path in enumerate(paths):
             rows = {}
-            for s in seeds:
+            for s in [seeds[i]] if seed_per_run else seeds:
                 (bf, bp), (af, ap) = base_feats[s], arm_features(ev, base_path, path, s, sampler, steps, guidance, cache)
                 row = {}
                 for name, ref in (("fid_like", ev.ref), ("fid_like_test", ev.test_ref)):
@@ -150,7 +155,7 @@ def compare(base_path, arms: dict[str, str | list[str]], seeds: list[int], *, sa
                 model, patch = load_arm(base_path, path)
                 run["heldout_deciles"] = paired_summary(base_losses, decile_losses(model, diffusion, ev.test, patch=patch))
             runs.append(run)
-        arm = {"runs": runs, "summary": summarise(runs, seeds)}
+        arm = {"runs": runs, "summary": summarise(runs)}
         if heldout:
             arm["heldout_deciles"] = pool_heldout([r["heldout_deciles"] for r in runs])
         out["arms"][label] = arm
@@ -168,7 +173,8 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
 def main_compare(args) -> None:
     arms = dict(parse_arm(a) for a in args.arm)
     result = compare(args.base, arms, args.seeds, sampler=args.sampler, steps=args.steps, guidance=args.guidance_scale,
-                     cache=args.cache, device=args.device, heldout=not args.no_heldout, boots=args.boots)
+                     cache=args.cache, device=args.device, heldout=not args.no_heldout, boots=args.boots,
+                     seed_per_run=args.seed_per_run)
     text = json.dumps(result, indent=1)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -199,6 +205,8 @@ def markdown(result: dict) -> str:
     lines = [f"Base `{result['base']}`, {result['sampler']}, {result['num_samples']} samples per arm and seed, "
              f"sampling seeds {', '.join(map(str, seeds))} shared by every arm; floor (train vs test real) "
              f"{result['floor']:.2f}. Base FID-like per seed: {fids} (train ref), {fids_test} (test ref). "
+             + ("Training run i of an arm is sampled at the i-th seed only, paired with the base at that seed. "
+                if result.get("seed_per_run") else "") +
              "± is the standard error over the arm's training runs (each averaged over the sampling seeds) where it "
              "has several, else over the sampling seeds.", "",
              "| arm | training runs | Δ FID-like vs base, train ref (%) | Δ FID-like, test ref (%) | Δ class acc | "
@@ -210,7 +218,7 @@ def markdown(result: dict) -> str:
         def cell(key):
             m, se = s[key]["mean"], s[key]["se"]
             if se is None:  # one run, one seed: the bootstrap SE of the paired difference, in % of the base
-                k, row = key.removesuffix("_pct"), runs[0]["per_seed"][seeds[0]]
+                k, row = key.removesuffix("_pct"), next(iter(runs[0]["per_seed"].values()))
                 se = 100 * row[f"{k}_se"] / (row[k.removeprefix("d_")] - row[k])
             return pm(m, se)
         acc = pm(s["d_class_acc"]["mean"], s["d_class_acc"]["se"], 3) if "d_class_acc" in s else "—"

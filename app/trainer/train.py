@@ -41,6 +41,7 @@ class TrainConfig:
     batch_size: int = 128  # global: split over every rank and accumulation step
     grad_accum: int = 1  # micro-batches per optimiser step (gradients summed, one all-reduce per step)
     lr: float = 1e-4
+    lr_decay_steps: int = 0  # > 0: the lr falls linearly to 0 over the last this many steps (lets a base settle)
     gate_lr_mult: float = 10.0
     weight_decay: float = 0.0
     ema_decay: float = 0.0  # > 0 keeps an EMA of the trained weights (base, FT model or patch) and saves it
@@ -248,6 +249,7 @@ class Trainer:
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          fused=self.device.type == "cuda")
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         if cfg.ema_decay > 0:  # of the trained module: the official DMP code samples from an EMA of the patch
             self.ema = copy.deepcopy(self.trained).eval().requires_grad_(False)
         return params
@@ -338,6 +340,10 @@ class Trainer:
                 (loss / cfg.grad_accum).backward()  # each micro loss is a mean: the step's gradient is the batch mean
             for k, v in micro_logs.items():
                 logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+        if cfg.lr_decay_steps > 0:  # a function of the step alone, so a resumed run follows the same schedule
+            factor = min(1.0, (cfg.steps - self.step) / cfg.lr_decay_steps)
+            for group, lr in zip(self.opt.param_groups, self.base_lrs):
+                group["lr"] = lr * factor
         self.opt.step()
         if self.ema is not None:
             ema_p = [p for p in self.ema.parameters()]

@@ -112,6 +112,24 @@ def test_ema_patch_is_saved_and_resumes_exactly(base, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_lr_decay_anneals_linearly_to_zero_and_resumes_exactly(base, tmp_path):
+    lrs = []
+    trainer = Trainer(patch_cfg(base, tmp_path / "d.safetensors", steps=8, lr_decay_steps=4), progress=False)
+    step = trainer.opt.step
+    trainer.opt.step = lambda: (lrs.append(trainer.opt.param_groups[0]["lr"]), step())[1]
+    trainer.run()
+    assert lrs == pytest.approx([1e-3] * 5 + [1e-3 * 3 / 4, 1e-3 / 2, 1e-3 / 4])  # last step: lr / decay steps
+    Trainer(patch_cfg(base, tmp_path / "r.safetensors", steps=6, lr_decay_steps=4), progress=False).run()
+    Trainer(patch_cfg(base, tmp_path / "r.safetensors", steps=8, lr_decay_steps=4), progress=False).run()
+    a, b = load_file(str(tmp_path / "d.safetensors")), load_file(str(tmp_path / "r.safetensors"))
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the schedule is set by the final --steps: 6 then 8 differs
+    Trainer(patch_cfg(base, tmp_path / "q.safetensors", steps=8, lr_decay_steps=4, max_seconds=1e-9),
+            progress=False).run()  # cut after one step, resumed with the same plan
+    Trainer(patch_cfg(base, tmp_path / "q.safetensors", steps=8, lr_decay_steps=4), progress=False).run()
+    c = load_file(str(tmp_path / "q.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_gate_scale_trains_and_saves_scaled_prompts(base, tmp_path):
     trainer = Trainer(patch_cfg(base, tmp_path / "g.safetensors", steps=5, gate_scale=16.0), progress=False)
     trainer.run()
@@ -206,6 +224,13 @@ def test_compare_pairs_seeds_and_a_copy_of_the_base_differs_by_zero(base, tmp_pa
     assert two["summary"]["d_fid_like_pct"]["se"] == pytest.approx(abs(per_run[0] - per_run[1]) / 2)
     assert two["heldout_deciles"]["all_rel_diff_pct"] == pytest.approx(dmp["heldout_deciles"]["all_rel_diff_pct"] / 2,
                                                                        abs=1e-3)
+    paired = compare(base, {"runs": [arms["same"], arms["dmp"]]}, [0, 1], steps=4, cache=tmp_path / "cache",
+                     boots=10, classifier_dir=tmp_path, heldout=False, seed_per_run=True)["arms"]["runs"]["runs"]
+    assert [list(r["per_seed"]) for r in paired] == [[0], [1]]  # run i sampled at seed i only
+    assert paired[1]["per_seed"][1] == two["runs"][1]["per_seed"][1]
+    with pytest.raises(ValueError, match="one seed per run"):
+        compare(base, {"runs": [arms["dmp"]]}, [0, 1], cache=tmp_path / "cache", classifier_dir=tmp_path,
+                seed_per_run=True)
     one_seed = compare(base, {"dmp": arms["dmp"]}, [0], steps=4, cache=tmp_path / "cache", boots=10,
                        classifier_dir=tmp_path, heldout=False)
     assert "| dmp |" in markdown(one_seed)  # bootstrap SE where there is one seed
