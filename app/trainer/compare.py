@@ -60,6 +60,18 @@ def arm_features(ev: Evaluator, base_path, path, seed: int, sampler: str, steps:
     return feats, preds.numpy()
 
 
+@torch.no_grad()
+def patch_size_rms(model, patch, conditions: torch.Tensor) -> dict:
+    """How far a patch moves the tokens: rms of its saved prompts, and of what it adds (g_n * P_n) over
+    20 timesteps (0, 50, ..., 950), the first 10 evaluation conditions and every block."""
+    from app.model.dmp.gatemap import gate_weights
+
+    steps = list(range(0, 1000, 50))
+    g = torch.stack([gate_weights(model, patch, conditions[i:i + 1], steps) for i in range(min(10, len(conditions)))])
+    added = g[..., None] * patch.prompts.float().cpu()[None, :, None]  # (C, L, T, N, D)
+    return {"prompt_rms": patch.prompts.float().pow(2).mean().sqrt().item(), "added_rms": added.pow(2).mean().sqrt().item()}
+
+
 def paired_fid(ref: np.ndarray, base_f: np.ndarray, arm_f: np.ndarray, boots: int = 100, seed: int = 0):
     """FID-like of both, and the bootstrap SE of their difference resampling the paired samples together."""
     fb, fa = frechet_distance(ref, base_f), frechet_distance(ref, arm_f)
@@ -151,8 +163,10 @@ def compare(base_path, arms: dict[str, str | list[str]], seeds: list[int], *, sa
                             "d_class_acc": float((ap == labels.numpy()).mean() - (bp == labels.numpy()).mean())}
                 rows[s] = row
             run = {"file": str(path), "per_seed": rows}
+            model, patch = load_arm(base_path, path)
+            if patch is not None:
+                run |= patch_size_rms(model, patch, eval_conditions(model, ev.test)[0])
             if heldout:
-                model, patch = load_arm(base_path, path)
                 run["heldout_deciles"] = paired_summary(base_losses, decile_losses(model, diffusion, ev.test, patch=patch))
             runs.append(run)
         arm = {"runs": runs, "summary": summarise(runs)}
@@ -210,8 +224,8 @@ def markdown(result: dict) -> str:
              "± is the standard error over the arm's training runs (each averaged over the sampling seeds) where it "
              "has several, else over the sampling seeds.", "",
              "| arm | training runs | Δ FID-like vs base, train ref (%) | Δ FID-like, test ref (%) | Δ class acc | "
-             "Δ held-out loss (%) | Δ held-out loss per decile t∈[0,100) … [900,1000) (%) |",
-             "|---|---|---|---|---|---|---|"]
+             "Δ held-out loss (%) | Δ held-out loss per decile t∈[0,100) … [900,1000) (%) | added g·P rms |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, arm in result["arms"].items():
         s, runs = arm["summary"], arm["runs"]
 
@@ -225,6 +239,8 @@ def markdown(result: dict) -> str:
         h = arm.get("heldout_deciles")
         held = pm(h["all_rel_diff_pct"], h["all_rel_diff_se_pct"], 3) if h else "—"
         dec = ", ".join(f"{m:+.2f}" for m in h["rel_diff_pct"]) if h else "—"
+        added = [r["added_rms"] for r in runs if "added_rms" in r]
+        size = f"{statistics.fmean(added):.2g}" if added else "—"
         lines.append(f"| {label} | {len(runs)} | {cell('d_fid_like_pct')} | {cell('d_fid_like_test_pct')} | {acc} | "
-                     f"{held} | {dec} |")
+                     f"{held} | {dec} | {size} |")
     return "\n".join(lines) + "\n"

@@ -215,6 +215,7 @@ def test_compare_pairs_seeds_and_a_copy_of_the_base_differs_by_zero(base, tmp_pa
     assert dmp["heldout_deciles"]["all_rel_diff_se_pct"] > 0
     assert len(list((tmp_path / "cache").glob("*.npy"))) > 0  # features cached for reruns
     assert "| same | 1 | +0.00 ± 0.00 |" in markdown(out)
+    assert "added_rms" not in same["runs"][0] and dmp["runs"][0]["added_rms"] > 0  # an FT/base file adds no prompts
     # two training runs of one recipe: the SE is taken over the runs' seed-averaged differences
     two = compare(base, {"runs": [arms["same"], arms["dmp"]]}, [0, 1], steps=4, cache=tmp_path / "cache", boots=10,
                   classifier_dir=tmp_path)["arms"]["runs"]
