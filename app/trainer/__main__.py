@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from app.model.dmp.module import GATE_INPUTS, SELECTIONS
 from app.model.sampling import SAMPLERS
@@ -118,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None, help="also write the paired table here")
 
+    p = sub.add_parser("curve", help="held-out loss curve of a base and the runs that continued it: is it flat?")
+    p.add_argument("files", nargs="+", help="the base first, then each FT file that continued it, in order")
+    p.add_argument("--png", default=None, help="also draw the curve here")
+    p.add_argument("--title", default="")
+
     p = sub.add_parser("table", help="run the comparison table of docs/results.md (FT / PT / DMP, ablations)")
     p.add_argument("--plan", required=True, help="JSON plan (see patches/table_plan.json)")
     p.add_argument("--runs", default="runs/table")
@@ -157,13 +163,18 @@ def main(argv=None) -> int:
             text = json.dumps(result, indent=2)
             print(text)
             if args.json:
-                from pathlib import Path
-
                 Path(args.json).write_text(text)
         elif args.command == "compare":
             from app.trainer.compare import main_compare
 
             main_compare(args)
+        elif args.command == "curve":
+            from app.trainer.figures import flatness, heldout_curve, save_loss_curve
+
+            curve = heldout_curve(args.files)
+            print(json.dumps({"curve": curve, "last_20pct": flatness(curve)}))
+            if args.png:
+                save_loss_curve({" + ".join(Path(f).stem for f in args.files): curve}, args.png, title=args.title)
         elif args.command == "table":
             from app.trainer.table import run_table
 
