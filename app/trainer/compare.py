@@ -69,7 +69,8 @@ def patch_size_rms(model, patch, conditions: torch.Tensor) -> dict:
     steps = list(range(0, 1000, 50))
     g = torch.stack([gate_weights(model, patch, conditions[i:i + 1], steps) for i in range(min(10, len(conditions)))])
     added = g[..., None] * patch.prompts.float().cpu()[None, :, None]  # (C, L, T, N, D)
-    return {"prompt_rms": patch.prompts.float().pow(2).mean().sqrt().item(), "added_rms": added.pow(2).mean().sqrt().item()}
+    return {"prompt_rms": patch.prompts.float().pow(2).mean().sqrt().item(),
+            "added_rms": added.pow(2).mean().sqrt().item()}
 
 
 def paired_fid(ref: np.ndarray, base_f: np.ndarray, arm_f: np.ndarray, boots: int = 100, seed: int = 0):
@@ -153,11 +154,13 @@ def compare(base_path, arms: dict[str, str | list[str]], seeds: list[int], *, sa
         for i, path in enumerate(paths):
             rows = {}
             for s in [seeds[i]] if seed_per_run else seeds:
-                (bf, bp), (af, ap) = base_feats[s], arm_features(ev, base_path, path, s, sampler, steps, guidance, cache)
+                bf, bp = base_feats[s]
+                af, ap = arm_features(ev, base_path, path, s, sampler, steps, guidance, cache)
                 row = {}
                 for name, ref in (("fid_like", ev.ref), ("fid_like_test", ev.test_ref)):
                     fb, fa, se = paired_fid(ref, bf, af, boots=boots, seed=s)
-                    row |= {name: fa, f"d_{name}": fa - fb, f"d_{name}_pct": 100 * (fa - fb) / fb, f"d_{name}_se": se}
+                    row |= {name: fa, f"d_{name}": fa - fb, f"d_{name}_pct": 100 * (fa - fb) / fb,
+                            f"d_{name}_se": se}
                 if ap is not None:
                     row |= {"class_acc": float((ap == labels.numpy()).mean()),
                             "d_class_acc": float((ap == labels.numpy()).mean() - (bp == labels.numpy()).mean())}
@@ -167,7 +170,8 @@ def compare(base_path, arms: dict[str, str | list[str]], seeds: list[int], *, sa
             if patch is not None:
                 run |= patch_size_rms(model, patch, eval_conditions(model, ev.test)[0])
             if heldout:
-                run["heldout_deciles"] = paired_summary(base_losses, decile_losses(model, diffusion, ev.test, patch=patch))
+                patched = decile_losses(model, diffusion, ev.test, patch=patch)
+                run["heldout_deciles"] = paired_summary(base_losses, patched)
             runs.append(run)
         arm = {"runs": runs, "summary": summarise(runs)}
         if heldout:
