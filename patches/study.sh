@@ -3,7 +3,8 @@
 # weights, training seeds 0 1 2 for every row; then `compare` samples training run i at sampling seed i (500
 # samples, DDIM 50, guidance 1.5) and pairs it with the base at that seed; ± is the SE over the 3 training runs.
 #   bash patches/study.sh BASE OUT_DIR ROW...   rows: ft pt dmp dmp-x64 dmp-x64-hard (default: all five)
-# Writes OUT_DIR/ROW-sSEED.safetensors, OUT_DIR/compare.json and OUT_DIR/compare.md. Finished runs are skipped.
+# Writes OUT_DIR/ROW-sSEED.safetensors, OUT_DIR/compare.json and OUT_DIR/compare.md (with every row minus +PT,
+# paired run by run, when pt is a row: the gate's share). Finished runs are skipped.
 set -euo pipefail
 PY=${PY:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -32,6 +33,7 @@ for seed in 0 1 2; do
 done
 arms=()
 for row in "${rows[@]}"; do
+  [ "$row" = pt ] && arms+=(--versus "${names[pt]}")
   arms+=(--arm "${names[$row]}=$out/$row-s0.safetensors,$out/$row-s1.safetensors,$out/$row-s2.safetensors")
 done
 $PY -m app.trainer compare --base "$base" "${arms[@]}" --seeds 0 1 2 --seed-per-run \

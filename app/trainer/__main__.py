@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out loss per timestep decile")
     p.add_argument("--seed-per-run", action="store_true",
                    help="sample an arm's i-th training run at the i-th seed only (one pass per run)")
+    p.add_argument("--versus", default=None, metavar="LABEL",
+                   help="also each arm minus this arm, paired run by run (e.g. the gate's share: DMP minus PT)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None, help="also write the paired table here")

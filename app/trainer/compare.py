@@ -180,6 +180,27 @@ def compare(base_path, arms: dict[str, str | list[str]], seeds: list[int], *, sa
     return out
 
 
+def versus(result: dict, ref: str) -> dict:
+    """Each arm minus the arm `ref`, paired run by run and seed by seed (run i of both saw the same sampling
+    noise): mean ± SE over runs (or over seeds with one run) of the difference of their Δ FID-like %."""
+    if ref not in result["arms"]:
+        raise ValueError(f"--versus {ref!r} is not an arm ({', '.join(result['arms'])})")
+    ref_runs = result["arms"][ref]["runs"]
+    out = {}
+    for label, arm in result["arms"].items():
+        if label == ref or len(arm["runs"]) != len(ref_runs):
+            continue
+        row = {}
+        for key in ("d_fid_like_pct", "d_fid_like_test_pct"):
+            diffs = [[run["per_seed"][s][key] - other["per_seed"][s][key] for s in run["per_seed"]]
+                     for run, other in zip(arm["runs"], ref_runs)]
+            values = [statistics.fmean(d) for d in diffs] if len(diffs) > 1 else diffs[0]
+            m, se = mean_se(values)
+            row[key] = {"mean": m, "se": se, "per_run": values}
+        out[label] = row
+    return out
+
+
 def parse_arm(text: str) -> tuple[str, list[str]]:
     """'LABEL=FILE[,FILE...]': one recipe, one file per training run."""
     label, sep, files = text.partition("=")
@@ -190,13 +211,16 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
 
 def main_compare(args) -> None:
     arms = dict(parse_arm(a) for a in args.arm)
+    if args.versus and args.versus not in arms:
+        raise ValueError(f"--versus {args.versus!r} is not an arm ({', '.join(arms)})")
     result = compare(args.base, arms, args.seeds, sampler=args.sampler, steps=args.steps, guidance=args.guidance_scale,
                      cache=args.cache, device=args.device, heldout=not args.no_heldout, boots=args.boots,
                      seed_per_run=args.seed_per_run)
-    text = json.dumps(result, indent=1)
+    if args.versus:
+        result["versus"] = {"ref": args.versus, "arms": versus(result, args.versus)}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
+        Path(args.json).write_text(json.dumps(result, indent=1))
     if args.markdown:
         Path(args.markdown).write_text(markdown(result))
     for label, arm in result["arms"].items():
@@ -247,4 +271,13 @@ def markdown(result: dict) -> str:
         size = f"{statistics.fmean(added):.2g}" if added else "—"
         lines.append(f"| {label} | {len(runs)} | {cell('d_fid_like_pct')} | {cell('d_fid_like_test_pct')} | {acc} | "
                      f"{held} | {dec} | {size} |")
+    if "versus" in result:
+        ref = result["versus"]["ref"]
+        lines += ["", f"Each arm minus **{ref}**, paired run by run at the same sampling seed (points of % of the "
+                  "base's FID-like; negative = the arm is better than it):", "",
+                  "| arm | vs train ref | vs test ref | per run (train ref) |", "|---|---|---|---|"]
+        for label, row in result["versus"]["arms"].items():
+            a, b = row["d_fid_like_pct"], row["d_fid_like_test_pct"]
+            per = ", ".join(f"{v:+.2f}" for v in a["per_run"])
+            lines.append(f"| {label} | {pm(a['mean'], a['se'])} | {pm(b['mean'], b['se'])} | {per} |")
     return "\n".join(lines) + "\n"

@@ -201,7 +201,7 @@ def test_caption_attributes_on_drawn_strokes():
 
 
 def test_compare_pairs_seeds_and_a_copy_of_the_base_differs_by_zero(base, tmp_path):
-    from app.trainer.compare import compare, markdown
+    from app.trainer.compare import compare, markdown, versus
 
     Trainer(patch_cfg(base, tmp_path / "c.safetensors", steps=20, lr=1e-2), progress=False).run()
     arms = {"same": str(base), "dmp": str(tmp_path / "c.safetensors")}
@@ -215,6 +215,9 @@ def test_compare_pairs_seeds_and_a_copy_of_the_base_differs_by_zero(base, tmp_pa
     assert dmp["heldout_deciles"]["all_rel_diff_se_pct"] > 0
     assert len(list((tmp_path / "cache").glob("*.npy"))) > 0  # features cached for reruns
     assert "| same | 1 | +0.00 ± 0.00 |" in markdown(out)
+    vs_copy = versus(out, "same")["dmp"]["d_fid_like_pct"]  # minus an arm that is the base: the arm's own Δ
+    assert vs_copy["mean"] == pytest.approx(dmp["summary"]["d_fid_like_pct"]["mean"])
+    assert vs_copy["se"] == pytest.approx(dmp["summary"]["d_fid_like_pct"]["se"])
     assert "added_rms" not in same["runs"][0] and dmp["runs"][0]["added_rms"] > 0  # an FT/base file adds no prompts
     # two training runs of one recipe: the SE is taken over the runs' seed-averaged differences
     two = compare(base, {"runs": [arms["same"], arms["dmp"]]}, [0, 1], steps=4, cache=tmp_path / "cache", boots=10,
