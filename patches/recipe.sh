@@ -5,7 +5,7 @@
 #   models/mnist-captions.safetensors   CPU (1 thread), 16x16 like mnist, 18,265 steps
 #   patches/mnist-dmp.safetensors       1,000 steps, gate x64 in training (ours), lr 1e-3, EMA 0.995 (CPU); the paired
 #                                       comparison with the base is docs/results/compare-mnist*.json
-#   patches/animals-dmp.safetensors, patches/mnist-captions-dmp.safetensors   the mnist-dmp recipe, 1,000 steps each
+#   patches/animals-dmp.safetensors, patches/mnist-captions-dmp.safetensors   the mnist-dmp recipe, 3,000 and 1,000 steps
 #   (animals base made with OMP_NUM_THREADS=2: not bit-identical to a 1-thread rerun)
 #   runs/flat/mnist-flat.safetensors    mnist trained on until its held-out loss is flat (not shipped; issue 11)
 #   docs/results.md + docs/results/*.png
@@ -33,8 +33,8 @@ if [ "$STAGE" != gpu ]; then   # --- CPU
       --image-size 16 --patch-size 2 --hidden-size 64 --depth 6 --num-heads 4 --steps 10856 --batch-size 64 --lr 5e-4 \
       --ema-decay 0.999 --seed 0 --eval-every 500 --checkpoint-every 500 --device cpu --quiet
   $PY -m app.trainer patch --base runs/cpu/animals.safetensors --dataset animals --domain animals \
-      --out runs/cpu/animals-dmp.safetensors --image-size 16 --steps 1000 --batch-size 64 --lr 1e-3 \
-      --gate-lr-mult 1 --gate-scale 64 --ema-decay 0.995 --seed 0 --eval-every 250 --checkpoint-every 250 --device cpu --quiet
+      --out runs/cpu/animals-dmp.safetensors --image-size 16 --steps 3000 --batch-size 64 --lr 1e-3 \
+      --gate-lr-mult 1 --gate-scale 64 --ema-decay 0.995 --seed 0 --eval-every 500 --checkpoint-every 500 --device cpu --quiet
   # base / +FT / +PT / +DMP: 3 seeds and the ablations for mnist, seed 0 for animals and mnist-captions
   $PY -m app.trainer table --plan patches/table_plan_cpu.json --runs runs/table_cpu --jobs 2
   # mnist again with 3,000 further steps (seed 0) and a 10x learning-rate variant: docs/long/results.md
