@@ -62,6 +62,38 @@ if [ "$STAGE" != gpu ]; then   # --- CPU
       --arm "+DMP gate x64, lr 1e-3 (shipped)=runs/cpu/mnist-dmp.safetensors" --seeds 0 \
       --json docs/results/compare-mnist-s0.json --markdown docs/results/compare-mnist-s0.md
 
+  # issue 11, the three-training-seed studies (docs/results_analysis.md; each writes compare.json/.md in its folder):
+  # the recipes of the shipped base, PT vs DMP gate x64 (seed 0 of "dmp-x64" is the shipped mnist-dmp, bit for bit)
+  bash patches/study.sh runs/cpu/mnist.safetensors runs/study-shipped pt dmp-x64
+  cp runs/study-shipped/compare.json docs/results/study-mnist-shipped.json
+  cp runs/study-shipped/compare.md docs/results/study-mnist-shipped.md
+  # mnist-flat: the mnist base trained on for 17,000 steps (lr 5e-4, constant for 5,000 then annealed to 0 over
+  # 12,000; made in two sittings, resumed from its step-4,000 checkpoint, which is exact), then every row of study.sh
+  # on it; the curve and its change over the last 20 % of steps
+  $PY -m app.trainer patch --baseline ft --base runs/cpu/mnist.safetensors --dataset mnist --domain mnist \
+      --image-size 16 --out runs/flat/mnist-flat.safetensors --steps 17000 --lr-decay-steps 12000 --batch-size 64 \
+      --lr 5e-4 --ema-decay 0.999 --seed 0 --eval-every 1000 --checkpoint-every 1000 --device cpu --quiet
+  $PY -m app.trainer curve runs/cpu/mnist.safetensors runs/flat/mnist-flat.safetensors \
+      --png docs/results/mnist-flat-curve.png --title "mnist: held-out loss, shipped base then trained on (lr annealed to 0)"
+  bash patches/study.sh runs/flat/mnist-flat.safetensors runs/study-flat
+  cp runs/study-flat/compare.json docs/results/study-mnist-flat.json
+  cp runs/study-flat/compare.md docs/results/study-mnist-flat.md
+  # the shipped animals and mnist-captions patches against their bases, and against the 200-step patches they
+  # replaced (OLD_PATCHES: a folder with those files, from git history before this change); animals also at 1,000 steps
+  $PY -m app.trainer patch --base runs/cpu/animals.safetensors --dataset animals --domain animals \
+      --out runs/cpu/animals-dmp-1k.safetensors --image-size 16 --steps 1000 --batch-size 64 --lr 1e-3 \
+      --gate-lr-mult 1 --gate-scale 64 --ema-decay 0.995 --seed 0 --eval-every 250 --checkpoint-every 250 --device cpu --quiet
+  $PY -m app.trainer compare --base runs/cpu/animals.safetensors --arm "+DMP 1,000 steps=runs/cpu/animals-dmp-1k.safetensors" \
+      --arm "+DMP 3,000 steps=runs/cpu/animals-dmp.safetensors" \
+      ${OLD_PATCHES:+--arm "+DMP 200 steps (old shipped)=$OLD_PATCHES/animals-dmp.safetensors"} --seeds 0 1 2 \
+      --json docs/results/compare-animals-shipped.json --markdown docs/results/compare-animals-shipped.md
+  $PY -m app.trainer compare --base runs/cpu/mnist-captions.safetensors \
+      --arm "+DMP (shipped mnist-captions-dmp)=runs/cpu/mnist-captions-dmp.safetensors" \
+      ${OLD_PATCHES:+--arm "+DMP (old 200-step mnist-captions-dmp)=$OLD_PATCHES/mnist-captions-dmp.safetensors"} \
+      --seeds 0 1 2 --json docs/results/compare-mnist-captions-shipped.json \
+      --markdown docs/results/compare-mnist-captions-shipped.md
+  $PY scripts/caption_check.py runs/cpu/mnist-captions.safetensors runs/cpu/mnist-captions-dmp.safetensors --guidance 4
+
   mkdir -p models
   cp runs/cpu/mnist.safetensors models/mnist.safetensors
   cp runs/cpu/mnist-dmp.safetensors patches/mnist-dmp.safetensors
