@@ -48,9 +48,13 @@ def heldout_curve(paths: list) -> list[tuple[int, float]]:
 
     curve, offset = [], 0
     for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: not a file")
         meta = read_header(Path(path).read_bytes()).get("__metadata__") or {}
         metrics = json.loads(meta.get("metrics", "{}"))
-        curve += [(offset + int(s), float(v)) for s, v in metrics.get("heldout_loss_curve", [])]
+        if not metrics.get("heldout_loss_curve"):
+            raise ValueError(f"{path} records no held-out loss curve (not made by this project's trainer?)")
+        curve += [(offset + int(s), float(v)) for s, v in metrics["heldout_loss_curve"]]
         offset += int(metrics.get("steps", 0))
     return curve
 
@@ -59,7 +63,8 @@ def flatness(curve: list[tuple[int, float]], tail: float = 0.2) -> dict:
     """Relative change of the held-out loss over the last `tail` of the steps (from the last eval at or before
     (1 - tail) x the final step): 'flat' in docs/results_analysis.md means |change| < 0.5 %."""
     end_step, end = curve[-1]
-    start_step, start = [(s, v) for s, v in curve if s <= (1 - tail) * end_step][-1]
+    before = [(s, v) for s, v in curve if s <= (1 - tail) * end_step]
+    start_step, start = before[-1] if before else curve[0]
     change = 100 * (end - start) / start
     return {"from_step": start_step, "to_step": end_step, "from": start, "to": end, "change_pct": change,
             "flat": abs(change) < 0.5}
