@@ -1,6 +1,8 @@
 """/patches: list, describe, upload (hot swap) and delete patches."""
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from typing import Annotated
 
@@ -12,7 +14,8 @@ from app.api.deps import AdminDep, RegistryDep, SettingsDep
 from app.api.responses import errors
 from app.api.schemas import PatchDetail, PatchHistory, PatchInfo, PatchList
 from app.core.errors import ClientGone, PayloadTooLarge, UnsupportedMediaType
-from app.registry.records import NAME_PATTERN, PatchRecord
+from app.core.signing import MAX_SIGNATURE_BYTES, BadSignature
+from app.registry.records import NAME_PATTERN, PatchRecord, public_metadata
 from app.registry.registry import PatchRegistry
 
 log = logging.getLogger("dmp.api")
@@ -20,12 +23,28 @@ router = APIRouter(prefix="/patches", tags=["patches"])
 PatchName = Annotated[str, Path(pattern=NAME_PATTERN, description="Letters, digits, '.', '_', '-'; at most 64")]
 UPLOAD_BODY = {"requestBody": {"required": True, "description": "The patch file (docs/design.md §3 safetensors)",
                                "content": {"application/octet-stream": {"schema": {"type": "string",
-                                                                                   "format": "binary"}}}}}
+                                                                                   "format": "binary"}}}},
+               "parameters": [{"name": "X-DMP-Signature", "in": "header", "required": False,
+                               "schema": {"type": "string"},
+                               "description": "The patch's model-signing bundle (the .sig file), base64; required "
+                                              "when the server sets DMP_PATCH_PUBLIC_KEYS"}]}
 
 
 def _detail(registry: PatchRegistry, record: PatchRecord) -> PatchDetail:
-    return PatchDetail(**registry.summary(record), metadata={k: str(v) for k, v in record.metadata.items()},
+    return PatchDetail(**registry.summary(record), metadata=public_metadata(record.metadata),
                        versions_held=registry.held_versions(record.name))
+
+
+def _signature(header: str | None) -> bytes | None:
+    """The X-DMP-Signature header's bundle bytes (strict base64), before any body is read."""
+    if header is None:
+        return None
+    if len(header) > MAX_SIGNATURE_BYTES * 4 // 3 + 4:
+        raise BadSignature(f"X-DMP-Signature is over {MAX_SIGNATURE_BYTES} bytes once decoded")
+    try:
+        return base64.b64decode(header.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadSignature("X-DMP-Signature is not base64 (send the .sig file base64-encoded)") from None
 
 
 @router.get("", response_model=PatchList, responses=errors(503), summary="All patches and their states")
@@ -50,6 +69,7 @@ def patch_history(name: PatchName, registry: RegistryDep):
             summary="Upload a patch version (hot swap; admin)")
 async def put_patch(name: PatchName, request: Request, response: Response, registry: RegistryDep,
                     settings: SettingsDep):
+    signature = _signature(request.headers.get("x-dmp-signature"))
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/octet-stream":
         registry.metrics.patch_refusals.labels("content_type").inc()
@@ -64,7 +84,7 @@ async def put_patch(name: PatchName, request: Request, response: Response, regis
     except ClientDisconnect:  # the uploader went away mid-body: nothing changed, nothing to trace
         log.warning("upload of patch %s aborted by the client after %d bytes", name, len(data))
         raise ClientGone("the client closed the connection during the upload") from None
-    record, created = await run_in_threadpool(registry.put, name, bytes(data))
+    record, created = await run_in_threadpool(registry.put, name, bytes(data), signature)
     response.status_code = 201 if created else 200
     return _detail(registry, record)
 

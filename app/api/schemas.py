@@ -100,6 +100,9 @@ class PatchInfo(BaseModel):
     size_bytes: int
     error: str | None
     updated_at: float
+    generation: int = Field(0, description="Orders writes of this name across replicas; only moves forward")
+    signer: str | None = Field(None, description="Key id (sha256 of the PEM public key) of the signature that "
+                                                 "verified; null when DMP_PATCH_PUBLIC_KEYS is unset")
 
 
 class PatchDetail(PatchInfo):

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     patch_host_bytes: int = Field(2 * 1024 ** 3, ge=0, description="Host-memory cache of validated patches, bytes "
                                                                   "(pinned on CUDA); beyond it they are re-read from "
                                                                   "the store on use")
+    patch_tombstone_seconds: int = Field(7 * 86400, ge=1, description="How long a deleted patch name's tombstone "
+                                         "(Redis key and each replica's memory) stops a refill from bringing it back")
+    patch_public_keys: str | None = Field(None, description="PEM public keys (comma-separated paths): when set, "
+                                          "every patch must carry a valid model-signing signature by one of them")
     request_timeout: float = Field(120.0, gt=0, description="Seconds a request may take end to end")
     drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM: seconds to finish in-flight requests")
     max_patch_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Upload cap, counted on received bytes")

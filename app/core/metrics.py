@@ -77,8 +77,10 @@ class Metrics:
         self.device_memory = Gauge("dmp_device_memory_bytes", "Accelerator memory", ["device", "kind"], registry=r)
 
     def forget_patch(self, model: str, patch: str) -> None:
-        """A deleted patch leaves no series behind."""
-        for metric in (self.patch_resident, self.patch_swap_ins, self.patch_evictions):
+        """A deleted patch leaves no series behind (74 per patch stayed when only the slot series were removed)."""
+        for metric in (self.patch_resident, self.patch_swap_ins, self.patch_evictions, self.queue_seconds,
+                       self.sample_seconds, self.decode_seconds, self.total_seconds, self.images,
+                       self.images_cached):
             metric.remove(model, patch)  # a no-op for a series that does not exist
 
     def refresh_device_memory(self, device: str) -> None:

@@ -2,12 +2,39 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass, field
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 NAME_RE = re.compile(NAME_PATTERN)
+
+
+PATH_KEYS = ("train_config",)  # metadata holding the trainer's settings, whose file paths are the trainer host's
+
+
+def _strip_paths(value):
+    """File paths reduced to their last part: where the trainer's files lived is nobody's business."""
+    if isinstance(value, dict):
+        return {k: _strip_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_paths(v) for v in value]
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        return value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return value
+
+
+def public_metadata(meta: dict) -> dict:
+    """A patch's metadata as shown to clients: strings, with the paths inside the training settings stripped."""
+    shown = {k: str(v) for k, v in meta.items()}
+    for key in PATH_KEYS:
+        if key in shown:
+            try:
+                shown[key] = json.dumps(_strip_paths(json.loads(shown[key])))
+            except (ValueError, RecursionError):
+                del shown[key]  # not the JSON the trainer writes: show nothing rather than something unchecked
+    return shown
 
 
 def version_of(data: bytes) -> str:
@@ -29,9 +56,11 @@ class PatchRecord:
     error: str | None = None
     metadata: dict = field(default_factory=dict)
     updated_at: float = field(default_factory=time.time)
+    generation: int = 0  # orders writes of one name across replicas and Redis restarts (microseconds)
+    signer: str | None = None  # key id of the signature that verified, when DMP_PATCH_PUBLIC_KEYS is set
 
     def summary(self) -> dict:
         return {"name": self.name, "base": self.base, "version": self.version, "state": self.state,
                 "task": self.task, "domain": self.domain, "size_bytes": self.size_bytes, "error": self.error,
                 "method": self.metadata.get("method", "dmp") if self.metadata else None,
-                "updated_at": self.updated_at}
+                "updated_at": self.updated_at, "generation": self.generation, "signer": self.signer}

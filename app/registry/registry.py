@@ -19,16 +19,18 @@ import redis
 from torch import nn
 
 from app.core.config import Settings
-from app.core.errors import NotFound, PatchError, PatchNotReady, ServiceError, Unavailable
+from app.core.errors import InvalidRequest, NotFound, PatchError, PatchNotReady, ServiceError, Unavailable
 from app.core.metrics import Metrics
+from app.core.signing import PatchVerifier
 from app.model.dmp import DMP, patch_from_bytes, read_header
 from app.registry.records import PatchRecord, version_of
-from app.registry.stores import CHANNEL, DiskStore, RedisStore, parse_event
+from app.registry.stores import CHANNEL, DiskStore, RedisStore, Stored, parse_event
 
 log = logging.getLogger("dmp.registry")
 RESYNC_SECONDS = 2.0
 HISTORY_PER_NAME = 20  # version events kept per name
 HISTORY_NAMES = 1000  # names whose history is kept
+TOMBSTONES_KEPT = 10_000  # deleted names each replica remembers (also bounded by DMP_PATCH_TOMBSTONE_SECONDS)
 PING_EVERY = 0.2  # seconds between the watcher's Redis pings
 PING_SLOW = 0.5  # a ping unanswered this long makes the replica unready (Redis hung, connection still open)
 
@@ -60,10 +62,16 @@ class PatchRegistry:
     def __init__(self, settings: Settings, bases: dict[str, ServedModel], metrics: Metrics, client=None):
         self.settings, self.bases, self.metrics = settings, bases, metrics
         self.origin = uuid.uuid4().hex
-        self.store = RedisStore(client, self.origin) if client is not None else DiskStore(settings.patch_dir)
+        self.store = (RedisStore(client, self.origin, settings.patch_tombstone_seconds) if client is not None
+                      else DiskStore(settings.patch_dir))
+        keys = [p.strip() for p in (settings.patch_public_keys or "").split(",") if p.strip()]
+        self.verifier = PatchVerifier(keys) if keys else None
         self.records: dict[str, PatchRecord] = {}
-        # recent ready versions' files (at most DMP_PATCH_HOST_BYTES), to refill a Redis that lost its data
-        self._bytes: OrderedDict[str, bytes] = OrderedDict()
+        # recent ready versions' files and signatures (at most DMP_PATCH_HOST_BYTES), to refill a Redis that lost
+        # its data
+        self._bytes: OrderedDict[str, tuple[bytes, bytes | None]] = OrderedDict()
+        # names deleted on this replica's watch: name -> (generation, when), so no refill brings them back
+        self._tombstones: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._bytes_total = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -83,7 +91,7 @@ class PatchRegistry:
             threading.Thread(target=self._watch, name="dmp-redis-watch", daemon=True).start()
         else:
             for name in self.store.names():
-                self._load(name, self.store.load(name))
+                self._load(name, self.store.load_record(name))
 
     def stop(self) -> None:
         self._stop.set()
@@ -176,29 +184,32 @@ class PatchRegistry:
 
     # ------------------------------------------------------------------ admin
 
-    def put(self, name: str, data: bytes) -> tuple[PatchRecord, bool]:
-        """Validate in full, then store, install and announce; a refused upload changes nothing."""
+    def put(self, name: str, data: bytes, signature: bytes | None = None) -> tuple[PatchRecord, bool]:
+        """Check the name and signature, validate in full, then store, install and announce; a refused upload
+        changes nothing."""
         version = version_of(data)
+        self._check_name(name)
+        signer = self._verify(data, signature)
         with self._lock:
             base, patch = self._validate(data)
             old = self.records.get(name)
             try:
-                self.store.save(name, data, version)
+                generation = self.store.save(name, data, version, self._next_generation(name), signature)
             except redis.RedisError as e:
                 raise self._unreachable(e) from None
             if old is not None and old.base != base.name and old.base in self.bases:
                 self.bases[old.base].patches.withdraw(name)  # the name moved to another base
-            record = self._install(name, version, base, patch, data)
+            record = self._install(name, version, base, patch, Stored(data, generation, signature), signer)
             return record, old is None
 
     def delete(self, name: str) -> PatchRecord:
         with self._lock:
             record = self.get(name)
             try:
-                self.store.delete(name, record.version)
+                generation = self.store.delete(name, self._next_generation(name))
             except redis.RedisError as e:
                 raise self._unreachable(e) from None
-            self._forget(name)
+            self._forget(name, generation)
             record.state = "retired"
             return record
 
@@ -206,6 +217,29 @@ class PatchRegistry:
 
     def _unreachable(self, e: redis.RedisError) -> Unavailable:
         return Unavailable(f"patch store unreachable: {e.__class__.__name__}", error_type="registry_unavailable")
+
+    def _next_generation(self, name: str) -> int:
+        """Past every generation this replica knew for `name` (causal order), else the clock in microseconds."""
+        record, tombstone = self.records.get(name), self._tombstones.get(name)
+        known = max(record.generation if record else 0, tombstone[0] if tombstone else 0)
+        return max(time.time_ns() // 1000, known + 1)
+
+    def _check_name(self, name: str) -> None:
+        """A patch named like a served base would be shadowed by it wherever a model id is either (/v1)."""
+        if name in self.bases:
+            self.metrics.patch_refusals.labels("name").inc()
+            raise InvalidRequest(f"{name!r} is the name of a served base model; name the patch otherwise",
+                                 error_type="name_is_a_base")
+
+    def _verify(self, data: bytes, signature: bytes | None) -> str | None:
+        """The signer's key id when DMP_PATCH_PUBLIC_KEYS is set (raises when the signature does not hold)."""
+        if self.verifier is None:
+            return None
+        try:
+            return self.verifier.verify(data, signature)
+        except PatchError as e:
+            self.metrics.patch_refusals.labels(e.error_type).inc()
+            raise
 
     def _validate(self, data: bytes):
         """Find the served base the patch is for (fingerprint, else base_name) and check the whole file."""
@@ -231,87 +265,130 @@ class PatchRegistry:
         raise PatchError(f"no served base matches this patch (base_name={named!r}, fingerprint "
                          f"{str(fp)[:12]}…); served: {', '.join(self.bases)}")
 
-    def _install(self, name: str, version: str, base: ServedModel, patch, data: bytes) -> PatchRecord:
+    def _install(self, name: str, version: str, base: ServedModel, patch, stored: Stored,
+                 signer: str | None) -> PatchRecord:
+        data = stored.data
         replaced = base.patches.offer(name, version, patch, len(data))
         meta = dict(patch.metadata)
         record = PatchRecord(name, version, "ready", base.name, meta.get("task"), meta.get("domain"), len(data),
-                             metadata=meta)
+                             metadata=meta, generation=stored.generation, signer=signer)
         self.records[name] = record
+        self._tombstones.pop(name, None)
         self._note(name, version, "installed")
-        self._keep_bytes(name, data)
+        self._keep_bytes(name, data, stored.signature)
         self.metrics.patch_installs.labels(base.name).inc()
         if replaced:
             self.metrics.patch_swaps.labels(base.name).inc()
         log.info("patch %s version %s ready on %s%s", name, version, base.name, " (swap)" if replaced else "")
         return record
 
-    def _load(self, name: str, data: bytes | None) -> None:
-        """Install a stored patch; a bad one is recorded as failed and serves nothing."""
-        if data is None:
+    def _load(self, name: str, stored: Stored | None) -> None:
+        """Install a stored patch; one this replica cannot serve fails the name here (never an older version
+        served instead), logged once per version."""
+        if stored is None:
             return
+        data = stored.data
         version = version_of(data)
         with self._lock:
             current = self.records.get(name)
             if current is not None and current.version == version and current.state in ("ready", "failed"):
+                current.generation = max(current.generation, stored.generation)
                 return  # already served, or already refused (and logged)
-            self.records[name] = PatchRecord(name, version, "loading", size_bytes=len(data))
+            if self._refill_if_newer(name, stored.generation):
+                return  # the store went back to an older write (Redis lost its data): ours was put back
+            self.records[name] = PatchRecord(name, version, "loading", size_bytes=len(data),
+                                             generation=stored.generation)
             try:
+                self._check_name(name)
+                signer = self._verify(data, stored.signature)
                 base, patch = self._validate(data)
                 if current is not None and current.base not in (None, base.name) and current.base in self.bases:
                     self.bases[current.base].patches.withdraw(name)
-                self._install(name, version, base, patch, data)
+                self._install(name, version, base, patch, stored, signer)
             except Exception as e:  # stored bytes are untrusted input: whatever is wrong fails this record alone
                 why = e.message if isinstance(e, ServiceError) else f"{e.__class__.__name__}: {e}"
-                log.warning("patch %s refused: %s", name, why)
-                if current is not None and current.state == "ready":
-                    self.records[name] = current  # keep serving the good version
-                else:
-                    self.records[name] = PatchRecord(name, version, "failed", size_bytes=len(data), error=why)
+                log.warning("patch %s version %s refused on this replica: %s", name, version, why)
+                if current is not None and current.base in self.bases:
+                    self.bases[current.base].patches.withdraw(name)  # the other replicas serve the new version
+                self._drop_bytes(name)
+                self.records[name] = PatchRecord(name, version, "failed", size_bytes=len(data), error=why,
+                                                 generation=stored.generation)
 
-    def _keep_bytes(self, name: str, data: bytes) -> None:
+    def _refill_if_newer(self, name: str, stored_generation: int) -> bool:
+        """True when this replica knows a newer write of `name` (its file or its delete) than the store holds,
+        and wrote it back (compare-and-set: a concurrent newer write wins)."""
+        if not self.store.shared:
+            return False
+        record, tombstone = self.records.get(name), self._tombstones.get(name)
+        if tombstone is not None and tombstone[0] > stored_generation:
+            return bool(self.store.delete(name, tombstone[0], refill=True))
+        if record is not None and record.state == "ready" and record.generation > stored_generation:
+            held = self._bytes.get(name)
+            if held is not None:
+                return bool(self.store.save(name, held[0], record.version, record.generation, held[1], refill=True))
+        return False
+
+    def _keep_bytes(self, name: str, data: bytes, signature: bytes | None) -> None:
         """Remember a ready file for refilling Redis; the least recent go first past DMP_PATCH_HOST_BYTES."""
         if not self.store.shared:
             return  # the disk store does not lose its data with a server
         self._drop_bytes(name)
-        self._bytes[name] = data
+        self._bytes[name] = (data, signature)
         self._bytes_total += len(data)
         while self._bytes_total > self.settings.patch_host_bytes and self._bytes:
-            self._bytes_total -= len(self._bytes.popitem(last=False)[1])
+            self._bytes_total -= len(self._bytes.popitem(last=False)[1][0])
 
     def _drop_bytes(self, name: str) -> None:
-        self._bytes_total -= len(self._bytes.pop(name, b""))
+        held = self._bytes.pop(name, None)
+        self._bytes_total -= len(held[0]) if held else 0
 
-    def _forget(self, name: str) -> None:
+    def _forget(self, name: str, generation: int) -> None:
+        """Drop a deleted name, remembering its delete's generation (a lower bound when learnt second-hand)."""
         record = self.records.pop(name, None)
         self._drop_bytes(name)
+        if self.store.shared:
+            self._tombstones.pop(name, None)
+            self._tombstones[name] = (generation, time.time())
+            while len(self._tombstones) > TOMBSTONES_KEPT:
+                self._tombstones.popitem(last=False)
         if record is not None:
             self._note(name, record.version, "deleted")
         if record is not None and record.base in self.bases:
-            self.bases[record.base].patches.withdraw(name)
+            self.bases[record.base].patches.withdraw(name)  # which also removes the name's metric series
 
     # ------------------------------------------------------------------ redis replicas
 
     def _populate(self) -> None:
         """A Redis without the seeded marker is new or lost its data: the replicas that notice fill it with the
-        patches they serve, then with the shipped ones in DMP_PATCH_DIR (same bytes, same versions)."""
+        patches they serve and the deletes they saw, then with the shipped ones in DMP_PATCH_DIR. Every write is a
+        compare-and-set on the name's generation: a write made since Redis came back (newer) is never undone."""
         if self.store.seeded():
             return
         with self._lock:
-            held = {n: self._bytes[n] for n, r in self.records.items() if r.state == "ready" and n in self._bytes}
+            held = {n: (*self._bytes[n], r.version, max(r.generation, 1)) for n, r in self.records.items()
+                    if r.state == "ready" and n in self._bytes}
+            cutoff = time.time() - self.settings.patch_tombstone_seconds
+            deleted = {n: gen for n, (gen, at) in self._tombstones.items() if at > cutoff}
         disk = DiskStore(self.settings.patch_dir)
         for name in disk.names():
-            if name not in held:
-                data = disk.load(name)
+            if name not in held and name not in deleted:
+                stored = disk.load_record(name)
                 try:
-                    self._validate(data)
+                    self._check_name(name)
+                    self._verify(stored.data, stored.signature)
+                    self._validate(stored.data)
                 except ServiceError as e:
                     log.warning("not seeding patch %s: %s", name, e.message)
                     continue
-                held[name] = data
-        for name, data in held.items():
-            self.store.save(name, data, version_of(data))
+                # generation 1: a shipped file is older than any write made through the API
+                held[name] = (stored.data, stored.signature, version_of(stored.data), 1)
+        filled = sum(bool(self.store.save(name, data, version, generation, signature, refill=True))
+                     for name, (data, signature, version, generation) in held.items())
+        for name, generation in deleted.items():
+            self.store.delete(name, generation, refill=True)
         self.store.mark_seeded()  # after the writes, so no replica reads a half-filled Redis as the truth
-        log.info("filled redis with %d patch(es)", len(held))
+        log.info("filled redis: %d patch(es) written, %d not (newer writes there), %d delete(s)", filled,
+                 len(held) - filled, len(deleted))
 
     def _listen(self) -> None:
         """Follow pub/sub; on any Redis error, reconnect and resync everything (missed messages included)."""
@@ -356,21 +433,27 @@ class PatchRegistry:
             return
         if event.get("op") == "delete":
             with self._lock:
-                self._forget(name)
+                record = self.records.get(name)
+                if record is not None:
+                    self._forget(name, record.generation + 1)  # the delete's own generation is at least this
         else:
-            self._load(name, self.store.load(name))
+            self._load(name, self.store.load_record(name))
 
     def _resync(self) -> None:
         """Make local records match Redis: load new or changed versions, forget deleted names."""
         self._populate()
-        versions, bad = self.store.versions()
+        with self._lock:
+            local = {n: (r.version, r.generation) for n, r in self.records.items()}
+        versions, bad = self.store.versions()  # read after `local`: a name put meanwhile is not taken as deleted
         for field in bad:
             self._report(("field", field), "skipping field %r of the patch versions hash: not a patch name", field)
-        with self._lock:
-            local = {n: r.version for n, r in self.records.items()}
         for name in set(local) - set(versions):
             with self._lock:
-                self._forget(name)
+                record = self.records.get(name)
+                if record is None or record.generation != local[name][1]:
+                    continue  # changed since the snapshot: the next resync looks again
+                if not self._refill_if_newer(name, 0):  # gone without a newer delete: Redis lost it, put back
+                    self._forget(name, record.generation + 1)
         for name, version in versions.items():
-            if local.get(name) != version:
-                self._load(name, self.store.load(name))
+            if local.get(name, (None,))[0] != version:
+                self._load(name, self.store.load_record(name))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -12,7 +13,57 @@ from app.registry.records import NAME_RE
 
 CHANNEL = "dmp:patch-events"
 VERSIONS = "dmp:patch-versions"  # hash name -> version
+GENERATIONS = "dmp:patch-generations"  # hash name -> generation (microseconds; only moves forward)
+SIGNATURES = "dmp:patch-signatures"  # hash name -> the signature bundle (JSON) stored with the record
 SEEDED = "dmp:seeded"
+SIGNATURE_SUFFIX = ".sig"  # NAME.safetensors.sig beside a patch file
+
+# Every write is a compare-and-set on the name's generation, atomic in Redis (a script runs alone). KEYS: bytes,
+# versions, generations, signatures, tombstone. A client's write (ARGV[4] = '0') always lands, one generation past
+# anything stored or deleted; a refill from a replica's memory (ARGV[4] = '1') lands only when newer than both, so
+# it never undoes a write made after Redis lost its data. Stored values are untrusted: a read that fails or is not
+# a number counts as generation 0.
+_GENERATION_OF = """
+local function number(reply)
+  if type(reply) ~= 'string' then return 0 end
+  return tonumber(reply) or 0
+end
+local stored = number(redis.pcall('HGET', KEYS[3], ARGV[1]))
+local deleted = number(redis.pcall('GET', KEYS[5]))
+local gen = tonumber(ARGV[2])
+if ARGV[4] == '1' then
+  if gen <= stored or gen <= deleted then return 0 end
+else
+  gen = math.max(gen, stored + 1, deleted + 1)
+end
+"""
+_PUT = _GENERATION_OF + """
+redis.call('SET', KEYS[1], ARGV[5])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
+redis.call('HSET', KEYS[3], ARGV[1], string.format('%d', gen))
+if ARGV[7] == '' then redis.call('HDEL', KEYS[4], ARGV[1]) else redis.call('HSET', KEYS[4], ARGV[1], ARGV[7]) end
+redis.call('DEL', KEYS[5])
+redis.call('PUBLISH', ARGV[8], ARGV[9])
+return string.format('%d', gen)
+"""
+_DELETE = _GENERATION_OF + """
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('SET', KEYS[5], string.format('%d', gen), 'EX', ARGV[3])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return string.format('%d', gen)
+"""
+
+
+@dataclass
+class Stored:
+    """One name's record as read from a store: the file, its generation and its signature bundle (if any)."""
+
+    data: bytes
+    generation: int = 0
+    signature: bytes | None = None
 
 
 class DiskStore:
@@ -37,7 +88,33 @@ class DiskStore:
         except FileNotFoundError:
             return None
 
-    def save(self, name: str, data: bytes, version: str) -> None:
+    def load_record(self, name: str) -> Stored | None:
+        """The file and the signature beside it (generation 0: one process owns a directory, nothing to order)."""
+        try:
+            data = self.path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            signature = self.signature_path(name).read_bytes()
+        except FileNotFoundError:
+            signature = None
+        return Stored(data, 0, signature)
+
+    def signature_path(self, name: str) -> Path:
+        return self.root / f"{name}.safetensors{SIGNATURE_SUFFIX}"
+
+    def save(self, name: str, data: bytes, version: str, generation: int = 0, signature: bytes | None = None,
+             refill: bool = False) -> int:
+        """Write the signature (or remove a stale one), then the patch; returns the generation (0: one process
+        owns the directory, nothing to order)."""
+        if signature is None:
+            self.signature_path(name).unlink(missing_ok=True)
+        else:
+            self._write(self.signature_path(name), signature)
+        self._write(self.path(name), data)
+        return generation
+
+    def _write(self, path: Path, data: bytes) -> None:
         """Temp file in the same directory, fsync, rename: readers see the old or the new file, never half. The
         file takes the directory's read/write bits (mkstemp's 0600 would hide it from the shipped files' readers)."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -48,13 +125,15 @@ class DiskStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path(name))
+            os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def delete(self, name: str, version: str | None = None) -> None:
+    def delete(self, name: str, generation: int = 0, refill: bool = False) -> int:
         self.path(name).unlink(missing_ok=True)
+        self.signature_path(name).unlink(missing_ok=True)
+        return generation
 
     def ping(self) -> None:
         return None
@@ -65,12 +144,20 @@ class RedisStore:
 
     shared = True
 
-    def __init__(self, client: redis.Redis, origin: str):
-        self.client, self.origin = client, origin
+    def __init__(self, client: redis.Redis, origin: str, tombstone_seconds: int):
+        self.client, self.origin, self.tombstone_seconds = client, origin, tombstone_seconds
+        self._put, self._delete = client.register_script(_PUT), client.register_script(_DELETE)
 
     @staticmethod
     def key(name: str) -> str:
         return f"dmp:patch:{name}"
+
+    @staticmethod
+    def tombstone(name: str) -> str:
+        return f"dmp:patch-deleted:{name}"
+
+    def _keys(self, name: str) -> list[str]:
+        return [self.key(name), VERSIONS, GENERATIONS, SIGNATURES, self.tombstone(name)]
 
     def versions(self) -> tuple[dict[str, str], list[bytes]]:
         """({name: version}, the fields that are not a valid name and version): Redis is untrusted input, and one
@@ -98,17 +185,35 @@ class RedisStore:
         except redis.ResponseError:
             return b""
 
-    def save(self, name: str, data: bytes, version: str) -> None:
-        event = json.dumps({"op": "put", "name": name, "version": version, "origin": self.origin})
+    def load_record(self, name: str) -> Stored | None:
+        """Bytes, generation and signature read in one transaction; a value of the wrong type or form reads as
+        bytes no patch file can be, generation 0, no signature."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.key(name), data).hset(VERSIONS, name, version).publish(CHANNEL, event)
-        pipe.execute()
+        pipe.get(self.key(name)).hget(GENERATIONS, name).hget(SIGNATURES, name)
+        data, generation, signature = pipe.execute(raise_on_error=False)
+        if data is None:
+            return None
+        if isinstance(data, redis.ResponseError):
+            data = b""
+        try:
+            generation = int(generation)
+        except (TypeError, ValueError):
+            generation = 0
+        return Stored(data, generation, signature if isinstance(signature, bytes) else None)
 
-    def delete(self, name: str, version: str | None = None) -> None:
-        event = json.dumps({"op": "delete", "name": name, "version": version, "origin": self.origin})
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self.key(name)).hdel(VERSIONS, name).publish(CHANNEL, event)
-        pipe.execute()
+    def save(self, name: str, data: bytes, version: str, generation: int = 0, signature: bytes | None = None,
+             refill: bool = False) -> int:
+        """Store a version; returns its generation, or 0 when a refill lost to a newer write or delete."""
+        event = json.dumps({"op": "put", "name": name, "version": version, "origin": self.origin})
+        args = [name, generation, self.tombstone_seconds, int(refill), data, version, signature or b"", CHANNEL,
+                event]
+        return int(self._put(keys=self._keys(name), args=args))
+
+    def delete(self, name: str, generation: int = 0, refill: bool = False) -> int:
+        """Remove a name and leave a tombstone (for DMP_PATCH_TOMBSTONE_SECONDS) no older refill can pass."""
+        event = json.dumps({"op": "delete", "name": name, "origin": self.origin})
+        args = [name, generation, self.tombstone_seconds, int(refill), CHANNEL, event]
+        return int(self._delete(keys=self._keys(name), args=args))
 
     def seeded(self) -> bool:
         """False for a new Redis, or one that lost its data: a replica must fill it."""
