@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from app.core.errors import PatchError
 
@@ -79,6 +80,17 @@ class PatchVerifier:
                 except Exception:  # the bundle is untrusted input: whatever fails to parse or match is refused
                     continue
         raise BadSignature("the signature does not verify for these bytes with any key of DMP_PATCH_PUBLIC_KEYS")
+
+
+def check_private_key(path: Path) -> None:
+    """Fail before any work when the signing key is not an unencrypted EC private key model signing can use."""
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"--sign-key {path}: not a readable unencrypted PEM private key ({e})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"--sign-key {path}: model signing needs an elliptic-curve key (e.g. P-256), not "
+                         f"{key.__class__.__name__}")
 
 
 def sign_file(path: Path, private_key: Path) -> Path:

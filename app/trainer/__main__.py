@@ -7,6 +7,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from app.core.signing import check_private_key, sign_file
 from app.model.dmp.module import GATE_INPUTS, SELECTIONS
 from app.model.sampling import SAMPLERS
 from app.trainer.evaluate import EVAL_SAMPLING
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     option(p, "ema_decay", type=float,
            help="> 0: save an EMA of the trained weights (patch or FT model) instead of the raw ones")
     option(p, "text_encoder")
+    p.add_argument("--sign-key", type=Path, default=None,
+                   help="EC private key (PEM): also write OUT.sig, a model-signing bundle (docs/service.md)")
 
     p = sub.add_parser("eval", help="FID-like score, KID and class accuracy of a base with or without a patch")
     p.add_argument("--base", required=True)
@@ -148,12 +151,17 @@ def main(argv=None) -> int:
             from app.trainer.train import Trainer
 
             method = "pretrain" if args.command == "pretrain" else args.baseline or "dmp"
+            sign_key = getattr(args, "sign_key", None)
+            if sign_key is not None:
+                check_private_key(sign_key)  # before hours of training, not after
             trainer = Trainer(config_from(args, method), resume=not args.no_resume, progress=not args.quiet,
                               allow_batch_change=args.allow_batch_change)
             out = trainer.run()
             if trainer.dist.main:
                 what = {"pretrain": "base", "ft": "FT checkpoint"}.get(method, method.upper() + " patch")
                 print(f"wrote {what} {out}")
+                if sign_key is not None:
+                    print(f"wrote signature {sign_file(out, sign_key)}")
         elif args.command == "eval":
             from app.trainer.evaluate import evaluate
             from app.trainer.train import resolve_device
