@@ -67,6 +67,7 @@ class PatchVerifier:
         if hint is not None and hint not in self.keys:
             raise BadSignature(f"signed by key {hint[:16]}…, which is not one of DMP_PATCH_PUBLIC_KEYS")
         candidates = [hint] if hint is not None else list(self.keys)
+        why = "no key to try"
         with tempfile.TemporaryDirectory(prefix="dmp-verify-") as tmp:
             patch, signature = Path(tmp) / "patch.safetensors", Path(tmp) / "patch.safetensors.sig"
             patch.write_bytes(data)
@@ -77,9 +78,10 @@ class PatchVerifier:
                 try:
                     config.verify(patch, signature)
                     return kid
-                except Exception:  # the bundle is untrusted input: whatever fails to parse or match is refused
-                    continue
-        raise BadSignature("the signature does not verify for these bytes with any key of DMP_PATCH_PUBLIC_KEYS")
+                except Exception as e:  # noqa: BLE001  the bundle is untrusted: whatever fails to parse or match
+                    why = f"{e.__class__.__name__}: {str(e)[:120]}"
+        raise BadSignature(f"the signature does not verify for these bytes with any key of DMP_PATCH_PUBLIC_KEYS "
+                           f"({why})")
 
 
 def check_private_key(path: Path) -> None:

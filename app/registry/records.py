@@ -58,6 +58,7 @@ class PatchRecord:
     updated_at: float = field(default_factory=time.time)
     generation: int = 0  # orders writes of one name across replicas and Redis restarts (microseconds)
     signer: str | None = None  # key id of the signature that verified, when DMP_PATCH_PUBLIC_KEYS is set
+    digest: str = ""  # the file's whole sha256 (the version is its first 64 bits)
 
     def summary(self) -> dict:
         return {"name": self.name, "base": self.base, "version": self.version, "state": self.state,

@@ -8,6 +8,7 @@ the `ServedModel` protocol below.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -178,7 +179,11 @@ class PatchRegistry:
             data = self.store.load(name)
         except redis.RedisError as e:
             raise self._unreachable(e) from None
-        if data is None or version_of(data) != version:
+        record = self.records.get(name)
+        # the whole sha256 when this replica verified the version itself: with signatures on, a 64-bit version
+        # alone would let whoever writes Redis swap in other bytes that match it
+        want = record.digest if record is not None and record.version == version and record.digest else None
+        if data is None or version_of(data) != version or (want and hashlib.sha256(data).hexdigest() != want):
             raise PatchNotReady(f"patch {name!r} version {version} is no longer in the store (replaced or deleted)")
         return self._validate(data)[1]
 
@@ -271,7 +276,8 @@ class PatchRegistry:
         replaced = base.patches.offer(name, version, patch, len(data))
         meta = dict(patch.metadata)
         record = PatchRecord(name, version, "ready", base.name, meta.get("task"), meta.get("domain"), len(data),
-                             metadata=meta, generation=stored.generation, signer=signer)
+                             metadata=meta, generation=stored.generation, signer=signer,
+                             digest=hashlib.sha256(data).hexdigest())
         self.records[name] = record
         self._tombstones.pop(name, None)
         self._note(name, version, "installed")

@@ -128,7 +128,7 @@ def test_no_replica_serves_an_unsigned_redis_record(keys, redis_server, class_on
         put_raw(r, "raw", make_patch_bytes(digits, "digits", 2))
         put_raw(r, "borrowed", make_patch_bytes(digits, "digits", 3), r.hget("dmp:patch-signatures", "signed"))
         for c in replicas:
-            assert poll(lambda c=c: c.get("/patches/signed").json().get("state") == "ready", 5)  # noqa: B023
+            assert poll(lambda c=c: c.get("/patches/signed").json().get("state") == "ready", 5)
             for name in ("raw", "borrowed"):
                 assert poll(lambda c=c, name=name: c.get(f"/patches/{name}").json().get("state") == "failed", 5)
                 gen = c.post("/generate", json={"patch": name, "class_label": 1, "steps": 2})
@@ -151,5 +151,5 @@ def test_the_trainer_signs_what_it_writes(keys, tmp_path, capsys):
     assert "not a readable unencrypted PEM private key" in capsys.readouterr().err and not out.exists()
     assert main([*args, "--sign-key", str(private)]) == 0
     verify = subprocess.run([CLI, "verify", "key", "--public_key", str(public), "--signature", f"{out}.sig",
-                             str(out)], capture_output=True, text=True)
+                             str(out)], capture_output=True, text=True, check=False)
     assert verify.returncode == 0 and "Verification succeeded" in verify.stdout, verify.stdout + verify.stderr
