@@ -84,6 +84,20 @@ class Settings(BaseSettings):
                              "`openssl rand -hex 32`")
         return token
 
+    @field_validator("patch_public_keys")
+    @classmethod
+    def _public_keys_load(cls, paths: str | None) -> str | None:
+        """A key that cannot be read would refuse every patch at run time: refuse to start instead."""
+        from app.core.signing import PatchVerifier
+
+        if paths is not None:
+            PatchVerifier([p.strip() for p in paths.split(",") if p.strip()])  # raises ValueError naming the file
+        return paths
+
+    @property
+    def public_key_paths(self) -> list[str]:
+        return [p.strip() for p in (self.patch_public_keys or "").split(",") if p.strip()]
+
     @cached_property
     def torch_device(self) -> str:
         from app.core.devices import pick_device

@@ -50,9 +50,12 @@ class PatchVerifier:
         self.keys: dict[str, Path] = {}
         for path in key_paths:
             try:
-                self.keys[key_id(Path(path).read_bytes())] = Path(path)
+                pem = Path(path).read_bytes()
+                if not isinstance(serialization.load_pem_public_key(pem), ec.EllipticCurvePublicKey):
+                    raise ValueError("model signing keys are elliptic-curve keys (e.g. P-256)")
+                self.keys[key_id(pem)] = Path(path)
             except (OSError, ValueError, TypeError) as e:
-                raise ValueError(f"DMP_PATCH_PUBLIC_KEYS: {path} is not a readable PEM public key ({e})") from None
+                raise ValueError(f"{path} is not a readable PEM public key ({e})") from None
 
     def verify(self, data: bytes, bundle: bytes | None) -> str:
         """The signer's key id; raises UnsignedPatch (no bundle) or BadSignature (anything else wrong)."""

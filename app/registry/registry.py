@@ -65,8 +65,7 @@ class PatchRegistry:
         self.origin = uuid.uuid4().hex
         self.store = (RedisStore(client, self.origin, settings.patch_tombstone_seconds) if client is not None
                       else DiskStore(settings.patch_dir))
-        keys = [p.strip() for p in (settings.patch_public_keys or "").split(",") if p.strip()]
-        self.verifier = PatchVerifier(keys) if keys else None
+        self.verifier = PatchVerifier(settings.public_key_paths) if settings.public_key_paths else None
         self.records: dict[str, PatchRecord] = {}
         # recent ready versions' files and signatures (at most DMP_PATCH_HOST_BYTES), to refill a Redis that lost
         # its data
@@ -440,8 +439,8 @@ class PatchRegistry:
         if event.get("op") == "delete":
             with self._lock:
                 record = self.records.get(name)
-                if record is not None:
-                    self._forget(name, record.generation + 1)  # the delete's own generation is at least this
+                if record is not None:  # the delete's generation, as exact as Redis still knows it
+                    self._forget(name, max(record.generation + 1, self.store.deleted_generation(name)))
         else:
             self._load(name, self.store.load_record(name))
 

@@ -215,6 +215,13 @@ class RedisStore:
         args = [name, generation, self.tombstone_seconds, int(refill), CHANNEL, event]
         return int(self._delete(keys=self._keys(name), args=args))
 
+    def deleted_generation(self, name: str) -> int:
+        """The generation of the delete of `name` that Redis remembers; 0 when none (or not a number)."""
+        try:
+            return int(self.client.get(self.tombstone(name)))
+        except (TypeError, ValueError, redis.ResponseError):
+            return 0
+
     def seeded(self) -> bool:
         """False for a new Redis, or one that lost its data: a replica must fill it."""
         return bool(self.client.exists(SEEDED))

@@ -19,9 +19,10 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/o
 
 @pytest.fixture(scope="module")
 def c(class_only_dirs, tmp_path_factory):
-    with asgi_client(copy_dirs(class_only_dirs, tmp_path_factory.mktemp("names")), admin_token=ADMIN_TOKEN,
-                     warmup=False) as client:
+    dirs = copy_dirs(class_only_dirs, tmp_path_factory.mktemp("names"))
+    with asgi_client(dirs, admin_token=ADMIN_TOKEN, warmup=False) as client:
         wait_ready(client)
+        client.dirs = dirs
         yield client
 
 
@@ -43,6 +44,8 @@ def test_clients_never_see_the_trainers_paths(c, class_only_dirs):
     assert "alice" not in shown and "/srv" not in shown and "models\\\\" not in shown, shown
     cfg = json.loads(c.get("/patches/trained").json()["metadata"]["train_config"])
     assert cfg == {"out": "x.safetensors", "base": "m.safetensors", "lr": 0.001, "data": ["a", "b"]}
+    for route in ("/patches", "/models"):
+        assert str(c.dirs["models"].parent) not in c.get(route).text
 
 
 def test_a_deleted_patch_leaves_no_metric_series(c, class_only_dirs):

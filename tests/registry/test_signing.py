@@ -153,3 +153,16 @@ def test_the_trainer_signs_what_it_writes(keys, tmp_path, capsys):
     verify = subprocess.run([CLI, "verify", "key", "--public_key", str(public), "--signature", f"{out}.sig",
                              str(out)], capture_output=True, text=True, check=False)
     assert verify.returncode == 0 and "Verification succeeded" in verify.stdout, verify.stdout + verify.stderr
+
+
+def test_a_key_that_cannot_verify_stops_the_start(keys, tmp_path):
+    from pydantic import ValidationError
+
+    from app.core.config import Settings, describe_errors
+
+    private, public = keys["trusted"]
+    for bad in (str(private), str(tmp_path / "missing.pub"), f"{public},{tmp_path / 'missing.pub'}"):
+        with pytest.raises(ValidationError) as e:
+            Settings(patch_public_keys=bad)
+        assert "DMP_PATCH_PUBLIC_KEYS" in describe_errors(e.value) and "not a readable PEM public key" in str(e.value)
+    assert Settings(patch_public_keys=f"{public}, ").public_key_paths == [str(public)]
