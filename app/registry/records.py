@@ -59,9 +59,15 @@ class PatchRecord:
     generation: int = 0  # orders writes of one name across replicas and Redis restarts (microseconds)
     signer: str | None = None  # key id of the signature that verified, when DMP_PATCH_PUBLIC_KEYS is set
     digest: str = ""  # the file's whole sha256 (the version is its first 64 bits)
+    owner: str | None = None  # the tenant (API key id) it belongs to; None = shared by all
+
+    def visible_to(self, tenant: str | None) -> bool:
+        """Whether a caller sees this patch: the operator (None) sees all, a tenant its own and the shared ones."""
+        return tenant is None or self.owner is None or self.owner == tenant
 
     def summary(self) -> dict:
         return {"name": self.name, "base": self.base, "version": self.version, "state": self.state,
                 "task": self.task, "domain": self.domain, "size_bytes": self.size_bytes, "error": self.error,
                 "method": self.metadata.get("method", "dmp") if self.metadata else None,
-                "updated_at": self.updated_at, "generation": self.generation, "signer": self.signer}
+                "updated_at": self.updated_at, "generation": self.generation, "signer": self.signer,
+                "owner": self.owner}

@@ -140,12 +140,14 @@ class PatchRegistry:
 
     # No lock here: these run on the event loop, and the lock can be held by a write waiting on a hung Redis.
     # dict.copy()/get are atomic under the GIL.
-    def list(self) -> list[PatchRecord]:
-        return sorted(self.records.copy().values(), key=lambda r: r.name)
+    # Tenants: `tenant` is the caller's API key id, None for the operator (admin token, or keys off). A patch with
+    # an owner exists only for that tenant and the operator; to anyone else it is absent (404, names do not leak).
+    def list(self, tenant: str | None = None) -> list[PatchRecord]:
+        return sorted((r for r in self.records.copy().values() if r.visible_to(tenant)), key=lambda r: r.name)
 
-    def get(self, name: str) -> PatchRecord:
+    def get(self, name: str, tenant: str | None = None) -> PatchRecord:
         record = self.records.get(name)
-        if record is None:
+        if record is None or not record.visible_to(tenant):
             raise NotFound(f"no patch named {name!r}", error_type="patch_not_found")
         return record
 
@@ -188,27 +190,32 @@ class PatchRegistry:
 
     # ------------------------------------------------------------------ admin
 
-    def put(self, name: str, data: bytes, signature: bytes | None = None) -> tuple[PatchRecord, bool]:
+    def put(self, name: str, data: bytes, signature: bytes | None = None,
+            tenant: str | None = None) -> tuple[PatchRecord, bool]:
         """Check the name and signature, validate in full, then store, install and announce; a refused upload
-        changes nothing."""
+        changes nothing. A tenant's upload belongs to it; the operator's keeps the name's owner (new: shared)."""
         version = version_of(data)
         self._check_name(name)
         signer = self._verify(data, signature)
         with self._lock:
-            base, patch = self._validate(data)
             old = self.records.get(name)
+            if old is not None and not old.visible_to(tenant):
+                raise NotFound(f"patch name {name!r} is not available to this key", error_type="patch_not_found")
+            owner = tenant if tenant is not None else old.owner if old is not None else None
+            base, patch = self._validate(data)
             try:
-                generation = self.store.save(name, data, version, self._next_generation(name), signature)
+                generation = self.store.save(name, data, version, self._next_generation(name), signature,
+                                             owner=owner)
             except redis.RedisError as e:
                 raise self._unreachable(e) from None
             if old is not None and old.base != base.name and old.base in self.bases:
                 self.bases[old.base].patches.withdraw(name)  # the name moved to another base
-            record = self._install(name, version, base, patch, Stored(data, generation, signature), signer)
+            record = self._install(name, version, base, patch, Stored(data, generation, signature, owner), signer)
             return record, old is None
 
-    def delete(self, name: str) -> PatchRecord:
+    def delete(self, name: str, tenant: str | None = None) -> PatchRecord:
         with self._lock:
-            record = self.get(name)
+            record = self.get(name, tenant)
             try:
                 generation = self.store.delete(name, self._next_generation(name))
             except redis.RedisError as e:
@@ -276,7 +283,7 @@ class PatchRegistry:
         meta = dict(patch.metadata)
         record = PatchRecord(name, version, "ready", base.name, meta.get("task"), meta.get("domain"), len(data),
                              metadata=meta, generation=stored.generation, signer=signer,
-                             digest=hashlib.sha256(data).hexdigest())
+                             digest=hashlib.sha256(data).hexdigest(), owner=stored.owner)
         self.records[name] = record
         self._tombstones.pop(name, None)
         self._note(name, version, "installed")
@@ -302,7 +309,7 @@ class PatchRegistry:
             if self._refill_if_newer(name, stored.generation):
                 return  # the store went back to an older write (Redis lost its data): ours was put back
             self.records[name] = PatchRecord(name, version, "loading", size_bytes=len(data),
-                                             generation=stored.generation)
+                                             generation=stored.generation, owner=stored.owner)
             try:
                 self._check_name(name)
                 signer = self._verify(data, stored.signature)
@@ -317,7 +324,7 @@ class PatchRegistry:
                     self.bases[current.base].patches.withdraw(name)  # the other replicas serve the new version
                 self._drop_bytes(name)
                 self.records[name] = PatchRecord(name, version, "failed", size_bytes=len(data), error=why,
-                                                 generation=stored.generation)
+                                                 generation=stored.generation, owner=stored.owner)
 
     def _refill_if_newer(self, name: str, stored_generation: int) -> bool:
         """True when this replica knows a newer write of `name` (its file or its delete) than the store holds,
@@ -330,7 +337,8 @@ class PatchRegistry:
         if record is not None and record.state == "ready" and record.generation > stored_generation:
             held = self._bytes.get(name)
             if held is not None:
-                return bool(self.store.save(name, held[0], record.version, record.generation, held[1], refill=True))
+                return bool(self.store.save(name, held[0], record.version, record.generation, held[1], refill=True,
+                                            owner=record.owner))
         return False
 
     def _keep_bytes(self, name: str, data: bytes, signature: bytes | None) -> None:
@@ -370,7 +378,7 @@ class PatchRegistry:
         if self.store.seeded():
             return
         with self._lock:
-            held = {n: (*self._bytes[n], r.version, max(r.generation, 1)) for n, r in self.records.items()
+            held = {n: (*self._bytes[n], r.version, max(r.generation, 1), r.owner) for n, r in self.records.items()
                     if r.state == "ready" and n in self._bytes}
             cutoff = time.time() - self.settings.patch_tombstone_seconds
             deleted = {n: gen for n, (gen, at) in self._tombstones.items() if at > cutoff}
@@ -386,9 +394,9 @@ class PatchRegistry:
                     log.warning("not seeding patch %s: %s", name, e.message)
                     continue
                 # generation 1: a shipped file is older than any write made through the API
-                held[name] = (stored.data, stored.signature, version_of(stored.data), 1)
-        filled = sum(bool(self.store.save(name, data, version, generation, signature, refill=True))
-                     for name, (data, signature, version, generation) in held.items())
+                held[name] = (stored.data, stored.signature, version_of(stored.data), 1, stored.owner)
+        filled = sum(bool(self.store.save(name, data, version, generation, signature, refill=True, owner=owner))
+                     for name, (data, signature, version, generation, owner) in held.items())
         for name, generation in deleted.items():
             self.store.delete(name, generation, refill=True)
         self.store.mark_seeded()  # after the writes, so no replica reads a half-filled Redis as the truth

@@ -15,11 +15,13 @@ CHANNEL = "dmp:patch-events"
 VERSIONS = "dmp:patch-versions"  # hash name -> version
 GENERATIONS = "dmp:patch-generations"  # hash name -> generation (microseconds; only moves forward)
 SIGNATURES = "dmp:patch-signatures"  # hash name -> the signature bundle (JSON) stored with the record
+OWNERS = "dmp:patch-owners"  # hash name -> the tenant (API key id) a patch belongs to; absent = shared
+OWNER_SUFFIX = ".owner"  # NAME.safetensors.owner beside a patch file: its tenant
 SEEDED = "dmp:seeded"
 SIGNATURE_SUFFIX = ".sig"  # NAME.safetensors.sig beside a patch file
 
 # Every write is a compare-and-set on the name's generation, atomic in Redis (a script runs alone). KEYS: bytes,
-# versions, generations, signatures, tombstone. A client's write (ARGV[4] = '0') always lands, one generation past
+# versions, generations, signatures, tombstone, owners. A client's write (ARGV[4] = '0') always lands, one generation past
 # anything stored or deleted; a refill from a replica's memory (ARGV[4] = '1') lands only when newer than both, so
 # it never undoes a write made after Redis lost its data. Stored values are untrusted: a read that fails or is not
 # a number counts as generation 0.
@@ -42,6 +44,7 @@ redis.call('SET', KEYS[1], ARGV[5])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
 redis.call('HSET', KEYS[3], ARGV[1], string.format('%d', gen))
 if ARGV[7] == '' then redis.call('HDEL', KEYS[4], ARGV[1]) else redis.call('HSET', KEYS[4], ARGV[1], ARGV[7]) end
+if ARGV[10] == '' then redis.call('HDEL', KEYS[6], ARGV[1]) else redis.call('HSET', KEYS[6], ARGV[1], ARGV[10]) end
 redis.call('DEL', KEYS[5])
 redis.call('PUBLISH', ARGV[8], ARGV[9])
 return string.format('%d', gen)
@@ -51,6 +54,7 @@ redis.call('DEL', KEYS[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[6], ARGV[1])
 redis.call('SET', KEYS[5], string.format('%d', gen), 'EX', ARGV[3])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return string.format('%d', gen)
@@ -59,11 +63,12 @@ return string.format('%d', gen)
 
 @dataclass
 class Stored:
-    """One name's record as read from a store: the file, its generation and its signature bundle (if any)."""
+    """One name's record as read from a store: the file, its generation, its signature bundle and its tenant."""
 
     data: bytes
     generation: int = 0
     signature: bytes | None = None
+    owner: str | None = None
 
 
 class DiskStore:
@@ -89,28 +94,36 @@ class DiskStore:
             return None
 
     def load_record(self, name: str) -> Stored | None:
-        """The file and the signature beside it (generation 0: one process owns a directory, nothing to order)."""
+        """The file, the signature and owner beside it (generation 0: one process owns a directory)."""
         try:
             data = self.path(name).read_bytes()
         except FileNotFoundError:
             return None
+        signature, owner = (self._read(path) for path in (self.signature_path(name), self.owner_path(name)))
+        return Stored(data, 0, signature, owner.decode(errors="replace").strip() or None if owner else None)
+
+    @staticmethod
+    def _read(path: Path) -> bytes | None:
         try:
-            signature = self.signature_path(name).read_bytes()
+            return path.read_bytes()
         except FileNotFoundError:
-            signature = None
-        return Stored(data, 0, signature)
+            return None
 
     def signature_path(self, name: str) -> Path:
         return self.root / f"{name}.safetensors{SIGNATURE_SUFFIX}"
 
+    def owner_path(self, name: str) -> Path:
+        return self.root / f"{name}.safetensors{OWNER_SUFFIX}"
+
     def save(self, name: str, data: bytes, version: str, generation: int = 0, signature: bytes | None = None,
-             refill: bool = False) -> int:
-        """Write the signature (or remove a stale one), then the patch; returns the generation (0: one process
-        owns the directory, nothing to order)."""
-        if signature is None:
-            self.signature_path(name).unlink(missing_ok=True)
-        else:
-            self._write(self.signature_path(name), signature)
+             refill: bool = False, owner: str | None = None) -> int:
+        """Write the signature and owner (or remove stale ones), then the patch; returns the generation (0: one
+        process owns the directory, nothing to order)."""
+        for path, value in ((self.signature_path(name), signature), (self.owner_path(name), owner)):
+            if value is None:
+                path.unlink(missing_ok=True)
+            else:
+                self._write(path, value.encode() if isinstance(value, str) else value)
         self._write(self.path(name), data)
         return generation
 
@@ -133,6 +146,7 @@ class DiskStore:
     def delete(self, name: str, generation: int = 0, refill: bool = False) -> int:
         self.path(name).unlink(missing_ok=True)
         self.signature_path(name).unlink(missing_ok=True)
+        self.owner_path(name).unlink(missing_ok=True)
         return generation
 
     def ping(self) -> None:
@@ -157,7 +171,7 @@ class RedisStore:
         return f"dmp:patch-deleted:{name}"
 
     def _keys(self, name: str) -> list[str]:
-        return [self.key(name), VERSIONS, GENERATIONS, SIGNATURES, self.tombstone(name)]
+        return [self.key(name), VERSIONS, GENERATIONS, SIGNATURES, self.tombstone(name), OWNERS]
 
     def versions(self) -> tuple[dict[str, str], list[bytes]]:
         """({name: version}, the fields that are not a valid name and version): Redis is untrusted input, and one
@@ -189,8 +203,8 @@ class RedisStore:
         """Bytes, generation and signature read in one transaction; a value of the wrong type or form reads as
         bytes no patch file can be, generation 0, no signature."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.get(self.key(name)).hget(GENERATIONS, name).hget(SIGNATURES, name)
-        data, generation, signature = pipe.execute(raise_on_error=False)
+        pipe.get(self.key(name)).hget(GENERATIONS, name).hget(SIGNATURES, name).hget(OWNERS, name)
+        data, generation, signature, owner = pipe.execute(raise_on_error=False)
         if data is None:
             return None
         if isinstance(data, redis.ResponseError):
@@ -199,14 +213,15 @@ class RedisStore:
             generation = int(generation)
         except (TypeError, ValueError):
             generation = 0
-        return Stored(data, generation, signature if isinstance(signature, bytes) else None)
+        owner = owner.decode(errors="replace") if isinstance(owner, bytes) and owner else None
+        return Stored(data, generation, signature if isinstance(signature, bytes) else None, owner)
 
     def save(self, name: str, data: bytes, version: str, generation: int = 0, signature: bytes | None = None,
-             refill: bool = False) -> int:
+             refill: bool = False, owner: str | None = None) -> int:
         """Store a version; returns its generation, or 0 when a refill lost to a newer write or delete."""
         event = json.dumps({"op": "put", "name": name, "version": version, "origin": self.origin})
         args = [name, generation, self.tombstone_seconds, int(refill), data, version, signature or b"", CHANNEL,
-                event]
+                event, owner or ""]
         return int(self._put(keys=self._keys(name), args=args))
 
     def delete(self, name: str, generation: int = 0, refill: bool = False) -> int:

@@ -1,0 +1,70 @@
+"""Tenants in the registry (issue 24 item 3, the registry's part): a tenant's patch has an owner that travels with
+it (disk, Redis, refill); other tenants neither list, get, replace nor delete it (404 NotFound); the operator sees
+all. The API layer is to pass the caller's key id as `tenant` (docs/service.md)."""
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import pytest
+
+from app.core.errors import NotFound
+from conftest import asgi_client, copy_dirs, make_patch_bytes, wait_ready
+
+
+def names(registry, tenant):
+    return {r.name for r in registry.list(tenant)}
+
+
+def check_isolation(registry, digits):
+    registry.put("alpha", make_patch_bytes(digits, "digits", 1), tenant="a")
+    registry.put("shared", make_patch_bytes(digits, "digits", 2))
+    assert registry.get("alpha", "a").owner == "a" and registry.get("shared", "b").owner is None
+    assert names(registry, "a") >= {"alpha", "shared"} and "alpha" not in names(registry, "b")
+    assert "alpha" in names(registry, None)  # the operator
+    for attempt in (lambda: registry.get("alpha", "b"), lambda: registry.delete("alpha", "b"),
+                    lambda: registry.put("alpha", make_patch_bytes(digits, "digits", 3), tenant="b")):
+        with pytest.raises(NotFound) as e:
+            attempt()
+        assert e.value.status == 404
+    assert registry.get("alpha", "a").version == registry.get("alpha").version  # b changed nothing
+    registry.put("alpha", make_patch_bytes(digits, "digits", 4))  # the operator replaces it: still a's
+    assert registry.get("alpha").owner == "a"
+
+
+def test_tenants_on_disk(class_only_dirs, tmp_path):
+    digits = class_only_dirs["bases"]["digits"]
+    dirs = copy_dirs(class_only_dirs, tmp_path)
+    with asgi_client(dirs, warmup=False) as c:
+        wait_ready(c)
+        check_isolation(c.app.state.engine.registry, digits)
+    with asgi_client(dirs, warmup=False) as c:  # a restart reads the owner back from NAME.safetensors.owner
+        wait_ready(c)
+        registry = c.app.state.engine.registry
+        assert registry.get("alpha").owner == "a" and "alpha" not in names(registry, "b")
+
+
+@pytest.mark.redis
+def test_tenants_across_replicas_and_a_redis_restart(redis_server, class_only_dirs, tmp_path):
+    import time
+
+    digits = class_only_dirs["bases"]["digits"]
+    with ExitStack() as stack:
+        a, b = (stack.enter_context(asgi_client(copy_dirs(class_only_dirs, tmp_path / n), warmup=False,
+                                                redis_url=redis_server.url)) for n in "ab")
+        wait_ready(a)
+        wait_ready(b)
+        check_isolation(a.app.state.engine.registry, digits)
+        other = b.app.state.engine.registry
+        end = time.monotonic() + 5
+        while "alpha" not in other.records and time.monotonic() < end:
+            time.sleep(0.05)
+        assert other.get("alpha").owner == "a" and "alpha" not in names(other, "b")
+        redis_server.kill()
+        redis_server.start()  # empty: the replicas refill it, owners included
+        wait_ready(a)
+        wait_ready(b)
+        time.sleep(3)
+        import redis
+
+        assert redis.Redis.from_url(redis_server.url).hget("dmp:patch-owners", "alpha") == b"a"
+        assert other.get("alpha").owner == "a"
