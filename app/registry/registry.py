@@ -306,7 +306,8 @@ class PatchRegistry:
             if current is not None and current.version == version and current.state in ("ready", "failed"):
                 current.generation = max(current.generation, stored.generation)
                 return  # already served, or already refused (and logged)
-            if self._refill_if_newer(name, stored.generation):
+            # generation 0: written by hand or by a server without generations, taken as is
+            if stored.generation and self._refill_if_newer(name, stored.generation):
                 return  # the store went back to an older write (Redis lost its data): ours was put back
             self.records[name] = PatchRecord(name, version, "loading", size_bytes=len(data),
                                              generation=stored.generation, owner=stored.owner)
