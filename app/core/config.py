@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     request_timeout: float = Field(120.0, gt=0, description="Seconds a request may take end to end")
     drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM: seconds to finish in-flight requests")
     max_patch_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Upload cap, counted on received bytes")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, description="Body cap of every other route (JSON requests are "
+                                                                 "a few hundred bytes), counted on received bytes")
     max_steps: int = Field(1000, ge=1, description="Largest `steps` a request may ask for")
     max_images: int = Field(8, ge=1, description="Largest `num_images` per request")
     max_cost: int = Field(8000, ge=1, description="Largest `steps * num_images` per request (its denoising work); "
