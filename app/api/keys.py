@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from app.core.apikeys import KeyRing
-from app.core.config import Settings
+from app.core.config import Settings, id_secret_bytes
 from app.core.errors import Overloaded, Unauthorized
 from app.core.metrics import Metrics
 from app.core.ratelimit import RateLimiter
@@ -25,7 +25,8 @@ class KeyGate:
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
-        self.ring = KeyRing.parse(settings.api_keys.get_secret_value()) if settings.api_keys else None
+        self.ring = (KeyRing.parse(settings.api_keys.get_secret_value(), id_secret_bytes(settings.key_id_secret))
+                     if settings.api_keys else None)
         self._limiter: RateLimiter | None = None
 
     def limiter(self, redis_client) -> RateLimiter:
