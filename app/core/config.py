@@ -26,8 +26,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DMP_", extra="ignore")
 
     admin_token: SecretStr | None = Field(None, description="Bearer token for PUT/DELETE /patches; unset = off")
-    key_id_secret: SecretStr | None = Field(None, description="HMAC key that names unnamed API keys in metrics and "
-                                            "rate-limit buckets, the same on every replica; needed by unnamed keys")
+    key_id_secret: SecretStr | None = Field(None, description="HMAC key naming API keys without an id in metrics and "
+                                            "rate-limit buckets, the same on every replica; unset = derived from "
+                                            "DMP_API_KEYS")
     api_keys: SecretStr | None = Field(None, description="Keys for /generate, /v1/* and the gates routes: a file or "
                                        "a comma list of entries KEY | sha256:HEX | ID:KEY | ID:sha256:HEX; unset = open")
     key_requests_per_min: float = Field(0, ge=0, description="Requests a key may make per minute; 0 = no limit")

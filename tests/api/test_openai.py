@@ -135,12 +135,11 @@ def test_stream_without_partials(oai):
 # ---------------------------------------------------------------------------------------------------- API keys
 
 KEYS = "alice:sk-alice-0123456789,sha256:" + __import__("hashlib").sha256(b"sk-bob-0123456789").hexdigest()
-KEY_ID_SECRET = "key-id-secret-0123456789"  # bob's entry has no id: his label is keyed with this
 
 
 def test_keys_required_on_generation_routes(start_server, class_only_dirs):
     server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"], api_keys=KEYS,
-                          key_id_secret=KEY_ID_SECRET, admin_token="admin-token-0123456789")
+                          admin_token="admin-token-0123456789")
     client = lambda key: openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
     for key in ("sk-alice-0123456789", "sk-bob-0123456789"):
         assert client(key).images.generate(model="digits", prompt="1", extra_body=EXTRA).data
@@ -158,17 +157,17 @@ def test_keys_required_on_generation_routes(start_server, class_only_dirs):
                         headers={"Authorization": "Bearer sk-alice-0123456789"}).status_code == 401
     metrics = httpx.get(server.url + "/metrics").text
     assert 'dmp_api_key_requests_total{key="alice",outcome="allowed"} 1.0' in metrics
-    from app.core.apikeys import key_hash, unnamed_key_id
+    from app.core.apikeys import KeyRing
 
-    bob_id = unnamed_key_id(key_hash("sk-bob-0123456789"), KEY_ID_SECRET.encode())
-    assert bob_id != __import__("hashlib").sha256(b"sk-bob-0123456789").hexdigest()[:12]  # not the plain hash
+    bob_id = KeyRing.parse(KEYS).identify("sk-bob-0123456789")  # his entry has no id: an HMAC, not the hash
+    assert bob_id != __import__("hashlib").sha256(b"sk-bob-0123456789").hexdigest()[:12]
     assert f'dmp_api_key_images_total{{key="{bob_id}"}} 2.0' in metrics
     assert "sk-alice" not in metrics and "sk-bob" not in metrics
 
 
 def test_rate_limit_shared_by_replicas_through_redis(start_server, class_only_dirs, redis_server):
     settings = dict(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"], api_keys=KEYS,
-                    key_id_secret=KEY_ID_SECRET, redis_url=redis_server.url, key_requests_per_min=3, key_images_per_min=10)
+                    redis_url=redis_server.url, key_requests_per_min=3, key_images_per_min=10)
     a, b = start_server(**settings), start_server(**settings)
     alice = lambda s: openai.OpenAI(base_url=s.url + "/v1", api_key="sk-alice-0123456789", max_retries=0)
     for s in (a, b, a):
