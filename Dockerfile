@@ -11,9 +11,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /srv/dmp
-# The pinned dependencies of pyproject.toml, as a requirements file both variants install from.
+# The pinned dependencies of pyproject.toml, as a requirements file both variants install from; the CUDA image
+# also runs the trainer (deploy/train), so it adds the `train` extra.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'])); print('\n'.join(p['optional-dependencies']['train']), file=open('/tmp/train.txt', 'w'))" \
         > /tmp/requirements.txt \
     && useradd --system --uid 10001 --user-group --home-dir /tmp dmp
 
@@ -33,14 +35,14 @@ FROM base AS deps-cuda
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
-    && pip install -r /tmp/requirements.txt
+    && pip install -r /tmp/requirements.txt -r /tmp/train.txt
 
 # hadolint ignore=DL3006
 FROM deps-${VARIANT} AS final
 WORKDIR /srv/dmp
 # The code, then the demo bases and patches (the embedded default serves models/ and patches/).
 COPY app ./app
-RUN pip install --no-cache-dir --no-deps . && rm /tmp/requirements.txt
+RUN pip install --no-cache-dir --no-deps . && rm /tmp/requirements.txt /tmp/train.txt
 COPY models ./models
 # Without Redis, PUT /patches writes here: the service user must own it.
 COPY --chown=10001:10001 patches ./patches

@@ -1,4 +1,5 @@
 # Two commands on a fresh machine:  `make serve`  and  `make test`.
+# Installs run again only when pyproject.toml changes (stamp files in the venv), not on every start.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,13 +8,21 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-install: $(BIN)/python
+# the server's dependencies
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
+	touch $@
+
+# + the trainer's and the tests'
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[train,test]'
 	# animal-mnist's declared deps (tensorflow) are only for its own loader; we read its data file directly.
 	$(BIN)/pip install -q --no-deps animal-mnist==0.4
+	touch $@
 
-install-test: install
-	$(BIN)/pip install -q -e '.[test]'
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
 
 serve: install
 	$(BIN)/python -m app serve --host $${HOST:-127.0.0.1} --port $${PORT:-8000}

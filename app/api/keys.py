@@ -1,6 +1,7 @@
 """API keys on the generation routes: Bearer check (401), per-key rate limit (429 + Retry-After), per-key metrics."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Annotated
@@ -10,11 +11,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from app.core.apikeys import KeyRing
-from app.core.config import Settings
+from app.core.config import Settings, id_secret_bytes
 from app.core.errors import Overloaded, Unauthorized
 from app.core.metrics import Metrics
 from app.core.ratelimit import RateLimiter
 
+log = logging.getLogger("dmp.api")
 api_bearer = HTTPBearer(auto_error=False, scheme_name="APIKey", description="An API key from DMP_API_KEYS")
 # `openapi_extra` of the key-checked routes: the `{}` alternative says the key is optional (DMP_API_KEYS unset)
 KEY_OPTIONAL = {"security": [{}]}
@@ -25,8 +27,13 @@ class KeyGate:
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
-        self.ring = KeyRing.parse(settings.api_keys.get_secret_value()) if settings.api_keys else None
+        self.ring = (KeyRing.parse(settings.api_keys.get_secret_value(), id_secret_bytes(settings.key_id_secret))
+                     if settings.api_keys else None)
         self._limiter: RateLimiter | None = None
+        if self.ring is not None and self.ring.unnamed and settings.key_id_secret is None:
+            log.warning("%d API key(s) without an id are labelled with a secret derived from DMP_API_KEYS itself; "
+                        "set DMP_KEY_ID_SECRET (or name them ID:KEY) so that a guessed key cannot be checked "
+                        "against /metrics", self.ring.unnamed)
 
     def limiter(self, redis_client) -> RateLimiter:
         """Built on first use: the Redis client exists only once the engine has started."""

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api import gates, generate, health, metrics, models, patches, v1
 from app.api.errors import install_error_handlers
 from app.api.keys import KeyGate
-from app.api.middleware import ConsoleHeaders, RequestContext
+from app.api.middleware import ConsoleHeaders, Gatekeeper, RequestContext
 from app.core.config import Settings
 from app.core.metrics import Metrics
 from app.engine.engine import Engine
@@ -40,9 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (generate, v1, patches, gates, models, health, metrics):
         app.include_router(module.router)
-    app.add_middleware(RequestContext, metrics=app.state.engine.metrics,
-                       body_limits={("POST", "/generate"): generate.MAX_BODY_BYTES,
-                                    ("POST", "/v1/images/generations"): generate.MAX_BODY_BYTES})
+    app.add_middleware(Gatekeeper, settings=settings)  # inside RequestContext: its refusals are counted and carry ids
+    app.add_middleware(RequestContext, metrics=app.state.engine.metrics)
     app.add_middleware(ConsoleHeaders)
     app.mount("/ui", StaticFiles(directory=STATIC_DIR, html=True), name="ui")  # shipped as package data
 

@@ -9,8 +9,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.core.apikeys import KeyRing
 
 
 MIN_ADMIN_TOKEN_CHARS = 16
@@ -24,8 +26,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DMP_", extra="ignore")
 
     admin_token: SecretStr | None = Field(None, description="Bearer token for PUT/DELETE /patches; unset = off")
-    api_keys: SecretStr | None = Field(None, description="Keys for /generate and /v1/*: a file or a comma list "
-                                       "of entries KEY | sha256:HEX | ID:KEY | ID:sha256:HEX; unset = open")
+    key_id_secret: SecretStr | None = Field(None, description="HMAC key naming API keys without an id in metrics and "
+                                            "rate-limit buckets, the same on every replica; unset = derived from "
+                                            "DMP_API_KEYS")
+    api_keys: SecretStr | None = Field(None, description="Keys for /generate, /v1/* and the gates routes: a file or "
+                                       "a comma list of entries KEY | sha256:HEX | ID:KEY | ID:sha256:HEX; unset = open")
     key_requests_per_min: float = Field(0, ge=0, description="Requests a key may make per minute; 0 = no limit")
     key_images_per_min: float = Field(0, ge=0, description="Images a key may ask for per minute; 0 = no limit")
     redis_url: str | None = Field(None, description="Redis for shared patches and the result cache; unset = disk")
@@ -55,6 +60,8 @@ class Settings(BaseSettings):
     request_timeout: float = Field(120.0, gt=0, description="Seconds a request may take end to end")
     drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM: seconds to finish in-flight requests")
     max_patch_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Upload cap, counted on received bytes")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, description="Body cap of every other route (JSON requests are "
+                                                                 "a few hundred bytes), counted on received bytes")
     max_steps: int = Field(1000, ge=1, description="Largest `steps` a request may ask for")
     max_images: int = Field(8, ge=1, description="Largest `num_images` per request")
     max_cost: int = Field(8000, ge=1, description="Largest `steps * num_images` per request (its denoising work); "
@@ -98,6 +105,22 @@ class Settings(BaseSettings):
     def public_key_paths(self) -> list[str]:
         return [p.strip() for p in (self.patch_public_keys or "").split(",") if p.strip()]
 
+    @field_validator("key_id_secret")
+    @classmethod
+    def _key_id_secret_is_not_guessable(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and len(secret.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(f"must be at least {MIN_ADMIN_TOKEN_CHARS} characters; generate one with "
+                             "`openssl rand -hex 32`")
+        return secret
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys_parse(cls, keys: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """A bad key list stops the start with one line (KeyGate parses it again to serve)."""
+        if keys is not None:
+            KeyRing.parse(keys.get_secret_value(), id_secret_bytes(info.data.get("key_id_secret")))
+        return keys
+
     @cached_property
     def torch_device(self) -> str:
         from app.core.devices import pick_device
@@ -109,6 +132,11 @@ class Settings(BaseSettings):
         from app.core.devices import pick_dtype
 
         return pick_dtype(self.dtype, self.torch_device)
+
+
+def id_secret_bytes(secret: SecretStr | None) -> bytes | None:
+    """DMP_KEY_ID_SECRET as the HMAC key KeyRing takes."""
+    return secret.get_secret_value().encode() if secret else None
 
 
 def describe_errors(error: ValidationError) -> str:

@@ -1,6 +1,8 @@
 """Patch-aware routing: two real replicas behind the real HAProxy with deploy/haproxy/haproxy.cfg. Requests for one
-patch land on one replica (its swap-in counter moves, the other's does not) while load still spreads: different
-patches go to both, requests without the header go round robin, and a burst for one hot patch overflows."""
+patch land on one replica (its swap-in counter moves, the other's does not) with nothing but the patch in the body
+(/generate's `patch`, a composition's first name, /v1's `model` from the real openai client), or the X-DMP-Patch
+header when the body names none; load still spreads: different patches go to both, requests for no patch go round
+robin, and a burst for one hot patch overflows. The router keeps /metrics internal and caps bodies."""
 from __future__ import annotations
 
 import os
@@ -10,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,11 +21,13 @@ from conftest import REPO, copy_dirs, free_port, make_patch_bytes
 PATCHES = [f"tenant-{i}" for i in range(8)]
 
 
-def series(url: str, metric: str) -> dict[str, float]:
-    """patch label -> value of one per-patch counter of a replica."""
+def series(url: str, metric: str, label: str = "patch") -> dict[str, float]:
+    """label value -> value of one counter of a replica (summed over its other labels)."""
     text = httpx.get(url + "/metrics", timeout=10).text
-    return {s.labels["patch"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
-            if s.name == metric}
+    out: dict[str, float] = {}
+    for s in (s for f in text_string_to_metric_families(text) for s in f.samples if s.name == metric):
+        out[s.labels[label]] = out.get(s.labels[label], 0) + s.value
+    return out
 
 
 @pytest.fixture
@@ -56,10 +61,8 @@ def test_one_patch_one_replica_and_load_still_spreads(class_only_dirs, tmp_path,
                                      torch_threads=1, max_batch=4))
     router = haproxy([s.url.removeprefix("http://") for s in replicas])
 
-    def generate(patch: str | None, steps: int = 2) -> None:
-        headers = {"X-DMP-Patch": patch} if patch else {}
-        r = httpx.post(router + "/generate", json={"patch": patch, "class_label": 1, "steps": steps},
-                       headers=headers, timeout=60)
+    def generate(patch: str | None, steps: int = 2) -> None:  # no X-DMP-Patch header: the router reads the body
+        r = httpx.post(router + "/generate", json={"patch": patch, "class_label": 1, "steps": steps}, timeout=60)
         assert r.status_code == 200, r.text
 
     end = time.monotonic() + 30  # health checks mark both replicas up; round robin then reaches both
@@ -83,6 +86,29 @@ def test_one_patch_one_replica_and_load_still_spreads(class_only_dirs, tmp_path,
         assert swaps[owners[name]].get(name, 0) >= 1 and swaps[1 - owners[name]].get(name, 0) == 0
     assert set(owners.values()) == {0, 1}  # different patches are spread over both
 
+    # the real openai client names the patch only as `model`; the header alone routes a body without a patch (its
+    # base images land on the patch's owner); a composition routes by its first patch (counted by route, whatever
+    # the replica answers to it)
+    oai = openai.OpenAI(base_url=router + "/v1", api_key="unused", max_retries=0)
+    before = [series(s.url, "dmp_images_generated_total") for s in replicas]
+    calls = [series(s.url, "dmp_requests_total", "route").get("/generate", 0) for s in replicas]
+    for name in PATCHES:
+        oai.images.generate(model=name, prompt="1", extra_body={"steps": 2})
+        r = httpx.post(router + "/generate", json={"class_label": 1, "steps": 2}, headers={"X-DMP-Patch": name})
+        assert r.status_code == 200, r.text
+        httpx.post(router + "/generate", json={"patches": [{"name": name, "scale": 1.0}], "class_label": 1,
+                                               "steps": 2})
+    after = [series(s.url, "dmp_images_generated_total") for s in replicas]
+    for name in PATCHES:
+        assert [a.get(name, 0) - b.get(name, 0) for a, b in zip(after, before)][owners[name]] == 1, name
+    base_gain = [a.get("base", 0) - b.get("base", 0) for a, b in zip(after, before)]
+    assert base_gain == [sum(1 for o in owners.values() if o == r) for r in range(2)]
+    composed = [series(s.url, "dmp_requests_total", "route").get("/generate", 0) - c for s, c in zip(replicas, calls)]
+    assert composed == [2 * sum(1 for o in owners.values() if o == r) for r in range(2)]  # header + composition
+
+    assert httpx.get(router + "/metrics").status_code == 404 and httpx.get(router + "/%6detrics").status_code == 404
+    assert httpx.post(router + "/generate", content=b"{" + b" " * 300_000 + b"}").status_code == 413
+
     hot = PATCHES[0]
     before = [i.get(hot, 0) for i in images]
     with ThreadPoolExecutor(8) as pool:  # more in flight than one replica's fair share: bounded load overflows
@@ -92,7 +118,8 @@ def test_one_patch_one_replica_and_load_still_spreads(class_only_dirs, tmp_path,
     assert after[owners[hot]] - before[owners[hot]] > 16 / 2  # ... but the owner took most of it
 
 
-ROUTING = ("balance hdr(X-DMP-Patch)", "hash-type consistent", "hash-balance-factor", "option httpchk GET /health/ready")
+ROUTING = ("option http-buffer-request", "http-request set-var", "http-request deny", "acl ", "timeout ",
+           "balance hash var(txn.patch)", "hash-type consistent", "hash-balance-factor", "option httpchk GET /health/ready")
 
 
 def test_compose_and_k8s_routers_are_valid_and_route_alike(tmp_path):
@@ -110,9 +137,9 @@ def test_compose_and_k8s_routers_are_valid_and_route_alike(tmp_path):
     for cfg in (REPO / "deploy/haproxy/haproxy.cfg", k8s):
         check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True, env=local)
         assert check.returncode == 0, check.stdout + check.stderr
-    lines = lambda text: {line.split("#")[0].strip() for line in text.splitlines()
-                          if line.strip().startswith(tuple(r.split(" (")[0] for r in ROUTING))}
-    assert lines(compose) == lines(router) and len(lines(compose)) == len(ROUTING)
+    lines = lambda text: {line.split("  #")[0].strip() for line in text.splitlines() if line.strip().startswith(ROUTING)}
+    assert lines(compose) == lines(router)
+    assert all(any(line.startswith(r) for line in lines(compose)) for r in ROUTING)
     nginx = tmp_path / "nginx.conf"
     nginx.write_text((REPO / "deploy/nginx/nginx.conf").read_text().replace("dmp-1:8000", "127.0.0.1:1")
                      .replace("dmp-2:8000", "127.0.0.1:2"))

@@ -130,6 +130,13 @@ def test_every_dashboard_query_evaluates_with_data_where_expected(prometheus):
     assert explained == list(NO_DATA_HERE), "NO_DATA_HERE lists series the dashboard no longer reads"
 
 
+def test_error_ratio_reads_zero_when_healthy(prometheus):
+    """Without a single error series the ratio is 0, not Grafana's "No data" (this run has no 5xx: ask for those)."""
+    (expr,) = [e for e in dashboard_queries() if 'status=~"[45].."' in e]
+    assert query(prometheus, grafana_to_promql(expr.replace('"[45].."', '"5.."'))) == [0.0]
+    assert query(prometheus, grafana_to_promql(expr))[0] > 0  # the 422 of traffic() shows
+
+
 def test_request_rates_leave_out_probes_and_scrapes(prometheus):
     routes = {r["metric"]["route"] for r in api(prometheus, "query",
                                                 query="instance_route_status:dmp_requests:rate1m")["result"]}
