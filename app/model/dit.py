@@ -283,18 +283,23 @@ class DiT(nn.Module):
         """The condition meaning 'no condition' (null class or learned null text) for CFG."""
         return self.y_embedder.null(batch, device)
 
-    def forward(self, x, t, y, patch: Patch | None = None, drop=None):
+    def forward(self, x, t, y, patch: Patch | None = None, drop=None, gate_noise=None, return_gating=False):
         """x (B, C, H, W), t (B,), y (B,) labels or (B, text_dim); patch: DMP module or PatchBatch;
-        drop (B,) bool: the training condition dropout, when the caller draws it (the trainer, per global batch)."""
+        drop (B,) bool: the training condition dropout, when the caller draws it (the trainer, per global batch);
+        gate_noise (pt_depth, B, N): a training DMP patch's noisy-gating draws, likewise.
+        Returns (B, C_out, H, W), or with return_gating (that, the patch's Gating or None) for the balancing losses."""
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         t_emb = self.t_embedder(t)  # (B, D)
         c = t_emb + self.y_embedder(y, self.training, drop)  # (B, D)
-        patch_state = patch.prepare(c, t_emb) if patch is not None else None
+        patch_state = patch.prepare(c, t_emb, gate_noise) if patch is not None else None
         pending = None  # each block's MLP branch is added by the next block's (or the final layer's) first kernel
         for depth, block in enumerate(self.blocks):
             x, pending = block(x, c, patch_state.at(depth) if patch_state is not None else None, pending)  # (B, N, D)
         x = self.final_layer(x, c, pending)  # (B, N, p*p*C)
-        return self.unpatchify(x)  # (B, C_out, H, W)
+        out = self.unpatchify(x)  # (B, C_out, H, W)
+        if return_gating:
+            return out, patch_state.gating if patch_state is not None else None
+        return out
 
 
 #################################################################################

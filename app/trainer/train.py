@@ -123,34 +123,21 @@ class Objective(nn.Module):
         self.model, self.patch, self.diffusion, self.cfg, self.dist = model, patch, diffusion, cfg, dist
 
     def forward(self, x, y, t, noise, drop=None, gate_noise=None) -> tuple[torch.Tensor, dict]:
-        cfg = self.cfg
-        if self.patch is not None:
-            self.patch.gate_noise = gate_noise  # this forward's share of the globally drawn gate noise
-        try:
-            loss = self.diffusion.loss(self.model, x, y, patch=self.patch, t=t, noise=noise, drop=drop)
-        finally:
-            if self.patch is not None:
-                self.patch.gate_noise = None
+        cfg, diffusion = self.cfg, self.diffusion
+        x_t = diffusion.q_sample(x, t, noise)
+        out, gating = self.model(x_t, t, y, patch=self.patch, drop=drop, gate_noise=gate_noise, return_gating=True)
+        loss = diffusion.output_losses(out, x, x_t, t, noise).mean()
         logs = {"loss": loss.detach()}
         if cfg.method == "dmp":
-            self.gather_gating()
-            imp = importance_loss(self.patch.last_gates)
-            load = load_loss(self.patch, kind=cfg.load_kind)
+            # The balancing losses are batch statistics: they see every rank's rows of this micro-batch. Each
+            # rank then computes the same value; all_gather's backward sums every rank's gradient into each
+            # rank's own rows (x world_size) and DDP's average divides it out again: the global gradient.
+            gating = gating.gathered(self.dist.gather_rows)
+            imp = importance_loss(gating.gates)
+            load = load_loss(gating, self.patch.k, kind=cfg.load_kind)
             loss = loss + cfg.w_importance * imp + cfg.w_load * load
             logs |= {"imp": imp.detach(), "load": load.detach()}
         return loss, logs
-
-    def gather_gating(self) -> None:
-        """The balancing losses are batch statistics: let them see every rank's rows of this micro-batch.
-
-        Each rank then computes the same value; all_gather's backward sums every rank's gradient into each
-        rank's own rows (x world_size) and DDP's average divides it out again, so the gradient is the global one.
-        """
-        for name, batch_dim in (("last_gates", 1), ("last_logits", 1), ("last_clean_logits", 1),
-                                ("last_noise_std", 0)):
-            value = getattr(self.patch, name, None)
-            if value is not None:
-                setattr(self.patch, name, self.dist.gather_rows(value, batch_dim))
 
 
 class Trainer:
