@@ -20,7 +20,7 @@ from app.model.sampling import clips_x0
 from app.model.dmp import importance_loss, load_loss, new_patch_for, patch_metadata_for, save_patch
 from app.trainer.checkpoint import (load_checkpoint, load_optimizer_tensors, optimizer_tensors, restore_rng,
                                     rng_tensors, save_checkpoint)
-from app.trainer.data import DataSet, load_splits
+from app.trainer.data import DataError, DataSet, load_splits
 from app.trainer.diffusion import Diffusion
 from app.trainer.distributed import Dist, from_env
 from app.trainer.evaluate import EVAL_SAMPLING
@@ -115,6 +115,18 @@ def heldout_loss(model, diffusion: Diffusion, data: DataSet, patch=None, n: int 
     return total / 4
 
 
+def unlabelled_base_classes(desc, root: str, num_classes: int) -> list[str]:
+    """Class names "0".."n-1" of a base without labels; refuses class folders that are not such numbers."""
+    names = [str(i) for i in range(num_classes)]
+    folders = sorted(d.name for d in Path(root).iterdir() if d.is_dir()) if Path(root).is_dir() else []
+    if bad := [f for f in folders if f not in names]:
+        raise DataError(f"base {desc.name} has no labels, so class folders must be its class numbers 0-"
+                        f"{num_classes - 1}, not {', '.join(bad[:3])}: give the base labels (id2label in "
+                        f"model_index.json, or a sidecar {desc.name}.json with \"labels\", docs/models.md) or "
+                        "rename the folders")
+    return names
+
+
 class Objective(nn.Module):
     """One micro-batch's training loss; a module so that DDP wraps base and patch together."""
 
@@ -206,7 +218,8 @@ class Trainer:
             return {"text_encoder": desc.text_encoder or cfg.text_encoder} if mc.task == "text" else {}
         kw = {"channels": 3 if vae != "pixel" else mc.in_channels, "vae": None if vae == "pixel" else vae}
         if mc.task == "class":
-            kw["labels"] = desc.labels or [str(i) for i in range(mc.num_classes)]
+            kw["labels"] = desc.labels or unlabelled_base_classes(desc, cfg.dataset.removeprefix("folder:"),
+                                                                  mc.num_classes)
         elif mc.task == "text":
             kw["text_encoder"] = desc.text_encoder or cfg.text_encoder
         return kw
