@@ -345,18 +345,17 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #                                   DiT Configs                                 #
 #################################################################################
 
-def _factory(depth, hidden_size, patch_size, num_heads):
+def _factory(depth, hidden_size, patch_size):
     def make(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, **kwargs):
         cfg = DiTConfig(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-                        hidden_size=hidden_size, depth=depth, num_heads=num_heads, num_classes=num_classes,
-                        learn_sigma=learn_sigma, **kwargs)
+                        hidden_size=hidden_size, depth=depth, num_heads=HEADS_BY_WIDTH[hidden_size],
+                        num_classes=num_classes, learn_sigma=learn_sigma, **kwargs)
         return DiT(cfg)
     return make
 
 
 DiT_models = {
-    f"DiT-{size}/{p}": _factory(depth, width, p, heads)
-    for size, (depth, width, heads) in {"XL": (28, 1152, 16), "L": (24, 1024, 16),
-                                        "B": (12, 768, 12), "S": (12, 384, 6)}.items()
+    f"DiT-{size}/{p}": _factory(depth, width, p)
+    for size, (depth, width) in {"XL": (28, 1152), "L": (24, 1024), "B": (12, 768), "S": (12, 384)}.items()
     for p in (2, 4, 8)
 }
