@@ -95,3 +95,23 @@ def test_upload_refuses_a_hard_all_prompts_patch_trained_as_a_softmax(tiny_class
     assert patch_from_bytes(k_n_minus_1).k == 15  # was always served as trained
     with pytest.raises(PatchError, match="gate_version '3'"):
         patch_from_bytes(_with_meta(old, gate_version="3"))
+
+
+def test_compiled_step_serves_every_selection_mode_as_trained(tiny_class):
+    """The compiled forward reads the same pool selection: one mixed batch of all four modes at k = N and N - 1."""
+    from app.engine.graphs import GraphedForward
+
+    model = tiny_class.requires_grad_(False)
+    patches = [trained_patch(model, sel, k, seed=i).eval()
+               for i, (sel, k) in enumerate((s, k) for s in SELECTIONS for k in (1.0, (N - 1) / N))]
+    pool = PatchPool(32, N, 3, slots=len(patches) + 1)
+    slots = torch.tensor([pool.install(p) for p in patches])
+    g = torch.Generator().manual_seed(2)
+    x, t, y = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([5.0, 250.0, 600.0, 999.0]), torch.tensor([0, 3, 7, 10])
+    fwd = GraphedForward(model, pool, buckets=(4,), cfg=False, compile=True)
+    compiled = fwd(x, t, y, patch=pool.batch(slots))
+    assert fwd.fallbacks == 0  # the compiled graph ran, not the eager forward
+    with torch.no_grad():
+        for i, patch in enumerate(patches):
+            trained = model(x[i:i + 1], t[i:i + 1], y[i:i + 1], patch=patch.train())  # noise off: the trainer's
+            torch.testing.assert_close(compiled[i:i + 1], trained, atol=1e-4, rtol=1e-4)
