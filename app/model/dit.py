@@ -36,6 +36,9 @@ class DiTConfig:
     # 0 = original DiT frequencies exp(-ln(1e4) i / half); 1 = diffusers' exp(-ln(1e4) i / (half - 1))
     freq_shift: int = 0
     norm2_eps: float = 1e-6  # diffusers' DiT uses 1e-5 in the MLP-side LayerNorm
+    # diffusers keeps a timestep/label embedder copy in every block; when a fine-tune made them differ, blocks
+    # 1.. condition on their own copies (blocks.{i}.t_embedder / y_embedder); block 0's is t_embedder / y_embedder
+    block_embedders: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -181,8 +184,10 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, norm2_eps=1e-6):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, norm2_eps=1e-6, embedders: tuple | None = None):
         super().__init__()
+        if embedders is not None:  # this block's own (t_embedder, y_embedder) copy; see DiTConfig.block_embedders
+            self.t_embedder, self.y_embedder = embedders
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm2_eps)
@@ -231,19 +236,24 @@ class DiT(nn.Module):
         self.num_heads = cfg.num_heads
 
         self.x_embedder = PatchEmbed(cfg.input_size, cfg.patch_size, cfg.in_channels, cfg.hidden_size)
-        self.t_embedder = TimestepEmbedder(cfg.hidden_size, freq_shift=cfg.freq_shift)
-        if cfg.text_dim > 0:
-            self.y_embedder = TextEmbedder(cfg.text_dim, cfg.hidden_size, cfg.class_dropout_prob)
-        else:
-            self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
+        self.t_embedder, self.y_embedder = self.new_embedders()
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos embedding, stored as a frozen parameter like the original (so checkpoints carry it).
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, cfg.hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([
-            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.norm2_eps) for _ in range(cfg.depth)
+            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.norm2_eps,
+                     self.new_embedders() if cfg.block_embedders and i > 0 else None) for i in range(cfg.depth)
         ])
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, self.out_channels)
         self.initialize_weights()
+
+    def new_embedders(self) -> tuple[TimestepEmbedder, LabelEmbedder | TextEmbedder]:
+        cfg = self.config
+        if cfg.text_dim > 0:
+            y_embedder = TextEmbedder(cfg.text_dim, cfg.hidden_size, cfg.class_dropout_prob)
+        else:
+            y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
+        return TimestepEmbedder(cfg.hidden_size, freq_shift=cfg.freq_shift), y_embedder
 
     def initialize_weights(self):
         def _basic_init(module):
@@ -283,18 +293,29 @@ class DiT(nn.Module):
         """The condition meaning 'no condition' (null class or learned null text) for CFG."""
         return self.y_embedder.null(batch, device)
 
-    def forward(self, x, t, y, patch: Patch | None = None, drop=None):
+    def forward(self, x, t, y, patch: Patch | None = None, drop=None, gate_noise=None, return_gating=False):
         """x (B, C, H, W), t (B,), y (B,) labels or (B, text_dim); patch: DMP module or PatchBatch;
-        drop (B,) bool: the training condition dropout, when the caller draws it (the trainer, per global batch)."""
+        drop (B,) bool: the training condition dropout, when the caller draws it (the trainer, per global batch);
+        gate_noise (pt_depth, B, N): a training DMP patch's noisy-gating draws, likewise.
+        Returns (B, C_out, H, W), or with return_gating (that, the patch's Gating or None) for the balancing losses."""
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        if self.config.block_embedders and drop is None and self.training and self.y_embedder.dropout_prob > 0:
+            drop = torch.rand(x.shape[0], device=x.device) < self.y_embedder.dropout_prob  # one draw for all copies
         t_emb = self.t_embedder(t)  # (B, D)
+        # c: block 0's conditioning, which also drives the final layer (as in diffusers) and the DMP gate
         c = t_emb + self.y_embedder(y, self.training, drop)  # (B, D)
-        patch_state = patch.prepare(c, t_emb) if patch is not None else None
+        patch_state = patch.prepare(c, t_emb, gate_noise) if patch is not None else None
         pending = None  # each block's MLP branch is added by the next block's (or the final layer's) first kernel
         for depth, block in enumerate(self.blocks):
-            x, pending = block(x, c, patch_state.at(depth) if patch_state is not None else None, pending)  # (B, N, D)
+            c_block = c if depth == 0 or not self.config.block_embedders else \
+                block.t_embedder(t) + block.y_embedder(y, self.training, drop)  # (B, D): its own copy
+            x, pending = block(x, c_block, patch_state.at(depth) if patch_state is not None else None,
+                               pending)  # (B, N, D)
         x = self.final_layer(x, c, pending)  # (B, N, p*p*C)
-        return self.unpatchify(x)  # (B, C_out, H, W)
+        out = self.unpatchify(x)  # (B, C_out, H, W)
+        if return_gating:
+            return out, patch_state.gating if patch_state is not None else None
+        return out
 
 
 #################################################################################
@@ -324,18 +345,17 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #                                   DiT Configs                                 #
 #################################################################################
 
-def _factory(depth, hidden_size, patch_size, num_heads):
+def _factory(depth, hidden_size, patch_size):
     def make(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, **kwargs):
         cfg = DiTConfig(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-                        hidden_size=hidden_size, depth=depth, num_heads=num_heads, num_classes=num_classes,
-                        learn_sigma=learn_sigma, **kwargs)
+                        hidden_size=hidden_size, depth=depth, num_heads=HEADS_BY_WIDTH[hidden_size],
+                        num_classes=num_classes, learn_sigma=learn_sigma, **kwargs)
         return DiT(cfg)
     return make
 
 
 DiT_models = {
-    f"DiT-{size}/{p}": _factory(depth, width, p, heads)
-    for size, (depth, width, heads) in {"XL": (28, 1152, 16), "L": (24, 1024, 16),
-                                        "B": (12, 768, 12), "S": (12, 384, 6)}.items()
+    f"DiT-{size}/{p}": _factory(depth, width, p)
+    for size, (depth, width) in {"XL": (28, 1152), "L": (24, 1024), "B": (12, 768), "S": (12, 384)}.items()
     for p in (2, 4, 8)
 }

@@ -71,7 +71,8 @@ def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None, **ov
         raise CheckpointError("no y_embedder tensors: cannot tell the conditioning")
     cfg = DiTConfig(input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
                     num_heads=num_heads, mlp_ratio=mlp_hidden / hidden, num_classes=num_classes,
-                    learn_sigma=out_channels == 2 * in_ch, text_dim=text_dim)
+                    learn_sigma=out_channels == 2 * in_ch, text_dim=text_dim,
+                    block_embedders="blocks.1.t_embedder.mlp.0.weight" in sd)
     return replace(cfg, **overrides)
 
 
@@ -92,7 +93,8 @@ def build_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None = N
 #################################################################################
 
 def convert_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers DiTTransformer2DModel keys -> original DiT keys; refuses per-block embedder copies that differ."""
+    """diffusers DiTTransformer2DModel keys -> original DiT keys. Equal per-block embedder copies become the one
+    shared embedder; differing ones (a fine-tune) are kept per block as blocks.{i}.t_embedder / y_embedder."""
     out: dict[str, torch.Tensor] = {
         "x_embedder.proj.weight": sd["pos_embed.proj.weight"], "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
         "final_layer.adaLN_modulation.1.weight": sd["proj_out_1.weight"],
@@ -100,18 +102,16 @@ def convert_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "final_layer.linear.weight": sd["proj_out_2.weight"], "final_layer.linear.bias": sd["proj_out_2.bias"],
     }
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
-    emb_names = {"timestep_embedder.linear_1": "t_embedder.mlp.0", "timestep_embedder.linear_2": "t_embedder.mlp.2",
-                 "class_embedder.embedding_table": "y_embedder.embedding_table"}
-    for src, dst in emb_names.items():
-        for kind in ("weight", "bias"):
-            key0 = f"transformer_blocks.0.norm1.emb.{src}.{kind}"
-            if key0 not in sd:
-                continue
-            for i in range(1, depth):
-                if not torch.equal(sd[f"transformer_blocks.{i}.norm1.emb.{src}.{kind}"], sd[key0]):
-                    raise CheckpointError(f"diffusers folder: block {i}'s copy of {src} differs from block 0's; "
-                                          "the original DiT has one shared embedder")
-            out[f"{dst}.{kind}"] = sd[key0]
+    emb_names = {f"timestep_embedder.linear_1.{kind}": f"t_embedder.mlp.0.{kind}" for kind in ("weight", "bias")}
+    emb_names |= {f"timestep_embedder.linear_2.{kind}": f"t_embedder.mlp.2.{kind}" for kind in ("weight", "bias")}
+    emb_names["class_embedder.embedding_table.weight"] = "y_embedder.embedding_table.weight"
+    copies = {src: [sd[f"transformer_blocks.{i}.norm1.emb.{src}"] for i in range(depth)]
+              for src in emb_names if f"transformer_blocks.0.norm1.emb.{src}" in sd}
+    per_block = any(not torch.equal(t, ts[0]) for ts in copies.values() for t in ts[1:])
+    for src, ts in copies.items():
+        out[emb_names[src]] = ts[0]  # block 0's copy: also the final layer's conditioning, as in diffusers
+        if per_block:
+            out |= {f"blocks.{i}.{emb_names[src]}": ts[i] for i in range(1, depth)}
     for i in range(depth):
         b = f"transformer_blocks.{i}."
         out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([sd[b + f"attn1.to_{x}.weight"] for x in "qkv"])

@@ -6,11 +6,15 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 if TYPE_CHECKING:
+    from app.model.dmp.module import Gating
     from app.model.kernels import PromptAdd
 
 
 class PatchRows(Protocol):
-    """One forward's prepared patch: what block `depth` adds to its input (None: nothing)."""
+    """One forward's prepared patch: what block `depth` adds to its input (None: nothing), and the gating values
+    a training DMP module returns for its balancing losses (None for a served pool)."""
+
+    gating: Gating | None
 
     def at(self, depth: int) -> PromptAdd | None: ...
 
@@ -18,7 +22,7 @@ class PatchRows(Protocol):
 class Patch(Protocol):
     """What DiT.forward takes as `patch`: a DMP module (one patch for every row) or a PooledPatch (a slot per row)."""
 
-    def prepare(self, c: torch.Tensor, t_emb: torch.Tensor) -> PatchRows: ...
+    def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None) -> PatchRows: ...
 
 
 class VAE(Protocol):

@@ -70,7 +70,11 @@ class Diffusion:
     def losses(self, model, x0, y, t, noise, patch=None, drop=None) -> torch.Tensor:
         """Per-sample training loss (B,) at given timesteps and noise."""
         x_t = self.q_sample(x0, t, noise)
-        out = model(x_t, t, y, patch=patch, drop=drop).float()  # (B, C_out, H, W)
+        return self.output_losses(model(x_t, t, y, patch=patch, drop=drop), x0, x_t, t, noise)
+
+    def output_losses(self, out, x0, x_t, t, noise) -> torch.Tensor:
+        """Per-sample training loss (B,) of a model output (B, C_out, H, W) on x_t = q_sample(x0, t, noise)."""
+        out = out.float()
         C = x0.shape[1]
         eps = out[:, :C]
         mse = ((eps - noise) ** 2).mean(dim=(1, 2, 3))

@@ -20,7 +20,7 @@ from app.model.sampling import clips_x0
 from app.model.dmp import importance_loss, load_loss, new_patch_for, patch_metadata_for, save_patch
 from app.trainer.checkpoint import (load_checkpoint, load_optimizer_tensors, optimizer_tensors, restore_rng,
                                     rng_tensors, save_checkpoint)
-from app.trainer.data import DataSet, load_splits
+from app.trainer.data import DataError, DataSet, load_splits
 from app.trainer.diffusion import Diffusion
 from app.trainer.distributed import Dist, from_env
 from app.trainer.evaluate import EVAL_SAMPLING
@@ -115,6 +115,18 @@ def heldout_loss(model, diffusion: Diffusion, data: DataSet, patch=None, n: int 
     return total / 4
 
 
+def unlabelled_base_classes(desc, root: str, num_classes: int) -> list[str]:
+    """Class names "0".."n-1" of a base without labels; refuses class folders that are not such numbers."""
+    names = [str(i) for i in range(num_classes)]
+    folders = sorted(d.name for d in Path(root).iterdir() if d.is_dir()) if Path(root).is_dir() else []
+    if bad := [f for f in folders if f not in names]:
+        raise DataError(f"base {desc.name} has no labels, so class folders must be its class numbers 0-"
+                        f"{num_classes - 1}, not {', '.join(bad[:3])}: give the base labels (id2label in "
+                        f"model_index.json, or a sidecar {desc.name}.json with \"labels\", docs/models.md) or "
+                        "rename the folders")
+    return names
+
+
 class Objective(nn.Module):
     """One micro-batch's training loss; a module so that DDP wraps base and patch together."""
 
@@ -123,34 +135,21 @@ class Objective(nn.Module):
         self.model, self.patch, self.diffusion, self.cfg, self.dist = model, patch, diffusion, cfg, dist
 
     def forward(self, x, y, t, noise, drop=None, gate_noise=None) -> tuple[torch.Tensor, dict]:
-        cfg = self.cfg
-        if self.patch is not None:
-            self.patch.gate_noise = gate_noise  # this forward's share of the globally drawn gate noise
-        try:
-            loss = self.diffusion.loss(self.model, x, y, patch=self.patch, t=t, noise=noise, drop=drop)
-        finally:
-            if self.patch is not None:
-                self.patch.gate_noise = None
+        cfg, diffusion = self.cfg, self.diffusion
+        x_t = diffusion.q_sample(x, t, noise)
+        out, gating = self.model(x_t, t, y, patch=self.patch, drop=drop, gate_noise=gate_noise, return_gating=True)
+        loss = diffusion.output_losses(out, x, x_t, t, noise).mean()
         logs = {"loss": loss.detach()}
         if cfg.method == "dmp":
-            self.gather_gating()
-            imp = importance_loss(self.patch.last_gates)
-            load = load_loss(self.patch, kind=cfg.load_kind)
+            # The balancing losses are batch statistics: they see every rank's rows of this micro-batch. Each
+            # rank then computes the same value; all_gather's backward sums every rank's gradient into each
+            # rank's own rows (x world_size) and DDP's average divides it out again: the global gradient.
+            gating = gating.gathered(self.dist.gather_rows)
+            imp = importance_loss(gating.gates)
+            load = load_loss(gating, self.patch.k, kind=cfg.load_kind)
             loss = loss + cfg.w_importance * imp + cfg.w_load * load
             logs |= {"imp": imp.detach(), "load": load.detach()}
         return loss, logs
-
-    def gather_gating(self) -> None:
-        """The balancing losses are batch statistics: let them see every rank's rows of this micro-batch.
-
-        Each rank then computes the same value; all_gather's backward sums every rank's gradient into each
-        rank's own rows (x world_size) and DDP's average divides it out again, so the gradient is the global one.
-        """
-        for name, batch_dim in (("last_gates", 1), ("last_logits", 1), ("last_clean_logits", 1),
-                                ("last_noise_std", 0)):
-            value = getattr(self.patch, name, None)
-            if value is not None:
-                setattr(self.patch, name, self.dist.gather_rows(value, batch_dim))
 
 
 class Trainer:
@@ -219,7 +218,8 @@ class Trainer:
             return {"text_encoder": desc.text_encoder or cfg.text_encoder} if mc.task == "text" else {}
         kw = {"channels": 3 if vae != "pixel" else mc.in_channels, "vae": None if vae == "pixel" else vae}
         if mc.task == "class":
-            kw["labels"] = desc.labels or [str(i) for i in range(mc.num_classes)]
+            kw["labels"] = desc.labels or unlabelled_base_classes(desc, cfg.dataset.removeprefix("folder:"),
+                                                                  mc.num_classes)
         elif mc.task == "text":
             kw["text_encoder"] = desc.text_encoder or cfg.text_encoder
         return kw

@@ -29,13 +29,80 @@ def test_matches_diffusers_dit_fp32(tmp_path):
     assert (ref - out).abs().max().item() <= 1e-5
 
 
-def test_diffusers_folder_with_differing_embedder_copies_is_refused(tmp_path):
-    dm = diffusers_dit()
+def fine_tuned_diffusers_dit(layers=3):
+    """A diffusers DiT whose per-block timestep/label embedder copies differ, each block's differently."""
+    dm = diffusers_dit(layers=layers)
+    g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        dm.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.weight.add_(1.0)
+        for block in dm.transformer_blocks[1:]:
+            for p in block.norm1.emb.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return dm
+
+
+def test_differing_embedder_copies_match_diffusers_fp32(tmp_path):
+    dm = fine_tuned_diffusers_dit()
     dm.save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="differs"):
-        load_base(tmp_path)
+    ours = load_base(tmp_path)
+    assert ours.config.block_embedders
+    x, t, y = torch.randn(4, 4, 16, 16), torch.tensor([1.0, 400.0, 999.0, 50.0]), torch.tensor([0, 5, 9, 10])
+    with torch.no_grad():
+        ref = dm(x, timestep=t, class_labels=y).sample
+        out = ours(x, t, y)
+        shared = diffusers_dit(layers=3)(x, timestep=t, class_labels=y).sample  # block 0's copy everywhere
+    assert (ref - shared).abs().max() > 1e-2  # the copies matter, so equality below means each is used
+    assert (ref - out).abs().max().item() <= 1e-5
+
+
+def test_equal_embedder_copies_load_as_one_shared_embedder(tmp_path):
+    diffusers_dit().save_pretrained(tmp_path)
+    ours = load_base(tmp_path)
+    assert not ours.config.block_embedders and not hasattr(ours.blocks[1], "t_embedder")
+
+
+def test_fingerprint_covers_each_blocks_embedder_copy(tmp_path):
+    dm = fine_tuned_diffusers_dit()
+    dm.save_pretrained(tmp_path / "a")
+    with torch.no_grad():
+        dm.transformer_blocks[2].norm1.emb.class_embedder.embedding_table.weight[3, 0] += 1e-3
+    dm.save_pretrained(tmp_path / "b")
+    diffusers_dit(layers=3).save_pretrained(tmp_path / "tied")
+    prints = {fingerprint(load_base(tmp_path / name)) for name in ("a", "b", "tied")}
+    assert len(prints) == 3
+
+
+def test_per_block_embedder_base_survives_save_base(tmp_path):
+    from app.model.loaders import save_base
+
+    fine_tuned_diffusers_dit().save_pretrained(tmp_path / "d")
+    ours = load_base(tmp_path / "d")
+    again = load_base(save_base(ours, tmp_path / "b.safetensors"))
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([3.0, 700.0]), torch.tensor([1, 10])
+    with torch.no_grad():
+        assert torch.equal(again(x, t, y), ours(x, t, y))
+    assert again.config.block_embedders and fingerprint(again) == fingerprint(ours)
+
+
+def test_per_block_embedder_base_trains_and_serves_a_patch(tmp_path):
+    """The gate reads block 0's c; a trained patch draws the same through the serving pool."""
+    from app.model.dmp import PatchPool, new_patch_for
+
+    fine_tuned_diffusers_dit().save_pretrained(tmp_path)
+    base = load_base(tmp_path)
+    patch = new_patch_for(base, top_k=0.5).train()
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([3.0, 700.0]), torch.tensor([1, 4])
+    out, gating = base(x, t, y, patch=patch, return_gating=True)
+    out.square().mean().backward()
+    assert patch.prompts.grad.abs().sum() > 0 and gating.gates.shape == (3, 2, 64)
+    with torch.no_grad():
+        for p in patch.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    patch.eval()
+    pool = PatchPool(64, 64, 3, slots=2)
+    slot = pool.install(patch)
+    with torch.no_grad():
+        torch.testing.assert_close(base(x, t, y, patch=pool.batch(torch.full((2,), slot))),
+                                   base(x, t, y, patch=patch), atol=1e-5, rtol=1e-5)
 
 
 def test_timestep_frequency_variants_differ():
@@ -118,3 +185,32 @@ def test_base_safetensors_roundtrip_keeps_config_and_metadata(tmp_path, tiny_tex
     assert loaded.config == tiny_text.config and loaded.meta["name"] == "m"
     assert json.loads(loaded.meta["labels"]) == ["a", "b"]
     assert fingerprint(loaded) == fingerprint(tiny_text)
+
+
+def test_saved_pipeline_has_no_labels_until_a_sidecar_or_id2label_adds_them(tmp_path):
+    from layouts import ID2LABEL, tiny_vae, write_pipeline
+
+    from app.model.describe import describe
+
+    folder = write_pipeline(tmp_path / "mine", fine_tuned_diffusers_dit(), tiny_vae(), id2label=None)
+    assert describe(folder).labels == []  # DiTPipeline.save_pretrained writes no id2label
+    (tmp_path / "mine.json").write_text(json.dumps({"labels": [f"class {i}" for i in range(10)]}))
+    assert describe(folder).labels[3] == "class 3"
+    (tmp_path / "mine.json").unlink()
+    write_pipeline(folder, fine_tuned_diffusers_dit(), tiny_vae(), id2label=ID2LABEL)
+    assert describe(folder).labels[1] == "goldfish, Carassius auratus"
+    assert load_base(folder).config.block_embedders
+
+
+def test_unlabelled_base_needs_class_folders_named_by_number(tmp_path):
+    from types import SimpleNamespace
+
+    from app.trainer.data import DataError
+    from app.trainer.train import unlabelled_base_classes
+
+    for name in ("0", "7"):
+        (tmp_path / name).mkdir()
+    assert unlabelled_base_classes(SimpleNamespace(name="mine"), str(tmp_path), 10)[7] == "7"
+    (tmp_path / "cat").mkdir()
+    with pytest.raises(DataError, match=r"base mine has no labels.*0-9, not cat.*mine.json"):
+        unlabelled_base_classes(SimpleNamespace(name="mine"), str(tmp_path), 10)

@@ -1,4 +1,5 @@
-"""The DMP gate: logits from [g_in; depth] for every block at once, then soft or hard top-k selection."""
+"""The DMP gate: logits from [g_in; depth] for every block at once, then the one top-k selection that the trainer's
+module, the serving pool (eager and compiled) and the gate maps all call."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 
 
 def num_kept(top_k: float, num_tokens: int) -> int:
-    """Prompts kept per row by hard top-k selection (all of them for soft selection, top_k=1)."""
+    """Prompts kept per row by top-k selection (all of them at top_k=1)."""
     return max(1, min(num_tokens, int(round(top_k * num_tokens))))
 
 
@@ -24,18 +25,31 @@ def gate_logits(g_in: torch.Tensor, weight: torch.Tensor, depth_weight: torch.Te
     return base[None] + l[:, None, None] * depth_weight[None]  # (L, B, N)
 
 
-def hard_weights(gates: torch.Tensor) -> torch.Tensor:
-    """Weight 1 on every kept prompt (the paper's hard selection); gradients pass straight through to the softmax."""
-    return (gates > 0).to(gates.dtype) + (gates - gates.detach())  # forward: exactly 1
+def top_k_mask(logits: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+    """True on the k largest logits of each row (ties keep the lower index); k an int or per row (B,)."""
+    n = logits.shape[-1]
+    order = logits.argsort(dim=-1, descending=True, stable=True)
+    k = torch.as_tensor(k, device=logits.device)
+    in_top = (torch.arange(n, device=logits.device) < (k[..., None] if k.dim() else k)).expand(logits.shape)
+    return torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, order, in_top)  # exactly k
 
 
 def keep_top_k(logits: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """Softmax over the k largest logits of each row, zeros elsewhere; k may differ per row (..., B)."""
-    n = logits.shape[-1]
-    if isinstance(k, int) and k >= n:
-        return logits.softmax(dim=-1)
-    order = logits.argsort(dim=-1, descending=True, stable=True)  # ties keep the lower token index
-    k = torch.as_tensor(k, device=logits.device)
-    in_top = (torch.arange(n, device=logits.device) < (k[..., None] if k.dim() else k)).expand(logits.shape)
-    kept = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, order, in_top)  # exactly k
-    return logits.masked_fill(~kept, float("-inf")).softmax(dim=-1)
+    return select(logits, k, False)
+
+
+def select(logits: torch.Tensor, k: torch.Tensor | int, hard: torch.Tensor | bool) -> torch.Tensor:
+    """Gate weights (L, B, N) from logits: the softmax over each row's k largest (zeros elsewhere), or with `hard`
+    weight exactly 1 on every kept prompt (the paper's hard selection) whose gradient is the softmax's (straight
+    through). Hard at k = N therefore weights every prompt 1. `k` and `hard` are scalars or per row (B,)."""
+    every = isinstance(k, int) and k >= logits.shape[-1]
+    kept = None if every else top_k_mask(logits, k)
+    soft = logits.softmax(dim=-1) if kept is None else logits.masked_fill(~kept, float("-inf")).softmax(dim=-1)
+    if hard is False:
+        return soft
+    # the kept set, not soft > 0: a kept prompt whose softmax underflows to 0 still weighs 1
+    ones = (torch.ones_like(soft) if kept is None else kept.to(soft.dtype)) + (soft - soft.detach())  # 0 or 1
+    if hard is True:
+        return ones
+    return torch.where(hard[None, :, None], ones, soft)

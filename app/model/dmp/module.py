@@ -1,17 +1,36 @@
 """The DMP module: prompts P (pt_depth, N, D) mixed per sample by a gate on [c or t_emb; depth]."""
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from app.core.errors import PatchError
-from app.model.dmp.gate import gate_logits, hard_weights, keep_top_k, num_kept
+from app.model.dmp.gate import gate_logits, num_kept, select
 from app.model.kernels import PromptAdd
 
 GATE_INPUTS = ("c", "t")
 METHODS = ("dmp", "pt")  # pt = plain prompt tuning baseline: x + P[l], no gate tensors
 SELECTIONS = ("softmax", "hard")  # top-k weights: softmax renormalised over the kept (official code) | 1 (paper)
+
+
+@dataclass(frozen=True)
+class Gating:
+    """One forward's gate values, returned (not kept on the module) for the balancing losses and gate maps."""
+
+    gates: torch.Tensor  # (L, B, N) selected weights, before gate_scale
+    logits: torch.Tensor  # (L, B, N) what the selection saw (noisy in noisy-gated training)
+    clean_logits: torch.Tensor | None = None  # (L, B, N) before the noise; None without noisy gating
+    noise_std: torch.Tensor | None = None  # (B, N)
+
+    def gathered(self, gather_rows: Callable[[torch.Tensor, int], torch.Tensor]) -> "Gating":
+        """Every rank's rows (data parallelism): `gather_rows(tensor, batch_dim)` on each tensor."""
+        return replace(self, gates=gather_rows(self.gates, 1), logits=gather_rows(self.logits, 1),
+                       clean_logits=None if self.clean_logits is None else gather_rows(self.clean_logits, 1),
+                       noise_std=None if self.noise_std is None else gather_rows(self.noise_std, 0))
 
 
 class DMP(nn.Module):
@@ -42,10 +61,6 @@ class DMP(nn.Module):
             nn.init.zeros_(self.gate.bias)
             self.w_noise = nn.Parameter(torch.zeros(hidden_size, num_tokens))
         self.metadata: dict[str, str] = {}
-        self.last_gates: torch.Tensor | None = None  # (pt_depth, B, N), kept in training for the balancing losses
-        # (pt_depth, B, N) standard normal draws for the next training forward's noisy gating, set by a trainer
-        # that draws them for its global batch (data parallelism); None = draw here.
-        self.gate_noise: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -56,26 +71,29 @@ class DMP(nn.Module):
         w = self.gate.weight.to(g_in.dtype)
         return gate_logits(g_in, w[:, :-1], w[:, -1], self.gate.bias.to(g_in.dtype), self.pt_depth)
 
-    def gates(self, c: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        """Gate weights (pt_depth, B, N); rows sum to 1 (DMP) or are all ones (plain prompt tuning)."""
+    def forward(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None) -> Gating:
+        """This forward's gating; in noisy-gated training `noise` (pt_depth, B, N) holds the standard normal
+        draws (a trainer draws them for its global batch), None = drawn here."""
         if self.method == "pt":
-            return torch.ones(self.pt_depth, c.shape[0], self.num_tokens, device=c.device, dtype=c.dtype)
+            ones = torch.ones(self.pt_depth, c.shape[0], self.num_tokens, device=c.device, dtype=c.dtype)
+            return Gating(ones, ones)
         g_in = c if self.gate_input == "c" else t_emb
-        logits = self.gate_logits(g_in)
+        logits = clean = self.gate_logits(g_in)
+        noise_std = None
         if self.training and self.noisy_gating:
             noise_std = F.softplus(g_in @ self.w_noise.to(g_in.dtype)) + 1e-2  # (B, N)
-            self.last_clean_logits, self.last_noise_std = logits, noise_std
-            noise = self.gate_noise if self.gate_noise is not None else torch.randn_like(logits)
-            logits = logits + noise.to(logits.dtype) * noise_std[None]
-        gates = keep_top_k(logits, self.k)
-        if self.selection == "hard" and self.k < self.num_tokens:
-            gates = hard_weights(gates)
-        if self.training:
-            self.last_gates, self.last_logits = gates, logits
-        return gates
+            noise = torch.randn_like(logits) if noise is None else noise.to(logits.dtype)
+            logits = clean + noise * noise_std[None]
+        gates = select(logits, self.k, self.selection == "hard")
+        return Gating(gates, logits, clean if noise_std is not None else None, noise_std)
 
-    def prepare(self, c: torch.Tensor, t_emb: torch.Tensor) -> "PatchState":
-        return PatchState(self.gates(c, t_emb) * self.gate_scale, self.prompts)
+    def gates(self, c: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """Gate weights (pt_depth, B, N); rows sum to 1 (softmax), hold k ones (hard) or are all ones (pt)."""
+        return self(c, t_emb).gates
+
+    def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None) -> "PatchState":
+        gating = self(c, t_emb, noise)
+        return PatchState(gating.gates * self.gate_scale, self.prompts, gating)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {"prompts": self.prompts.detach() * self.gate_scale}
@@ -86,10 +104,10 @@ class DMP(nn.Module):
 
 
 class PatchState:
-    """Per-forward gates of one patch applied to every sample."""
+    """Per-forward gates of one patch applied to every sample, and the gating they came from."""
 
-    def __init__(self, gates: torch.Tensor, prompts: torch.Tensor):
-        self.gates, self.prompts = gates, prompts  # (L, B, N), (L, N, D)
+    def __init__(self, gates: torch.Tensor, prompts: torch.Tensor, gating: Gating | None = None):
+        self.gates, self.prompts, self.gating = gates, prompts, gating  # (L, B, N), (L, N, D)
 
     def at(self, depth: int) -> PromptAdd | None:
         """What block `depth` adds to its input (nothing past pt_depth)."""

@@ -14,6 +14,7 @@ from safetensors.torch import save as st_save
 
 from app.core.errors import PatchError
 from app.model.dmp.bounds import check_magnitudes
+from app.model.dmp.gate import num_kept
 from app.model.dmp.module import DMP, GATE_INPUTS, METHODS, SELECTIONS
 
 FORMAT = "dmp-patch"
@@ -23,6 +24,10 @@ DEFAULT_MAX_PATCH_BYTES = 256 * 1024 * 1024
 REQUIRED_METADATA = ("format", "format_version", "base_fingerprint", "hidden_size", "num_tokens", "pt_depth",
                      "gate_input", "top_k", "task")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The gate-selection rule a patch was trained under. 2: one selection function (gate.py:select) in training and
+# serving, so hard selection weighs every kept prompt 1 at every k. Files without the key were trained when hard
+# selection keeping all N prompts still meant a softmax, which no server computes (docs/design.md §2).
+GATE_VERSION = "2"
 
 
 def patch_to_bytes(patch: DMP, **metadata) -> bytes:
@@ -31,7 +36,7 @@ def patch_to_bytes(patch: DMP, **metadata) -> bytes:
         "format": FORMAT, "format_version": FORMAT_VERSION, "method": patch.method,
         "hidden_size": str(patch.hidden_size), "num_tokens": str(patch.num_tokens),
         "pt_depth": str(patch.pt_depth), "gate_input": patch.gate_input, "top_k": repr(float(patch.top_k)),
-        "selection": patch.selection,
+        "selection": patch.selection, "gate_version": GATE_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     for key, value in metadata.items():
@@ -112,6 +117,7 @@ def patch_from_bytes(data: bytes, base=None, max_bytes: int = DEFAULT_MAX_PATCH_
     D, N, L = (_int_meta(meta, k) for k in ("hidden_size", "num_tokens", "pt_depth"))
     if min(D, N, L) < 1:
         raise PatchError("hidden_size, num_tokens and pt_depth must be positive")
+    check_served_as_trained(meta, method, selection, top_k, N)
     try:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error type for corrupt bodies
@@ -150,6 +156,18 @@ def patch_from_bytes(data: bytes, base=None, max_bytes: int = DEFAULT_MAX_PATCH_
     patch.metadata = dict(meta)
     patch.eval()
     return patch
+
+
+def check_served_as_trained(meta: dict, method: str, selection: str, top_k: float, num_tokens: int) -> None:
+    """Refuse a patch whose gates the server would compute differently from how they were trained."""
+    version = meta.get("gate_version", "1")
+    if version not in ("1", GATE_VERSION):
+        raise PatchError(f"gate_version {version!r} is not one this server computes (1 or {GATE_VERSION})")
+    if method == "dmp" and selection == "hard" and num_kept(top_k, num_tokens) == num_tokens and version == "1":
+        raise PatchError(f"selection=hard with top_k={top_k} keeps all {num_tokens} prompts, and this file has no "
+                         f"gate_version={GATE_VERSION}: it was trained when that meant a softmax over all prompts, "
+                         "but hard selection serves every weight as 1. Set its selection metadata to 'softmax' "
+                         "(how it was trained) or retrain it")
 
 
 def check_patch_fits(meta: dict, base) -> None:

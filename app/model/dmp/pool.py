@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from app.core.errors import NoFreeSlot, PatchError
-from app.model.dmp.gate import gate_logits, keep_top_k
+from app.model.dmp.gate import gate_logits, select
 from app.model.dmp.module import DMP
 from app.model.kernels import PromptAdd
 
@@ -71,20 +71,23 @@ class PooledPatch:
     def __init__(self, pool: PatchPool, slots: torch.Tensor):
         self.pool, self.slots = pool, slots  # (B,)
 
-    def prepare(self, c: torch.Tensor, t_emb: torch.Tensor) -> "PooledState":
+    def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None) -> "PooledState":
+        if noise is not None:
+            raise ValueError("a patch pool serves patches; gate noise belongs to training a DMP module")
         p, s = self.pool, self.slots
         # gates in fp32 whatever the model dtype: the softmax over N tokens is where bf16 would hurt
         g_in = torch.where(p.gate_on_t[s][:, None], t_emb, c).float()  # (B, D)
         logits = gate_logits(g_in, p.gate_w[s].to(g_in.dtype), p.gate_w_depth[s].to(g_in.dtype),
                              p.gate_b[s].to(g_in.dtype), p.depth)  # (L, B, N)
-        gates = keep_top_k(logits, p.keep[s])
-        gates = torch.where(p.hard[s][None, :, None], (gates > 0).to(gates.dtype), gates)
+        gates = select(logits, p.keep[s], p.hard[s])  # the trainer's own selection (gate.py), per row
         gates = torch.where(p.ungated[s][None, :, None], torch.ones_like(gates), gates)
         return PooledState(gates, p.prompts, s)
 
 
 class PooledState:
     """Per-forward gates of a pool batch, each row with its own slot."""
+
+    gating = None  # a served pool returns no training values
 
     def __init__(self, gates: torch.Tensor, prompts: torch.Tensor, slots: torch.Tensor):
         self.gates, self.prompts, self.slots = gates, prompts, slots  # (L, B, N), (S, L, N, D), (B,)
