@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
            help="with --top-k < 1: kept prompts weighted by a softmax over them (official code) or 1 (paper)")
     option(p, "gate_scale", type=float,
            help="ours, not the paper's: gates x this in training (num_tokens: uniform gate = PT at init)")
+    option(p, "freeze_gate", action="store_true", help="control: the gate stays uniform, only the prompts train")
+    option(p, "shuffle_gate_t", action="store_true",
+           help="control: in training the gate sees another row's timestep (its class kept)")
     option(p, "ema_decay", type=float,
            help="> 0: save an EMA of the trained weights (patch or FT model) instead of the raw ones")
     option(p, "text_encoder")
@@ -120,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None, help="also write the paired table here")
+
+    p = sub.add_parser("study", help="the pre-registered FT / PT / DMP study of docs/results.md (resumable)")
+    p.add_argument("--base", default="models/mnist.safetensors")
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--runs", default="runs/study", help="trained files, samples and one result JSON per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--arm", action="append", default=[], help="only these arms (default: all, in protocol order)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--markdown", default=None, help="also write the report here")
+    p.add_argument("--report-only", action="store_true", help="report the finished runs; train nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress")
 
     p = sub.add_parser("curve", help="held-out loss curve of a base and the runs that continued it: is it flat?")
     p.add_argument("files", nargs="+", help="the base first, then each FT file that continued it, in order")
@@ -170,6 +184,10 @@ def main(argv=None) -> int:
             from app.trainer.compare import main_compare
 
             main_compare(args)
+        elif args.command == "study":
+            from app.trainer.study import main_study
+
+            main_study(args)
         elif args.command == "curve":
             from app.trainer.figures import flatness, heldout_curve, save_loss_curve
 

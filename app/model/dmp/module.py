@@ -46,6 +46,9 @@ class DMP(nn.Module):
         # (pt_depth, B, N) standard normal draws for the next training forward's noisy gating, set by a trainer
         # that draws them for its global batch (data parallelism); None = draw here.
         self.gate_noise: torch.Tensor | None = None
+        # (B,) a permutation of the batch, set by a trainer for the shuffled-timestep control: the gate sees
+        # another row's timestep embedding (its own class kept); None = its own.
+        self.gate_t_perm: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -60,6 +63,8 @@ class DMP(nn.Module):
         """Gate weights (pt_depth, B, N); rows sum to 1 (DMP) or are all ones (plain prompt tuning)."""
         if self.method == "pt":
             return torch.ones(self.pt_depth, c.shape[0], self.num_tokens, device=c.device, dtype=c.dtype)
+        if self.gate_t_perm is not None:
+            c, t_emb = c - t_emb + t_emb[self.gate_t_perm], t_emb[self.gate_t_perm]
         g_in = c if self.gate_input == "c" else t_emb
         logits = self.gate_logits(g_in)
         if self.training and self.noisy_gating:
