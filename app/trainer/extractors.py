@@ -20,9 +20,9 @@ class PixelPCA(nn.Module):
         flat = fit.flatten(1).double()
         self.num_features = min(dim, flat.shape[0] - 1, flat.shape[1])
         mean = flat.mean(0)
-        _, _, v = torch.pca_lowrank(flat - mean, q=self.num_features, center=False, niter=6)  # v: (P, dim)
+        _, _, vh = torch.linalg.svd(flat - mean, full_matrices=False)  # exact, so every run fits the same basis
         self.register_buffer("mean", mean.float())
-        self.register_buffer("components", v.float())
+        self.register_buffer("components", vh[:self.num_features].T.float())  # (P, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x.flatten(1).float() - self.mean) @ self.components  # (B, dim)

@@ -57,9 +57,9 @@ class Study:
             self._quality = Quality(ev.test.x, ev.clf)
         return self._quality
 
-    def log(self, msg: str) -> None:
-        if self.progress:
-            print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    @staticmethod
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # one line per stage, even when quiet
 
     def train(self, label: str, lr: float, seed: int) -> tuple[Path, dict]:
         """Train one run (resuming its checkpoint); returns its file and the trainer's metrics."""
@@ -184,7 +184,7 @@ def report(runs) -> str:
              "seeds]. P / R: precision / recall (k = 3), mean over seeds.", "",
              "| arm | seeds | lr | " + " | ".join(f"Δ FD {e} (%)" for e in extractors)
              + " | " + " | ".join(f"P / R {e}" for e in extractors if e != "classifier") + " | class acc |",
-             "|---|---|---|" + "---|" * (2 * len(extractors) + (0 if "classifier" in extractors else 1)) + "---|"]
+             "|---|---|---|" + "---|" * (2 * len(extractors) - ("classifier" in extractors)) + "---|"]
     for arm, by_seed in res.items():
         seeds = [s for s in by_seed if s in base]
         runs_ = [by_seed[s] for s in seeds]
