@@ -56,8 +56,10 @@ def balanced_conditions(model, n: int) -> torch.Tensor:
 
 def arm_images(base_path, path, *, n: int, seed: int, guidance: float, cache, gate: str = "learned",
                sampler: str = EVAL_SAMPLING["sampler"], steps: int = EVAL_SAMPLING["steps"],
-               conditions: torch.Tensor | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (n, C, H, W) in [-1, 1], the labels they were asked for); sampled once, then read from `cache`."""
+               conditions: torch.Tensor | None = None, progress: bool = False,
+               cached_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (n, C, H, W) in [-1, 1], the labels they were asked for); sampled once, then read from `cache`
+    (cached_only: FileNotFoundError instead of sampling)."""
     cond_key = "" if conditions is None else hashlib.sha256(conditions.numpy().tobytes()).hexdigest()[:8]
     key = (f"{file_key(path or base_path)}-{file_key(base_path)}-{gate}-{sampler}{steps}-g{guidance}-n{n}-s{seed}"
            f"{cond_key}")
@@ -65,6 +67,8 @@ def arm_images(base_path, path, *, n: int, seed: int, guidance: float, cache, ga
     if f.exists():
         d = np.load(f)
         return torch.from_numpy(d["images"]).float(), torch.from_numpy(d["labels"])
+    if cached_only:
+        raise FileNotFoundError(f"no cached samples {f.name}")
     model, patch = load_arm(base_path, path, gate)
     y = conditions if conditions is not None else balanced_conditions(model, n)
     images = sample_images(model, y, patch=patch, sampler=sampler, steps=steps, guidance_scale=guidance, seed=seed,

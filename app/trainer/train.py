@@ -256,7 +256,7 @@ class Trainer:
             self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          fused=self.device.type == "cuda")
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
-        if cfg.ema_decay > 0:  # of the trained module: the official DMP code samples from an EMA of the patch
+        if cfg.ema_decay > 0:  # of the trained module (ours: the paper and the official DMP code use no EMA)
             self.ema = copy.deepcopy(self.trained).eval().requires_grad_(False)
         return params
 
