@@ -42,3 +42,30 @@ for g in (1.0, 1.5, 2.0, 2.5):
                            "dmp - gate zeroed": q.paired(xu, xd, y, resamples=500)["delta"]}
     print(f"guidance {g} scored", flush=True)
 out.write_text(json.dumps(result, indent=1))
+
+lines = []
+if result["pairs"]:
+    g = result["frontier"]["1.5"]
+    lines += [f"DDIM 50, guidance 1.5, {n} paired samples per arm (100 per class, sampling seed 0), against the "
+              f"{len(test)} held-out mnist images. Δ FD in % of the base's FD, [95 % paired bootstrap interval].", "",
+              "| extractor | FD base | FD mnist-dmp | FD gate zeroed | Δ mnist-dmp − base | Δ gate zeroed − base | "
+              "Δ mnist-dmp − gate zeroed | P / R base | P / R mnist-dmp | P / R gate zeroed |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in g["base"]["extractors"]:
+        def d(pair, e=e):
+            x = result["pairs"][pair][e]
+            return f"{x['d_fd_pct']:+.1f} % [{x['ci95_pct'][0]:+.1f}, {x['ci95_pct'][1]:+.1f}]"
+        pr = [f"{g[a]['extractors'][e]['precision']:.3f} / {g[a]['extractors'][e]['recall']:.3f}"
+              for a in ("base", "dmp", "dmp, gate zeroed")]
+        lines.append(f"| {e} | " + " | ".join(f"{g[a]['extractors'][e]['fd']:.4g}" for a in ("base", "dmp", "dmp, gate zeroed"))
+                     + f" | {d('dmp - base')} | {d('gate zeroed - base')} | {d('dmp - gate zeroed')} | " + " | ".join(pr) + " |")
+    lines += ["", "Class accuracy (our classifier): " + ", ".join(f"{a} {g[a]['class_acc']:.3f}" for a in g) + "."]
+lines += ["", "Guidance frontier (class accuracy; FD pca / randcnn / classifier), 500 samples per point "
+          f"({n} at 1.5):", "", "| guidance | base | mnist-dmp | gate zeroed |", "|---|---|---|---|"]
+for gs, arms in result["frontier"].items():
+    lines.append(f"| {gs} | " + " | ".join(
+        f"{arms[a].get('class_acc', float('nan')):.3f}; " + " / ".join(f"{arms[a]['extractors'][e]['fd']:.3g}"
+                                                                    for e in arms[a]['extractors'])
+        for a in ("base", "dmp", "dmp, gate zeroed")) + " |")
+out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))

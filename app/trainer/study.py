@@ -38,10 +38,12 @@ def slug(label: str) -> str:
 class Study:
     """One study directory: lr picks, trained files, per-run result JSONs, the cached samples."""
 
-    def __init__(self, base: str, runs: str, dataset: str = "mnist", device: str = "cpu", progress: bool = True):
+    def __init__(self, base: str, runs: str, dataset: str = "mnist", device: str = "cpu", progress: bool = True,
+                 classifier_dir: str = "runs/classifiers", classifier_steps: int = 1500):
         from app.model import load_base
 
         self.base, self.runs, self.dataset, self.device, self.progress = base, Path(runs), dataset, device, progress
+        self.classifier_dir, self.classifier_steps = classifier_dir, classifier_steps
         self.size = load_base(base).config.input_size
         self._quality = None
 
@@ -53,7 +55,7 @@ class Study:
             from app.trainer.quality import Quality
 
             ev = Evaluator(self.dataset, self.size, device=self.device, progress=self.progress,
-                           classifier_steps=1500)
+                           classifier_dir=self.classifier_dir, classifier_steps=self.classifier_steps)
             self._quality = Quality(ev.test.x, ev.clf)
         return self._quality
 

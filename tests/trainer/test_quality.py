@@ -1,6 +1,8 @@
 """Evaluation metrics (FD, KID, precision/recall, paired bootstrap), the extractors, and the study's bookkeeping."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -55,3 +57,34 @@ def test_extractors_are_fixed_and_pca_fits_its_set():
 
 def test_holm_adjusts_in_order():
     assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
+
+
+def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
+    """A miniature of the pre-registered study: lr picked on held-out loss, one result file per run, a rerun
+    trains and samples nothing, and the report has the primary test once two seeds are paired."""
+    import app.trainer.study as study
+    from app.trainer.train import TrainConfig, Trainer
+
+    base = tmp_path / "digits.safetensors"
+    Trainer(TrainConfig(method="pretrain", dataset="digits", out=str(base), steps=5, image_size=8, hidden_size=32,
+                        depth=2, num_heads=2, patch_size=2, batch_size=16, device="cpu"), progress=False).run()
+    monkeypatch.setattr(study, "STEPS", 2)
+    monkeypatch.setattr(study, "BATCH", 8)
+    monkeypatch.setattr(study, "N_PRIMARY", 20)
+    monkeypatch.setattr(study, "N_FRONTIER", 10)
+    monkeypatch.setattr(study, "FRONTIER", (2.0,))
+    monkeypatch.setattr(study, "LR_GRID", (1e-3, 1e-2))
+    runs = tmp_path / "study"
+    s = study.Study(str(base), str(runs), "digits", progress=False, classifier_dir=str(tmp_path / "clf"),
+                    classifier_steps=20)
+    arms = ["PT", "DMP (official: gate x1)", "control: gate sees a shuffled timestep"]
+    s.run([0, 1], arms)
+    pick = json.loads((runs / "pt" / "lr_pick.json").read_text())
+    assert pick["lr"] == min((float(k) for k in pick["heldout_loss"]), key=lambda k: pick["heldout_loss"][f"{k:g}"])
+    files = sorted((runs / "results").glob("*.json"))
+    assert len(files) == 2 * 4  # the base and 3 arms at 2 seeds
+    stamps = [f.stat().st_mtime_ns for f in files]
+    s.run([0, 1], arms)  # resumed: everything is there
+    assert [f.stat().st_mtime_ns for f in sorted((runs / "results").glob("*.json"))] == stamps
+    text = study.report(runs)
+    assert "| PT | 2 |" in text and "DMP (official: gate x1) − PT, pca:" in text and "Holm p" in text
