@@ -293,10 +293,12 @@ class DiT(nn.Module):
         """The condition meaning 'no condition' (null class or learned null text) for CFG."""
         return self.y_embedder.null(batch, device)
 
-    def forward(self, x, t, y, patch: Patch | None = None, drop=None, gate_noise=None, return_gating=False):
+    def forward(self, x, t, y, patch: Patch | None = None, drop=None, gate_noise=None, gate_t_perm=None,
+                return_gating=False):
         """x (B, C, H, W), t (B,), y (B,) labels or (B, text_dim); patch: DMP module or PatchBatch;
         drop (B,) bool: the training condition dropout, when the caller draws it (the trainer, per global batch);
-        gate_noise (pt_depth, B, N): a training DMP patch's noisy-gating draws, likewise.
+        gate_noise (pt_depth, B, N): a training DMP patch's noisy-gating draws, likewise; gate_t_perm (B,): the
+        shuffled-timestep control's permutation of the gate's timestep input (training only).
         Returns (B, C_out, H, W), or with return_gating (that, the patch's Gating or None) for the balancing losses."""
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         if self.config.block_embedders and drop is None and self.training and self.y_embedder.dropout_prob > 0:
@@ -304,7 +306,12 @@ class DiT(nn.Module):
         t_emb = self.t_embedder(t)  # (B, D)
         # c: block 0's conditioning, which also drives the final layer (as in diffusers) and the DMP gate
         c = t_emb + self.y_embedder(y, self.training, drop)  # (B, D)
-        patch_state = patch.prepare(c, t_emb, gate_noise) if patch is not None else None
+        if patch is None:
+            patch_state = None
+        elif gate_t_perm is None:
+            patch_state = patch.prepare(c, t_emb, gate_noise)
+        else:
+            patch_state = patch.prepare(c, t_emb, gate_noise, gate_t_perm)
         pending = None  # each block's MLP branch is added by the next block's (or the final layer's) first kernel
         for depth, block in enumerate(self.blocks):
             c_block = c if depth == 0 or not self.config.block_embedders else \

@@ -85,23 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
            help="with --top-k < 1: kept prompts weighted by a softmax over them (official code) or 1 (paper)")
     option(p, "gate_scale", type=float,
            help="ours, not the paper's: gates x this in training (num_tokens: uniform gate = PT at init)")
+    option(p, "freeze_gate", action="store_true", help="control: the gate stays uniform, only the prompts train")
+    option(p, "shuffle_gate_t", action="store_true",
+           help="control: in training the gate sees another row's timestep (its class kept)")
     option(p, "ema_decay", type=float,
            help="> 0: save an EMA of the trained weights (patch or FT model) instead of the raw ones")
     option(p, "text_encoder")
     p.add_argument("--sign-key", type=Path, default=None,
                    help="EC private key (PEM): also write OUT.sig, a model-signing bundle (docs/service.md)")
 
-    p = sub.add_parser("eval", help="FID-like score, KID and class accuracy of a base with or without a patch")
+    p = sub.add_parser("eval", help="score a base (and paired, base + patch) against held-out images of a data set")
     p.add_argument("--base", required=True)
     p.add_argument("--patch", default=None)
-    p.add_argument("--dataset", default=None, help="defaults to the data set recorded in the base")
+    p.add_argument("--dataset", default=None,
+                   help="mnist | animals | ... | folder:PATH (any channels and size: read as the base sees it); "
+                        "defaults to the data set recorded in the base")
+    p.add_argument("--num-samples", type=int, default=0, help="0 = one per held-out image")
     p.add_argument("--sampler", default=EVAL_SAMPLING["sampler"], choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=EVAL_SAMPLING["steps"])
     p.add_argument("--guidance-scale", type=float, default=EVAL_SAMPLING["guidance_scale"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the result here")
-    p.add_argument("--classifier-steps", type=int, default=3000, help="if the data set's classifier is not cached")
     p.add_argument("--heldout", action="store_true",
                    help="also the held-out loss per timestep decile (fixed noise), paired patched vs base")
 
@@ -110,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arm", action="append", default=[], metavar="LABEL=FILE[,FILE...]",
                    help="a patch or an FT model; several files = training runs (seeds) of one recipe")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--dataset", default=None,
+                   help="score against this data set's held-out part (folder:PATH too); default: the base's")
     p.add_argument("--sampler", default=EVAL_SAMPLING["sampler"], choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=EVAL_SAMPLING["steps"])
     p.add_argument("--guidance-scale", type=float, default=EVAL_SAMPLING["guidance_scale"])
@@ -123,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None, help="also write the paired table here")
+
+    p = sub.add_parser("study", help="the pre-registered FT / PT / DMP study of docs/results.md (resumable)")
+    p.add_argument("--base", default="models/mnist.safetensors")
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--runs", default="runs/study", help="trained files, samples and one result JSON per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--arm", action="append", default=[], help="only these arms (default: all, in protocol order)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--markdown", default=None, help="also write the report here")
+    p.add_argument("--report-only", action="store_true", help="report the finished runs; train nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress")
 
     p = sub.add_parser("curve", help="held-out loss curve of a base and the runs that continued it: is it flat?")
     p.add_argument("files", nargs="+", help="the base first, then each FT file that continued it, in order")
@@ -163,21 +181,23 @@ def main(argv=None) -> int:
                 if sign_key is not None:
                     print(f"wrote signature {sign_file(out, sign_key)}")
         elif args.command == "eval":
-            from app.trainer.evaluate import evaluate
+            from app.trainer.evaluate import quality_table, score_on_dataset
             from app.trainer.train import resolve_device
 
-            result = evaluate(args.base, args.patch, args.dataset, sampler=args.sampler, steps=args.steps,
-                              guidance_scale=args.guidance_scale, seed=args.seed,
-                              device=str(resolve_device(args.device)), progress=True,
-                              classifier_steps=args.classifier_steps, heldout=args.heldout)
-            text = json.dumps(result, indent=2)
-            print(text)
+            result = score_on_dataset(args.base, args.patch, args.dataset, num_samples=args.num_samples,
+                                      sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale,
+                                      seed=args.seed, device=str(resolve_device(args.device)), heldout=args.heldout)
+            print(quality_table(result))
             if args.json:
-                Path(args.json).write_text(text)
+                Path(args.json).write_text(json.dumps(result, indent=2))
         elif args.command == "compare":
             from app.trainer.compare import main_compare
 
             main_compare(args)
+        elif args.command == "study":
+            from app.trainer.study import main_study
+
+            main_study(args)
         elif args.command == "curve":
             from app.trainer.figures import flatness, heldout_curve, save_loss_curve
 

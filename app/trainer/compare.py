@@ -1,9 +1,10 @@
-"""Paired comparison of a base with patches or FT models: the same sampling seeds for every arm, FID-like against
-the train and the test split with a bootstrap SE of the paired difference, class accuracy, and the held-out loss
-per timestep decile (same images, timesteps and noise). Sampled features are cached, so reruns only add arms."""
+"""Paired comparison of a base with patches or FT models: the same sampling seeds for every arm; Fréchet distance
+against the held-out split by the independent extractors (pixels-PCA, random CNN) with a paired bootstrap SE; on the
+bundled data sets also the old FID-like (our classifier, trained on the generators' data) against the train and the
+test split and class accuracy; the held-out loss per timestep decile (same images, timesteps and noise). Sampled
+images are cached, so reruns only add arms."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import statistics
@@ -12,52 +13,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.trainer.evaluate import EVAL_SAMPLING, Evaluator, eval_conditions, frechet_distance, sample_images
+from app.trainer.evaluate import EVAL_SAMPLING, Evaluator, eval_conditions, frechet_distance, heldout_split
+from app.trainer.quality import Quality, frechet, paired_interval
+from app.trainer.samples import arm_images, load_arm
+
+INDEPENDENT = ("pca", "randcnn")
 
 
-def file_key(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def is_patch(path) -> bool:
-    from app.model.dmp import read_header
-
-    data = Path(path).read_bytes()
-    return (read_header(data).get("__metadata__") or {}).get("format") == "dmp-patch"
-
-
-def load_arm(base_path, path):
-    """(model, patch) for one arm: a patch rides on the base; anything else is a full model (FT)."""
-    from app.model import load_base, load_patch
-
-    if path is None:
-        return load_base(base_path), None
-    if is_patch(path):
-        model = load_base(base_path)
-        return model, load_patch(path, base=model).eval()
-    return load_base(path), None
-
-
-def arm_features(ev: Evaluator, base_path, path, seed: int, sampler: str, steps: int, guidance: float,
-                 cache: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Classifier features (n, F) of one arm's samples at one seed, and the predicted classes; cached on disk."""
-    key = f"{file_key(path or base_path)}-{file_key(base_path)}-{sampler}{steps}-g{guidance}-s{seed}"
-    f_path, p_path = cache / f"{key}.npy", cache / f"{key}.pred.npy"
-    if f_path.exists():
-        return np.load(f_path), (np.load(p_path) if p_path.exists() else None)
-    model, patch = load_arm(base_path, path)
-    model.eval()
-    y, labels = eval_conditions(model, ev.test)
-    images = sample_images(model, y, patch=patch, sampler=sampler, steps=steps, guidance_scale=guidance, seed=seed)
-    feats = ev.features(images)
-    cache.mkdir(parents=True, exist_ok=True)
-    np.save(f_path, feats)
-    if labels is None:
-        return feats, None
-    with torch.no_grad():
-        preds = torch.cat([ev.clf(images[i:i + 1000].float()).argmax(-1) for i in range(0, len(images), 1000)])
-    np.save(p_path, preds.numpy())
-    return feats, preds.numpy()
+def arm_features(ev: Evaluator | None, quality, base_path, path, seed: int, sampler: str, steps: int,
+                 guidance: float, cache: Path, conditions: torch.Tensor, labels: torch.Tensor | None) -> dict:
+    """One arm's samples at one seed (cached images): features per independent extractor, and with a classifier
+    its features ("fid_like") and predicted classes."""
+    print(f"[compare] {Path(path or base_path).name} seed {seed}", flush=True)
+    images, _ = arm_images(base_path, path, n=len(conditions), seed=seed, guidance=guidance, cache=cache,
+                           sampler=sampler, steps=steps, conditions=conditions)
+    out = {"independent": quality.features(images)}
+    if ev is not None:
+        out["fid_like"] = ev.features(images)
+        if labels is not None:
+            with torch.no_grad():
+                out["pred"] = torch.cat([ev.clf(images[i:i + 1000].float()).argmax(-1)
+                                         for i in range(0, len(images), 1000)]).numpy()
+    return out
 
 
 @torch.no_grad()
@@ -90,7 +67,8 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
-SUMMARY_KEYS = ("d_fid_like", "d_fid_like_pct", "d_fid_like_test", "d_fid_like_test_pct", "d_class_acc")
+SUMMARY_KEYS = ("d_fid_like", "d_fid_like_pct", "d_fid_like_test", "d_fid_like_test_pct", "d_class_acc",
+                *(f"d_fd_{e}{x}" for e in INDEPENDENT for x in ("", "_pct")))
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -122,7 +100,7 @@ def pool_heldout(per_run: list[dict]) -> dict:
 def compare(base_path, arms: dict[str, str | list[str]], seeds: list[int], *, sampler=EVAL_SAMPLING["sampler"],
             steps=EVAL_SAMPLING["steps"], guidance=EVAL_SAMPLING["guidance_scale"],
             cache="runs/compare", device="cpu", heldout=True, boots=100, classifier_dir="runs/classifiers",
-            classifier_steps=3000, seed_per_run=False) -> dict:
+            classifier_steps=3000, seed_per_run=False, dataset: str | None = None) -> dict:
     """Every arm against the base at every seed (same seeds, same conditions); arms map label -> file, or ->
     the files of several training runs (seeds) of the same recipe. seed_per_run: run i is sampled at seeds[i]
     only (and compared with the base at that seed), which costs one sampling pass per run instead of len(seeds)."""
@@ -135,42 +113,41 @@ def compare(base_path, arms: dict[str, str | list[str]], seeds: list[int], *, sa
         if seed_per_run and len(paths) != len(seeds):  # checked before any sampling
             raise ValueError(f"arm {label!r}: {len(paths)} training runs for {len(seeds)} seeds (one seed per run)")
     base = load_base(base_path)
-    ev = Evaluator(base.meta.get("dataset"), base.config.input_size, device=device, progress=False,
-                   classifier_dir=classifier_dir, classifier_steps=classifier_steps)
-    labels = eval_conditions(base, ev.test)[1]
+    dataset = dataset or base.meta.get("dataset")
+    if not dataset:
+        raise ValueError("the base does not name its data set: pass --dataset")
+    test = heldout_split(base_path, base, dataset)
+    # the old FID-like needs our classifier of this data set: bundled sets only (a folder is scored independently)
+    ev = None if dataset.startswith("folder:") else Evaluator(
+        dataset, base.config.input_size, device=device, progress=False, classifier_dir=classifier_dir,
+        classifier_steps=classifier_steps)
+    quality = Quality(test.x)
+    conditions, labels = eval_conditions(base, test)
     cache = Path(cache)
-    out = {"base": str(base_path), "seeds": seeds, "sampler": f"{sampler} {steps}, guidance {guidance}",
-           "num_samples": len(ev.test), "floor": ev.floor["fid_like"], "seed_per_run": seed_per_run, "arms": {}}
-    base_feats = {s: arm_features(ev, base_path, None, s, sampler, steps, guidance, cache) for s in seeds}
+    out = {"base": str(base_path), "dataset": dataset, "seeds": seeds,
+           "sampler": f"{sampler} {steps}, guidance {guidance}", "num_samples": len(test),
+           "floor": ev.floor["fid_like"] if ev else None, "seed_per_run": seed_per_run, "arms": {}}
+
+    def feats(path, s):
+        return arm_features(ev, quality, base_path, path, s, sampler, steps, guidance, cache, conditions, labels)
+    base_feats = {s: feats(None, s) for s in seeds}
     base_losses = None
     if heldout:
         diffusion = Diffusion(base.meta.get("beta_schedule", "linear"), device)
-        base_losses = decile_losses(base, diffusion, ev.test)
-    out["base_scores"] = {s: {"fid_like": frechet_distance(ev.ref, f), "fid_like_test": frechet_distance(ev.test_ref, f),
-                              **({"class_acc": float((p == labels.numpy()).mean())} if p is not None else {})}
-                          for s, (f, p) in base_feats.items()}
+        base_losses = decile_losses(base, diffusion, test)
+    out["base_scores"] = {s: base_scores(ev, quality, f, labels) for s, f in base_feats.items()}
     for label, paths in arms.items():
         runs = []
         for i, path in enumerate(paths):
             rows = {}
             for s in [seeds[i]] if seed_per_run else seeds:
-                bf, bp = base_feats[s]
-                af, ap = arm_features(ev, base_path, path, s, sampler, steps, guidance, cache)
-                row = {}
-                for name, ref in (("fid_like", ev.ref), ("fid_like_test", ev.test_ref)):
-                    fb, fa, se = paired_fid(ref, bf, af, boots=boots, seed=s)
-                    row |= {name: fa, f"d_{name}": fa - fb, f"d_{name}_pct": 100 * (fa - fb) / fb,
-                            f"d_{name}_se": se}
-                if ap is not None:
-                    row |= {"class_acc": float((ap == labels.numpy()).mean()),
-                            "d_class_acc": float((ap == labels.numpy()).mean() - (bp == labels.numpy()).mean())}
-                rows[s] = row
+                rows[s] = paired_row(ev, quality, base_feats[s], feats(path, s), labels, boots, s)
             run = {"file": str(path), "per_seed": rows}
             model, patch = load_arm(base_path, path)
             if patch is not None:
-                run |= patch_size_rms(model, patch, eval_conditions(model, ev.test)[0])
+                run |= patch_size_rms(model, patch, conditions)
             if heldout:
-                patched = decile_losses(model, diffusion, ev.test, patch=patch)
+                patched = decile_losses(model, diffusion, test, patch=patch)
                 run["heldout_deciles"] = paired_summary(base_losses, patched)
             runs.append(run)
         arm = {"runs": runs, "summary": summarise(runs)}
@@ -178,6 +155,36 @@ def compare(base_path, arms: dict[str, str | list[str]], seeds: list[int], *, sa
             arm["heldout_deciles"] = pool_heldout([r["heldout_deciles"] for r in runs])
         out["arms"][label] = arm
     return out
+
+
+def base_scores(ev, quality, f: dict, labels) -> dict:
+    """The base's own scores at one seed: FD per independent extractor, and FID-like / class accuracy if any."""
+    out = {f"fd_{e}": frechet(quality.real[e], x) for e, x in f["independent"].items()}
+    if ev is not None:
+        out |= {"fid_like": frechet_distance(ev.ref, f["fid_like"]),
+                "fid_like_test": frechet_distance(ev.test_ref, f["fid_like"])}
+    if "pred" in f:
+        out["class_acc"] = float((f["pred"] == labels.numpy()).mean())
+    return out
+
+
+def paired_row(ev, quality, b: dict, a: dict, labels, boots: int, seed: int) -> dict:
+    """Arm minus base at one seed, paired sample by sample: FD per independent extractor with a bootstrap SE, and
+    with a classifier the FID-like against the train and test split and class accuracy."""
+    row = {}
+    for e, real in quality.real.items():
+        fb, fa = frechet(real, b["independent"][e]), frechet(real, a["independent"][e])
+        ci = paired_interval(lambda i: frechet(real, a["independent"][e][i]) - frechet(real, b["independent"][e][i]),
+                             len(b["independent"][e]), boots, seed)
+        row |= {f"fd_{e}": fa, f"d_fd_{e}": fa - fb, f"d_fd_{e}_pct": 100 * (fa - fb) / fb, f"d_fd_{e}_se": ci["se"]}
+    if ev is not None:
+        for name, ref in (("fid_like", ev.ref), ("fid_like_test", ev.test_ref)):
+            fb, fa, se = paired_fid(ref, b["fid_like"], a["fid_like"], boots=boots, seed=seed)
+            row |= {name: fa, f"d_{name}": fa - fb, f"d_{name}_pct": 100 * (fa - fb) / fb, f"d_{name}_se": se}
+    if "pred" in a:
+        acc_a, acc_b = float((a["pred"] == labels.numpy()).mean()), float((b["pred"] == labels.numpy()).mean())
+        row |= {"class_acc": acc_a, "d_class_acc": acc_a - acc_b}
+    return row
 
 
 def versus(result: dict, ref: str) -> dict:
@@ -191,7 +198,9 @@ def versus(result: dict, ref: str) -> dict:
         if label == ref or len(arm["runs"]) != len(ref_runs):
             continue
         row = {}
-        for key in ("d_fid_like_pct", "d_fid_like_test_pct"):
+        for key in ("d_fid_like_pct", "d_fid_like_test_pct", *(f"d_fd_{e}_pct" for e in INDEPENDENT)):
+            if key not in next(iter(arm["runs"][0]["per_seed"].values())):
+                continue
             diffs = [[run["per_seed"][s][key] - other["per_seed"][s][key] for s in run["per_seed"]]
                      for run, other in zip(arm["runs"], ref_runs)]
             values = [statistics.fmean(d) for d in diffs] if len(diffs) > 1 else diffs[0]
@@ -215,7 +224,7 @@ def main_compare(args) -> None:
         raise ValueError(f"--versus {args.versus!r} is not an arm ({', '.join(arms)})")
     result = compare(args.base, arms, args.seeds, sampler=args.sampler, steps=args.steps, guidance=args.guidance_scale,
                      cache=args.cache, device=args.device, heldout=not args.no_heldout, boots=args.boots,
-                     seed_per_run=args.seed_per_run)
+                     seed_per_run=args.seed_per_run, dataset=args.dataset)
     if args.versus:
         result["versus"] = {"ref": args.versus, "arms": versus(result, args.versus)}
     if args.json:
@@ -223,10 +232,12 @@ def main_compare(args) -> None:
         Path(args.json).write_text(json.dumps(result, indent=1))
     if args.markdown:
         Path(args.markdown).write_text(markdown(result))
+    print(markdown(result))
     for label, arm in result["arms"].items():
         s = arm["summary"]
-        line = f"{label}: dFID-like {s['d_fid_like_pct']['mean']:+.2f}% (train ref), " \
-               f"{s['d_fid_like_test_pct']['mean']:+.2f}% (test ref)"
+        line = f"{label}: " + ", ".join(f"dFD {e} {s[f'd_fd_{e}_pct']['mean']:+.2f}%" for e in INDEPENDENT)
+        if "d_fid_like_pct" in s:
+            line += f", dFID-like (ours, classifier) {s['d_fid_like_pct']['mean']:+.2f}%"
         if "heldout_deciles" in arm:
             h = arm["heldout_deciles"]
             line += f", held-out loss {h['all_rel_diff_pct']:+.3f}% ± {h['all_rel_diff_se_pct']:.3f}"
@@ -242,22 +253,28 @@ def markdown(result: dict) -> str:
     has several, else over sampling seeds, else the bootstrap SE of one paired difference)."""
     seeds = result["seeds"]
     base = result["base_scores"]
-    fids = ", ".join(f"{base[s]['fid_like']:.2f}" for s in seeds)
-    fids_test = ", ".join(f"{base[s]['fid_like_test']:.2f}" for s in seeds)
-    lines = [f"Base `{result['base']}`, {result['sampler']}, {result['num_samples']} samples per arm and seed, "
-             f"sampling seeds {', '.join(map(str, seeds))} shared by every arm; floor (train vs test real) "
-             f"{result['floor']:.2f}. Base FID-like per seed: {fids} (train ref), {fids_test} (test ref). "
+    per_seed = "; ".join(f"{k}: " + ", ".join(f"{base[s][k]:.3g}" for s in seeds)
+                         for k in (*(f"fd_{e}" for e in INDEPENDENT), "fid_like", "fid_like_test") if k in base[seeds[0]])
+    lines = [f"Base `{result['base']}` on `{result.get('dataset', '')}`, {result['sampler']}, {result['num_samples']} "
+             f"samples per arm and seed (one per held-out image), sampling seeds {', '.join(map(str, seeds))} shared "
+             f"by every arm. Base per seed: {per_seed}. "
+             "FD pca / randcnn: against the held-out images, extractors that never saw the generators' data; "
+             "FID-like: our classifier's features (trained on the generators' data: it rewards class sharpness), "
+             "against the train / test split. "
              + ("Training run i of an arm is sampled at the i-th seed only, paired with the base at that seed. "
                 if result.get("seed_per_run") else "") +
              "± is the standard error over the arm's training runs (each averaged over the sampling seeds) where it "
-             "has several, else over the sampling seeds.", "",
-             "| arm | training runs | Δ FID-like vs base, train ref (%) | Δ FID-like, test ref (%) | Δ class acc | "
+             "has several, else over the sampling seeds, else the paired bootstrap SE.", "",
+             "| arm | training runs | Δ FD pca (%) | Δ FD randcnn (%) | Δ FID-like (ours), train ref (%) | "
+             "Δ FID-like (ours), test ref (%) | Δ class acc | "
              "Δ held-out loss (%) | Δ held-out loss per decile t∈[0,100) … [900,1000) (%) | added g·P rms |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, arm in result["arms"].items():
         s, runs = arm["summary"], arm["runs"]
 
         def cell(key):
+            if key not in s:
+                return "—"
             m, se = s[key]["mean"], s[key]["se"]
             if se is None:  # one run, one seed: the bootstrap SE of the paired difference, in % of the base
                 k, row = key.removesuffix("_pct"), next(iter(runs[0]["per_seed"].values()))
@@ -269,15 +286,17 @@ def markdown(result: dict) -> str:
         dec = ", ".join(f"{m:+.2f}" for m in h["rel_diff_pct"]) if h else "—"
         added = [r["added_rms"] for r in runs if "added_rms" in r]
         size = f"{statistics.fmean(added):.2g}" if added else "—"
-        lines.append(f"| {label} | {len(runs)} | {cell('d_fid_like_pct')} | {cell('d_fid_like_test_pct')} | {acc} | "
-                     f"{held} | {dec} | {size} |")
+        lines.append(f"| {label} | {len(runs)} | {cell('d_fd_pca_pct')} | {cell('d_fd_randcnn_pct')} | "
+                     f"{cell('d_fid_like_pct')} | {cell('d_fid_like_test_pct')} | {acc} | {held} | {dec} | {size} |")
     if "versus" in result:
         ref = result["versus"]["ref"]
+        keys = [k for k in ("d_fd_pca_pct", "d_fd_randcnn_pct", "d_fid_like_pct", "d_fid_like_test_pct")
+                if any(k in row for row in result["versus"]["arms"].values())]
         lines += ["", f"Each arm minus **{ref}**, paired run by run at the same sampling seed (points of % of the "
-                  "base's FID-like; negative = the arm is better than it):", "",
-                  "| arm | vs train ref | vs test ref | per run (train ref) |", "|---|---|---|---|"]
+                  "base's value; negative = the arm is better than it):", "",
+                  "| arm | " + " | ".join(k.removeprefix("d_").removesuffix("_pct") for k in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
         for label, row in result["versus"]["arms"].items():
-            a, b = row["d_fid_like_pct"], row["d_fid_like_test_pct"]
-            per = ", ".join(f"{v:+.2f}" for v in a["per_run"])
-            lines.append(f"| {label} | {pm(a['mean'], a['se'])} | {pm(b['mean'], b['se'])} | {per} |")
+            lines.append(f"| {label} | " + " | ".join(pm(row[k]["mean"], row[k]["se"]) if k in row else "—"
+                                                        for k in keys) + " |")
     return "\n".join(lines) + "\n"

@@ -45,9 +45,9 @@ class Evaluator:
     """Scores generated images of one data set against its real train split."""
 
     def __init__(self, dataset: str, image_size: int = 32, device="cpu", classifier_dir="runs/classifiers",
-                 classifier_steps: int = 3000, progress: bool = True):
+                 classifier_steps: int = 3000, progress: bool = True, data_kwargs: dict | None = None):
         self.device = device
-        self.train, self.test = load_splits(dataset, image_size)
+        self.train, self.test = load_splits(dataset, image_size, **(data_kwargs or {}))
         eval_name = dataset.removesuffix("-captions")  # captioned digits use the digit classifier
         path = Path(classifier_dir) / f"{eval_name}-{image_size}.safetensors"
         if path.exists():
@@ -141,7 +141,8 @@ def evaluate(base_path, patch_path=None, dataset: str | None = None, *, sampler=
     if not dataset:
         raise ValueError("the base does not name its data set: pass --dataset")
     evaluator = evaluator or Evaluator(dataset, model.config.input_size, device=device, progress=progress,
-                                       classifier_steps=classifier_steps)
+                                       classifier_steps=classifier_steps,
+                                       data_kwargs=data_kwargs_for(base_path, model, dataset))
     y, labels = eval_conditions(model, evaluator.test)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     images = sample_images(model, y, patch=patch, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
@@ -152,6 +153,37 @@ def evaluate(base_path, patch_path=None, dataset: str | None = None, *, sampler=
     if heldout:
         result["heldout_deciles"] = heldout_deciles(model, patch, evaluator.test, device)
     return (result, images) if return_images else result
+
+
+def data_kwargs_for(base_path, model, dataset: str) -> dict:
+    """How to read `dataset` as this base sees it: a folder in the base's channels, its classes by the base's labels.
+    Scoring is in pixels, so latent bases are refused."""
+    from app.model.describe import describe
+
+    desc = describe(base_path)
+    if (desc.vae or "pixel") != "pixel":
+        raise ValueError(f"{Path(base_path).name} is a latent model: evaluation scores pixel-space bases only")
+    if not dataset.startswith("folder:"):
+        return {}
+    kw = {"channels": model.config.in_channels}
+    if model.config.task == "class":
+        kw["labels"] = desc.labels or [str(i) for i in range(model.config.num_classes)]
+    elif model.config.task == "text":
+        kw["text_encoder"] = desc.text_encoder or "minilm"
+    return kw
+
+
+def heldout_split(base_path, model, dataset: str) -> DataSet:
+    """The held-out (test) split of `dataset`, at the base's size and channels."""
+    from app.trainer.data import load_dataset
+
+    data = load_dataset(dataset, "test", model.config.input_size, **data_kwargs_for(base_path, model, dataset))
+    if data.x.shape[1:] != (model.config.in_channels, model.config.input_size, model.config.input_size):
+        raise ValueError(f"{dataset} reads as {tuple(data.x.shape[1:])} images, the base makes "
+                         f"{(model.config.in_channels, model.config.input_size, model.config.input_size)}")
+    if data.task != model.config.task:
+        raise ValueError(f"{dataset} is a {data.task} data set, the base a {model.config.task} model")
+    return data
 
 
 def heldout_deciles(model, patch, test: DataSet, device) -> dict:
@@ -165,3 +197,64 @@ def heldout_deciles(model, patch, test: DataSet, device) -> dict:
     if patch is None:
         return {"base": [round(v, 6) for v in base.mean(1).tolist()]}
     return paired_summary(base, decile_losses(model, diffusion, test, patch=patch))
+
+
+def score_on_dataset(base_path, patch_path=None, dataset: str | None = None, *, num_samples: int = 0,
+                     sampler=EVAL_SAMPLING["sampler"], steps=EVAL_SAMPLING["steps"],
+                     guidance_scale=EVAL_SAMPLING["guidance_scale"], seed=0, device="cpu", resamples: int = 200,
+                     heldout=False) -> dict:
+    """The base (and, paired, base + patch) scored against the held-out split of `dataset` by the independent
+    extractors (app/trainer/quality.py): FD, KID, precision/recall, with a 95 % paired interval of the change."""
+    from app.trainer.quality import Quality
+
+    model, patch = load_model_and_patch(base_path, patch_path, device)
+    dataset = dataset or model.meta.get("dataset")
+    if not dataset:
+        raise ValueError("the base does not name its data set: pass --dataset")
+    test = heldout_split(base_path, model, dataset)
+    if len(test) < 10:
+        raise ValueError(f"{dataset} has {len(test)} held-out images (10 % of it): at least 10 are needed")
+    print(f"[eval] {len(test)} held-out images of {dataset}, {tuple(test.x.shape[1:])}", flush=True)
+    y, labels = eval_conditions(model, test)
+    n = num_samples or len(test)
+    reps = -(-n // len(test))
+    y = y.repeat(reps, *([1] * (y.dim() - 1)))[:n]  # the held-out conditions, cycled to n samples
+    labels = labels.repeat(reps)[:n] if labels is not None else None
+    quality = Quality(test.x)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    kw = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed, dtype=dtype, progress=True)
+    print(f"[eval] sampling {n} images from the base", flush=True)
+    base_images = sample_images(model, y, **kw)
+    result = {"dataset": dataset, "num_heldout": len(test), "sampler": sampler, "steps": steps,
+              "guidance_scale": guidance_scale, "seed": seed}
+    if patch is None:
+        result["base"] = quality.score(base_images)
+    else:
+        print(f"[eval] sampling {n} images with the patch (same noise and conditions)", flush=True)
+        patched = sample_images(model, y, patch=patch, **kw)
+        print("[eval] scoring (paired bootstrap)", flush=True)
+        result |= quality.paired(base_images, patched, resamples=resamples, seed=seed)
+        result["patch"] = result.pop("arm")
+    if heldout:
+        result["heldout_deciles"] = heldout_deciles(model, patch, test, device)
+    return result
+
+
+def quality_table(result: dict) -> str:
+    """The scores as a markdown table: one row per extractor, base (and patch, and the change with its 95 % CI)."""
+    from app.trainer.extractors import DESCRIPTIONS
+
+    paired = "patch" in result
+    head = "| extractor | FD base | KID base | P / R base |"
+    head += " FD patch | KID patch | P / R patch | Δ FD (%) [95 % CI] |" if paired else ""
+    lines = [head, "|" + "---|" * head.count(" | ")]
+    for name, b in result["base"]["extractors"].items():
+        row = f"| {name} | {b['fd']:.4g} | {b['kid']:.3g} | {b['precision']:.3f} / {b['recall']:.3f} |"
+        if paired:
+            a, d = result["patch"]["extractors"][name], result["delta"][name]
+            lo, hi = d["ci95_pct"]
+            row += (f" {a['fd']:.4g} | {a['kid']:.3g} | {a['precision']:.3f} / {a['recall']:.3f} | "
+                    f"{d['d_fd_pct']:+.2f} [{lo:+.2f}, {hi:+.2f}] |")
+        lines.append(row)
+    notes = [f"{k}: {v[0]}" for k, v in DESCRIPTIONS.items() if k in result["base"]["extractors"]]
+    return "\n".join(lines) + "\n" + "; ".join(notes) + f". Against {result['num_heldout']} held-out images.\n"

@@ -71,6 +71,8 @@ class TrainConfig:
     load_kind: str = "smooth"
     selection: str = "softmax"  # top-k weights: softmax over the kept (official code) | hard (1, the paper)
     gate_scale: float = 1.0  # ours: gates x this in training, folded into the saved prompts (N: uniform gate = PT)
+    freeze_gate: bool = False  # control: the gate stays at its zero init (uniform 1/N); only the prompts train
+    shuffle_gate_t: bool = False  # control: in training the gate sees another row's timestep (class kept)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -134,10 +136,11 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.patch, self.diffusion, self.cfg, self.dist = model, patch, diffusion, cfg, dist
 
-    def forward(self, x, y, t, noise, drop=None, gate_noise=None) -> tuple[torch.Tensor, dict]:
+    def forward(self, x, y, t, noise, drop=None, gate_noise=None, gate_t_perm=None) -> tuple[torch.Tensor, dict]:
         cfg, diffusion = self.cfg, self.diffusion
         x_t = diffusion.q_sample(x, t, noise)
-        out, gating = self.model(x_t, t, y, patch=self.patch, drop=drop, gate_noise=gate_noise, return_gating=True)
+        out, gating = self.model(x_t, t, y, patch=self.patch, drop=drop, gate_noise=gate_noise,
+                                 gate_t_perm=gate_t_perm, return_gating=True)
         loss = diffusion.output_losses(out, x, x_t, t, noise).mean()
         logs = {"loss": loss.detach()}
         if cfg.method == "dmp":
@@ -235,7 +238,10 @@ class Trainer:
             if cfg.method == "dmp" and not cfg.noisy_gating:
                 self.patch.w_noise.requires_grad_(False)  # unused: DDP wants every trainable parameter used
             groups = [{"params": [self.patch.prompts], "lr": cfg.lr}]
-            if cfg.method == "dmp":
+            if cfg.method == "dmp" and cfg.freeze_gate:
+                self.patch.gate.requires_grad_(False)
+                self.patch.w_noise.requires_grad_(False)
+            elif cfg.method == "dmp":
                 groups.append({"params": [*self.patch.gate.parameters(), self.patch.w_noise],
                                "lr": cfg.lr * cfg.gate_lr_mult})
             self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -250,7 +256,7 @@ class Trainer:
             self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          fused=self.device.type == "cuda")
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
-        if cfg.ema_decay > 0:  # of the trained module: the official DMP code samples from an EMA of the patch
+        if cfg.ema_decay > 0:  # of the trained module (ours: the paper and the official DMP code use no EMA)
             self.ema = copy.deepcopy(self.trained).eval().requires_grad_(False)
         return params
 
@@ -311,6 +317,7 @@ class Trainer:
         noisy = self.patch is not None and cfg.method == "dmp" and self.patch.noisy_gating
         d["gate_noise"] = torch.randn((self.patch.pt_depth, B, self.patch.num_tokens), device=dev,
                                       generator=g) if noisy else None  # (L, B, N)
+        d["gate_t_perm"] = torch.randperm(B, device=dev, generator=g) if cfg.shuffle_gate_t else None
         return d
 
     def micro_batch(self, d: dict, a: int) -> dict[str, torch.Tensor | None]:
@@ -324,7 +331,13 @@ class Trainer:
             x = torch.where(d["flip"][rows, None, None, None], x.flip(-1), x)
         return {"x": x, "y": self.train_data.cond(idx), "t": d["t"][rows], "noise": d["noise"][rows],
                 "drop": None if d["drop"] is None else d["drop"][rows],
-                "gate_noise": None if d["gate_noise"] is None else d["gate_noise"][:, rows]}
+                "gate_noise": None if d["gate_noise"] is None else d["gate_noise"][:, rows],
+                "gate_t_perm": None if d["gate_t_perm"] is None else self.local_perm(d["gate_t_perm"], rows)}
+
+    @staticmethod
+    def local_perm(perm: torch.Tensor, rows: slice) -> torch.Tensor:
+        """This micro-batch's rows of a global permutation, as a permutation of its own rows (same order)."""
+        return perm[(perm >= rows.start) & (perm < rows.stop)] - rows.start
 
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, drawn = self.cfg, self.draw()

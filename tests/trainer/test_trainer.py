@@ -213,7 +213,8 @@ def test_compare_pairs_seeds_and_a_copy_of_the_base_differs_by_zero(base, tmp_pa
     assert dmp["summary"]["d_fid_like"]["mean"] != 0.0 and dmp["summary"]["d_fid_like"]["se"] > 0
     assert dmp["summary"]["d_fid_like"]["se_over"] == "sampling seeds"
     assert dmp["heldout_deciles"]["all_rel_diff_se_pct"] > 0
-    assert len(list((tmp_path / "cache").glob("*.npy"))) > 0  # features cached for reruns
+    assert len(list((tmp_path / "cache").glob("*.npz"))) > 0  # samples cached for reruns
+    assert same["summary"]["d_fd_pca_pct"]["mean"] == 0.0 and dmp["summary"]["d_fd_randcnn_pct"]["se"] > 0
     assert "| same | 1 | +0.00 ± 0.00 |" in markdown(out)
     vs_copy = versus(out, "same")["dmp"]["d_fid_like_pct"]  # minus an arm that is the base: the arm's own Δ
     assert vs_copy["mean"] == pytest.approx(dmp["summary"]["d_fid_like_pct"]["mean"])

@@ -71,12 +71,16 @@ class DMP(nn.Module):
         w = self.gate.weight.to(g_in.dtype)
         return gate_logits(g_in, w[:, :-1], w[:, -1], self.gate.bias.to(g_in.dtype), self.pt_depth)
 
-    def forward(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None) -> Gating:
+    def forward(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None,
+                t_perm: torch.Tensor | None = None) -> Gating:
         """This forward's gating; in noisy-gated training `noise` (pt_depth, B, N) holds the standard normal
-        draws (a trainer draws them for its global batch), None = drawn here."""
+        draws (a trainer draws them for its global batch), None = drawn here; `t_perm` (B,) a batch permutation
+        for the shuffled-timestep control."""
         if self.method == "pt":
             ones = torch.ones(self.pt_depth, c.shape[0], self.num_tokens, device=c.device, dtype=c.dtype)
             return Gating(ones, ones)
+        if t_perm is not None:  # the shuffled-timestep control: the gate sees another row's timestep, its own class
+            c, t_emb = c - t_emb + t_emb[t_perm], t_emb[t_perm]
         g_in = c if self.gate_input == "c" else t_emb
         logits = clean = self.gate_logits(g_in)
         noise_std = None
@@ -91,8 +95,9 @@ class DMP(nn.Module):
         """Gate weights (pt_depth, B, N); rows sum to 1 (softmax), hold k ones (hard) or are all ones (pt)."""
         return self(c, t_emb).gates
 
-    def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None) -> "PatchState":
-        gating = self(c, t_emb, noise)
+    def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None,
+                t_perm: torch.Tensor | None = None) -> "PatchState":
+        gating = self(c, t_emb, noise, t_perm)
         return PatchState(gating.gates * self.gate_scale, self.prompts, gating)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,259 @@
+"""The pre-registered study of docs/results.md: FT / PT / DMP arms and controls on one base, 5 training seeds,
+each run scored against held-out real images by every extractor at the serving guidance and on a guidance sweep.
+Resumable: every run (and every lr pick) writes its own JSON; a rerun skips what exists and trains the rest."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+SEEDS = (0, 1, 2, 3, 4)
+STEPS, BATCH = 1000, 64
+N_PRIMARY, GUIDANCE = 2000, 1.5  # the serving default; the primary endpoint
+FRONTIER, N_FRONTIER = (1.0, 2.0, 2.5), 500
+LR_GRID = (3e-4, 1e-3, 3e-3)  # prompt arms: lr picked at seed 0 by final held-out loss, never by FD
+DMP = {"gate_lr_mult": 1.0, "w_importance": 1.0}  # the official code's run: gate x1, importance weight 1, no EMA
+# label -> (method, TrainConfig overrides, fixed lr or None = pick from LR_GRID); the run order is this order
+ARMS = {
+    "PT": ("pt", {}, None),
+    "DMP (official: gate x1)": ("dmp", DMP, None),
+    "DMP gate x64": ("dmp", DMP | {"gate_scale": 64.0}, None),
+    "FT lr 1e-4": ("ft", {}, 1e-4),
+    "FT lr 3e-5": ("ft", {}, 3e-5),
+    "DMP hard top-k 75 %": ("dmp", DMP | {"top_k": 0.75, "selection": "hard"}, None),
+    "DMP hard top-k 25 %": ("dmp", DMP | {"top_k": 0.25, "selection": "hard"}, None),
+    "control: frozen uniform gate": ("dmp", DMP | {"freeze_gate": True, "noisy_gating": False, "w_importance": 0.0,
+                                                   "w_load": 0.0}, None),
+    "control: gate sees a shuffled timestep": ("dmp", DMP | {"shuffle_gate_t": True}, None),
+}
+PRIMARY = ("DMP (official: gate x1)", ("PT", "FT"))  # DMP - PT and DMP - FT (the FT lr with the lower held-out loss)
+
+
+def slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-").replace("--", "-")
+
+
+class Study:
+    """One study directory: lr picks, trained files, per-run result JSONs, the cached samples."""
+
+    def __init__(self, base: str, runs: str, dataset: str = "mnist", device: str = "cpu", progress: bool = True,
+                 classifier_dir: str = "runs/classifiers", classifier_steps: int = 1500):
+        from app.model import load_base
+
+        self.base, self.runs, self.dataset, self.device, self.progress = base, Path(runs), dataset, device, progress
+        self.classifier_dir, self.classifier_steps = classifier_dir, classifier_steps
+        self.size = load_base(base).config.input_size
+        self._quality = None
+
+    @property
+    def quality(self):
+        """The scorer, built on first use: held-out split, independent extractors, the project's classifier."""
+        if self._quality is None:
+            from app.trainer.evaluate import Evaluator
+            from app.trainer.quality import Quality
+
+            ev = Evaluator(self.dataset, self.size, device=self.device, progress=self.progress,
+                           classifier_dir=self.classifier_dir, classifier_steps=self.classifier_steps)
+            self._quality = Quality(ev.test.x, ev.clf)
+        return self._quality
+
+    @staticmethod
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # one line per stage, even when quiet
+
+    def train(self, label: str, lr: float, seed: int) -> tuple[Path, dict]:
+        """Train one run (resuming its checkpoint); returns its file and the trainer's metrics."""
+        from app.trainer.train import TrainConfig, Trainer
+
+        method, overrides, _ = ARMS[label]
+        out = self.runs / slug(label) / f"lr{lr:g}-s{seed}.safetensors"
+        info = out.with_suffix(".train.json")
+        if info.exists():
+            return out, json.loads(info.read_text())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cfg = TrainConfig(method=method, dataset=self.dataset, out=str(out), base=self.base, domain=self.dataset,
+                          image_size=self.size, steps=STEPS, batch_size=BATCH, lr=lr, seed=seed, device=self.device,
+                          eval_every=250, checkpoint_every=250, **overrides)
+        self.log(f"train {label} lr {lr:g} seed {seed}")
+        trainer = Trainer(cfg, progress=self.progress)
+        trainer.run()
+        metrics = trainer.metrics()
+        info.write_text(json.dumps(metrics))
+        return out, metrics
+
+    def pick_lr(self, label: str) -> float:
+        """The arm's lr: fixed, or the one of LR_GRID with the lowest final held-out loss at seed 0."""
+        fixed = ARMS[label][2]
+        if fixed is not None:
+            return fixed
+        f = self.runs / slug(label) / "lr_pick.json"
+        if f.exists():
+            return json.loads(f.read_text())["lr"]
+        losses = {lr: self.train(label, lr, 0)[1]["heldout_loss"] for lr in LR_GRID}
+        lr = min(losses, key=losses.get)
+        f.write_text(json.dumps({"lr": lr, "heldout_loss": {f"{k:g}": v for k, v in losses.items()}}))
+        return lr
+
+    def score(self, path, seed: int) -> dict:
+        """Every extractor at the primary guidance (N_PRIMARY samples) and at each FRONTIER guidance."""
+        from app.trainer.samples import arm_images
+
+        out = {}
+        for g, n in ((GUIDANCE, N_PRIMARY), *((g, N_FRONTIER) for g in FRONTIER)):
+            images, labels = arm_images(self.base, path, n=n, seed=seed, guidance=g, cache=self.runs / "images",
+                                        progress=self.progress)
+            out[f"{g:g}"] = self.quality.score(images, labels)
+        return out
+
+    def run_one(self, label: str | None, seed: int) -> dict:
+        """One result file: the base (label None) or one arm's run at this seed, trained if needed and scored."""
+        f = self.runs / "results" / f"{slug(label or 'base')}-s{seed}.json"
+        if f.exists():
+            return json.loads(f.read_text())
+        result = {"arm": label or "base", "seed": seed, "base": self.base}
+        path = None
+        if label is not None:
+            lr = self.pick_lr(label)
+            path, metrics = self.train(label, lr, seed)
+            result |= {"lr": lr, "train": metrics, "file": str(path)}
+        self.log(f"score {label or 'base'} seed {seed}")
+        result["scores"] = self.score(path, seed)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(result, indent=1))
+        return result
+
+    def run(self, seeds=SEEDS, arms=None) -> None:
+        """Seed-major, so a cut-short study has every arm at its first seeds."""
+        for seed in seeds:
+            for label in [None, *(arms or ARMS)]:
+                self.run_one(label, seed)
+
+
+#################################################################################
+#                                    Report                                     #
+#################################################################################
+
+def holm(pvalues: dict) -> dict:
+    """Holm-adjusted p-values of a family {name: p}."""
+    order = sorted(pvalues, key=pvalues.get)
+    out, running = {}, 0.0
+    for i, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * pvalues[name]))
+        out[name] = running
+    return out
+
+
+def load_results(runs) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
+    for f in sorted((Path(runs) / "results").glob("*.json")):
+        r = json.loads(f.read_text())
+        out.setdefault(r["arm"], {})[r["seed"]] = r
+    return out
+
+
+def d_pct(arm: dict, base: dict, extractor: str, g: str = f"{GUIDANCE:g}") -> float:
+    b = base["scores"][g]["extractors"][extractor]["fd"]
+    return 100 * (arm["scores"][g]["extractors"][extractor]["fd"] - b) / b
+
+
+def mean_ci(values: list[float]) -> str:
+    """mean [95 % t interval over training seeds]; the mean alone with one seed."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return f"{values[0]:+.2f}" if values else "—"
+    m, se = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+    h = stats.t.ppf(0.975, len(values) - 1) * se
+    return f"{m:+.2f} [{m - h:+.2f}, {m + h:+.2f}]"
+
+
+def report(runs) -> str:
+    """The study's tables from whatever result files exist: Δ FD per extractor with t intervals over training
+    seeds, precision/recall and class accuracy, the guidance frontier, the primary paired t-tests with Holm."""
+    from scipy import stats
+
+    res = load_results(runs)
+    base = res.get("base", {})
+    if not base:
+        return "No result files yet: nothing has finished.\n"
+    extractors = list(next(iter(base.values()))["scores"][f"{GUIDANCE:g}"]["extractors"])
+    g0 = f"{GUIDANCE:g}"
+    lines = [f"Finished runs: {', '.join(f'{a} ({len(s)})' for a, s in res.items())}.", "",
+             f"Δ FD vs the base at the same sampling seed, in % of the base (negative = closer to held-out real "
+             f"images), guidance {GUIDANCE}, {N_PRIMARY} samples per run; mean [95 % t interval over training "
+             "seeds]. P / R: precision / recall (k = 3), mean over seeds.", "",
+             "| arm | seeds | lr | " + " | ".join(f"Δ FD {e} (%)" for e in extractors)
+             + " | " + " | ".join(f"P / R {e}" for e in extractors if e != "classifier") + " | class acc |",
+             "|---|---|---|" + "---|" * (2 * len(extractors) - ("classifier" in extractors)) + "---|"]
+    for arm, by_seed in res.items():
+        seeds = [s for s in by_seed if s in base]
+        runs_ = [by_seed[s] for s in seeds]
+        sc = [r["scores"][g0] for r in runs_]
+        cells = [mean_ci([d_pct(by_seed[s], base[s], e) for s in seeds]) if arm != "base" else
+                 f"FD {statistics.fmean(x['extractors'][e]['fd'] for x in sc):.3g}" for e in extractors]
+        pr = [f"{statistics.fmean(x['extractors'][e]['precision'] for x in sc):.3f} / "
+              f"{statistics.fmean(x['extractors'][e]['recall'] for x in sc):.3f}"
+              for e in extractors if e != "classifier"]
+        acc = f"{statistics.fmean(x['class_acc'] for x in sc):.3f}" if sc and "class_acc" in sc[0] else "—"
+        lr = f"{runs_[0]['lr']:g}" if runs_ and "lr" in runs_[0] else "—"
+        lines.append(f"| {arm} | {len(seeds)} | {lr} | " + " | ".join(cells) + " | " + " | ".join(pr)
+                     + f" | {acc} |")
+    lines += ["", "Guidance frontier (mean over finished seeds; class accuracy / FD per extractor; "
+              f"{N_FRONTIER} samples at {', '.join(map(str, FRONTIER))}, {N_PRIMARY} at {GUIDANCE}):", "",
+              "| arm | " + " | ".join(f"g {g:g}" for g in sorted((*FRONTIER, GUIDANCE))) + " |",
+              "|---|" + "---|" * (len(FRONTIER) + 1)]
+    for arm, by_seed in res.items():
+        cells = []
+        for g in sorted((*FRONTIER, GUIDANCE)):
+            sc = [r["scores"][f"{g:g}"] for r in by_seed.values()]
+            acc = f"{statistics.fmean(x['class_acc'] for x in sc):.3f}" if "class_acc" in sc[0] else "—"
+            cells.append(acc + " / " + ", ".join(f"{statistics.fmean(x['extractors'][e]['fd'] for x in sc):.3g}"
+                                                 for e in extractors))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "Primary tests (paired t-test over training seeds on Δ FD %, Holm over comparisons x independent "
+              "extractors):", ""]
+    dmp, versus = PRIMARY
+    tests, rows = {}, []
+    for other in versus:
+        if other == "FT":  # the FT lr with the lower mean held-out loss
+            fts = {a: statistics.fmean(r["train"]["heldout_loss"] for r in res[a].values())
+                   for a in res if a.startswith("FT")}
+            other = min(fts, key=fts.get) if fts else "FT lr 1e-4"
+        seeds = sorted(set(res.get(dmp, {})) & set(res.get(other, {})) & set(base))
+        for e in extractors:
+            diffs = [d_pct(res[dmp][s], base[s], e) - d_pct(res[other][s], base[s], e) for s in seeds]
+            if len(diffs) < 2:
+                rows.append(f"- {dmp} − {other}, {e}: {len(diffs)} paired seed(s), no test yet.")
+                continue
+            t = stats.ttest_rel([d_pct(res[dmp][s], base[s], e) for s in seeds],
+                                [d_pct(res[other][s], base[s], e) for s in seeds])
+            if e != "classifier":
+                tests[f"{other}|{e}"] = float(t.pvalue)
+            rows.append((f"{other}|{e}", f"- {dmp} − {other}, {e}: {mean_ci(diffs)} points of %, "
+                         f"t = {t.statistic:.2f}, p = {t.pvalue:.3g}"))
+    adjusted = holm(tests)
+    for row in rows:
+        if isinstance(row, str):
+            lines.append(row)
+        else:
+            key, text = row
+            lines.append(text + (f", Holm p = {adjusted[key]:.3g}" if key in adjusted else
+                                 " (not in the Holm family: trained on the generators' data)"))
+    return "\n".join(lines) + "\n"
+
+
+def main_study(args) -> None:
+    unknown = [a for a in args.arm if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}: one of {list(ARMS)}")
+    if args.report_only:
+        text = report(args.runs)
+    else:
+        study = Study(args.base, args.runs, args.dataset, args.device, progress=not args.quiet)
+        study.run(args.seeds, args.arm or None)
+        text = report(args.runs)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)

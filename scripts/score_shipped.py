@@ -1,0 +1,71 @@
+"""Issue 30 item 4: the shipped mnist-dmp against its base, and its gate's share (the same prompts with the gate
+zeroed, i.e. uniform 1/64), by every extractor against the 500 held-out mnist images; paired 95 % bootstrap
+intervals. Reads the samples cached by app/trainer/samples.py (sample them first with arm_images)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from app.model import load_base
+from app.trainer.classifier import load_classifier
+from app.trainer.evaluate import heldout_split
+from app.trainer.quality import Quality
+from app.trainer.samples import arm_images
+
+BASE, PATCH = "models/mnist.safetensors", "patches/mnist-dmp.safetensors"
+cache, out = Path(sys.argv[1]), Path(sys.argv[2])
+n = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
+test = heldout_split(BASE, load_base(BASE), "mnist")
+clf, _ = load_classifier("runs/classifiers/mnist-16.safetensors")
+q = Quality(test.x, clf)
+result = {"n": n, "num_heldout": len(test), "pairs": {}, "frontier": {}}
+for g in (1.0, 1.5, 2.0, 2.5):
+    m = n if g == 1.5 else 500
+    imgs = {}
+    for arm, path, gate in (("base", None, "learned"), ("dmp", PATCH, "learned"), ("dmp, gate zeroed", PATCH, "uniform")):
+        for size in (m, 1000):  # chunks of 500 are seeded by their start: the first 500 of 1,000 are the 500-sample set
+            try:
+                x, y = arm_images(BASE, path, n=size, seed=0, guidance=g, cache=cache, gate=gate, cached_only=True)
+                imgs[arm] = (x[:m], y[:m])
+                break
+            except FileNotFoundError:
+                continue
+    if len(imgs) < 3:  # not all sampled (yet): report what exists
+        print(f"guidance {g}: only {sorted(imgs)} sampled")
+        continue
+    result["frontier"][f"{g:g}"] = {arm: q.score(x, y) for arm, (x, y) in imgs.items()}
+    if g == 1.5:
+        (xb, y), (xd, _), (xu, _) = imgs["base"], imgs["dmp"], imgs["dmp, gate zeroed"]
+        result["pairs"] = {"dmp - base": q.paired(xb, xd, y, resamples=500)["delta"],
+                           "gate zeroed - base": q.paired(xb, xu, y, resamples=500)["delta"],
+                           "dmp - gate zeroed": q.paired(xu, xd, y, resamples=500)["delta"]}
+    print(f"guidance {g} scored", flush=True)
+out.write_text(json.dumps(result, indent=1))
+
+lines = []
+if result["pairs"]:
+    g = result["frontier"]["1.5"]
+    lines += [f"DDIM 50, guidance 1.5, {n} paired samples per arm (100 per class, sampling seed 0), against the "
+              f"{len(test)} held-out mnist images. Δ FD in % of the base's FD, [95 % paired bootstrap interval].", "",
+              "| extractor | FD base | FD mnist-dmp | FD gate zeroed | Δ mnist-dmp − base | Δ gate zeroed − base | "
+              "Δ mnist-dmp − gate zeroed | P / R base | P / R mnist-dmp | P / R gate zeroed |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in g["base"]["extractors"]:
+        def d(pair, e=e):
+            x = result["pairs"][pair][e]
+            return f"{x['d_fd_pct']:+.1f} % [{x['ci95_pct'][0]:+.1f}, {x['ci95_pct'][1]:+.1f}]"
+        pr = [f"{g[a]['extractors'][e]['precision']:.3f} / {g[a]['extractors'][e]['recall']:.3f}"
+              for a in ("base", "dmp", "dmp, gate zeroed")]
+        lines.append(f"| {e} | " + " | ".join(f"{g[a]['extractors'][e]['fd']:.4g}" for a in ("base", "dmp", "dmp, gate zeroed"))
+                     + f" | {d('dmp - base')} | {d('gate zeroed - base')} | {d('dmp - gate zeroed')} | " + " | ".join(pr) + " |")
+    lines += ["", "Class accuracy (our classifier): " + ", ".join(f"{a} {g[a]['class_acc']:.3f}" for a in g) + "."]
+lines += ["", "Guidance frontier (class accuracy; FD pca / randcnn / classifier), 500 samples per point "
+          f"({n} at 1.5):", "", "| guidance | base | mnist-dmp | gate zeroed |", "|---|---|---|---|"]
+for gs, arms in result["frontier"].items():
+    lines.append(f"| {gs} | " + " | ".join(
+        f"{arms[a].get('class_acc', float('nan')):.3f}; " + " / ".join(f"{arms[a]['extractors'][e]['fd']:.3g}"
+                                                                    for e in arms[a]['extractors'])
+        for a in ("base", "dmp", "dmp, gate zeroed")) + " |")
+out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))

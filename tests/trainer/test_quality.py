@@ -1,0 +1,90 @@
+"""Evaluation metrics (FD, KID, precision/recall, paired bootstrap), the extractors, and the study's bookkeeping."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from app.trainer.extractors import PixelPCA, RandomCNN, features
+from app.trainer.quality import Quality, frechet, kid, paired_interval, precision_recall
+from app.trainer.study import holm
+
+
+def blobs(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 8, generator=g, dtype=torch.float64) + shift
+
+
+def test_fd_and_kid_of_a_set_with_itself_are_zero_and_grow_with_a_shift():
+    a = blobs(400, 0)
+    assert frechet(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert abs(kid(a, a, subsets=10, subset_size=100)) < 0.05
+    assert frechet(a, blobs(400, 1, shift=1.0)) == pytest.approx(8.0, rel=0.15)  # ||mu||^2 = 8, same covariance
+    assert kid(a, blobs(400, 1, shift=1.0), subsets=10, subset_size=100) > 10 * abs(kid(a, a, 10, 100))
+
+
+def test_precision_recall_identical_is_one_disjoint_is_zero_and_collapse_keeps_precision():
+    a = blobs(300, 0)
+    assert precision_recall(a, a) == (1.0, 1.0)
+    assert precision_recall(a, blobs(300, 1, shift=100.0)) == (0.0, 0.0)
+    mode = blobs(300, 2) * 0.05  # all fakes near the real mean: inside the real manifold, covering little of it
+    p, r = precision_recall(a, mode)
+    assert p > 0.9 and r < 0.2
+
+
+def test_paired_bootstrap_interval_covers_a_known_mean_and_is_paired():
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 1.0, 500)
+    ci = paired_interval(lambda i: float(x[i].mean()), len(x), resamples=300)
+    assert ci["low"] < 2.0 < ci["high"] and ci["se"] == pytest.approx(1 / np.sqrt(500), rel=0.3)
+    base = torch.rand(200, 1, 8, 8) * 2 - 1
+    q = Quality(torch.rand(150, 1, 8, 8) * 2 - 1)
+    same = q.paired(base, base.clone(), resamples=20)["delta"]
+    assert all(d["d_fd"] == 0 and d["ci95_pct"] == [0.0, 0.0] for d in same.values())  # paired: exactly zero
+
+
+def test_extractors_are_fixed_and_pca_fits_its_set():
+    x = torch.rand(64, 3, 8, 8)
+    assert torch.equal(features(RandomCNN(3), x), features(RandomCNN(3), x))  # the seed alone makes the network
+    assert features(RandomCNN(3), x).shape == (64, 384) and features(RandomCNN(1), x[:, :1]).shape == (64, 384)
+    pca = PixelPCA(x)
+    f = features(pca, x)
+    assert f.shape == (64, 32) and f.mean(0).abs().max() < 1e-4  # centred on its fit set
+    assert f.var(0)[0] >= f.var(0)[-1]
+
+
+def test_holm_adjusts_in_order():
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
+
+
+def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
+    """A miniature of the pre-registered study: lr picked on held-out loss, one result file per run, a rerun
+    trains and samples nothing, and the report has the primary test once two seeds are paired."""
+    import app.trainer.study as study
+    from app.trainer.train import TrainConfig, Trainer
+
+    base = tmp_path / "digits.safetensors"
+    Trainer(TrainConfig(method="pretrain", dataset="digits", out=str(base), steps=5, image_size=8, hidden_size=32,
+                        depth=2, num_heads=2, patch_size=2, batch_size=16, device="cpu"), progress=False).run()
+    monkeypatch.setattr(study, "STEPS", 2)
+    monkeypatch.setattr(study, "BATCH", 8)
+    monkeypatch.setattr(study, "N_PRIMARY", 20)
+    monkeypatch.setattr(study, "N_FRONTIER", 10)
+    monkeypatch.setattr(study, "FRONTIER", (2.0,))
+    monkeypatch.setattr(study, "LR_GRID", (1e-3, 1e-2))
+    runs = tmp_path / "study"
+    s = study.Study(str(base), str(runs), "digits", progress=False, classifier_dir=str(tmp_path / "clf"),
+                    classifier_steps=20)
+    arms = ["PT", "DMP (official: gate x1)", "control: gate sees a shuffled timestep"]
+    s.run([0, 1], arms)
+    pick = json.loads((runs / "pt" / "lr_pick.json").read_text())
+    assert pick["lr"] == min((float(k) for k in pick["heldout_loss"]), key=lambda k: pick["heldout_loss"][f"{k:g}"])
+    files = sorted((runs / "results").glob("*.json"))
+    assert len(files) == 2 * 4  # the base and 3 arms at 2 seeds
+    stamps = [f.stat().st_mtime_ns for f in files]
+    s.run([0, 1], arms)  # resumed: everything is there
+    assert [f.stat().st_mtime_ns for f in sorted((runs / "results").glob("*.json"))] == stamps
+    text = study.report(runs)
+    assert "| PT | 2 |" in text and "DMP (official: gate x1) − PT, pca:" in text and "Holm p" in text
