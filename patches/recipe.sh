@@ -6,6 +6,7 @@
 #   patches/mnist-dmp.safetensors       1,000 steps, gate x64 in training (ours), lr 1e-3, EMA 0.995 (CPU); the paired
 #                                       comparison with the base is docs/results/compare-mnist*.json
 #   patches/animals-dmp.safetensors, patches/mnist-captions-dmp.safetensors   the mnist-dmp recipe, 3,000 and 1,000 steps
+#   patches/mnist-thick-dmp.safetensors  the trainer's default recipe on thick digits (patches/domain_table.sh)
 #   (animals base made with OMP_NUM_THREADS=2: not bit-identical to a 1-thread rerun)
 #   runs/flat/mnist-flat.safetensors    mnist trained on until its held-out loss is flat (not shipped; issue 11)
 #   docs/results.md + docs/results/*.png
@@ -14,7 +15,8 @@ set -euo pipefail
 PY=${PY:-python}
 STAGE=${STAGE:-all}
 MNIST_STEPS=${MNIST_STEPS:-10012}
-export OMP_NUM_THREADS=1   # the CPU runs were single-threaded; this also makes them deterministic
+export OMP_NUM_THREADS=1   # the CPU runs were single-threaded (the trainer's --threads default follows it); deterministic
+# Every `patch` line spells out its flags: the command's defaults (its recipe, docs/trainer.md) changed in issue 26.
 
 if [ "$STAGE" != gpu ]; then   # --- CPU
   $PY -m app.trainer pretrain --dataset mnist --domain mnist --out runs/cpu/mnist.safetensors --image-size 16 \
@@ -48,10 +50,10 @@ if [ "$STAGE" != gpu ]; then   # --- CPU
       --ema-decay 0.995 --seed 0 --eval-every 250 --checkpoint-every 250 --device cpu --quiet
   # the same recipe at lr 1e-4, and PT at lr 1e-4 with the same EMA (the gate's contribution at equal init)
   $PY -m app.trainer patch --base runs/cpu/mnist.safetensors --dataset mnist --image-size 16 \
-      --out runs/cpu/mnist-dmp-lr1e-4.safetensors --steps 1000 --batch-size 64 --gate-scale 64 \
+      --out runs/cpu/mnist-dmp-lr1e-4.safetensors --steps 1000 --batch-size 64 --lr 1e-4 --gate-lr-mult 10 --gate-scale 64 \
       --ema-decay 0.995 --seed 0 --eval-every 250 --checkpoint-every 250 --device cpu --quiet
   $PY -m app.trainer patch --baseline pt --base runs/cpu/mnist.safetensors --dataset mnist --image-size 16 \
-      --out runs/cpu/mnist-pt-lr1e-4.safetensors --steps 1000 --batch-size 64 \
+      --out runs/cpu/mnist-pt-lr1e-4.safetensors --steps 1000 --batch-size 64 --lr 1e-4 \
       --ema-decay 0.995 --seed 0 --eval-every 250 --checkpoint-every 250 --device cpu --quiet
   # paired comparisons (same sampling seeds, 500 samples, DDIM 50, guidance 1.5): docs/results_analysis.md
   $PY -m app.trainer compare --base runs/cpu/mnist.safetensors \
@@ -96,7 +98,7 @@ if [ "$STAGE" != gpu ]; then   # --- CPU
   # the paper's hard top-k (the best row on mnist-flat) on animals and mnist-captions, not shipped
   for d in animals mnist-captions; do
     $PY -m app.trainer patch --base runs/cpu/$d.safetensors --dataset $d --domain $d --image-size 16 \
-        --out runs/cpu/$d-dmp-hard.safetensors --steps 1000 --batch-size 64 --lr 1e-3 --gate-lr-mult 1 --top-k 0.25 \
+        --out runs/cpu/$d-dmp-hard.safetensors --steps 1000 --batch-size 64 --lr 1e-3 --gate-lr-mult 1 --gate-scale 1 --top-k 0.25 \
         --selection hard --ema-decay 0.995 --seed 0 --eval-every 250 --checkpoint-every 250 --device cpu --quiet
     $PY -m app.trainer compare --base runs/cpu/$d.safetensors \
         --arm "+DMP hard top-16 of 64 (paper), 1,000 steps=runs/cpu/$d-dmp-hard.safetensors" --seeds 0 1 2 \
@@ -111,4 +113,8 @@ if [ "$STAGE" != gpu ]; then   # --- CPU
   for d in animals mnist-captions; do
     cp runs/cpu/$d-dmp.safetensors patches/$d-dmp.safetensors
   done
+  # issue 26: patches/mnist-thick-dmp (docs/trainer.md's one command, defaults only, on `make-domain --style thick`)
+  # and the domain-shift table of docs/results.md (DMP / PT / FT at 300 steps, seeds 0 1 2, thick and inverted)
+  bash patches/domain_table.sh runs/domain 2
+  cp runs/domain/mnist-thick-dmp.safetensors patches/mnist-thick-dmp.safetensors
 fi

@@ -15,9 +15,9 @@ rows=("$@")
 declare -A args=(
   [ft]="--baseline ft --lr 1e-4"                                         # all weights, the base's own objective
   [pt]="--baseline pt --lr 1e-3"                                         # prompts only, no gate
-  [dmp]="--lr 1e-3 --gate-lr-mult 1"                                     # the paper's DMP (gate x 1: adds ~PT/64)
+  [dmp]="--lr 1e-3 --gate-lr-mult 1 --gate-scale 1"                      # the paper's DMP (gate x 1: adds ~PT/64)
   [dmp-x64]="--lr 1e-3 --gate-lr-mult 1 --gate-scale 64"                 # ours: uniform gate = PT at init
-  [dmp-hard]="--lr 1e-3 --gate-lr-mult 1 --top-k 0.25 --selection hard"  # the paper's top-k: kept prompts weigh 1
+  [dmp-hard]="--lr 1e-3 --gate-lr-mult 1 --gate-scale 1 --top-k 0.25 --selection hard"  # the paper's top-k: weights 1
   # hard weights are 1, not 1/N, so x64 makes each kept prompt 64x PT's: kept as the measured way not to do it
   [dmp-x64-hard]="--lr 1e-3 --gate-lr-mult 1 --gate-scale 64 --top-k 0.25 --selection hard"
 )

@@ -1,8 +1,10 @@
-"""`python -m app.trainer` (console script `dmp-train`): pretrain | patch | eval | table."""
+"""`python -m app.trainer` (console script `dmp-train`): pretrain | patch | eval | compare | curve | table |
+make-domain."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -10,11 +12,21 @@ from pathlib import Path
 from app.core.signing import check_private_key, sign_file
 from app.model.dmp.module import GATE_INPUTS, SELECTIONS
 from app.model.sampling import SAMPLERS
+from app.trainer.domains import STYLES
 from app.trainer.evaluate import EVAL_SAMPLING
 from app.trainer.train import TrainConfig
 
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+# What `patch` trains with no other flags: the recipe that moved the shipped mnist base to thick and inverted digits
+# in ~5 minutes of 2-core CPU (docs/results.md, "Domain shift"); DMP's gate x64 and lr 1e-3 are issue 11's recipe.
+# The baselines keep their own learning rates (full fine-tuning at 1e-3 diverges from the base).
+RECIPES = {
+    "dmp": {"steps": 1000, "batch_size": 64, "lr": 1e-3, "gate_lr_mult": 1.0, "gate_scale": 64.0, "ema_decay": 0.995},
+    "pt": {"steps": 1000, "batch_size": 64, "lr": 1e-3, "ema_decay": 0.995},
+    "ft": {"steps": 1000, "batch_size": 64, "lr": 1e-4, "ema_decay": 0.995},
+}
+RECIPE_KEYS = sorted({k for r in RECIPES.values() for k in r})
 
 
 def option(p: argparse.ArgumentParser, name: str, overrides: dict | None = None, **kw) -> None:
@@ -27,7 +39,8 @@ def add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--dataset", required="dataset" not in defaults, default=d.get("dataset"),
                    help="mnist | animals | mnist-captions | digits | digits-captions | folder:PATH")
     p.add_argument("--out", required=True, help="output .safetensors (base, patch, or FT checkpoint)")
-    p.add_argument("--domain", default="")
+    p.add_argument("--domain", default="", help="the domain the output is for (default: the image folder's name, "
+                                                "else the base's domain or the data set)")
     p.add_argument("--image-size", type=int, default=d["image_size"])
     p.add_argument("--steps", type=int, default=d["steps"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"],
@@ -39,20 +52,51 @@ def add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--device", default=d["device"], help="auto | cpu | cuda")
     p.add_argument("--amp", default=d["amp"], choices=["auto", "bf16", "none"])
-    p.add_argument("--hflip", default=d["hflip"], choices=["auto", "on", "off"])
+    p.add_argument("--hflip", default=d["hflip"], nargs="?", const="on", choices=["auto", "on", "off"],
+                   help="random horizontal flips: --hflip (= on) | off | auto (the data set's choice: off for "
+                        "digits and image folders, on for animals)")
     p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"])
     p.add_argument("--eval-every", type=int, default=d["eval_every"])
     p.add_argument("--max-seconds", type=float, default=0.0, help="stop early after this much training time")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
     p.add_argument("--allow-batch-change", action="store_true",
                    help="resume a checkpoint that was trained at another global batch")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threads(p)
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and OpenMP (default: $OMP_NUM_THREADS, else every core this "
+                        "process may use)")
+
+
+def set_threads(threads: int | None) -> int:
+    """One thread count for torch's intra-op pool and OpenMP, here and in any process this one starts."""
+    import torch
+
+    n = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+    if n < 1:
+        raise ValueError(f"--threads must be at least 1, got {n}")
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)  # also sets OpenMP's count for this process
+    return n
+
+
+def set_quiet() -> None:
+    """No library progress bars either (ours follow `progress=False`): the Hub's downloads (of VAEs, encoders)."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
 
 
 def config_from(args, method: str) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
-    kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    return TrainConfig(method=method, **kwargs)
+    if not args.domain and args.dataset.startswith("folder:"):  # a patch for a folder of thick digits is "thick"
+        args.domain = Path(args.dataset.removeprefix("folder:")).resolve().name
+    recipe = RECIPES.get(method, {}) if args.command == "patch" else {}
+    kwargs = {k: v if v is not None else recipe.get(k) for k, v in vars(args).items() if k in names}
+    return TrainConfig(method=method, **{k: v for k, v in kwargs.items() if v is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     option(p, "beta_schedule", choices=["linear", "cosine"])
     option(p, "text_encoder")
 
-    p = sub.add_parser("patch", help="freeze a base and train a DMP patch (or the FT / PT baselines)")
-    add_train_args(p, {})
+    p = sub.add_parser("patch", help="freeze a base and train a DMP patch (or the FT / PT baselines); with no other "
+                                      "flags, the recipe for a new domain (docs/trainer.md)")
+    add_train_args(p, dict.fromkeys(RECIPE_KEYS))  # None: the method's recipe (RECIPES)
     p.add_argument("--base", required=True, help="base .safetensors / .pt / diffusers folder")
     p.add_argument("--baseline", choices=["ft", "pt"], help="ft: full fine-tuning; pt: gate-less prompt tuning")
     option(p, "pt_depth", type=int, help="blocks that get prompts (0 = all)")
@@ -80,15 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     option(p, "w_importance", type=float)
     option(p, "w_load", type=float)
     option(p, "load_kind", choices=["smooth", "reference"])
-    option(p, "gate_lr_mult", type=float)
+    option(p, "gate_lr_mult", dict.fromkeys(RECIPE_KEYS), type=float)
     option(p, "selection", choices=SELECTIONS,
            help="with --top-k < 1: kept prompts weighted by a softmax over them (official code) or 1 (paper)")
-    option(p, "gate_scale", type=float,
+    option(p, "gate_scale", dict.fromkeys(RECIPE_KEYS), type=float,
            help="ours, not the paper's: gates x this in training (num_tokens: uniform gate = PT at init)")
     option(p, "freeze_gate", action="store_true", help="control: the gate stays uniform, only the prompts train")
     option(p, "shuffle_gate_t", action="store_true",
            help="control: in training the gate sees another row's timestep (its class kept)")
-    option(p, "ema_decay", type=float,
+    option(p, "ema_decay", dict.fromkeys(RECIPE_KEYS), type=float,
            help="> 0: save an EMA of the trained weights (patch or FT model) instead of the raw ones")
     option(p, "text_encoder")
     p.add_argument("--sign-key", type=Path, default=None,
@@ -154,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--doc", default="docs/results.md")
     p.add_argument("--report-only", action="store_true", help="write the doc from finished runs; train nothing")
+    for name in ("eval", "compare", "curve", "table"):
+        add_threads(sub.choices[name])
+
+    p = sub.add_parser("make-domain", help="the shipped MNIST digits in a shifted style, as an image folder to patch")
+    p.add_argument("--style", required=True, choices=STYLES)
+    p.add_argument("--out", required=True, help="folder to write <label>/<index>.png into")
+    p.add_argument("--image-size", type=int, default=16, help="the mnist base's size")
     return parser
 
 
@@ -164,7 +216,11 @@ def main(argv=None) -> int:
     from app.trainer.data import DataError
     from app.trainer.distributed import shutdown
 
+    if getattr(args, "quiet", False):
+        set_quiet()
     try:
+        if args.command != "make-domain":
+            set_threads(args.threads)
         if args.command in ("pretrain", "patch"):
             from app.trainer.train import Trainer
 
@@ -210,6 +266,13 @@ def main(argv=None) -> int:
 
             run_table(args.plan, args.runs, jobs=args.jobs, device=args.device, doc=args.doc,
                       report_only=args.report_only)
+        elif args.command == "make-domain":
+            from app.trainer.domains import make_domain
+
+            if Path(args.out).exists() and any(Path(args.out).iterdir()):
+                raise ValueError(f"{args.out} is not empty: choose a new folder")
+            n = make_domain(args.style, args.out, args.image_size)
+            print(f"wrote {n} {args.style} digits to {args.out}/<label>/")
     except (PatchError, CheckpointError, DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

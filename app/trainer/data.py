@@ -227,63 +227,76 @@ def read_captions(root: Path, files: list[Path]) -> list[str]:
     return [str(table[str(f.relative_to(root))]) for f in files]
 
 
-def image_folder(root: str, image_size: int, channels: int = 3, vae: str | None = None,
-                 labels: list[str] | None = None, text_encoder: str | None = None) -> DataSet:
-    """An image folder, any image size (resized, centre-cropped; encoded once through a VAE and cached on disk by
-    file list, mtimes, size and VAE): root/<class>/<image> (class-conditional; with `labels`, class folders are
-    matched to the base's labels by name), root/<image> (unconditional, FFHQ-style), or with `text_encoder`
-    root/**/<image> + root/captions.json (text)."""
+def image_folder(root: str, image_size: int, channels: int | None = None, vae: str | None = None,
+                 labels: list[str] | None = None, text_encoder: str | None = None, progress: bool = True) -> DataSet:
+    """An image folder of any image size and channel count (converted to `channels`, by default 1 if the first image
+    is greyscale else 3; resized, centre-cropped; encoded once through a VAE and cached on disk by file list, mtimes,
+    size and VAE): root/<class>/<image> (torchvision's ImageFolder; with `labels`, class folders are matched to the
+    base's labels by name),
+    root/<image> (unconditional, FFHQ-style), or with `text_encoder` root/**/<image> + root/captions.json (text).
+    Never flipped unless asked for (`--hflip`): flips change digits, text and asymmetric faces."""
     from PIL import Image
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     root_path = Path(root)
     if not root_path.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
     classes = sorted(p.name for p in root_path.iterdir() if p.is_dir())
     if text_encoder or not classes:  # one class: every image under root
-        files = [(f, 0) for f in sorted(root_path.rglob("*")) if f.suffix.lower() in exts]
+        files = [(str(f), 0) for f in sorted(root_path.rglob("*"))
+                 if has_file_allowed_extension(f.name, IMG_EXTENSIONS)]
     else:
-        files = [(f, i) for i, c in enumerate(classes) for f in sorted((root_path / c).rglob("*"))
-                 if f.suffix.lower() in exts]
+        folder = ImageFolder(root, allow_empty=True)
+        files, classes = folder.samples, folder.classes
     if not files:
-        raise DataError(f"no images under {root} (expected {root}/<class>/<image> or {root}/<image> with "
-                        f"{sorted(exts)})")
+        raise DataError(f"no images under {root} (expected {root}/<class>/<image> or {root}/<image> with one of "
+                        f"{', '.join(IMG_EXTENSIONS)})")
+    if channels is None:
+        try:
+            with Image.open(files[0][0]) as first:
+                channels = 1 if first.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+        except OSError as e:
+            raise DataError(f"cannot read image {files[0][0]}: {e}") from None
     key = f"folder:{root_path.resolve()}:{image_size}:{channels}:{vae}:" + hashlib.sha256(
-        "".join(f"{f}{f.stat().st_mtime_ns}" for f, _ in files).encode()).hexdigest()
+        "".join(f"{f}{Path(f).stat().st_mtime_ns}" for f, _ in files).encode()).hexdigest()
 
     def build():
         from tqdm.auto import tqdm
 
-        mode = "L" if channels == 1 else "RGB"
+        mode = "L" if channels == 1 else "RGB"  # any source mode (RGBA, P, L, ...) becomes the base's channels
+        to_tensor = transforms.Compose([transforms.Resize(image_size, transforms.InterpolationMode.BICUBIC),
+                                        transforms.CenterCrop(image_size), transforms.PILToTensor()])
         pixels = []
-        for f, _ in tqdm(files, desc="reading images"):
-            img = Image.open(f).convert(mode)
-            s = min(img.size)
-            left, top = (img.width - s) // 2, (img.height - s) // 2
-            img = img.crop((left, top, left + s, top + s)).resize((image_size, image_size), Image.BICUBIC)
-            arr = np.array(img, dtype=np.uint8).reshape(image_size, image_size, channels)
-            pixels.append(torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0))
+        for f, _ in tqdm(files, desc="reading images", disable=not progress):
+            try:
+                with Image.open(f) as img:
+                    pixels.append(to_tensor(img.convert(mode)).float().div(127.5).sub(1.0))  # (C, H, W)
+            except OSError as e:
+                raise DataError(f"cannot read image {f}: {e}") from None
         x = torch.stack(pixels)  # (N, C, H, W)
         if vae:
             from app.model.vae import SDVAE
 
             enc = SDVAE.from_pretrained(vae)
-            x = torch.cat([enc.encode(x[i:i + 32]) for i in tqdm(range(0, len(x), 32), desc="encoding latents")])
+            chunks = tqdm(range(0, len(x), 32), desc="encoding latents", disable=not progress)
+            x = torch.cat([enc.encode(x[i:i + 32]) for i in chunks])
         return {"x": x, "labels": torch.tensor([i for _, i in files])}
 
     t = cached(key, build)
     meta = {"vae": vae or "pixel"}
     if text_encoder:
-        caps = read_captions(root_path, [f for f, _ in files])
+        caps = read_captions(root_path, [Path(f) for f, _ in files])
         return DataSet(f"folder:{root}", t["x"], t["labels"], "text", 0, (), hflip=False, captions=caps,
                        text=text_embeddings(caps, text_encoder), meta=meta | {"text_encoder": text_encoder})
     if not classes or (len(classes) == 1 and not labels):
-        return DataSet(f"folder:{root}", t["x"], t["labels"], "uncond", 0, tuple(classes), hflip=True, meta=meta)
+        return DataSet(f"folder:{root}", t["x"], t["labels"], "uncond", 0, tuple(classes), hflip=False, meta=meta)
     if labels:  # the base's own class ids, so label i means what the base means by i
         ids = torch.tensor(class_ids_by_name(classes, labels))
         return DataSet(f"folder:{root}", t["x"], ids[t["labels"]], "class", len(labels), tuple(labels),
-                       hflip=True, meta=meta)
-    return DataSet(f"folder:{root}", t["x"], t["labels"], "class", len(classes), tuple(classes), hflip=True,
+                       hflip=False, meta=meta)
+    return DataSet(f"folder:{root}", t["x"], t["labels"], "class", len(classes), tuple(classes), hflip=False,
                    meta=meta)
 
 
@@ -293,9 +306,9 @@ def split_indices(n: int, test_fraction: float = TEST_FRACTION, seed: int = SPLI
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
-def _build(name: str, image_size: int, **kwargs) -> DataSet:
+def _build(name: str, image_size: int, progress: bool = True, **kwargs) -> DataSet:
     if name.startswith("folder:"):
-        return image_folder(name.removeprefix("folder:"), image_size, **kwargs)
+        return image_folder(name.removeprefix("folder:"), image_size, progress=progress, **kwargs)
     return bundled(name, image_size, **kwargs)
 
 

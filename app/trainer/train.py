@@ -24,6 +24,7 @@ from app.trainer.data import DataError, DataSet, load_splits
 from app.trainer.diffusion import Diffusion
 from app.trainer.distributed import Dist, from_env
 from app.trainer.evaluate import EVAL_SAMPLING
+from app.trainer.provenance import recorded_config
 from app.model.vae import vae_downscale
 
 METHODS = ("pretrain", "dmp", "pt", "ft")
@@ -190,7 +191,7 @@ class Trainer:
             data_kw = self.base_data_kwargs(cfg)
         size = cfg.image_size if self.desc is None else self.pixel_size
         with self.dist.main_first():  # rank 0 builds any data cache (latents, caption embeddings), the others read it
-            self.train_data, self.test_data = load_splits(cfg.dataset, size, **data_kw)
+            self.train_data, self.test_data = load_splits(cfg.dataset, size, progress=self.progress, **data_kw)
         self.train_data, self.test_data = self.train_data.to(self.device), self.test_data.to(self.device)
         self.hflip = self.train_data.hflip if cfg.hflip == "auto" else cfg.hflip == "on"
         if cfg.method == "pretrain":
@@ -411,7 +412,8 @@ class Trainer:
 
     def write_output(self) -> Path:
         cfg = self.cfg
-        config = asdict(cfg)
+        config = recorded_config(cfg, self.model.config, cfg.image_size if self.desc is None else self.pixel_size,
+                                 self.diffusion.beta_schedule, self.train_data.meta.get("text_encoder", ""))
         if self.patch is not None:
             patch = self.eval_patch().eval()
             meta = patch_metadata_for(self.model, self.desc.name, cfg.domain or self.desc.meta.get("domain", ""))
