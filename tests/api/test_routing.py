@@ -14,9 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import REPO, copy_dirs, free_port, make_patch_bytes
+from prometheus_client.parser import text_string_to_metric_families
 
 PATCHES = [f"tenant-{i}" for i in range(8)]
 
