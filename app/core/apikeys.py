@@ -46,7 +46,7 @@ class KeyRing:
         self.entries = entries
 
     @classmethod
-    def parse(cls, value: str, id_secret: bytes | None = None) -> "KeyRing":
+    def parse(cls, value: str, id_secret: bytes | None = None) -> KeyRing:
         """From the setting: an existing file's lines, else a comma-separated list; `id_secret` names unnamed keys
         (None: derived from the list)."""
         path = Path(value)

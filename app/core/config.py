@@ -14,7 +14,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.apikeys import KeyRing
 
-
 MIN_ADMIN_TOKEN_CHARS = 16
 # Every admin token the docs or deploy files ever showed as an example: public, so never accepted.
 EXAMPLE_ADMIN_TOKENS = frozenset({"s3cret", "secret", "replace-me-at-deploy-time", "change-me", "changeme"})

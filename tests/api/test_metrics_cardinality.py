@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import hashlib
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import asgi_client, wait_ready
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def series_count(text: str) -> int:

@@ -14,9 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import REPO, copy_dirs, free_port, make_patch_bytes
+from prometheus_client.parser import text_string_to_metric_families
 
 PATCHES = [f"tenant-{i}" for i in range(8)]
 
@@ -145,3 +144,31 @@ def test_compose_and_k8s_routers_are_valid_and_route_alike(tmp_path):
                      .replace("dmp-2:8000", "127.0.0.1:2"))
     check = subprocess.run(["nginx", "-t", "-c", str(nginx), "-p", str(tmp_path)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+def test_router_ends_requests_whose_head_never_completes(haproxy):
+    """Slowloris: uvicorn has no header timeout, so the router's `timeout http-request` (10 s) must end them."""
+    import socket
+
+    router = haproxy(["127.0.0.1:1", "127.0.0.1:2"])  # no replica is needed: the head never completes
+    host, port = router.removeprefix("http://").split(":")
+    end = time.monotonic() + 10
+    while True:  # the router is listening
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < end
+            time.sleep(0.1)
+    slow = []
+    for _ in range(20):
+        s = socket.create_connection((host, int(port)), timeout=20)
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and then nothing more
+        slow.append(s)
+    started = time.monotonic()
+    answers = [s.recv(200) for s in slow]  # blocks until the router answers and closes
+    took = time.monotonic() - started
+    assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers[:2]
+    assert 8 < took < 15, took
+    for s in slow:
+        s.close()

@@ -10,7 +10,6 @@ import tomllib
 from importlib.metadata import packages_distributions
 
 import pytest
-
 from conftest import REPO
 
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
