@@ -77,32 +77,48 @@ def serve(args) -> int:
 
 
 def generate(args) -> int:
+    """Generate through the engine (the same resolve -> open -> stream path as HTTP), loading only the base needed."""
     from app.core.config import Settings
     from app.engine.engine import Engine
-    from app.engine.images import encode_images
 
     logging.basicConfig(level=logging.WARNING)
     settings = Settings(warmup=False)
-    engine = Engine(settings)
+    out = Path(args.out)
+    fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(out.suffix.lower(), "png")
+    engine = Engine(settings, only=args.model or _base_of_patch(settings, args.patch))
     engine.start()
     if engine.state != "ready":
         print(f"error: {engine.error or engine.readiness()[2]}", file=sys.stderr)
         return 1
     try:
-        spec, result = engine.generate(model=args.model, patch=args.patch, class_label=args.class_label,
-                                       caption=args.caption, steps=args.steps, sampler=args.sampler,
-                                       guidance_scale=args.guidance, seed=args.seed)
+        spec, done = engine.generate(model=args.model, patch=args.patch, class_label=args.class_label,
+                                     caption=args.caption, num_images=args.num_images, steps=args.steps,
+                                     sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed,
+                                     output_format=fmt)
     except Exception as e:
         print(f"error: {getattr(e, 'message', e)}", file=sys.stderr)
         return 2
     finally:
         engine.stop()
-    fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(Path(args.out).suffix.lower(), "png")
-    Path(args.out).write_bytes(encode_images(result.images[:1], fmt)[0])
-    version = f"@{result.patch_version}" if result.patch_version else ""
-    print(f"wrote {args.out}: model={spec.model} patch={spec.patch or 'none'}{version} seed={spec.seed} "
-          f"steps={spec.steps} sampler={spec.sampler} sample_ms={result.timings['sample_ms']:.0f}")
+    paths = [out] if len(done.files) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}")
+                                                for i in range(len(done.files))]
+    for path, data in zip(paths, done.files):
+        path.write_bytes(data)
+    version = f"@{done.version}" if done.version else ""
+    print(f"wrote {', '.join(map(str, paths))}: model={spec.model} patch={spec.patch or 'none'}{version} "
+          f"seed={spec.seed} steps={spec.steps} sampler={spec.sampler} sample_ms={done.timings['sample_ms']:.0f}")
     return 0
+
+
+def _base_of_patch(settings, patch: str | None) -> str | None:
+    """The base a patch file in DMP_PATCH_DIR names, so only that base is loaded; None: load them all."""
+    from app.model.dmp import read_header
+
+    path = Path(settings.patch_dir) / f"{patch}.safetensors"
+    try:
+        return read_header(path.read_bytes()).get("__metadata__", {}).get("base_name") if patch else None
+    except (OSError, ValueError):  # unreadable here (PatchError is a ValueError): the engine will say why
+        return None
 
 
 def import_dmp(args) -> int:
@@ -123,21 +139,24 @@ def import_dmp(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from app.model.sampling import SAMPLERS
+
     p = argparse.ArgumentParser(prog="python -m app", description="DMP patch server")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the HTTP service (settings from DMP_* variables)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=serve)
-    g = sub.add_parser("generate", help="generate one image through the engine, no HTTP")
+    g = sub.add_parser("generate", help="generate images through the engine, no HTTP")
     g.add_argument("--model")
     g.add_argument("--patch")
     cond = g.add_mutually_exclusive_group()
     cond.add_argument("--class-label", type=lambda v: int(v) if v.isdigit() else v, help="a number or a class name")
     cond.add_argument("--caption")
-    g.add_argument("--seed", type=int, required=True)
+    g.add_argument("--seed", type=int, help="default: a random one (printed)")
+    g.add_argument("--num-images", type=int, default=1, help="more than one: OUT-0.png, OUT-1.png, ...")
     g.add_argument("--steps", type=int)
-    g.add_argument("--sampler", choices=("ddpm", "ddim", "dpm"))
+    g.add_argument("--sampler", choices=SAMPLERS)
     g.add_argument("--guidance", type=float)
     g.add_argument("--out", required=True)
     g.set_defaults(func=generate)

@@ -1,23 +1,21 @@
-"""POST /generate: resolve, charge the API key, then produce as JSON, a raw PNG, or a stream of progress events."""
+"""POST /generate: resolve, charge the API key, open the request's stream; reply with its outcome as JSON or a raw
+PNG, or frame each of its events as Server-Sent Events."""
 from __future__ import annotations
 
 import base64
 import logging
-import time
 from dataclasses import replace
 
 from fastapi import APIRouter, Header, Request, Response
 
 from app.api.deps import EngineDep
 from app.api.keys import KEY_OPTIONAL, KeyDep
-from app.api.produce import Produced, admit_followed, produce, produce_events
-from app.api.progress import sse, sse_response, wants_events
 from app.api.responses import errors
 from app.api.schemas import GenerateRequest, GenerateResponse
+from app.api.stream import outcome, sse, sse_response, wants_events
 from app.core.errors import ServiceError
-from app.engine.engine import Engine
 from app.engine.images import media_type
-from app.engine.work import Spec
+from app.engine.work import Done, Queued, Spec, Step, Work
 
 log = logging.getLogger("dmp.api")
 router = APIRouter(tags=["generate"])
@@ -39,48 +37,47 @@ def _wants_raw_png(accept: str | None, num_images: int) -> bool:
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, caller: KeyDep,
                    accept: str | None = Header(None, description="image/png + num_images=1: the raw PNG; "
                                                                   "text/event-stream: progress events")):
-    started = time.perf_counter()
-    engine.check_admitting()  # also before the cache: a draining server answers nothing new
+    engine.check_admitting()  # before anything else: a draining server answers nothing new
     spec = engine.resolve(**body.model_dump(exclude={"previews"}))
     await caller.charge(spec.num_images)
-    deterministic = body.seed is not None
     if wants_events(accept):
-        admitted = await admit_followed(engine, spec, deterministic, body.previews, "png")
-        return sse_response(_events(engine, spec, deterministic, admitted, started))
+        return sse_response(_events(await engine.open(spec, follow=True, previews=body.previews)))
     raw = _wants_raw_png(accept, spec.num_images)
     if raw:
         spec = replace(spec, output_format="png")
-    out = await produce(engine, spec, deterministic, request, started)
+    done = await outcome(await engine.open(spec), request)
     if raw:
         headers = {"X-Seed": str(spec.seed), "X-Model": spec.model,
-                   "Server-Timing": ", ".join(f"{k[:-3]};dur={v:.1f}" for k, v in out.timings.items())}
+                   "Server-Timing": ", ".join(f"{k[:-3]};dur={v:.1f}" for k, v in done.timings.items())}
         if spec.patch:
-            headers |= {"X-Patch": spec.patch, "X-Patch-Version": out.version}
-        return Response(out.files[0], media_type=media_type("png"), headers=headers)
-    return _reply(spec, out)
+            headers |= {"X-Patch": spec.patch, "X-Patch-Version": done.version}
+        return Response(done.files[0], media_type=media_type("png"), headers=headers)
+    return _reply(spec, done)
 
 
-def _reply(spec: Spec, out: Produced) -> GenerateResponse:
-    patch = {"name": spec.patch, "version": out.version} if spec.patch else None
-    return GenerateResponse(images=[base64.b64encode(f).decode() for f in out.files], seed=spec.seed,
-                            model=spec.model, patch=patch, output_format=spec.output_format, cached=out.cached,
-                            timings=out.timings)
+def _reply(spec: Spec, done: Done) -> GenerateResponse:
+    patch = {"name": spec.patch, "version": done.version} if spec.patch else None
+    return GenerateResponse(images=[_b64(f) for f in done.files], seed=spec.seed, model=spec.model, patch=patch,
+                            output_format=spec.output_format, cached=done.cached, timings=done.timings)
 
 
-async def _events(engine: Engine, spec: Spec, deterministic: bool, admitted, started: float):
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def _events(work: Work):
     """SSE: `queued` {position}, `progress` {step, of[, preview]} per step, then `done` (the JSON body) or `error`."""
     try:
-        async for kind, data in produce_events(engine, spec, deterministic, admitted, started):
-            if kind == "queued":
-                yield sse("queued", {"position": data})
-            elif kind == "progress":
-                step, of, preview = data
-                event = {"step": step, "of": of}
-                if preview is not None:
-                    event["preview"] = [base64.b64encode(f).decode() for f in preview]
-                yield sse("progress", event)
+        async for event in work.events():
+            if isinstance(event, Queued):
+                yield sse("queued", {"position": event.position})
+            elif isinstance(event, Step):
+                data = {"step": event.step, "of": event.of}
+                if event.preview is not None:
+                    data["preview"] = [_b64(f) for f in event.preview]
+                yield sse("progress", data)
             else:
-                yield sse("done", _reply(spec, data).model_dump())
+                yield sse("done", _reply(work.spec, event).model_dump())
     except ServiceError as e:  # the status line is out already: the error travels as an event
         yield sse("error", {"error": e.message, "error_type": e.error_type})
     except Exception:

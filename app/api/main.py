@@ -16,6 +16,7 @@ from app.api.middleware import ConsoleHeaders, Gatekeeper, RequestContext
 from app.core.config import Settings
 from app.core.metrics import Metrics
 from app.engine.engine import Engine
+from app.engine.gatemaps import GateMaps
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "web" / "static"
 
@@ -26,6 +27,7 @@ async def lifespan(app: FastAPI):
     engine: Engine = app.state.engine
     engine.start_in_background()
     yield
+    app.state.gate_maps.stop()
     await run_in_threadpool(engine.stop)
 
 
@@ -35,7 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Diffusion transformers served with hot-swappable DMP patches (docs/design.md §4).")
     app.state.settings = settings
     app.state.engine = Engine(settings, Metrics())
-    app.state.gate_maps = gates.GateMaps(app.state.engine)
+    app.state.gate_maps = GateMaps(app.state.engine)
     app.state.keys = KeyGate(settings, app.state.engine.metrics)  # a bad DMP_API_KEYS stops the start here
     install_error_handlers(app)
     for module in (generate, v1, patches, gates, models, health, metrics):

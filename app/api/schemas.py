@@ -5,10 +5,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
+from app.engine.validation import OUTPUT_FORMATS
 from app.model.sampling import SAMPLERS
 
 Sampler = Literal[SAMPLERS]
-OutputFormat = Literal["png", "jpeg", "webp"]
+OutputFormat = Literal[OUTPUT_FORMATS]
 
 
 class ErrorBody(BaseModel):
@@ -26,9 +27,10 @@ class GenerateRequest(BaseModel):
     class_label: Annotated[StrictInt, Field(ge=0, le=100_000)] | Annotated[StrictStr, Field(min_length=1, max_length=200)] \
         | None = Field(None, description="Class index, or a class name: any synonym of a label in GET /models, "
                                          "any case (class models); an unknown name is 400 unknown_class")
-    caption: StrictStr | None = Field(None, max_length=10_000, description="Caption (text models)")
-    num_images: StrictInt = Field(1, ge=1, le=64)
-    steps: StrictInt | None = Field(None, ge=1, le=1000, description="Denoising steps; default from the model")
+    caption: StrictStr | None = Field(None, description="Caption (text models); at most DMP_MAX_CAPTION_CHARS")
+    num_images: StrictInt = Field(1, ge=1, description="At most DMP_MAX_IMAGES")
+    steps: StrictInt | None = Field(None, ge=1, description="Denoising steps; default from the model; at most "
+                                                           "DMP_MAX_STEPS")
     sampler: Sampler | None = None
     guidance_scale: StrictFloat | StrictInt | None = Field(None, ge=0, le=50)
     seed: StrictInt | None = Field(None, ge=0, le=2**53 - 1, description="Same seed + request = same pixels")

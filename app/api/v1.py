@@ -9,19 +9,19 @@ from fastapi import APIRouter, Request
 
 from app.api.deps import EngineDep
 from app.api.keys import KEY_OPTIONAL, KeyDep
-from app.api.produce import admit_followed, produce, produce_events
-from app.api.progress import sse, sse_response
+from app.api.stream import outcome, sse, sse_response
 from app.api.v1_errors import OpenAIError, OpenAIRoute, openai_error
-from app.api.v1_schemas import ImageData, OpenAIErrorBody, ImageRequest, ImagesResponse, ModelCard, ModelCardList
+from app.api.v1_schemas import ImageData, ImageRequest, ImagesResponse, ModelCard, ModelCardList, OpenAIErrorBody
 from app.core.errors import NotFound, ServiceError
 from app.engine.bases import ServedBase
-from app.engine.engine import Engine, class_id
-from app.engine.work import Spec
+from app.engine.engine import Engine
+from app.engine.validation import base_name
+from app.engine.work import Done, Step, Work
 
 log = logging.getLogger("dmp.api")
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 STARTED = int(time.time())  # `created` of the bases: they are loaded when the process starts
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
+PARAMS = {"num_images": "n", "output_format": "output_format", "steps": "steps", "sampler": "sampler"}
 ERRORS = {code: {"model": OpenAIErrorBody, "description": text} for code, text in {
     400: "Invalid request (BadRequestError)", 401: "Missing or wrong API key (AuthenticationError)",
     404: "Unknown model (NotFoundError)", 429: "Queue full or the key's rate limit (RateLimitError); see Retry-After",
@@ -53,43 +53,45 @@ def list_models(engine: EngineDep, caller: KeyDep):
 @router.post("/images/generations", response_model=ImagesResponse, responses=STREAM | ERRORS | NO_422,
              summary="OpenAI images.generate: model = a base or a patch", openapi_extra=KEY_OPTIONAL)
 async def generate_images(body: ImageRequest, request: Request, engine: EngineDep, caller: KeyDep):
-    started = time.perf_counter()
     engine.check_admitting()
     model, patch = _model(engine, body.model)
-    spec = engine.resolve(model=model, patch=patch, num_images=_n(engine, body.n), steps=body.steps,
-                          sampler=body.sampler, guidance_scale=body.guidance_scale, seed=body.seed,
-                          output_format=_output_format(body), **_condition(engine, model, patch, body.prompt))
+    try:
+        spec = engine.resolve(model=model, patch=patch, num_images=body.n, steps=body.steps, sampler=body.sampler,
+                              guidance_scale=body.guidance_scale, seed=body.seed,
+                              output_format=body.output_format or "png", **_condition(engine, model, patch, body.prompt))
+    except ServiceError as e:
+        raise _in_openai_terms(e) from None
     size = _size(engine.bases[spec.model], body.size)
     if body.response_format == "url":
         raise OpenAIError("response_format url is not served: images are returned as b64_json", status=400,
                           error_type="unsupported_value", param="response_format")
     await caller.charge(spec.num_images)
-    deterministic = body.seed is not None
     if body.stream:
-        admitted = await admit_followed(engine, spec, deterministic, body.partial_images or 0, spec.output_format)
-        return sse_response(_events(request, engine, spec, deterministic, admitted, started, size))
-    out = await produce(engine, spec, deterministic, request, started)
-    return ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=_b64(f)) for f in out.files],
+        work = await engine.open(spec, follow=True, previews=body.partial_images or 0,
+                                 preview_format=spec.output_format)
+        return sse_response(_events(request, work, size))
+    done = await outcome(await engine.open(spec), request)
+    return ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=_b64(f)) for f in done.files],
                           output_format=spec.output_format, size=size, seed=spec.seed, model=spec.model)
 
 
-async def _events(request: Request, engine: Engine, spec: Spec, deterministic: bool, admitted, started: float,
-                  size: str):
-    """image_generation.partial_image per image at each preview step, then image_generation.completed per image."""
-    common = {"background": "opaque", "output_format": spec.output_format, "quality": "auto", "size": size}
+async def _events(request: Request, work: Work, size: str):
+    """image_generation.partial_image per image at each preview step (`image_index`, our extra field, says which
+    of the n images), then image_generation.completed per image."""
+    common = {"background": "opaque", "output_format": work.spec.output_format, "quality": "auto", "size": size}
     partials = 0
     try:
-        async for kind, data in produce_events(engine, spec, deterministic, admitted, started):
-            if kind == "progress" and data[2] is not None:
-                for f in data[2]:
+        async for event in work.events():
+            if isinstance(event, Step) and event.preview is not None:
+                for i, f in enumerate(event.preview):
                     yield _event("image_generation.partial_image", common, b64_json=_b64(f),
-                                 partial_image_index=partials)
+                                 partial_image_index=partials, image_index=i)
                 partials += 1
-            elif kind == "done":
+            elif isinstance(event, Done):
                 usage = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                          "output_tokens": 0, "total_tokens": 0}  # not metered in tokens
-                for f in data.files:
-                    yield _event("image_generation.completed", common, b64_json=_b64(f), usage=usage)
+                for i, f in enumerate(event.files):
+                    yield _event("image_generation.completed", common, b64_json=_b64(f), usage=usage, image_index=i)
     except ServiceError as e:  # the status line is out: the client raises APIError on a data line with "error"
         body = openai_error(request, e.status, e.message, e.error_type, getattr(e, "param", None)).body
         yield f"data: {body.decode()}\n\n"
@@ -118,19 +120,16 @@ def _model(engine: Engine, name: str | None) -> tuple[str | None, str | None]:
     return None, name
 
 
-def _n(engine: Engine, n: int) -> int:
-    if n > engine.settings.max_images:
-        raise OpenAIError(f"n must be at most {engine.settings.max_images}", status=400, error_type="invalid_value",
-                          param="n")
-    return n
-
-
-def _output_format(body: ImageRequest) -> str:
-    fmt = body.output_format or "png"
-    if fmt not in OUTPUT_FORMATS:
-        raise OpenAIError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}", status=400,
-                          error_type="invalid_value", param="output_format")
-    return fmt
+def _in_openai_terms(e: ServiceError) -> ServiceError:
+    """A refusal naming our field -> one naming OpenAI's parameter (the condition is the prompt, num_images n)."""
+    if e.error_type == "unknown_class":
+        return OpenAIError(f"the prompt of a class-conditional model is a class index or name; {e.message}",
+                           status=400, error_type="unknown_class", param="prompt")
+    param = PARAMS.get(getattr(e, "field", None))
+    if param is None:
+        return e
+    kind = "invalid_value" if e.error_type == "invalid_request" else e.error_type
+    return OpenAIError(e.message, status=400, error_type=kind, param=param)
 
 
 def _size(base: ServedBase, size: str | None) -> str:
@@ -144,22 +143,13 @@ def _size(base: ServedBase, size: str | None) -> str:
 
 
 def _condition(engine: Engine, model: str | None, patch: str | None, prompt: str) -> dict:
-    """The prompt as the base's condition: a caption, a class label (index or name), or nothing."""
-    only = next(iter(engine.bases)) if len(engine.bases) == 1 else None
-    name = model or (engine.registry.get(patch).base if patch else only)
-    task = engine.bases[name].task if name in engine.bases else None  # unknown: resolve says what is missing
-    if task == "text":
-        return {"caption": prompt}
-    if task == "class":
-        text = prompt.strip()
-        if text.isdigit():
-            return {"class_label": int(text)}
-        try:
-            return {"class_label": class_id(engine.bases[name], text)}  # a class name, as in POST /generate
-        except ServiceError as e:
-            raise OpenAIError(f"model {name} is class-conditional: the prompt is a class index or name; {e.message}",
-                              status=400, error_type="unknown_class", param="prompt") from None
-    return {}
+    """The prompt as what the base's task takes: a caption, a class label (index or name), or nothing."""
+    record = engine.registry.get(patch) if patch else None
+    try:
+        task = engine.bases[base_name(engine.bases, model, record)].task
+    except (ServiceError, KeyError):
+        return {}  # no such base, or none named: resolve says what is missing
+    return {"text": {"caption": prompt}, "class": {"class_label": prompt}}.get(task, {})
 
 
 @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)

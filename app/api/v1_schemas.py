@@ -39,24 +39,32 @@ class ModelCardList(BaseModel):
 
 
 class ImageRequest(BaseModel):
-    """openai `images.generate` parameters; OpenAI-only knobs (quality, style, ...) are accepted and ignored."""
+    """openai `images.generate` parameters; OpenAI-only knobs (quality, style, ...) are accepted and ignored, any
+    other field is refused (400), as OpenAI does."""
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    prompt: StrictStr = Field("", max_length=10_000, description="Caption (text models), class label name or "
+    prompt: StrictStr = Field("", description="Caption (text models), class label name or "
                               "index (class models), ignored (unconditional models)")
     model: StrictStr | None = Field(None, max_length=128, description="A base or a patch name (a patch implies "
                                     "its base); optional when the server has one base")
-    n: StrictInt = Field(1, ge=1, le=64)
+    n: StrictInt = Field(1, ge=1, description="At most DMP_MAX_IMAGES")
     size: StrictStr | None = Field(None, max_length=32, description="`WxH` of the model, or `auto`")
     response_format: Literal["b64_json", "url"] | None = Field(None, description="Only b64_json is served")
-    output_format: StrictStr | None = Field(None, description="png, jpeg or webp")
+    output_format: StrictStr | None = Field(None, max_length=16, description="png, jpeg or webp")
     stream: StrictBool | None = False
     partial_images: StrictInt | None = Field(None, ge=0, le=3, description="Partial images when streaming")
     seed: StrictInt | None = Field(None, ge=0, le=2**53 - 1, description="Extra: same seed + request = same bytes")
-    steps: StrictInt | None = Field(None, ge=1, le=1000, description="Extra: denoising steps")
+    steps: StrictInt | None = Field(None, ge=1, description="Extra: denoising steps (at most DMP_MAX_STEPS)")
     sampler: Sampler | None = Field(None, description="Extra: ddpm, ddim or dpm")
     guidance_scale: StrictFloat | StrictInt | None = Field(None, ge=0, le=50, description="Extra: CFG scale")
+    # OpenAI's own knobs, which have no meaning here: accepted (so the `openai` client's calls work) and ignored
+    background: StrictStr | None = None
+    moderation: StrictStr | None = None
+    output_compression: StrictInt | None = None
+    quality: StrictStr | None = None
+    style: StrictStr | None = None
+    user: StrictStr | None = None
 
 
 class ImageData(BaseModel):

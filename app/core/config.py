@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     max_cost: int = Field(8000, ge=1, description="Largest `steps * num_images` per request (its denoising work); "
                                                   "beyond: 422 cost_too_high")
     max_caption_chars: int = Field(1000, ge=1)
+    gate_max_values: int = Field(65536, ge=16, description="Largest gate map (blocks x timesteps x prompts values) "
+                                                         "/patches/{name}/gates computes; beyond: 422")
+    gate_cache_bytes: int = Field(32 * 1024 ** 2, ge=0, description="Bytes of computed gate maps (JSON, weights, "
+                                                                    "PNGs) kept per replica; 0 = no cache")
     cache_ttl: int = Field(0, ge=0, description="Seconds a result stays in the Redis cache; 0 = off")
     cache_secret: SecretStr | None = Field(None, description="HMAC key of result-cache entries, the same on every "
                                                              "replica; unset = a random key per process")

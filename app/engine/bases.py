@@ -66,7 +66,8 @@ class ServedBase:
 
     @property
     def default_guidance(self) -> float:
-        return self.desc.default_guidance
+        """What a request without guidance_scale gets: 1.0 (no CFG) for an unconditional base, as it is served."""
+        return 1.0 if self.task == "uncond" else self.desc.default_guidance
 
     @property
     def beta_schedule(self) -> str:
@@ -103,14 +104,18 @@ class BaseLoader:
         self.bases: dict[str, ServedBase] = {}
         self.skipped: dict[str, str] = {}  # entry name -> why it is not served
 
-    def load_all(self) -> None:
+    def load_all(self, only: str | None = None) -> None:
+        """Every base entry of DMP_MODEL_DIR, or only the one named `only`."""
         root = Path(self.settings.model_dir)
         for path in sorted(p for p in root.glob("*") if is_base_entry(p)):
             try:
+                if only is not None and describe(path).name != only:
+                    continue
                 base = self.load(path)
             except Exception as e:  # any broken file (corrupt, truncated, mismatched) is reported and skipped
                 self.skipped[path.name] = str(e)
-                log.warning("not serving %s: %s", path, e)
+                if only is None:  # looking for one base, the others' problems are not this run's
+                    log.warning("not serving %s: %s", path, e)
                 continue
             self.bases[base.name] = base
             log.info("serving base %s (%s, %s, vae %s) from %s", base.name, base.task, base.fingerprint[:12],
@@ -161,11 +166,13 @@ class BaseLoader:
         return encoder
 
 
-def load_bases(settings: Settings, metrics: Metrics) -> tuple[dict[str, ServedBase], dict[str, str]]:
-    """Every servable base in DMP_MODEL_DIR on the configured device, and why each other entry is not served."""
+def load_bases(settings: Settings, metrics: Metrics,
+               only: str | None = None) -> tuple[dict[str, ServedBase], dict[str, str]]:
+    """Every servable base in DMP_MODEL_DIR (or only the one named `only`) on the configured device, and why each
+    other entry is not served."""
     set_fused(settings.fused_kernels)
     loader = BaseLoader(settings, metrics)
-    loader.load_all()
+    loader.load_all(only)
     for width, dtype in {(b.model.config.hidden_size, next(b.model.parameters()).dtype)
                          for b in loader.bases.values()}:
         if problem := self_check(settings.torch_device, width, dtype):  # at the served shapes, before any capture

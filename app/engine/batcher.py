@@ -12,11 +12,16 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 
-from app.core.errors import ClientGone, DeadlineExceeded, ServiceError, Unavailable
+import torch
+
+from app.core.errors import ClientGone, ServiceError, Unavailable
 from app.core.metrics import Metrics
 from app.engine.bases import ServedBase
-from app.engine.work import Progress, Result, Work
+from app.engine.share import share
+from app.engine.work import Progress, Result, Work, past_deadline
 from app.model.sampling import denoise_step, eager_step
 from app.model.vae import to_uint8
 
@@ -33,6 +38,7 @@ class Batcher:
                       eager_step(b.model, b.patches.pool, dtype=dtype) for name, b in bases.items()}
         self.waiting: dict[str, deque[Work]] = {name: deque() for name in bases}
         self.running: dict[str, list[Work]] = {name: [] for name in bases}  # runner thread only
+        self.calls: deque[tuple[Callable, Future]] = deque()  # other device work (gate maps), between steps
         self.cond = threading.Condition()
         self.stopping = False
         self._turn = 0
@@ -55,6 +61,16 @@ class Batcher:
             self.metrics.queue_depth.inc()
             self.cond.notify()
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the runner thread, which owns the device, between two steps; its outcome in the future."""
+        future: Future = Future()
+        with self.cond:
+            if self.stopping:
+                raise Unavailable("the service is shutting down", error_type="shutting_down")
+            self.calls.append((fn, future))
+            self.cond.notify()
+        return future
+
     # ------------------------------------------------------------------ runner thread
 
     def _loop(self) -> None:
@@ -64,15 +80,30 @@ class Batcher:
                     self.cond.wait()
                 if self.stopping:
                     break
+                # at most one call per step: queued gate maps cannot starve generation, nor the reverse
+                call = self.calls.popleft() if self.calls else None
                 name = self._next_base()
-                self._join_waiting(name)
-            self._step(name)
+                if name is not None:
+                    self._join_waiting(name)
+            if call is not None:
+                self._run_call(*call)
+            if name is not None:
+                self._step(name)
         self._fail_all(Unavailable("the service is shutting down", error_type="shutting_down"))
 
     def _has_work(self) -> bool:
-        return any(self.waiting[n] or self.running[n] for n in self.bases)
+        return bool(self.calls) or any(self.waiting[n] or self.running[n] for n in self.bases)
 
-    def _next_base(self) -> str:
+    @staticmethod
+    def _run_call(fn: Callable, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():  # its caller gave up while it waited
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as e:
+            future.set_exception(e)
+
+    def _next_base(self) -> str | None:
         """Round robin over bases that have work, so one busy base cannot starve another."""
         names = list(self.bases)
         for i in range(len(names)):
@@ -80,37 +111,29 @@ class Batcher:
             if self.waiting[name] or self.running[name]:
                 self._turn = (self._turn + i + 1) % len(names)
                 return name
-        raise RuntimeError("no work")  # unreachable: _has_work was checked under the same lock
+        return None
 
     def _join_waiting(self, name: str) -> None:
-        """Move waiting requests into the running set, oldest first (caller holds the lock); each step then
-        advances the share of them that fits one batch (`_share`).
-
-        A request's patch version is seated in a device slot as it joins (a swap-in if it is not resident). When
-        every slot is read by running requests, it waits; younger requests may still join patches that are resident,
-        except the one whose slot frees soonest (the victim), so the waiting one gets a slot within one request's
-        run: requests queue, never fail, and a cold patch is not starved by hot ones."""
-        queue, running, patches = self.waiting[name], self.running[name], self.bases[name].patches
-        blocked, victim = False, None
-        for work in list(queue):
-            if not self._dropped(work):
-                if work.pin is not None:
-                    slot = patches.seat(work.pin, evict=not blocked, avoid=victim)
-                    if slot is None:
-                        if not blocked:
-                            blocked, victim = True, patches.victim()
-                        continue
-                    work.job.slot, work.seated = slot, True
-                running.append(work)
-            queue.remove(work)
-            self.metrics.queue_depth.dec()
+        """Move waiting requests into the running set, oldest first, as far as the base's slots seat their patch
+        versions (PatchSlots.seat_waiting; the rest keep waiting); caller holds the lock."""
+        queue = self.waiting[name]
+        live, kept = [w for w in queue if not self._dropped(w)], []
+        for work, slot in zip(live, self.bases[name].patches.seat_waiting([w.pin for w in live])):
+            if slot is None:
+                kept.append(work)
+            else:
+                work.job.slot, work.seated = slot, work.pin is not None
+                self.running[name].append(work)
+        self.metrics.queue_depth.dec(len(queue) - len(kept))
+        queue.clear()
+        queue.extend(kept)
 
     def _dropped(self, work: Work) -> bool:
         """Finish work whose deadline passed or whose client left; True if it was dropped. The deadline is checked
         first: a handler that gives up at the deadline also cancels the work, and that is a deadline cut."""
         if time.monotonic() > work.deadline:
             self.metrics.dropped.labels("deadline").inc()
-            self._finish(work, error=DeadlineExceeded("the request ran past DMP_REQUEST_TIMEOUT"))
+            self._finish(work, error=past_deadline())
             return True
         if work.cancelled.is_set() or work.future.cancelled():
             self.metrics.dropped.labels("disconnected").inc()
@@ -118,34 +141,22 @@ class Batcher:
             return True
         return False
 
-    def _share(self, works: list[Work]) -> list[Work]:
-        """The running requests this step advances: least steps done first (then oldest), while their images fit
-        in DMP_MAX_BATCH (always at least one). A new request starts ahead of long-running ones and keeps its rows
-        until it has caught up with them, so its latency is its own steps, whatever was admitted before it."""
-        chosen, room = [], self.max_batch
-        for w in sorted(works, key=lambda w: (w.job.index, w.admitted_at)):
-            if w.images <= room or not chosen:
-                chosen.append(w)
-                room -= w.images
-        return chosen
-
     def _step(self, name: str) -> None:
         base = self.bases[name]
         running = [w for w in self.running[name] if not self._dropped(w)]
         self.running[name] = running
         if not running:
             return
-        works = self._share(running)
+        works = share(running, self.max_batch)
         now = time.perf_counter()
         for w in works:
             w.started_at = w.started_at or now
         images = sum(w.images for w in works)
         self.metrics.batch_size.labels(name).observe(images)
         self.metrics.batch_occupancy.labels(name).observe(images / self.max_batch)
-        for w in works:
-            w.job.keep_x0 = w.job.index + 1 in w.preview_at
+        previews = frozenset(w.job for w in works if w.job.index + 1 in w.preview_at)
         try:
-            denoise_step(base.model, [w.job for w in works], step=self.steps[name])
+            x0s = denoise_step(base.model, [w.job for w in works], step=self.steps[name], previews=previews)
         except Exception as e:  # a crash in one step fails that batch, never the runner
             log.exception("denoising step failed for base %s", name)
             self.running[name] = [w for w in running if w not in works]
@@ -154,20 +165,21 @@ class Batcher:
             return
         self.running[name] = [w for w in running if not w.job.done]
         for w in works:
-            if w.listener is not None:
-                self._report(w)
+            if w.follow:
+                w.report(Progress(w.job.index, len(w.job.t_list), self._preview(base, x0s.get(w.job))))
             if w.job.done:
                 self._decode(base, w)
 
     @staticmethod
-    def _report(work: Work) -> None:
-        """Tell a streaming request that a step is done (and hand it the x0 it asked for); never fails the batch."""
-        job = work.job
-        x0, job.x0 = (job.x0 if job.keep_x0 else None), None
+    def _preview(base: ServedBase, x0) -> torch.Tensor | None:
+        """A preview decoded here, where the device is owned; a failed decode costs the preview, not the request."""
+        if x0 is None:
+            return None
         try:
-            work.listener(Progress(job.index, len(job.t_list), x0))
+            return to_uint8(base.vae.decode(x0))  # (n, H, W, C)
         except Exception:
-            log.exception("progress listener failed")
+            log.exception("preview decode failed for base %s", base.name)
+            return None
 
     def _decode(self, base: ServedBase, work: Work) -> None:
         sampled = time.perf_counter()
@@ -200,6 +212,7 @@ class Batcher:
     def _fail_all(self, error: ServiceError) -> None:
         with self.cond:
             pending = [w for q in self.waiting.values() for w in q] + [w for r in self.running.values() for w in r]
+            calls, self.calls = list(self.calls), deque()
             for q in self.waiting.values():
                 self.metrics.queue_depth.dec(len(q))
                 q.clear()
@@ -207,3 +220,6 @@ class Batcher:
                 self.running[name] = []
         for w in pending:
             self._finish(w, error=error)
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)

@@ -43,7 +43,9 @@ class ResultCache:
 
     @staticmethod
     def key(spec: Spec, fingerprint: str, patch_version: str | None) -> str:
-        blob = json.dumps([asdict(spec), fingerprint, patch_version], sort_keys=True)
+        fields = asdict(spec)
+        del fields["seeded"]  # only seeded results are cached: the flag is not part of what was made
+        blob = json.dumps([fields, fingerprint, patch_version], sort_keys=True)
         return "dmp:result:" + hashlib.sha256(blob.encode()).hexdigest()
 
     def get(self, key: str) -> list[bytes] | None:

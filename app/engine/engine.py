@@ -1,26 +1,28 @@
 """The engine facade: loads bases and patches, resolves requests, admits them (bounded), warms up, drains."""
 from __future__ import annotations
 
-import difflib
+import asyncio
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import contextmanager
 
 import torch
+from anyio import to_thread
 
 from app.core.config import Settings
-from app.core.errors import BadRequest, InvalidRequest, NotFound, Overloaded, PatchNotReady, Unavailable
+from app.core.errors import InvalidRequest, NotFound, Overloaded, PatchNotReady, Unavailable
 from app.core.metrics import Metrics
 from app.core.redis import redis_client
+from app.engine import validation
 from app.engine.bases import ServedBase, load_bases
 from app.engine.batcher import Batcher
 from app.engine.cache import ResultCache
-from app.engine.work import Progress, Result, Spec, Work, preview_steps
+from app.engine.work import Done, Inbox, Spec, Work, preview_steps
 from app.model import kernels
-from app.model.sampling import TRAIN_TIMESTEPS, new_job
+from app.model.sampling import new_job
 from app.registry.registry import PatchRegistry
 
 log = logging.getLogger("dmp.engine")
@@ -30,24 +32,11 @@ class NoServableBase(RuntimeError):
     """Nothing to serve: `python -m app serve` exits non-zero rather than stay up unready forever."""
 
 
-def class_id(base: ServedBase, name: str) -> int:
-    """A class label given by name (any synonym, any case) -> its id; unknown: 400 naming up to 3 close ones."""
-    key = name.strip().lower()
-    if key in base.label_ids:
-        return base.label_ids[key]
-    if not base.label_ids:
-        raise BadRequest(f"model {base.name} has no class names: send class_label as a number",
-                         error_type="unknown_class")
-    close = difflib.get_close_matches(key, base.label_ids, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise BadRequest(f"model {base.name} has no class named {name!r}{hint}", error_type="unknown_class")
-
-
 class Engine:
     """Owns the bases, the patch registry and the batcher; the HTTP layer and the CLI both go through it."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None):
-        self.settings = settings
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, only: str | None = None):
+        self.settings, self.only = settings, only  # only: serve just this base (the CLI's one generation)
         self.metrics = metrics or Metrics()
         self.metrics.max_queue.set(settings.max_queue)  # alerts compare dmp_inflight with it
         self.bases: dict[str, ServedBase] = {}
@@ -69,7 +58,7 @@ class Engine:
         try:
             if self.settings.torch_threads:
                 torch.set_num_threads(self.settings.torch_threads)  # shared CPUs: fewer threads, less spinning
-            self.bases, self.skipped = load_bases(self.settings, self.metrics)
+            self.bases, self.skipped = load_bases(self.settings, self.metrics, self.only)
             if not self.bases:
                 raise NoServableBase(f"no servable base model in {self.settings.model_dir}"
                                      + (f"; {self.skipped_detail()}" if self.skipped else ""))
@@ -111,8 +100,7 @@ class Engine:
         for base in self.bases.values():
             spec = self.resolve(model=base.name, class_label=0 if base.task == "class" else None,
                                 caption="warm-up" if base.task == "text" else None, steps=1, seed=0)
-            self.submit(spec, internal=True).future.result(
-                timeout=self.settings.request_timeout)
+            asyncio.run(self._outcome(spec, internal=True))
 
     def readiness(self) -> tuple[bool, str, str]:
         """(ready, error_type, message) for /health/ready."""
@@ -176,61 +164,16 @@ class Engine:
                 caption: str | None = None, num_images: int = 1, steps: int | None = None,
                 sampler: str | None = None, guidance_scale: float | None = None, seed: int | None = None,
                 output_format: str = "png") -> Spec:
-        """Check a request against the served bases and limits and fill in every default."""
-        s = self.settings
+        """Check a request against the served bases and limits (app.engine.validation) and fill in every default."""
         if self.registry is None:
             raise Unavailable("the service is still starting", error_type="not_ready")
-        record = self.registry.get(patch) if patch is not None else None
-        if record is not None and record.state != "ready":
-            raise PatchNotReady(f"patch {patch!r} is {record.state}" + (f": {record.error}" if record.error else ""))
-        if model is None:
-            if record is not None and record.base is not None:
-                model = record.base
-            elif len(self.bases) == 1:
-                model = next(iter(self.bases))
-            else:
-                raise InvalidRequest(f"say which model: this server serves {', '.join(self.bases) or 'none'}",
-                                     error_type="model_required")
-        base = self.base(model)
+        record = validation.ready(self.registry.get(patch)) if patch is not None else None
+        base = self.base(validation.base_name(self.bases, model, record))
         if record is not None and record.base != base.name:
             raise InvalidRequest(f"patch {patch!r} is for model {record.base!r}, not {base.name!r}",
                                  error_type="patch_model_mismatch")
-        task = base.task
-        if task == "class":
-            if caption is not None:
-                raise InvalidRequest(f"model {base.name} is class-conditional: send class_label, not caption")
-            if class_label is None:
-                raise InvalidRequest(f"model {base.name} needs class_label in [0, {base.config.num_classes})")
-            if isinstance(class_label, str):
-                class_label = class_id(base, class_label)
-            if not 0 <= class_label < base.config.num_classes:
-                raise InvalidRequest(f"class_label must be in [0, {base.config.num_classes}), got {class_label}")
-        elif task == "text":
-            if class_label is not None:
-                raise InvalidRequest(f"model {base.name} is text-conditional: send caption, not class_label")
-            if caption is None or not caption.strip():
-                raise InvalidRequest(f"model {base.name} needs a non-empty caption")
-            if len(caption) > s.max_caption_chars:
-                raise InvalidRequest(f"caption is {len(caption)} characters, over {s.max_caption_chars}")
-        elif class_label is not None or caption is not None:
-            raise InvalidRequest(f"model {base.name} is unconditional: send neither class_label nor caption")
-        if num_images > s.max_images:
-            raise InvalidRequest(f"num_images must be at most {s.max_images} (DMP_MAX_IMAGES)")
-        sampler = sampler or base.default_sampler
-        # DPM-Solver++ over all 1000 training steps reaches sigma = 0 and returns NaN: one step fewer is fine
-        max_steps = min(s.max_steps, TRAIN_TIMESTEPS - (sampler == "dpm"))
-        steps = min(base.default_steps, max_steps) if steps is None else steps
-        if not 1 <= steps <= max_steps:
-            raise InvalidRequest(f"steps must be in [1, {max_steps}] for sampler {sampler}, got {steps}")
-        if steps * num_images > s.max_cost:
-            raise InvalidRequest(f"steps * num_images = {steps * num_images} is over DMP_MAX_COST={s.max_cost}",
-                                 error_type="cost_too_high")
-        guidance = base.default_guidance if guidance_scale is None else float(guidance_scale)
-        if task == "uncond":
-            guidance = 1.0  # nothing to guide towards
-        seed = secrets.randbits(31) if seed is None else seed
-        return Spec(base.name, patch, class_label, caption, num_images, steps, sampler, guidance, seed,
-                    output_format)
+        return validation.spec(self.settings, base, patch, class_label, caption, num_images, steps, sampler,
+                               guidance_scale, seed, output_format)
 
     def condition(self, base: ServedBase, spec: Spec) -> torch.Tensor:
         """The model's y for this request: a label, the null class, or the caption's embedding (1, text_dim)."""
@@ -250,16 +193,16 @@ class Engine:
         if self.state != "ready" and not internal:
             raise Unavailable(f"the service is {self.state}", error_type="not_ready")
 
-    def submit(self, spec: Spec, y: torch.Tensor | None = None, internal: bool = False,
-               listener: Callable[[Progress], None] | None = None, previews: int = 0) -> Work:
-        """Admit a request (bounded by DMP_MAX_QUEUE), pin its patch version, queue it for the batcher.
+    @contextmanager
+    def admission(self, internal: bool = False):
+        """Hold one of DMP_MAX_QUEUE places for the block (429 when none is free; 503 while not admitting)."""
+        self._admit(internal)
+        try:
+            yield
+        finally:
+            self._done(None)
 
-        `listener` hears every step of this request (on the runner thread); `previews` of those steps, evenly
-        spaced, also carry the predicted clean sample.
-
-        Admission comes first, then the expensive part: the condition (`y`, e.g. the caption's embedding) unless
-        given, and pinning, which may read the patch back from the store: call it off the event loop.
-        The device slot is taken later, by the runner, when the request joins the batch."""
+    def _admit(self, internal: bool) -> None:
         self.check_admitting(internal)
         with self._lock:
             if self._inflight >= self.settings.max_queue:
@@ -267,10 +210,34 @@ class Engine:
                                  "retry later")
             self._inflight += 1
             self.metrics.inflight.set(self._inflight)
+
+    async def open(self, spec: Spec, *, follow: bool = False, previews: int = 0, preview_format: str = "png",
+                   internal: bool = False) -> Work:
+        """Start a request: its Work, whose `events()` is the request's stream (a cache hit's is its Done alone).
+
+        Refusals (draining, queue full, patch gone) raise here, before any byte of a reply is sent. `follow`: the
+        stream reports every step; `previews` of them, evenly spaced, carry the decoded x0 prediction."""
+        started = time.perf_counter()
+        self.check_admitting(internal)  # also before the cache: a draining server answers nothing new
+        hit = await self._cached(spec)
+        if hit is not None:
+            self._observe(spec, hit, time.perf_counter() - started)
+            return Work(spec, ready=hit)
+        work = Work(spec, inbox=Inbox(asyncio.get_running_loop()), follow=follow, preview_format=preview_format,
+                    preview_at=preview_steps(spec.steps, previews) if follow else frozenset(),
+                    on_done=lambda done: self._finished(spec, done, started))
+        # admission, then encoding the condition and pinning (which may read the patch back from the store)
+        await to_thread.run_sync(self._submit, work, internal)
+        return work
+
+    def _submit(self, work: Work, internal: bool) -> None:
+        """Admit (bounded by DMP_MAX_QUEUE), encode the condition, pin the patch version, make the sampling job and
+        queue the work. The device slot is taken later, by the runner, when the request joins the batch."""
+        self._admit(internal)
+        spec = work.spec
         base, pin = self.bases[spec.model], None
         try:
-            if y is None:
-                y = self.condition(base, spec)
+            y = self.condition(base, spec)
             if spec.patch is not None:
                 record = self.registry.get(spec.patch)
                 if record.base != base.name:
@@ -279,20 +246,51 @@ class Engine:
                 pin = base.patches.acquire(spec.patch, self.registry.fetch) if record.state == "ready" else None
                 if pin is None:  # not ready, or deleted between the lookup and the pin
                     raise PatchNotReady(f"patch {spec.patch!r} is {'gone' if record.state == 'ready' else record.state}")
-            job = new_job(base.model, y=y, seed=spec.seed, sampler=spec.sampler, steps=spec.steps,
-                          guidance_scale=spec.guidance_scale, n=spec.num_images,
-                          beta_schedule=base.beta_schedule, clip_sample=base.clip_sample,
-                          device=self.settings.torch_device, dtype=self.settings.torch_dtype)
+            work.job = new_job(base.model, y=y, seed=spec.seed, sampler=spec.sampler, steps=spec.steps,
+                               guidance_scale=spec.guidance_scale, n=spec.num_images,
+                               beta_schedule=base.beta_schedule, clip_sample=base.clip_sample,
+                               device=self.settings.torch_device, dtype=self.settings.torch_dtype)
         except BaseException:
             if pin is not None:
                 base.patches.release(pin)
             self._done(None)
             raise
-        work = Work(spec, job, pin, deadline=time.monotonic() + self.settings.request_timeout, listener=listener,
-                    preview_at=preview_steps(spec.steps, previews) if listener else frozenset())
+        work.pin, work.deadline = pin, time.monotonic() + self.settings.request_timeout
+        work.admitted_at = time.perf_counter()
         work.future.add_done_callback(self._done)
+        work.future.add_done_callback(work.inbox.put)  # after the runner's last report: the result comes last
         self.batcher.put(work)
-        return work
+
+    async def _cached(self, spec: Spec) -> Done | None:
+        """The cached files of a seeded request, or None (cache off, no seed, or a miss)."""
+        if self.cache is None or not spec.seeded:
+            return None
+        version = self.registry.get(spec.patch).version if spec.patch else None
+        files = await to_thread.run_sync(self.cache.get, self._cache_key(spec, version))
+        if files is None:
+            return None
+        return Done(files, version, {"queue_ms": 0.0, "sample_ms": 0.0, "decode_ms": 0.0}, cached=True)
+
+    def _cache_key(self, spec: Spec, version: str | None) -> str:
+        return self.cache.key(spec, self.bases[spec.model].fingerprint, version)
+
+    def _finished(self, spec: Spec, done: Done, started: float) -> None:
+        """A fresh result (worker thread): cached when seeded, its stage latencies observed."""
+        if self.cache is not None and spec.seeded:
+            self.cache.put(self._cache_key(spec, done.version), done.files)
+        self._observe(spec, done, time.perf_counter() - started)
+
+    def _observe(self, spec: Spec, done: Done, total: float) -> None:
+        """Stage latencies and images generated; a cache hit generated nothing and is counted on its own."""
+        m, labels = self.metrics, (spec.model, spec.patch or "base")
+        if done.cached:
+            m.images_cached.labels(*labels).inc(spec.num_images)
+            return
+        m.queue_seconds.labels(*labels).observe(done.timings["queue_ms"] / 1000)
+        m.sample_seconds.labels(*labels).observe(done.timings["sample_ms"] / 1000)
+        m.decode_seconds.labels(*labels).observe(done.timings["decode_ms"] / 1000)
+        m.total_seconds.labels(*labels).observe(total)
+        m.images.labels(*labels).inc(spec.num_images)
 
     def _done(self, _future: Future | None) -> None:
         with self._lock:
@@ -300,11 +298,13 @@ class Engine:
             self.metrics.inflight.set(self._inflight)
             self._lock.notify_all()
 
-    def generate(self, **request) -> tuple[Spec, Result]:
-        """Blocking generation for the CLI: the same resolve -> condition -> submit path as HTTP."""
+    def generate(self, **request) -> tuple[Spec, Done]:
+        """Blocking generation for the CLI: the same resolve -> open -> stream path as HTTP."""
         spec = self.resolve(**request)
-        work = self.submit(spec)
-        return spec, work.future.result(timeout=self.settings.request_timeout)
+        return spec, asyncio.run(self._outcome(spec))
+
+    async def _outcome(self, spec: Spec, internal: bool = False) -> Done:
+        return await (await self.open(spec, internal=internal)).outcome()
 
     def refresh_gauges(self) -> None:
         """Slot, version and device gauges, read at scrape time."""

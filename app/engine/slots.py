@@ -149,6 +149,22 @@ class PatchSlots:
             entry.used = next(self._clock)
             return entry.slot
 
+    def seat_waiting(self, pins: list[Version | None]) -> list[int | None]:
+        """Seat waiting requests' pinned versions, oldest first: the slot of each (0 for the bare base), or None
+        for one that must keep waiting.
+
+        When every slot is read by running requests, the first one that cannot be seated blocks: younger requests
+        may still join versions that are resident, except the one whose slot frees soonest (the victim), so the
+        blocked one gets a slot within one request's run: requests queue, never fail, and a cold patch is not
+        starved by hot ones."""
+        slots, blocked, victim = [], False, None
+        for pin in pins:
+            slot = 0 if pin is None else self.seat(pin, evict=not blocked, avoid=victim)
+            if slot is None and not blocked:
+                blocked, victim = True, self.victim()
+            slots.append(slot)
+        return slots
+
     def victim(self) -> Version | None:
         """The resident version that frees its slot soonest if no new request joins it: fewest running, then LRU."""
         with self._lock:

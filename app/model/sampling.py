@@ -70,8 +70,6 @@ class Job:
     meta: dict = field(default_factory=dict)
     table: torch.Tensor | None = None  # (len(COEFFS), steps) from step_table; None: the scheduler's own step
     t_list: list = field(default_factory=list)  # timesteps as Python numbers (no tensor indexing per step)
-    keep_x0: bool = False  # set before a step: keep this step's x0 prediction (a streaming preview)
-    x0: torch.Tensor | None = None  # (n, C, H, W) the x0 predicted at the last step that kept it
 
     @property
     def timesteps(self):
@@ -166,7 +164,7 @@ def vector_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, v: torch
                 noise: torch.Tensor | None = None) -> torch.Tensor:
     """One DDIM/DDPM update for every row: x, eps, v, noise (B, C, H, W); coef (len(COEFFS), B)."""
     sa, sb, a, b, d, min_log, max_log, _, clip = (c[:, None, None, None] for c in coef)
-    x0 = (x - sb * eps) / sa
+    x0 = x0_from_eps(x, eps, sa, sb)
     x0 = torch.where(clip > 0, x0.clamp(-1, 1), x0)
     prev = a * x0 + b * x + d * eps
     if noise is not None:
@@ -267,10 +265,13 @@ def eager_step(model: DiT, pool: PatchPool | None = None, patch: Patch | None = 
 
 
 @torch.no_grad()
-def denoise_step(model: DiT, jobs: list[Job], step: StepFn | None = None, dtype=torch.float32) -> None:
+def denoise_step(model: DiT, jobs: list[Job], step: StepFn | None = None, dtype=torch.float32,
+                 previews: frozenset[Job] = frozenset()) -> dict[Job, torch.Tensor]:
     """One batched forward and one batched DDIM/DDPM update for all jobs (DPM-Solver jobs: their scheduler's
     own multistep update). `step` runs the batch and reads each row's patch from its slot: eager_step(model, pool)
-    or app.engine.graphs.GraphedForward.step. Without it, jobs carry one patch module (or none), run eagerly."""
+    or app.engine.graphs.GraphedForward.step. Without it, jobs carry one patch module (or none), run eagerly.
+
+    Returns the x0 prediction (n, C, H, W) of each job in `previews` (only those pay for it)."""
     batch = plan_step(model, jobs)
     if step is None:
         if len({id(j.patch) for j in jobs}) > 1:
@@ -279,23 +280,29 @@ def denoise_step(model: DiT, jobs: list[Job], step: StepFn | None = None, dtype=
     elif any(j.patch is not None for j in jobs):
         raise ValueError("a step function reads patches from pool slots: these jobs carry patch modules")
     _, prev, eps, v = step(batch)
-    img = 0
+    x0s, img = {}, 0
     for job in jobs:
         n = job.latents.shape[0]
-        if job.keep_x0:  # only the jobs that asked pay for it: a few elementwise ops on their own rows
-            job.x0 = predict_x0(job, eps[img:img + n])
+        if job in previews:  # a few elementwise ops on the job's own rows
+            x0s[job] = predict_x0(job, eps[img:img + n])
         if job.table is not None:
             job.latents = prev[img:img + n]
         else:  # DPM-Solver: multistep state lives in its scheduler
             job.latents = job.scheduler.step(eps[img:img + n], job.timesteps[job.index], job.latents).prev_sample
         img += n
         job.index += 1
+    return x0s
+
+
+def x0_from_eps(x: torch.Tensor, eps: torch.Tensor, sa, sb) -> torch.Tensor:
+    """The clean sample an epsilon prediction implies: (x - sqrt(1 - a) eps) / sqrt(a), sa = sqrt(a), sb = sqrt(1 - a)."""
+    return (x - sb * eps) / sa
 
 
 def predict_x0(job: Job, eps: torch.Tensor) -> torch.Tensor:
-    """The clean sample the model predicts from the job's current latents: (x - sqrt(1 - a) eps) / sqrt(a)."""
+    """The clean sample the model predicts from the job's current latents."""
     a = job.scheduler.alphas_cumprod[int(job.t_list[job.index])].item()
-    return (job.latents - (1 - a) ** 0.5 * eps) / a ** 0.5
+    return x0_from_eps(job.latents, eps, a ** 0.5, (1 - a) ** 0.5)
 
 
 @torch.no_grad()

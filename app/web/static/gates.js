@@ -22,24 +22,33 @@ function svgEl(tag, attrs) {
   return el;
 }
 
-/** One small chart: x = timestep, y = gate weight in [0, 1], one line per top prompt. */
+/** The top of a chart's weight axis: a little above the data's peak, in a round step (64-prompt gates stay
+ * under 0.04, so a fixed 0-1 axis would draw them flat on zero). */
+function axisTop(peak) {
+  if (!(peak > 0)) return 1;
+  const step = 10 ** Math.floor(Math.log10(peak));
+  return Math.min(1, Math.ceil((peak * 1.05) / step) * step);
+}
+
+/** One small chart: x = timestep, y = gate weight in [0, top] (top fitted to the data), one line per top prompt. */
 function blockChart(block, rows, timesteps) {
   const W = 260, H = 130, L = 34, R = 8, T = 20, B = 26;
   const tMax = timesteps[timesteps.length - 1] || 1;
-  const x = (t) => L + (t / tMax) * (W - L - R);
-  const y = (w) => T + (1 - w) * (H - T - B);
   const n = rows[0].length;
   const peak = Array.from({ length: n }, (_, p) => Math.max(...rows.map((r) => r[p])));
   const top = peak.map((v, p) => [v, p]).sort((a, b) => b[0] - a[0]).slice(0, TOP_PROMPTS).map(([, p]) => p);
+  const yTop = axisTop(Math.max(...peak));
+  const x = (t) => L + (t / tMax) * (W - L - R);
+  const y = (w) => T + (1 - w / yTop) * (H - T - B);
   const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", class: "gate-chart" });
   const title = svgEl("title", {});
   title.textContent = `Block ${block}: weight of prompts ${top.join(", ")} against timestep`;
   svg.append(title);
   svg.append(svgEl("line", { x1: L, y1: y(0), x2: W - R, y2: y(0), class: "axis" }));
-  svg.append(svgEl("line", { x1: L, y1: y(0), x2: L, y2: y(1), class: "axis" }));
+  svg.append(svgEl("line", { x1: L, y1: y(0), x2: L, y2: y(yTop), class: "axis" }));
   const text = (s, attrs) => { const t = svgEl("text", attrs); t.textContent = s; return t; };
   svg.append(text(`block ${block}`, { x: L, y: 13, class: "chart-title" }));
-  svg.append(text("1", { x: L - 4, y: y(1) + 4, "text-anchor": "end" }));
+  svg.append(text(String(+yTop.toPrecision(2)), { x: L - 4, y: y(yTop) + 4, "text-anchor": "end", class: "y-top" }));
   svg.append(text("0", { x: L - 4, y: y(0) + 4, "text-anchor": "end" }));
   svg.append(text("0", { x: L, y: H - 10, "text-anchor": "middle" }));
   svg.append(text(String(tMax), { x: W - R, y: H - 10, "text-anchor": "end" }));
