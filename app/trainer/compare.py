@@ -174,8 +174,9 @@ def paired_row(ev, quality, b: dict, a: dict, labels, boots: int, seed: int) -> 
     row = {}
     for e, real in quality.real.items():
         fb, fa = frechet(real, b["independent"][e]), frechet(real, a["independent"][e])
-        ci = paired_interval(lambda i: frechet(real, a["independent"][e][i]) - frechet(real, b["independent"][e][i]),
-                             len(b["independent"][e]), boots, seed)
+        fa_set, fb_set = a["independent"][e], b["independent"][e]
+        ci = paired_interval(lambda i, r=real, x=fa_set, y=fb_set: frechet(r, x[i]) - frechet(r, y[i]),
+                             len(fb_set), boots, seed)
         row |= {f"fd_{e}": fa, f"d_fd_{e}": fa - fb, f"d_fd_{e}_pct": 100 * (fa - fb) / fb, f"d_fd_{e}_se": ci["se"]}
     if ev is not None:
         for name, ref in (("fid_like", ev.ref), ("fid_like_test", ev.test_ref)):

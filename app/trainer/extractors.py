@@ -6,7 +6,7 @@ heads), so none is used."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 import torch.nn.functional as F
 
 PCA_DIM = 32

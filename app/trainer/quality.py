@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 from scipy.stats import bootstrap
 
 from app.trainer.extractors import build_extractors, features

@@ -88,3 +88,25 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert [f.stat().st_mtime_ns for f in sorted((runs / "results").glob("*.json"))] == stamps
     text = study.report(runs)
     assert "| PT | 2 |" in text and "DMP (official: gate x1) − PT, pca:" in text and "Holm p" in text
+
+
+def test_control_arms_frozen_gate_stays_uniform_and_shuffled_gate_trains(tmp_path):
+    from app.model import load_base, load_patch
+    from app.trainer.train import TrainConfig, Trainer
+
+    tiny = dict(dataset="digits", image_size=8, batch_size=8, device="cpu", eval_every=2, checkpoint_every=2)
+    base = tmp_path / "b.safetensors"
+    Trainer(TrainConfig(method="pretrain", out=str(base), steps=2, hidden_size=32, depth=2, num_heads=2, patch_size=2,
+                        **tiny), progress=False).run()
+    frozen = Trainer(TrainConfig(method="dmp", out=str(tmp_path / "f.safetensors"), base=str(base), steps=3, lr=1e-2,
+                                 freeze_gate=True, noisy_gating=False, w_importance=0.0, w_load=0.0, **tiny),
+                     progress=False)
+    patch = load_patch(frozen.run(), base=load_base(base))
+    assert patch.gate.weight.abs().sum() == 0 and patch.gate.bias.abs().sum() == 0  # uniform 1/N throughout
+    assert patch.prompts.abs().sum() > 0
+    shuffled = Trainer(TrainConfig(method="dmp", out=str(tmp_path / "s.safetensors"), base=str(base), steps=3,
+                                   lr=1e-2, shuffle_gate_t=True, **tiny), progress=False)
+    perm = shuffled.draw()["gate_t_perm"]
+    assert sorted(perm.tolist()) == list(range(8))  # a permutation of the batch's rows
+    assert shuffled.local_perm(perm, slice(0, 4)).sort().values.tolist() == [0, 1, 2, 3]
+    assert load_patch(shuffled.run(), base=load_base(base)).gate.weight.abs().sum() > 0
