@@ -123,3 +123,21 @@ def test_quiet_patch_prints_one_line_and_records_the_truth(tmp_path, monkeypatch
     assert config["text_encoder"] == "" and config["hflip"] == "auto"
     assert str(tmp_path) not in json.dumps(meta)  # no path of this machine anywhere in the header
     assert meta["domain"] == "bold"
+
+
+def test_shipped_thick_patch_is_the_documented_command_and_thickens_the_same_seeds():
+    from app.model import load_base, load_patch
+    from app.model.dmp.bounds import PROMPT_FACTOR, activation_scale
+    from app.trainer.evaluate import sample_images
+
+    base = load_base(BASE)
+    patch = load_patch(REPO / "patches" / "mnist-thick-dmp.safetensors", base=base)
+    tokens, _ = activation_scale(base)
+    assert patch.prompts.abs().max() < 0.05 * PROMPT_FACTOR * tokens  # far inside the server's bounds
+    config = json.loads(patch.metadata["train_config"])
+    assert {k: config[k] for k in RECIPES["dmp"]} == RECIPES["dmp"] and config["hflip"] == "auto"
+    assert (config["dataset"], patch.metadata["domain"]) == ("folder:thick", "thick")
+    labels = torch.arange(10).repeat(4)  # 40 samples, 4 of each digit, the same seeds with and without the patch
+    plain = ink_share(sample_images(base, labels, seed=0, steps=20))
+    thick = ink_share(sample_images(base, labels, patch=patch.eval(), seed=0, steps=20))
+    assert thick > 1.4 * plain
