@@ -18,7 +18,7 @@ from PIL import Image
 
 from app.model.dmp import read_header
 
-TEST_FLAGS = {"patch": ["--steps", "3"], "eval": ["--steps", "2", "--classifier-steps", "10"]}  # as the doc says
+TEST_FLAGS = {"patch": ["--steps", "3"], "eval": ["--steps", "2", "--num-samples", "50", "--json", "eval.json"]}  # as the doc says
 
 
 def walkthrough() -> list[str]:
@@ -63,8 +63,9 @@ def test_the_documented_walkthrough_runs_as_written(tmp_path, start_server):
     patch_file = tmp_path / "runs" / "thick-dmp.safetensors"
     meta = read_header(patch_file.read_bytes())["__metadata__"]
     assert meta["domain"] == "thick" and json.loads(meta["train_config"])["dataset"] == "folder:thick"
-    scores = json.loads(outputs["eval"])
-    assert scores["num_samples"] == 500 and "rel_diff_pct" in scores["heldout_deciles"]  # the folder's test split
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert scores["num_heldout"] == 500 and "rel_diff_pct" in scores["heldout_deciles"]  # the folder's test split
+    assert "fd" in outputs["eval"].lower()  # the table the user reads
 
     serve = next(line for line in lines if "python -m app serve" in line)
     assert "DMP_PATCH_DIR=runs/served" in serve
