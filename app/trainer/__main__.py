@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("--heldout", action="store_true",
                    help="also the held-out loss per timestep decile (fixed noise), paired patched vs base")
+    p.add_argument("--classifier-steps", type=int, default=0,
+                   help="> 0, bundled data sets only: add our classifier's column (trained on the generators' data; "
+                        "this many steps if not cached) and class accuracy")
 
     p = sub.add_parser("compare", help="paired comparison of a base with patches / FT models over sampling seeds")
     p.add_argument("--base", required=True)
@@ -242,7 +245,8 @@ def main(argv=None) -> int:
 
             result = score_on_dataset(args.base, args.patch, args.dataset, num_samples=args.num_samples,
                                       sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale,
-                                      seed=args.seed, device=str(resolve_device(args.device)), heldout=args.heldout)
+                                      seed=args.seed, device=str(resolve_device(args.device)), heldout=args.heldout,
+                                      classifier_steps=args.classifier_steps)
             print(quality_table(result))
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=2))

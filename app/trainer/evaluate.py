@@ -202,9 +202,11 @@ def heldout_deciles(model, patch, test: DataSet, device) -> dict:
 def score_on_dataset(base_path, patch_path=None, dataset: str | None = None, *, num_samples: int = 0,
                      sampler=EVAL_SAMPLING["sampler"], steps=EVAL_SAMPLING["steps"],
                      guidance_scale=EVAL_SAMPLING["guidance_scale"], seed=0, device="cpu", resamples: int = 200,
-                     heldout=False) -> dict:
+                     heldout=False, classifier_steps: int = 0) -> dict:
     """The base (and, paired, base + patch) scored against the held-out split of `dataset` by the independent
-    extractors (app/trainer/quality.py): FD, KID, precision/recall, with a 95 % paired interval of the change."""
+    extractors (app/trainer/quality.py): FD, KID, precision/recall, with a 95 % paired interval of the change.
+    classifier_steps > 0 on a bundled data set adds our classifier's column and class accuracy (labelled: it was
+    trained on the generators' data); folders get none."""
     from app.trainer.quality import Quality
 
     model, patch = load_model_and_patch(base_path, patch_path, device)
@@ -220,7 +222,10 @@ def score_on_dataset(base_path, patch_path=None, dataset: str | None = None, *, 
     reps = -(-n // len(test))
     y = y.repeat(reps, *([1] * (y.dim() - 1)))[:n]  # the held-out conditions, cycled to n samples
     labels = labels.repeat(reps)[:n] if labels is not None else None
-    quality = Quality(test.x)
+    clf = None
+    if classifier_steps > 0 and not dataset.startswith("folder:"):
+        clf = Evaluator(dataset, model.config.input_size, device=device, classifier_steps=classifier_steps).clf
+    quality = Quality(test.x, clf)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     kw = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed, dtype=dtype, progress=True)
     print(f"[eval] sampling {n} images from the base", flush=True)
@@ -228,12 +233,12 @@ def score_on_dataset(base_path, patch_path=None, dataset: str | None = None, *, 
     result = {"dataset": dataset, "num_heldout": len(test), "sampler": sampler, "steps": steps,
               "guidance_scale": guidance_scale, "seed": seed}
     if patch is None:
-        result["base"] = quality.score(base_images)
+        result["base"] = quality.score(base_images, labels)
     else:
         print(f"[eval] sampling {n} images with the patch (same noise and conditions)", flush=True)
         patched = sample_images(model, y, patch=patch, **kw)
         print("[eval] scoring (paired bootstrap)", flush=True)
-        result |= quality.paired(base_images, patched, resamples=resamples, seed=seed)
+        result |= quality.paired(base_images, patched, labels, resamples=resamples, seed=seed)
         result["patch"] = result.pop("arm")
     if heldout:
         result["heldout_deciles"] = heldout_deciles(model, patch, test, device)
