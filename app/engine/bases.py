@@ -10,6 +10,8 @@ import torch
 
 from app.core.config import Settings
 from app.core.metrics import Metrics
+from app.engine.graphs import GraphedForward, buckets_up_to
+from app.engine.slots import PatchSlots
 from app.model import PatchPool, fingerprint, load_base
 from app.model.describe import BaseDescription, DescriptionError, describe, is_base_entry, label_index, resolve_vae
 from app.model.dit import DiT
@@ -17,9 +19,7 @@ from app.model.kernels import self_check, set_fused
 from app.model.protocols import VAE, TextEncoder
 from app.model.sampling import clips_x0
 from app.model.text import load_text_encoder
-from app.model.vae import PixelVAE, SDVAE
-from app.engine.graphs import GraphedForward, buckets_up_to
-from app.engine.slots import PatchSlots
+from app.model.vae import SDVAE, PixelVAE
 
 log = logging.getLogger("dmp.bases")
 

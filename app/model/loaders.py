@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from app.model.dit import DiT, DiTConfig, HEADS_BY_WIDTH
+from app.model.dit import HEADS_BY_WIDTH, DiT, DiTConfig
 
 
 class CheckpointError(ValueError):

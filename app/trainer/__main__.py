@@ -16,7 +16,6 @@ from app.trainer.domains import STYLES
 from app.trainer.evaluate import EVAL_SAMPLING
 from app.trainer.train import TrainConfig
 
-
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 # What `patch` trains with no other flags: the recipe that moved the shipped mnist base to thick and inverted digits
 # in ~5 minutes of 2-core CPU (docs/results.md, "Domain shift"); DMP's gate x64 and lr 1e-3 are issue 11's recipe.

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from pickletools import genops
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from pickletools import genops
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ class DataSet:
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def subset(self, idx: np.ndarray) -> "DataSet":
+    def subset(self, idx: np.ndarray) -> DataSet:
         t = torch.as_tensor(idx, dtype=torch.long)
         return replace(self, x=self.x[t], labels=self.labels[t],
                        captions=[self.captions[i] for i in idx] if self.captions is not None else None,
@@ -62,7 +62,7 @@ class DataSet:
             return torch.zeros(len(idx), dtype=torch.long, device=self.labels.device)
         return self.labels[idx.to(self.labels.device)]
 
-    def to(self, device) -> "DataSet":
+    def to(self, device) -> DataSet:
         return replace(self, x=self.x.to(device), labels=self.labels.to(device),
                        text=self.text.to(device) if self.text is not None else None)
 

@@ -116,8 +116,8 @@ def prepare(plan: dict, device: str) -> None:
 
 
 def heatmaps(plan: dict, runs: str, device: str, out_dir: Path) -> list[Path]:
-    from app.trainer.evaluate import eval_conditions, load_model_and_patch
     from app.trainer.data import load_dataset
+    from app.trainer.evaluate import eval_conditions, load_model_and_patch
     from app.trainer.figures import gate_activations, save_gate_heatmap
 
     paths = []

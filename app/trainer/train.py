@@ -13,19 +13,25 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from app.core.devices import pick_dtype
-from app.model import DiTConfig, load_base, save_base, fingerprint
+from app.model import DiTConfig, fingerprint, load_base, save_base
 from app.model.describe import describe, resolve_vae
 from app.model.dit import DiT
-from app.model.sampling import clips_x0
 from app.model.dmp import importance_loss, load_loss, new_patch_for, patch_metadata_for, save_patch
-from app.trainer.checkpoint import (load_checkpoint, load_optimizer_tensors, optimizer_tensors, restore_rng,
-                                    rng_tensors, save_checkpoint)
+from app.model.sampling import clips_x0
+from app.model.vae import vae_downscale
+from app.trainer.checkpoint import (
+    load_checkpoint,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    restore_rng,
+    rng_tensors,
+    save_checkpoint,
+)
 from app.trainer.data import DataError, DataSet, load_splits
 from app.trainer.diffusion import Diffusion
 from app.trainer.distributed import Dist, from_env
 from app.trainer.evaluate import EVAL_SAMPLING
 from app.trainer.provenance import recorded_config
-from app.model.vae import vae_downscale
 
 METHODS = ("pretrain", "dmp", "pt", "ft")
 

@@ -5,10 +5,9 @@ import io
 
 import pytest
 import torch
+from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, wait_ready
 from PIL import Image
 from safetensors.torch import load as st_load
-
-from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, wait_ready
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"}
 

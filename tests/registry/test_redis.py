@@ -6,7 +6,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, wait_ready
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"}

@@ -5,7 +5,7 @@ import json
 import os
 import struct
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ def patch_to_bytes(patch: DMP, **metadata) -> bytes:
         "hidden_size": str(patch.hidden_size), "num_tokens": str(patch.num_tokens),
         "pt_depth": str(patch.pt_depth), "gate_input": patch.gate_input, "top_k": repr(float(patch.top_k)),
         "selection": patch.selection, "gate_version": GATE_VERSION,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     for key, value in metadata.items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
