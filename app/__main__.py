@@ -102,7 +102,7 @@ def generate(args) -> int:
         engine.stop()
     paths = [out] if len(done.files) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}")
                                                 for i in range(len(done.files))]
-    for path, data in zip(paths, done.files):
+    for path, data in zip(paths, done.files, strict=True):
         path.write_bytes(data)
     version = f"@{done.version}" if done.version else ""
     print(f"wrote {', '.join(map(str, paths))}: model={spec.model} patch={spec.patch or 'none'}{version} "

@@ -58,7 +58,8 @@ async def generate_images(body: ImageRequest, request: Request, engine: EngineDe
     try:
         spec = engine.resolve(model=model, patch=patch, num_images=body.n, steps=body.steps, sampler=body.sampler,
                               guidance_scale=body.guidance_scale, seed=body.seed,
-                              output_format=body.output_format or "png", **_condition(engine, model, patch, body.prompt))
+                              output_format=body.output_format or "png",
+                              **_condition(engine, model, patch, body.prompt))
     except ServiceError as e:
         raise _in_openai_terms(e) from None
     size = _size(engine.bases[spec.model], body.size)

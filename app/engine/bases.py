@@ -162,7 +162,8 @@ class BaseLoader:
             self.encoders[spec] = load_text_encoder(spec, device=self.device)
         encoder = self.encoders[spec]
         if encoder.dim != model.config.text_dim:
-            raise DescriptionError(f"text encoder {spec} gives {encoder.dim}-d, the model wants {model.config.text_dim}")
+            raise DescriptionError(f"text encoder {spec} gives {encoder.dim}-d, "
+                                   f"the model wants {model.config.text_dim}")
         return encoder
 
 

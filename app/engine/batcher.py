@@ -118,7 +118,7 @@ class Batcher:
         versions (PatchSlots.seat_waiting; the rest keep waiting); caller holds the lock."""
         queue = self.waiting[name]
         live, kept = [w for w in queue if not self._dropped(w)], []
-        for work, slot in zip(live, self.bases[name].patches.seat_waiting([w.pin for w in live])):
+        for work, slot in zip(live, self.bases[name].patches.seat_waiting([w.pin for w in live]), strict=True):
             if slot is None:
                 kept.append(work)
             else:

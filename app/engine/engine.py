@@ -245,7 +245,8 @@ class Engine:
                                          error_type="patch_model_mismatch")
                 pin = base.patches.acquire(spec.patch, self.registry.fetch) if record.state == "ready" else None
                 if pin is None:  # not ready, or deleted between the lookup and the pin
-                    raise PatchNotReady(f"patch {spec.patch!r} is {'gone' if record.state == 'ready' else record.state}")
+                    state = "gone" if record.state == "ready" else record.state
+                    raise PatchNotReady(f"patch {spec.patch!r} is {state}")
             work.job = new_job(base.model, y=y, seed=spec.seed, sampler=spec.sampler, steps=spec.steps,
                                guidance_scale=spec.guidance_scale, n=spec.num_images,
                                beta_schedule=base.beta_schedule, clip_sample=base.clip_sample,

@@ -1,4 +1,5 @@
-"""A patch's gate weights per block x prompt over timesteps, as compact JSON or a heatmap PNG, for /patches/{name}/gates.
+"""A patch's gate weights per block x prompt over timesteps, as compact JSON or a heatmap PNG, for
+/patches/{name}/gates.
 
 The work is bounded (DMP_GATE_MAX_VALUES) and admitted like a generation (DMP_MAX_QUEUE); the forward runs on the
 runner thread that owns the device, the store read, JSON and PNG on one worker thread of their own, so neither the

@@ -203,7 +203,8 @@ def describe(path) -> BaseDescription:
         values = _read_json(side, "sidecar")
         unknown = set(values) - SIDECAR_KEYS
         if unknown:
-            raise DescriptionError(f"sidecar {side.name}: unknown keys {sorted(unknown)}; known: {sorted(SIDECAR_KEYS)}")
+            raise DescriptionError(f"sidecar {side.name}: unknown keys {sorted(unknown)}; "
+                                   f"known: {sorted(SIDECAR_KEYS)}")
         _apply(desc, values, side.parent, f"sidecar {side.name}")
     return desc
 

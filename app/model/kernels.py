@@ -186,7 +186,7 @@ def self_check(device, width: int = 40, dtype=torch.float32) -> str | None:
         return f"fused Triton kernel failed ({type(e).__name__}: {str(e)[:200]}); using plain torch ops"
     want = add_norm_modulate_reference(x, shift, scale, 1e-6, **kw)
     tol = 1e-4 if dtype == torch.float32 else 5e-2  # bf16/fp16: the two round at different points (module doc)
-    if not all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol) for a, b in zip(got, want)):
+    if not all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol) for a, b in zip(got, want, strict=True)):
         set_fused(False)
         return "fused Triton kernel disagrees with the torch reference; using plain torch ops"
     return None

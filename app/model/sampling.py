@@ -216,10 +216,13 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
         draws = job.table is not None and table[COEFFS.index("noise")] > 0
         noises.append(torch.randn(job.latents.shape, generator=job.generator) if draws else None)
         img, row = img + n, row + n * halves
-    as_tensor = lambda v, dtype=torch.long: to_device(torch.tensor(v, dtype=dtype), dev)
+
+    def as_tensor(v, dtype=torch.long):
+        return to_device(torch.tensor(v, dtype=dtype), dev)
     noise = None
     if any(z is not None for z in noises):
-        noise = to_device(torch.cat([z if z is not None else torch.zeros(x.shape) for z, x in zip(noises, xs)]), dev)
+        noise = to_device(torch.cat([z if z is not None else torch.zeros(x.shape)
+                                     for z, x in zip(noises, xs, strict=True)]), dev)
     return StepBatch(
         x=torch.cat(xs), row_image=as_tensor(row_image), t=as_tensor(t_rows, torch.float32), y=torch.cat(ys),
         slots=as_tensor(slot_rows), cond=as_tensor(cond), uncond=as_tensor(uncond),
@@ -295,7 +298,7 @@ def denoise_step(model: DiT, jobs: list[Job], step: StepFn | None = None, dtype=
 
 
 def x0_from_eps(x: torch.Tensor, eps: torch.Tensor, sa, sb) -> torch.Tensor:
-    """The clean sample an epsilon prediction implies: (x - sqrt(1 - a) eps) / sqrt(a), sa = sqrt(a), sb = sqrt(1 - a)."""
+    """The clean sample an epsilon prediction implies: (x - sb eps) / sa, sa = sqrt(a), sb = sqrt(1 - a)."""
     return (x - sb * eps) / sa
 
 
@@ -326,7 +329,7 @@ def generate(model: DiT, vae: VAE | None = None, *, y=None, captions: list[str] 
     conds = condition_rows(model, len(seeds), y=y, captions=captions, text_encoder=text_encoder)
     jobs = [new_job(model, y=cond, seed=s, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                     patch=patch, beta_schedule=beta_schedule, clip_sample=clip_sample, device=device,
-                    dtype=dtype, cfg_channels=cfg_channels) for s, cond in zip(seeds, conds)]
+                    dtype=dtype, cfg_channels=cfg_channels) for s, cond in zip(seeds, conds, strict=True)]
     from tqdm.auto import tqdm
 
     for _ in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):

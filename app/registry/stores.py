@@ -21,8 +21,8 @@ SEEDED = "dmp:seeded"
 SIGNATURE_SUFFIX = ".sig"  # NAME.safetensors.sig beside a patch file
 
 # Every write is a compare-and-set on the name's generation, atomic in Redis (a script runs alone). KEYS: bytes,
-# versions, generations, signatures, tombstone, owners. A client's write (ARGV[4] = '0') always lands, one generation past
-# anything stored or deleted; a refill from a replica's memory (ARGV[4] = '1') lands only when newer than both, so
+# versions, generations, signatures, tombstone, owners. A client's write (ARGV[4] = '0') always lands, one generation
+# past anything stored or deleted; a refill from a replica's memory (ARGV[4] = '1') lands only when newer than both, so
 # it never undoes a write made after Redis lost its data. Stored values are untrusted: a read that fails or is not
 # a number counts as generation 0.
 _GENERATION_OF = """

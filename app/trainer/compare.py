@@ -174,8 +174,8 @@ def paired_row(ev, quality, b: dict, a: dict, labels, boots: int, seed: int) -> 
     row = {}
     for e, real in quality.real.items():
         fb, fa = frechet(real, b["independent"][e]), frechet(real, a["independent"][e])
-        ci = paired_interval(lambda i: frechet(real, a["independent"][e][i]) - frechet(real, b["independent"][e][i]),
-                             len(b["independent"][e]), boots, seed)
+        ci = paired_interval(lambda i, real=real, e=e: frechet(real, a["independent"][e][i])
+                             - frechet(real, b["independent"][e][i]), len(b["independent"][e]), boots, seed)
         row |= {f"fd_{e}": fa, f"d_fd_{e}": fa - fb, f"d_fd_{e}_pct": 100 * (fa - fb) / fb, f"d_fd_{e}_se": ci["se"]}
     if ev is not None:
         for name, ref in (("fid_like", ev.ref), ("fid_like_test", ev.test_ref)):
@@ -202,7 +202,7 @@ def versus(result: dict, ref: str) -> dict:
             if key not in next(iter(arm["runs"][0]["per_seed"].values())):
                 continue
             diffs = [[run["per_seed"][s][key] - other["per_seed"][s][key] for s in run["per_seed"]]
-                     for run, other in zip(arm["runs"], ref_runs)]
+                     for run, other in zip(arm["runs"], ref_runs, strict=True)]
             values = [statistics.fmean(d) for d in diffs] if len(diffs) > 1 else diffs[0]
             m, se = mean_se(values)
             row[key] = {"mean": m, "se": se, "per_run": values}
@@ -253,8 +253,8 @@ def markdown(result: dict) -> str:
     has several, else over sampling seeds, else the bootstrap SE of one paired difference)."""
     seeds = result["seeds"]
     base = result["base_scores"]
-    per_seed = "; ".join(f"{k}: " + ", ".join(f"{base[s][k]:.3g}" for s in seeds)
-                         for k in (*(f"fd_{e}" for e in INDEPENDENT), "fid_like", "fid_like_test") if k in base[seeds[0]])
+    keys = (*(f"fd_{e}" for e in INDEPENDENT), "fid_like", "fid_like_test")
+    per_seed = "; ".join(f"{k}: " + ", ".join(f"{base[s][k]:.3g}" for s in seeds) for k in keys if k in base[seeds[0]])
     lines = [f"Base `{result['base']}` on `{result.get('dataset', '')}`, {result['sampler']}, {result['num_samples']} "
              f"samples per arm and seed (one per held-out image), sampling seeds {', '.join(map(str, seeds))} shared "
              f"by every arm. Base per seed: {per_seed}. "
@@ -272,7 +272,7 @@ def markdown(result: dict) -> str:
     for label, arm in result["arms"].items():
         s, runs = arm["summary"], arm["runs"]
 
-        def cell(key):
+        def cell(key, s=s, runs=runs):
             if key not in s:
                 return "—"
             m, se = s[key]["mean"], s[key]["se"]

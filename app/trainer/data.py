@@ -184,7 +184,7 @@ def bundled(name: str, image_size: int, text_encoder: str = "minilm") -> DataSet
     if name == "animals":  # unconditional: labels kept only for the evaluation classifier
         return DataSet(name, x, y, "uncond", 0, ANIMAL_NAMES, hflip=True)
     if name.endswith("captions"):
-        caps = [caption(img / 255.0, int(lab)) for img, lab in zip(raw, labels)]
+        caps = [caption(img / 255.0, int(lab)) for img, lab in zip(raw, labels, strict=True)]
         emb = text_embeddings(caps, text_encoder)
         return DataSet(name, x, y, "text", 0, DIGIT_NAMES, hflip=False, captions=caps, text=emb,
                        meta={"text_encoder": text_encoder})

@@ -61,8 +61,8 @@ class Evaluator:
         self.ref = self.features(self.train.x)
         self.test_ref = test_f = self.features(self.test.x)
         noise = torch.rand(self.test.x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1  # uniform noise
-        self.floor = {"fid_like": frechet_distance(self.ref, test_f), "kid": kernel_inception_distance(self.ref, test_f),
-                      "class_acc": self.classifier_acc}
+        self.floor = {"fid_like": frechet_distance(self.ref, test_f),
+                      "kid": kernel_inception_distance(self.ref, test_f), "class_acc": self.classifier_acc}
         noise_f = self.features(noise)
         self.ceiling = {"fid_like": frechet_distance(self.ref, noise_f),
                         "kid": kernel_inception_distance(self.ref, noise_f)}

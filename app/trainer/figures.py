@@ -79,7 +79,7 @@ def save_loss_curve(curves: dict[str, list[tuple[int, float]]], path, title: str
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for name, curve in curves.items():
-        steps, losses = zip(*curve)
+        steps, losses = zip(*curve, strict=True)
         ax.plot(steps, losses, marker=".", label=name)
         ax.axvspan(0.8 * steps[-1], steps[-1], alpha=0.08)
     ax.set(xlabel="training step", ylabel="held-out loss (test split, fixed noise)", yscale="log", title=title)

@@ -116,7 +116,7 @@ def heldout_loss(model, diffusion: Diffusion, data: DataSet, patch=None, n: int 
     gen = torch.Generator(device=data.x.device).manual_seed(seed)
     idx = torch.arange(min(n, len(data)), device=data.x.device)
     total = 0.0
-    for reps in range(4):
+    for _ in range(4):
         total += diffusion.loss(model, data.x[idx], data.cond(idx), patch=patch, generator=gen).item()
     model.train(was_training)
     if patch is not None:
@@ -362,7 +362,7 @@ class Trainer:
                 logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
         if cfg.lr_decay_steps > 0:  # a function of the step alone, so a resumed run follows the same schedule
             factor = min(1.0, (cfg.steps - self.step) / cfg.lr_decay_steps)
-            for group, lr in zip(self.opt.param_groups, self.base_lrs):
+            for group, lr in zip(self.opt.param_groups, self.base_lrs, strict=True):
                 group["lr"] = lr * factor
         self.opt.step()
         if self.ema is not None:
