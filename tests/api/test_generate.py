@@ -157,5 +157,5 @@ def test_cpu_compiled_step_serves_the_eager_pixels(class_only_dirs, tmp_path):
             graphs = [line for line in c.get("/metrics").text.splitlines()
                       if line.startswith("dmp_cuda_graph_forwards") and 'kind="graphs"' in line]
             assert graphs == (['dmp_cuda_graph_forwards{kind="graphs",model="digits"} 2.0'] if compiled else [])
-    for eager, comp in zip(pixels[False], pixels[True]):
+    for eager, comp in zip(pixels[False], pixels[True], strict=True):
         assert np.abs(eager - comp).max() <= 1

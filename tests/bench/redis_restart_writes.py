@@ -85,9 +85,12 @@ def main() -> None:
             delete = trial % 2 == 0
             seed += 1
             data = make_patch_bytes(base, "digits", seed)
-            reply = until(lambda delete=delete, data=data: (r := (httpx.delete(a + "/patches/x", headers=AUTH) if delete else
-                                         httpx.put(a + "/patches/x", content=data, headers=AUTH)))
-                          .status_code == 200 and r, 10)
+
+            def write(delete=delete, data=data):
+                r = httpx.delete(a + "/patches/x", headers=AUTH) if delete else \
+                    httpx.put(a + "/patches/x", content=data, headers=AUTH)
+                return r.status_code == 200 and r
+            reply = until(write, 10)
             want = None if delete else reply.json()["version"]
             time.sleep(6)
             seen = (version(a, "x"), version(b, "x"))
