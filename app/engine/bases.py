@@ -99,8 +99,8 @@ class BaseLoader:
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics, self.device = settings, metrics, settings.torch_device
-        self.vaes: dict[tuple, object] = {}
-        self.encoders: dict[str, object] = {}
+        self.vaes: dict[tuple, VAE] = {}
+        self.encoders: dict[str, TextEncoder] = {}
         self.bases: dict[str, ServedBase] = {}
         self.skipped: dict[str, str] = {}  # entry name -> why it is not served
 

@@ -54,7 +54,7 @@ def gate_json(meta: dict, weights: torch.Tensor) -> bytes:
 class GateMaps:
     """Computes and caches gate maps for an engine."""
 
-    def __init__(self, engine):
+    def __init__(self, engine) -> None:
         self.engine, self.settings = engine, engine.settings
         self.cache: OrderedDict[tuple, tuple[GateMap, int]] = OrderedDict()  # key -> (map, its bytes when stored)
         self.cached_bytes = 0
@@ -77,7 +77,10 @@ class GateMaps:
                     entry.png = await self._on_worker(heatmap_png, torch.from_numpy(entry.weights),
                                                       entry.timesteps, title=entry.title)
             self._store(key, entry)
-        return entry.png if png else entry.body
+        if png:
+            assert entry.png is not None, "rendered above when missing"
+            return entry.png
+        return entry.body
 
     async def _compute(self, base: ServedBase, record, label: int | None, caption: str | None,
                        timesteps: int) -> GateMap:
