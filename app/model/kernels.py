@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -176,7 +177,7 @@ def self_check(device, width: int = 40, dtype=torch.float32) -> str | None:
                        torch.tensor([2, 0], device=device), 1)
     if not use_triton(x):
         return None
-    kw = dict(residual=y, residual_gate=gate, prompt=prompt)
+    kw: dict[str, Any] = dict(residual=y, residual_gate=gate, prompt=prompt)
     try:
         got = add_norm_modulate(x, shift, scale, 1e-6, **kw)
         if x.is_cuda:

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+# from the defining modules: to a type checker the package root exports the dummy classes it falls back to
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
 from app.model.dit import DiT
 from app.model.dmp import PatchPool
 from app.model.protocols import VAE, Patch, Scheduler, TextEncoder
 from app.model.vae import PixelVAE, to_uint8
 
-SAMPLERS = ("ddpm", "ddim", "dpm")
+Sampler = Literal["ddpm", "ddim", "dpm"]  # the request schema's type; SAMPLERS is the same list as values
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
 TRAIN_TIMESTEPS = 1000
 
 
@@ -38,6 +44,7 @@ def noise_schedule_kwargs(beta_schedule: str = "linear") -> dict:
 def make_scheduler(sampler: str, steps: int, *, learn_sigma: bool, clip_sample: bool, beta_schedule="linear"):
     """A fresh diffusers scheduler for one request, timesteps set."""
     common = noise_schedule_kwargs(beta_schedule)
+    sched: DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler
     if sampler == "ddpm":
         sched = DDPMScheduler(**common, variance_type="learned_range" if learn_sigma else "fixed_small",
                               clip_sample=clip_sample)
@@ -194,8 +201,11 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
     """The tensors of one batched step for these jobs; DDPM jobs draw their noise from their own generators."""
     C = model.config.in_channels
     dev = jobs[0].latents.device
-    xs, ys, noises, coefs = [], [], [], []
-    row_image, t_rows, slot_rows, cond, uncond, scale, guided_k = [], [], [], [], [], [], []
+    xs, noises, coefs = [], [], []
+    ys: list[torch.Tensor] = []
+    cond: list[int] = []
+    uncond: list[int] = []
+    row_image, t_rows, slot_rows, scale, guided_k = [], [], [], [], []
     img = row = 0
     for job in jobs:
         n, t = job.latents.shape[0], job.t_list[job.index]
@@ -203,7 +213,7 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
         halves = 2 if twins else 1
         xs.append(job.latents if job.table is not None else
                   job.scheduler.scale_model_input(job.latents, job.timesteps[job.index]))
-        ys += [job.y, job.y_null] if twins else [job.y]
+        ys += [job.y, job.y_null] if job.y_null is not None else [job.y]
         row_image += list(range(img, img + n)) * halves
         t_rows += [float(t)] * (n * halves)
         slot_rows += [job.slot] * (n * halves)

@@ -122,10 +122,10 @@ def patch_from_bytes(data: bytes, base=None, max_bytes: int = DEFAULT_MAX_PATCH_
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error type for corrupt bodies
         raise PatchError(f"corrupt safetensors body: {e}") from None
-    expected = {"prompts": (L, N, D)}
+    expected: dict[str, tuple[int, ...]] = {"prompts": (L, N, D)}
     if method == "dmp":
         expected |= {"gate.weight": (N, D + 1), "gate.bias": (N,)}
-    optional = {"gate.w_noise": (D, N)} if method == "dmp" else {}
+    optional: dict[str, tuple[int, ...]] = {"gate.w_noise": (D, N)} if method == "dmp" else {}
     unknown = set(tensors) - set(expected) - set(optional)
     if unknown:
         raise PatchError(f"unexpected tensors {sorted(unknown)}")
