@@ -8,6 +8,7 @@ import os
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from app.core.signing import check_private_key, sign_file
 from app.model.dmp.module import GATE_INPUTS, SELECTIONS
@@ -20,7 +21,7 @@ DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 # What `patch` trains with no other flags: the recipe that moved the shipped mnist base to thick and inverted digits
 # in ~5 minutes of 2-core CPU (docs/results.md, "Domain shift"); DMP's gate x64 and lr 1e-3 are issue 11's recipe.
 # The baselines keep their own learning rates (full fine-tuning at 1e-3 diverges from the base).
-RECIPES = {
+RECIPES: dict[str, dict[str, Any]] = {
     "dmp": {"steps": 1000, "batch_size": 64, "lr": 1e-3, "gate_lr_mult": 1.0, "gate_scale": 64.0, "ema_decay": 0.995},
     "pt": {"steps": 1000, "batch_size": 64, "lr": 1e-3, "ema_decay": 0.995},
     "ft": {"steps": 1000, "batch_size": 64, "lr": 1e-4, "ema_decay": 0.995},

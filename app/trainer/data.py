@@ -57,6 +57,7 @@ class DataSet:
     def cond(self, idx: torch.Tensor) -> torch.Tensor:
         """What the model is conditioned on for these rows: labels, the null class 0, or text embeddings."""
         if self.task == "text":
+            assert self.text is not None, "a text data set carries its caption embeddings"
             return self.text[idx.to(self.text.device)]
         if self.task == "uncond":
             return torch.zeros(len(idx), dtype=torch.long, device=self.labels.device)
@@ -74,11 +75,13 @@ class DataSet:
 def _pickled_ndarray_bytes(path: Path) -> tuple[bytes, tuple[int, ...]]:
     """The raw buffer of a pickled numpy array, found by parsing opcodes (never unpickling: no code runs)."""
     data = gzip.open(path).read()
-    ints, buffer = [], b""
+    ints: list[int] = []
+    buffer = b""
     for op, arg, _ in genops(data):
-        if op.name in ("BININT1", "BININT2", "BININT") and not buffer:
+        if op.name in ("BININT1", "BININT2", "BININT") and not buffer and isinstance(arg, int):
             ints.append(arg)
-        elif op.name in ("BINBYTES", "SHORT_BINBYTES", "BINBYTES8") and len(arg) > len(buffer):
+        elif op.name in ("BINBYTES", "SHORT_BINBYTES", "BINBYTES8") and isinstance(arg, bytes) \
+                and len(arg) > len(buffer):
             buffer = arg
     return buffer, tuple(ints)
 
