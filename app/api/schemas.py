@@ -5,11 +5,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-from app.engine.validation import OUTPUT_FORMATS
-from app.model.sampling import SAMPLERS
-
-Sampler = Literal[SAMPLERS]
-OutputFormat = Literal[OUTPUT_FORMATS]
+from app.engine.images import OutputFormat
+from app.model.sampling import Sampler
 
 
 class ErrorBody(BaseModel):
