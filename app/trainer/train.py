@@ -92,7 +92,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def new_base(cfg: TrainConfig, data: DataSet) -> DiT:
-    text_dim = data.text.shape[1] if data.task == "text" and data.text is not None else 0
+    text_dim = 0
+    if data.task == "text":
+        assert data.text is not None, "a text data set carries its caption embeddings"
+        text_dim = data.text.shape[1]
     dcfg = DiTConfig(input_size=cfg.image_size, patch_size=cfg.patch_size, in_channels=data.x.shape[1],
                      hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
                      num_classes=data.num_classes, learn_sigma=cfg.learn_sigma, text_dim=text_dim,
