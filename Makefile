@@ -30,4 +30,8 @@ serve: install
 test: install-test
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
-.PHONY: install install-test serve test
+lint: install-test
+	$(BIN)/python -m ruff check app tests bench scripts
+	$(BIN)/python -m mypy
+
+.PHONY: install install-test serve test lint

@@ -64,7 +64,8 @@ def serve(args) -> int:
 
     # log_config=None: uvicorn's loggers propagate to the handler logs.configure installed (same format)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=settings.log_level.lower(),
-                            log_config=None, timeout_graceful_shutdown=0.5)  # drained already: just flush replies
+                            # drained already: just flush replies; uvicorn's hint says int, asyncio takes a float
+                            log_config=None, timeout_graceful_shutdown=0.5)  # type: ignore[arg-type]
     server = DrainingServer(config)
     threading.Thread(target=server.exit_if_start_fails, name="dmp-start-watch", daemon=True).start()
     server.run()
@@ -102,7 +103,7 @@ def generate(args) -> int:
         engine.stop()
     paths = [out] if len(done.files) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}")
                                                 for i in range(len(done.files))]
-    for path, data in zip(paths, done.files):
+    for path, data in zip(paths, done.files, strict=True):
         path.write_bytes(data)
     version = f"@{done.version}" if done.version else ""
     print(f"wrote {', '.join(map(str, paths))}: model={spec.model} patch={spec.patch or 'none'}{version} "

@@ -1,18 +1,19 @@
 """Cluster simulation: how should requests for thousands of patches be routed over R replicas with S device slots?
 
-Discrete events, per replica the engine's own policy: step-level batching up to `max_batch` images (CFG doubles
-the rows), a request seated in a device slot as it joins (LRU over slots no running request reads; when all are
-read it waits and the slot that frees soonest stops taking new requests), a host cache of validated copies in
-front of the store (its read-back delays only its own request). P patches with Zipf(s) popularity, Poisson arrivals at `load` x the cluster's full-batch
-capacity. Routing: `random`, `least` (fewest in flight), `chbl` (consistent hashing on the patch with bounded load,
-HAProxy's `hash-balance-factor`: a replica is eligible while in-flight + 1 <= ceil(factor x (total + 1) / R)).
+Discrete events, per replica the engine's own policy: step-level batching up to `max_batch` images (CFG doubles the
+rows), a request seated in a device slot as it joins (LRU over slots no running request reads; when all are read it
+waits and the slot that frees soonest stops taking new requests), a host cache of validated copies in front of the
+store (its read-back delays only its own request). P patches with Zipf(s) popularity, Poisson arrivals at `load` x
+the cluster's full-batch capacity. Routing: `random`, `least` (fewest in flight), `chbl` (consistent hashing on the
+patch with bounded load, HAProxy's `hash-balance-factor`: a replica is eligible while in-flight + 1 <= ceil(factor x
+(total + 1) / R)).
 
-Costs are measured by our benchmarks, not assumed: step time per row count and the slot swap-in of a DiT-XL/2
-patch from `bench/results/*h200*.json` (bench/engine.py on an H200), the read-back + validation of an XL/2 patch
-from the store from `bench/results/*churn*.json` (bench/churn.py). Reported per run: slot hit rate (requests whose
-patch was already in a slot), swap-ins/s and store read-backs/s over the cluster, and p50/p95 of the latency routing adds: a request's
-end-to-end time minus the compute of the denoising steps it ran in (so queueing, its store read-back and the
-swap-ins of its batches), warm-up excluded.
+Costs are measured by our benchmarks, not assumed: step time per row count and the slot swap-in of a DiT-XL/2 patch
+from `bench/results/*h200*.json` (bench/engine.py on an H200), the read-back + validation of an XL/2 patch from the
+store from `bench/results/*churn*.json` (bench/churn.py). Reported per run: slot hit rate (requests whose patch was
+already in a slot), swap-ins/s and store read-backs/s over the cluster, and p50/p95 of the latency routing adds: a
+request's end-to-end time minus the compute of the denoising steps it ran in (so queueing, its store read-back and
+the swap-ins of its batches), warm-up excluded.
 
     python -m bench.cluster_sim                       # the docs/routing.md table (a minute on one core)
     python -m bench.cluster_sim --replicas 8 --patches 10000 --zipf 1.2 --policy chbl --factor 1.5
@@ -196,7 +197,7 @@ def simulate(*, replicas: int, patches: int, zipf: float, policy: str, factor: f
     ring = Ring(replicas) if policy == "chbl" else None
     events: list = []  # (time, order, kind, payload)
     order = 0
-    for t, p in zip(arrivals, names):
+    for t, p in zip(arrivals, names, strict=True):
         events.append((float(t), order, "arrive", Req(float(t), int(p))))
         order += 1
     heapq.heapify(events)
@@ -247,17 +248,21 @@ def simulate(*, replicas: int, patches: int, zipf: float, policy: str, factor: f
     ms = np.array(added) * 1e3
     return {"replicas": replicas, "patches": patches, "zipf": zipf, "policy": policy,
             "factor": factor if policy == "chbl" else None, "rate_per_s": rate, "hit_rate": hits / seats,
-            "swap_ins_per_s": swaps / (t1 - t0), "store_reads_per_s": reads / (t1 - t0), "added_p50_ms": float(np.percentile(ms, 50)),
-            "added_p95_ms": float(np.percentile(ms, 95)), "requests": requests}
+            "swap_ins_per_s": swaps / (t1 - t0), "store_reads_per_s": reads / (t1 - t0),
+            "added_p50_ms": float(np.percentile(ms, 50)), "added_p95_ms": float(np.percentile(ms, 95)),
+            "requests": requests}
 
 
 def table(rows: list[dict]) -> str:
     head = ("| R | P | s | routing | slot hit rate | swap-ins/s | store reads/s | added p50 ms | added p95 ms |\n"
             "|---|---|---|---|---|---|---|---|---|")
-    name = lambda r: r["policy"] if r["policy"] != "chbl" else f"chbl {r['factor']:g}"
+
+    def name(r):
+        return r["policy"] if r["policy"] != "chbl" else f"chbl {r['factor']:g}"
     return head + "".join(
         f"\n| {r['replicas']} | {r['patches']} | {r['zipf']:g} | {name(r)} | {r['hit_rate']:.3f} | "
-        f"{r['swap_ins_per_s']:.1f} | {r['store_reads_per_s']:.1f} | {r['added_p50_ms']:.0f} | {r['added_p95_ms']:.0f} |" for r in rows)
+        f"{r['swap_ins_per_s']:.1f} | {r['store_reads_per_s']:.1f} | {r['added_p50_ms']:.0f} | "
+        f"{r['added_p95_ms']:.0f} |" for r in rows)
 
 
 def main(argv=None):
@@ -266,7 +271,8 @@ def main(argv=None):
     ap.add_argument("--patches", type=int, nargs="*", default=[100, 10_000])
     ap.add_argument("--zipf", type=float, nargs="*", default=[0.8, 1.2])
     ap.add_argument("--policy", nargs="*", default=["random", "least", "chbl"])
-    ap.add_argument("--factor", type=float, nargs="*", default=[1.5], help="hash-balance-factor / 100 (deploy/ uses 150)")
+    ap.add_argument("--factor", type=float, nargs="*", default=[1.5],
+                    help="hash-balance-factor / 100 (deploy/ uses 150)")
     ap.add_argument("--load", type=float, default=0.7, help="arrival rate / cluster full-batch capacity")
     ap.add_argument("--slots", type=int, default=15, help="device patch slots per replica (DMP_PATCH_SLOTS - 1)")
     ap.add_argument("--json-out", default=None)

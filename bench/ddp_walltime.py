@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def main() -> None:
     result = {
         "what": "DMP patch training step, demo MNIST base (DiT hidden 64, depth 6, 16x16, patch 2), "
                 "CPU gloo, 1 thread per rank",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
         "global_batch": args.batch_size, "timed_steps": args.steps, "warmup_steps": WARMUP,
         "seconds_per_step_1_process": round(best1 / args.steps, 4),
         "seconds_per_step_2_ranks": round(best2 / args.steps, 4),

@@ -187,10 +187,10 @@ def forward_sweep(b: Bench, rows_list: list[int], repeats: int = 10) -> dict:
         y = torch.randint(0, cfg.num_classes, (rows,), device=dev)
         one = b.pool.batch(torch.ones(rows, dtype=torch.long, device=dev))
         mixed = b.pool.batch(torch.arange(rows, device=dev) % 8 + 1)
-        fns = {"ours_1patch": lambda: b.patched(x, t.float(), y, patch=one),
-               "ours_8patches": lambda: b.patched(x, t.float(), y, patch=mixed),
-               "ours_unpatched": lambda: b.unpatched(x, t.float(), y),
-               "diffusers_bf16": lambda: b.ref["bf16"](x.bfloat16(), timestep=t, class_labels=y).sample}
+        fns = {"ours_1patch": lambda x=x, t=t, y=y, one=one: b.patched(x, t.float(), y, patch=one),
+               "ours_8patches": lambda x=x, t=t, y=y, mixed=mixed: b.patched(x, t.float(), y, patch=mixed),
+               "ours_unpatched": lambda x=x, t=t, y=y: b.unpatched(x, t.float(), y),
+               "diffusers_bf16": lambda x=x, t=t, y=y: b.ref["bf16"](x.bfloat16(), timestep=t, class_labels=y).sample}
         res[rows] = {k: v * 1e3 for k, v in time_alternating(fns, dev, repeats).items()}
     return res
 
@@ -310,10 +310,11 @@ def main(argv=None):
     for batch, mixed in ((1, False), (args.batch, True)):
         suites[batch] = sampling_suite(b, batch=batch, sampler="ddim", steps=steps, guidance=guidance,
                                        repeats=repeats, mixed=mixed, diffusers_dtypes=("bf16", "fp32"))
-    log(f"\n{'demo, ddim %d steps, cfg %.1f' % (steps, guidance):<34}" + "".join(f"{'batch %d' % k:>14}" for k in suites))
+    log(f"\n{f'demo, ddim {steps} steps, cfg {guidance:.1f}':<34}" + "".join(f"{f'batch {k}':>14}" for k in suites))
     for name in suites[args.batch]["images_per_s"]:
         log(f"{name + ' img/s':<34}" + "".join(
-            f"{s['images_per_s'][name]:>14.2f}" if name in s["images_per_s"] else f"{'-':>14}" for s in suites.values()))
+            f"{s['images_per_s'][name]:>14.2f}" if name in s["images_per_s"] else f"{'-':>14}"
+            for s in suites.values()))
     for key in ("speedup_vs_diffusers", "patch_overhead", "mixed_patch_ratio"):
         log(f"{key:<34}" + "".join(f"{s[key]:>14.3f}" if key in s else f"{'-':>14}" for s in suites.values()))
     main_suite = suites[args.batch]

@@ -37,8 +37,9 @@ def run(url: str, bodies: list[dict], clients: int, requests: int) -> dict:
         t.join()
     wall = time.perf_counter() - start
     q = statistics.quantiles(latencies, n=20)
-    return {"clients": clients, "requests": requests, "rps": requests / wall, "p50_ms": 1000 * statistics.median(latencies),
-            "p95_ms": 1000 * q[18], "non_200": sum(c != 200 for c in codes)}
+    return {"clients": clients, "requests": requests, "rps": requests / wall,
+            "p50_ms": 1000 * statistics.median(latencies), "p95_ms": 1000 * q[18],
+            "non_200": sum(c != 200 for c in codes)}
 
 
 def main() -> None:

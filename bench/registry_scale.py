@@ -72,7 +72,9 @@ def main(argv=None):
         with ThreadPoolExecutor(16) as pool:
             results = list(pool.map(one, picks))
         gen_s = time.perf_counter() - t0
-        total = lambda name, **labels: metric_total(engine, name, **labels)
+
+        def total(name, **labels):
+            return metric_total(engine, name, **labels)
         summaries = [engine.registry.summary(r) for r in engine.registry.list()]
         out = {"patches": args.patches, "ready": len(names), "file_bytes": size, "device_slots": args.slots - 1,
                "host_bytes_cap": args.host_bytes, "start_s": start_s, "list_s": list_s,

@@ -137,7 +137,8 @@ def main() -> None:
     base = {"model": args.model, "class_label": 3, "steps": args.steps, "num_images": args.num_images}
     half = args.clients // 2
     variants = {"json": ["json"] * args.clients, "events": ["events"] * args.clients,
-                "previews": ["previews"] * args.clients, "mixed": ["previews"] * half + ["json"] * (args.clients - half)}
+                "previews": ["previews"] * args.clients,
+                "mixed": ["previews"] * half + ["json"] * (args.clients - half)}
     rates: dict[str, list[float]] = {name: [] for name in ["json", "events", "previews", "mixed_json"]}
     try:
         load(url, ["json"] * args.clients, 1, base, args.previews)  # warm the connections and the batch buckets
@@ -157,7 +158,9 @@ def main() -> None:
     step = x0_step_cost(REPO / "models" / f"{args.model}.safetensors", args.clients, args.steps, 5, args.threads)
     print(f"batched step of {args.clients} jobs: {step}")
     # load from others on a shared machine moves whole rounds: compare within a round, then take the median
-    ratio = lambda k: round(statistics.median(a / b for a, b in zip(rates[k], rates["json"])), 3)
+
+    def ratio(k):
+        return round(statistics.median(a / b for a, b in zip(rates[k], rates["json"], strict=True)), 3)
     out = {"clients": args.clients, "per_client": args.per_client, "steps": args.steps, "previews": args.previews,
            "num_images": args.num_images, "rounds": args.rounds,
            "median_images_per_s": {k: round(statistics.median(v), 3) for k, v in rates.items()},

@@ -35,7 +35,7 @@ def main() -> None:
                        guidance_scale=args.guidance, seeds=list(range(args.seeds)))  # (S, H, W, C) uint8
         x = img.permute(0, 3, 1, 2).float() / 127.5 - 1
         hits.append((clf(x).argmax(-1) == digit).float().mean().item())
-    print(" ".join(f"{w}:{h:.2f}" for w, h in zip(DIGIT_WORDS, hits)), f"mean {sum(hits) / len(hits):.3f}")
+    print(" ".join(f"{w}:{h:.2f}" for w, h in zip(DIGIT_WORDS, hits, strict=True)), f"mean {sum(hits) / len(hits):.3f}")
 
 
 if __name__ == "__main__":

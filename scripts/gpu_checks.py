@@ -39,8 +39,11 @@ def kernel_checks(B=128, N=256, D=1152, S=9, L=28) -> dict:
             if "prompt" in d:
                 d["prompt"] = PromptAdd(prompt.gates.double(), prompt.prompts.double(), prompt.slots, 5)
             ex_x, ex_h = add_norm_modulate_reference(x.double(), shift.double(), scale.double(), 1e-6, **d)
-            ms_fused = do_bench(lambda: add_norm_modulate(x, shift, scale, 1e-6, **kw), return_mode="median")
-            ms_ref = do_bench(lambda: add_norm_modulate_reference(x, shift, scale, 1e-6, **kw),
+            ms_fused = do_bench(lambda x=x, shift=shift, scale=scale, kw=kw: add_norm_modulate(x, shift, scale, 1e-6,
+                                                                                                **kw),
+                                return_mode="median")
+            ms_ref = do_bench(lambda x=x, shift=shift, scale=scale, kw=kw: add_norm_modulate_reference(x, shift, scale,
+                                                                                                      1e-6, **kw),
                               return_mode="median")
             moved = (4 if name == "residual" else 3) * x.numel() * x.element_size()  # reads x (+ y), writes x, h
             out[f"{name}_{str(dtype).removeprefix('torch.')}"] = {
@@ -164,7 +167,8 @@ def fusion_gain(size="DiT-XL/2", images=(32, 64), repeats=10, top=20) -> dict:
     for rows in (2 * b for b in images):
         x, t, y = random_rows(cfg, rows)
         patch = pool.batch(torch.full((rows,), slot, device="cuda"))
-        fns = {k: (lambda f=f, k=k: f(x, t, y, patch=None if k.endswith("unpatched") else patch))
+        fns = {k: (lambda f=f, k=k, x=x, t=t, y=y, patch=patch: f(x, t, y, patch=None if k.endswith("unpatched")
+                                                                  else patch))
                for k, f in graphs.items()}
         ms = {k: v * 1e3 for k, v in time_alternating(fns, torch.device("cuda"), repeats).items()}
         ms["fusion_speedup_patched"] = ms["plain_patched"] / ms["fused_patched"]

@@ -23,7 +23,8 @@ result = {"n": n, "num_heldout": len(test), "pairs": {}, "frontier": {}}
 for g in (1.5, 2.5):
     m = n if g == 1.5 else 500
     imgs = {}
-    for arm, path, gate in (("base", None, "learned"), ("dmp", PATCH, "learned"), ("dmp, gate zeroed", PATCH, "uniform")):
+    arms = (("base", None, "learned"), ("dmp", PATCH, "learned"), ("dmp, gate zeroed", PATCH, "uniform"))
+    for arm, path, gate in arms:
         for size in (m, 1000):  # chunks of 500 are seeded by their start: the first 500 of 1,000 are the 500-sample set
             try:
                 x, y = arm_images(BASE, path, n=size, seed=0, guidance=g, cache=cache, gate=gate, cached_only=True)
@@ -57,8 +58,9 @@ if result["pairs"]:
             return f"{x['d_fd_pct']:+.1f} % [{x['ci95_pct'][0]:+.1f}, {x['ci95_pct'][1]:+.1f}]"
         pr = [f"{g[a]['extractors'][e]['precision']:.3f} / {g[a]['extractors'][e]['recall']:.3f}"
               for a in ("base", "dmp", "dmp, gate zeroed")]
-        lines.append(f"| {e} | " + " | ".join(f"{g[a]['extractors'][e]['fd']:.4g}" for a in ("base", "dmp", "dmp, gate zeroed"))
-                     + f" | {d('dmp - base')} | {d('gate zeroed - base')} | {d('dmp - gate zeroed')} | " + " | ".join(pr) + " |")
+        fd = " | ".join(f"{g[a]['extractors'][e]['fd']:.4g}" for a in ("base", "dmp", "dmp, gate zeroed"))
+        lines.append(f"| {e} | {fd} | {d('dmp - base')} | {d('gate zeroed - base')} | {d('dmp - gate zeroed')} | "
+                     + " | ".join(pr) + " |")
     lines += ["", "Class accuracy (our classifier): " + ", ".join(f"{a} {g[a]['class_acc']:.3f}" for a in g) + "."]
 lines += ["", "Guidance frontier (class accuracy; FD pca / randcnn / classifier), 500 samples per point "
           f"({n} at 1.5):", "", "| guidance | base | mnist-dmp | gate zeroed |", "|---|---|---|---|"]

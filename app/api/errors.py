@@ -67,7 +67,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+        kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code,
+                                                                                          "http_error")
         _remember(request, kind)
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:  # one Route per method: Starlette's Allow names only the first match

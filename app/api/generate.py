@@ -50,6 +50,7 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, c
         headers = {"X-Seed": str(spec.seed), "X-Model": spec.model,
                    "Server-Timing": ", ".join(f"{k[:-3]};dur={v:.1f}" for k, v in done.timings.items())}
         if spec.patch:
+            assert done.version is not None, "a patched result names its version"
             headers |= {"X-Patch": spec.patch, "X-Patch-Version": done.version}
         return Response(done.files[0], media_type=media_type("png"), headers=headers)
     return _reply(spec, done)
@@ -72,7 +73,7 @@ async def _events(work: Work):
             if isinstance(event, Queued):
                 yield sse("queued", {"position": event.position})
             elif isinstance(event, Step):
-                data = {"step": event.step, "of": event.of}
+                data: dict[str, int | list[str]] = {"step": event.step, "of": event.of}
                 if event.preview is not None:
                     data["preview"] = [_b64(f) for f in event.preview]
                 yield sse("progress", data)

@@ -19,7 +19,7 @@ from app.core.ratelimit import RateLimiter
 log = logging.getLogger("dmp.api")
 api_bearer = HTTPBearer(auto_error=False, scheme_name="APIKey", description="An API key from DMP_API_KEYS")
 # `openapi_extra` of the key-checked routes: the `{}` alternative says the key is optional (DMP_API_KEYS unset)
-KEY_OPTIONAL = {"security": [{}]}
+KEY_OPTIONAL: dict[str, list[dict]] = {"security": [{}]}
 
 
 class KeyGate:

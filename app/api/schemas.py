@@ -5,11 +5,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-from app.engine.validation import OUTPUT_FORMATS
-from app.model.sampling import SAMPLERS
-
-Sampler = Literal[SAMPLERS]
-OutputFormat = Literal[OUTPUT_FORMATS]
+from app.engine.images import OutputFormat
+from app.model.sampling import Sampler
 
 
 class ErrorBody(BaseModel):
@@ -24,9 +21,10 @@ class GenerateRequest(BaseModel):
 
     model: StrictStr | None = Field(None, max_length=128, description="Base name; optional with a patch or one base")
     patch: StrictStr | None = Field(None, max_length=64, description="Patch name; null = the base model")
-    class_label: Annotated[StrictInt, Field(ge=0, le=100_000)] | Annotated[StrictStr, Field(min_length=1, max_length=200)] \
-        | None = Field(None, description="Class index, or a class name: any synonym of a label in GET /models, "
-                                         "any case (class models); an unknown name is 400 unknown_class")
+    class_label: Annotated[StrictInt, Field(ge=0, le=100_000)] \
+        | Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = Field(
+            None, description="Class index, or a class name: any synonym of a label in GET /models, "
+                              "any case (class models); an unknown name is 400 unknown_class")
     caption: StrictStr | None = Field(None, description="Caption (text models); at most DMP_MAX_CAPTION_CHARS")
     num_images: StrictInt = Field(1, ge=1, description="At most DMP_MAX_IMAGES")
     steps: StrictInt | None = Field(None, ge=1, description="Denoising steps; default from the model; at most "

@@ -4,8 +4,10 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.routing import APIRoute
 
 from app.api.deps import EngineDep
 from app.api.keys import KEY_OPTIONAL, KeyDep
@@ -22,13 +24,14 @@ log = logging.getLogger("dmp.api")
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 STARTED = int(time.time())  # `created` of the bases: they are loaded when the process starts
 PARAMS = {"num_images": "n", "output_format": "output_format", "steps": "steps", "sampler": "sampler"}
-ERRORS = {code: {"model": OpenAIErrorBody, "description": text} for code, text in {
+Responses = dict[int | str, dict[str, Any]]  # the `responses` of a route (OpenAPI)
+ERRORS: Responses = {code: {"model": OpenAIErrorBody, "description": text} for code, text in {
     400: "Invalid request (BadRequestError)", 401: "Missing or wrong API key (AuthenticationError)",
     404: "Unknown model (NotFoundError)", 429: "Queue full or the key's rate limit (RateLimitError); see Retry-After",
     500: "Unexpected server error", 503: "Not ready, draining, or deadline exceeded"}.items()}
 # FastAPI declares a 422 for every route with a body; here invalid bodies answer 400 like every other bad request
-NO_422 = {422: {"model": OpenAIErrorBody, "description": "Never sent: invalid bodies answer 400 on /v1"}}
-STREAM = {200: {"description": "ImagesResponse JSON; with stream=true Server-Sent Events "
+NO_422: Responses = {422: {"model": OpenAIErrorBody, "description": "Never sent: invalid bodies answer 400 on /v1"}}
+STREAM: Responses = {200: {"description": "ImagesResponse JSON; with stream=true Server-Sent Events "
                                "image_generation.partial_image / image_generation.completed",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
@@ -58,7 +61,8 @@ async def generate_images(body: ImageRequest, request: Request, engine: EngineDe
     try:
         spec = engine.resolve(model=model, patch=patch, num_images=body.n, steps=body.steps, sampler=body.sampler,
                               guidance_scale=body.guidance_scale, seed=body.seed,
-                              output_format=body.output_format or "png", **_condition(engine, model, patch, body.prompt))
+                              output_format=body.output_format or "png",
+                              **_condition(engine, model, patch, body.prompt))
     except ServiceError as e:
         raise _in_openai_terms(e) from None
     size = _size(engine.bases[spec.model], body.size)
@@ -94,10 +98,10 @@ async def _events(request: Request, work: Work, size: str):
                     yield _event("image_generation.completed", common, b64_json=_b64(f), usage=usage, image_index=i)
     except ServiceError as e:  # the status line is out: the client raises APIError on a data line with "error"
         body = openai_error(request, e.status, e.message, e.error_type, getattr(e, "param", None)).body
-        yield f"data: {body.decode()}\n\n"
+        yield f"data: {bytes(body).decode()}\n\n"
     except Exception:
         log.exception("streamed image generation failed")
-        yield f"data: {openai_error(request, 500, 'internal server error', 'internal').body.decode()}\n\n"
+        yield f"data: {bytes(openai_error(request, 500, 'internal server error', 'internal').body).decode()}\n\n"
 
 
 def _event(kind: str, common: dict, **fields) -> str:
@@ -112,6 +116,7 @@ def _model(engine: Engine, name: str | None) -> tuple[str | None, str | None]:
     """(base, patch) named by `model`: a base, or a patch (whose base resolve fills in)."""
     if name is None or name in engine.bases:
         return name, None
+    assert engine.registry is not None, "routes run once the engine has started"
     try:
         engine.registry.get(name)
     except NotFound:
@@ -125,7 +130,7 @@ def _in_openai_terms(e: ServiceError) -> ServiceError:
     if e.error_type == "unknown_class":
         return OpenAIError(f"the prompt of a class-conditional model is a class index or name; {e.message}",
                            status=400, error_type="unknown_class", param="prompt")
-    param = PARAMS.get(getattr(e, "field", None))
+    param = PARAMS.get(getattr(e, "field", ""))
     if param is None:
         return e
     kind = "invalid_value" if e.error_type == "invalid_request" else e.error_type
@@ -144,6 +149,7 @@ def _size(base: ServedBase, size: str | None) -> str:
 
 def _condition(engine: Engine, model: str | None, patch: str | None, prompt: str) -> dict:
     """The prompt as what the base's task takes: a caption, a class label (index or name), or nothing."""
+    assert engine.registry is not None, "routes run once the engine has started"
     record = engine.registry.get(patch) if patch else None
     try:
         task = engine.bases[base_name(engine.bases, model, record)].task
@@ -155,8 +161,8 @@ def _condition(engine: Engine, model: str | None, patch: str | None, prompt: str
 @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
 def unknown_route(path: str, request: Request):
     """Unknown /v1 routes (404) and known ones with another method (405) answer in OpenAI's shape too."""
-    allowed = sorted(m for r in router.routes if r.path == f"/v1/{path}" and r.endpoint is not unknown_route
-                     for m in r.methods)
+    allowed = sorted(m for r in router.routes if isinstance(r, APIRoute) and r.path == f"/v1/{path}"
+                     and r.endpoint is not unknown_route for m in r.methods or ())
     if allowed:
         raise OpenAIError(f"{request.method} is not allowed on /v1/{path}", status=405,
                           error_type="method_not_allowed", headers={"Allow": ", ".join(allowed)})

@@ -28,8 +28,9 @@ class Settings(BaseSettings):
     key_id_secret: SecretStr | None = Field(None, description="HMAC key naming API keys without an id in metrics and "
                                             "rate-limit buckets, the same on every replica; unset = derived from "
                                             "DMP_API_KEYS")
-    api_keys: SecretStr | None = Field(None, description="Keys for /generate, /v1/* and the gates routes: a file or "
-                                       "a comma list of entries KEY | sha256:HEX | ID:KEY | ID:sha256:HEX; unset = open")
+    api_keys: SecretStr | None = Field(None, description="Keys for /generate, /v1/* and the gates routes: a file "
+                                       "or a comma list of entries KEY | sha256:HEX | ID:KEY | ID:sha256:HEX; "
+                                       "unset = open")
     key_requests_per_min: float = Field(0, ge=0, description="Requests a key may make per minute; 0 = no limit")
     key_images_per_min: float = Field(0, ge=0, description="Images a key may ask for per minute; 0 = no limit")
     redis_url: str | None = Field(None, description="Redis for shared patches and the result cache; unset = disk")

@@ -11,7 +11,7 @@ def pick_device(name: str = "auto") -> str:
     return name
 
 
-def pick_dtype(name: str, device: str) -> torch.dtype:
+def pick_dtype(name: str, device: str | torch.device) -> torch.dtype:
     """`auto`: bf16 on CUDA, fp32 elsewhere; any other name is a torch dtype (`float32`, `bfloat16`, ...)."""
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32

@@ -5,7 +5,7 @@ import json
 import logging
 import sys
 from contextvars import ContextVar
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 # Set by the HTTP middleware for the lifetime of one request; records logged outside a request carry None.
 request_id: ContextVar[str | None] = ContextVar("dmp_request_id", default=None)
@@ -24,10 +24,11 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, message, request_id when in a request, exc when raised."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+        line = {"ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
                 "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
-        if getattr(record, "request_id", None):
-            line["request_id"] = record.request_id
+        stamped_id = getattr(record, "request_id", None)  # set by the request-id filter inside a request
+        if stamped_id:
+            line["request_id"] = stamped_id
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -46,7 +47,7 @@ def bundle_hint(bundle: bytes) -> str | None:
 class PatchVerifier:
     """Checks that patch bytes carry a valid model-signing bundle by one of the trusted public keys."""
 
-    def __init__(self, key_paths: list[Path]):
+    def __init__(self, key_paths: Sequence[str | Path]):
         self.keys: dict[str, Path] = {}
         for path in key_paths:
             try:

@@ -10,6 +10,8 @@ import torch
 
 from app.core.config import Settings
 from app.core.metrics import Metrics
+from app.engine.graphs import GraphedForward, buckets_up_to
+from app.engine.slots import PatchSlots
 from app.model import PatchPool, fingerprint, load_base
 from app.model.describe import BaseDescription, DescriptionError, describe, is_base_entry, label_index, resolve_vae
 from app.model.dit import DiT
@@ -17,9 +19,7 @@ from app.model.kernels import self_check, set_fused
 from app.model.protocols import VAE, TextEncoder
 from app.model.sampling import clips_x0
 from app.model.text import load_text_encoder
-from app.model.vae import PixelVAE, SDVAE
-from app.engine.graphs import GraphedForward, buckets_up_to
-from app.engine.slots import PatchSlots
+from app.model.vae import SDVAE, PixelVAE
 
 log = logging.getLogger("dmp.bases")
 
@@ -99,8 +99,8 @@ class BaseLoader:
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics, self.device = settings, metrics, settings.torch_device
-        self.vaes: dict[tuple, object] = {}
-        self.encoders: dict[str, object] = {}
+        self.vaes: dict[tuple, VAE] = {}
+        self.encoders: dict[str, TextEncoder] = {}
         self.bases: dict[str, ServedBase] = {}
         self.skipped: dict[str, str] = {}  # entry name -> why it is not served
 
@@ -162,7 +162,8 @@ class BaseLoader:
             self.encoders[spec] = load_text_encoder(spec, device=self.device)
         encoder = self.encoders[spec]
         if encoder.dim != model.config.text_dim:
-            raise DescriptionError(f"text encoder {spec} gives {encoder.dim}-d, the model wants {model.config.text_dim}")
+            raise DescriptionError(f"text encoder {spec} gives {encoder.dim}-d, "
+                                   f"the model wants {model.config.text_dim}")
         return encoder
 
 

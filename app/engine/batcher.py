@@ -118,11 +118,11 @@ class Batcher:
         versions (PatchSlots.seat_waiting; the rest keep waiting); caller holds the lock."""
         queue = self.waiting[name]
         live, kept = [w for w in queue if not self._dropped(w)], []
-        for work, slot in zip(live, self.bases[name].patches.seat_waiting([w.pin for w in live])):
+        for work, slot in zip(live, self.bases[name].patches.seat_waiting([w.pin for w in live]), strict=True):
             if slot is None:
                 kept.append(work)
             else:
-                work.job.slot, work.seated = slot, work.pin is not None
+                work.running_job.slot, work.seated = slot, work.pin is not None
                 self.running[name].append(work)
         self.metrics.queue_depth.dec(len(queue) - len(kept))
         queue.clear()
@@ -154,20 +154,21 @@ class Batcher:
         images = sum(w.images for w in works)
         self.metrics.batch_size.labels(name).observe(images)
         self.metrics.batch_occupancy.labels(name).observe(images / self.max_batch)
-        previews = frozenset(w.job for w in works if w.job.index + 1 in w.preview_at)
+        previews = frozenset(w.running_job for w in works if w.running_job.index + 1 in w.preview_at)
         try:
-            x0s = denoise_step(base.model, [w.job for w in works], step=self.steps[name], previews=previews)
+            x0s = denoise_step(base.model, [w.running_job for w in works], step=self.steps[name], previews=previews)
         except Exception as e:  # a crash in one step fails that batch, never the runner
             log.exception("denoising step failed for base %s", name)
             self.running[name] = [w for w in running if w not in works]
             for w in works:
                 self._finish(w, error=e)
             return
-        self.running[name] = [w for w in running if not w.job.done]
+        self.running[name] = [w for w in running if not w.running_job.done]
         for w in works:
+            job = w.running_job
             if w.follow:
-                w.report(Progress(w.job.index, len(w.job.t_list), self._preview(base, x0s.get(w.job))))
-            if w.job.done:
+                w.report(Progress(job.index, len(job.t_list), self._preview(base, x0s.get(job))))
+            if job.done:
                 self._decode(base, w)
 
     @staticmethod
@@ -184,14 +185,15 @@ class Batcher:
     def _decode(self, base: ServedBase, work: Work) -> None:
         sampled = time.perf_counter()
         try:
-            images = to_uint8(base.vae.decode(work.job.latents))  # (n, H, W, C)
+            images = to_uint8(base.vae.decode(work.running_job.latents))  # (n, H, W, C)
         except Exception as e:
             log.exception("decode failed for base %s", base.name)
             self._finish(work, error=e)
             return
-        done = time.perf_counter()
-        timings = {"queue_ms": 1000 * (work.started_at - work.admitted_at),
-                   "sample_ms": 1000 * (sampled - work.started_at), "decode_ms": 1000 * (done - sampled)}
+        done, started = time.perf_counter(), work.started_at
+        assert started is not None, "set when the work joined its first step"
+        timings = {"queue_ms": 1000 * (started - work.admitted_at),
+                   "sample_ms": 1000 * (sampled - started), "decode_ms": 1000 * (done - sampled)}
         version = work.pin.version if work.pin else None
         self._finish(work, result=Result(images, version, timings))
 

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import Future
 from contextlib import contextmanager
 
+import redis
 import torch
 from anyio import to_thread
 
@@ -44,7 +45,7 @@ class Engine:
         self.registry: PatchRegistry | None = None
         self.batcher: Batcher | None = None
         self.cache: ResultCache | None = None
-        self.redis = None
+        self.redis: redis.Redis | None = None
         self.state = "starting"  # starting -> warming -> ready -> draining -> stopped; or failed
         self.error: str | None = None
         self._inflight = 0
@@ -64,10 +65,10 @@ class Engine:
                                      + (f"; {self.skipped_detail()}" if self.skipped else ""))
             self.metrics.fused_kernels.set(int(kernels.active(self.settings.torch_device)))
             if self.settings.redis_url:
-                self.redis = redis_client(self.settings)
+                self.redis = client = redis_client(self.settings)
                 if self.settings.cache_ttl > 0:
                     secret = self.settings.cache_secret
-                    self.cache = ResultCache(self.redis, self.settings.cache_ttl, self.metrics,
+                    self.cache = ResultCache(client, self.settings.cache_ttl, self.metrics,
                                              secret.get_secret_value().encode() if secret else secrets.token_bytes(32))
             self.registry = PatchRegistry(self.settings, self.bases, self.metrics, client=self.redis)
             self.registry.start()
@@ -113,6 +114,7 @@ class Engine:
         if not self.bases:
             return False, "no_models", f"no servable base model in {self.settings.model_dir}" + (
                 f"; {self.skipped_detail()}" if self.skipped else "")
+        assert self.registry is not None, "made by start() before the state is ready"
         ok, why = self.registry.healthy()
         if not ok:
             return False, "registry_unavailable", why
@@ -178,11 +180,13 @@ class Engine:
     def condition(self, base: ServedBase, spec: Spec) -> torch.Tensor:
         """The model's y for this request: a label, the null class, or the caption's embedding (1, text_dim)."""
         if base.task == "text":
+            assert spec.caption is not None, "validation requires a caption of a text model"
             return self.encode(base, spec.caption)
         return torch.tensor(spec.class_label if base.task == "class" else 0)
 
     def encode(self, base: ServedBase, caption: str) -> torch.Tensor:
         """A caption's embedding (1, text_dim); one encoder call at a time."""
+        assert base.text_encoder is not None, "a text model is served with its encoder"
         with self._encoder_lock:
             return base.text_encoder.encode([caption])
 
@@ -236,16 +240,19 @@ class Engine:
         self._admit(internal)
         spec = work.spec
         base, pin = self.bases[spec.model], None
+        assert self.registry is not None and self.batcher is not None, "admitting starts after start()"
+        registry, batcher = self.registry, self.batcher
         try:
             y = self.condition(base, spec)
             if spec.patch is not None:
-                record = self.registry.get(spec.patch)
+                record = registry.get(spec.patch)
                 if record.base != base.name:
                     raise InvalidRequest(f"patch {spec.patch!r} is for model {record.base!r}",
                                          error_type="patch_model_mismatch")
-                pin = base.patches.acquire(spec.patch, self.registry.fetch) if record.state == "ready" else None
+                pin = base.patches.acquire(spec.patch, registry.fetch) if record.state == "ready" else None
                 if pin is None:  # not ready, or deleted between the lookup and the pin
-                    raise PatchNotReady(f"patch {spec.patch!r} is {'gone' if record.state == 'ready' else record.state}")
+                    state = "gone" if record.state == "ready" else record.state
+                    raise PatchNotReady(f"patch {spec.patch!r} is {state}")
             work.job = new_job(base.model, y=y, seed=spec.seed, sampler=spec.sampler, steps=spec.steps,
                                guidance_scale=spec.guidance_scale, n=spec.num_images,
                                beta_schedule=base.beta_schedule, clip_sample=base.clip_sample,
@@ -258,13 +265,15 @@ class Engine:
         work.pin, work.deadline = pin, time.monotonic() + self.settings.request_timeout
         work.admitted_at = time.perf_counter()
         work.future.add_done_callback(self._done)
+        assert work.inbox is not None, "made with an inbox by generate()"
         work.future.add_done_callback(work.inbox.put)  # after the runner's last report: the result comes last
-        self.batcher.put(work)
+        batcher.put(work)
 
     async def _cached(self, spec: Spec) -> Done | None:
         """The cached files of a seeded request, or None (cache off, no seed, or a miss)."""
         if self.cache is None or not spec.seeded:
             return None
+        assert self.registry is not None, "made by start() before the state is ready"
         version = self.registry.get(spec.patch).version if spec.patch else None
         files = await to_thread.run_sync(self.cache.get, self._cache_key(spec, version))
         if files is None:
@@ -272,6 +281,7 @@ class Engine:
         return Done(files, version, {"queue_ms": 0.0, "sample_ms": 0.0, "decode_ms": 0.0}, cached=True)
 
     def _cache_key(self, spec: Spec, version: str | None) -> str:
+        assert self.cache is not None, "called only with the cache on"
         return self.cache.key(spec, self.bases[spec.model].fingerprint, version)
 
     def _finished(self, spec: Spec, done: Done, started: float) -> None:

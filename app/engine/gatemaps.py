@@ -1,4 +1,5 @@
-"""A patch's gate weights per block x prompt over timesteps, as compact JSON or a heatmap PNG, for /patches/{name}/gates.
+"""A patch's gate weights per block x prompt over timesteps, as compact JSON or a heatmap PNG, for
+/patches/{name}/gates.
 
 The work is bounded (DMP_GATE_MAX_VALUES) and admitted like a generation (DMP_MAX_QUEUE); the forward runs on the
 runner thread that owns the device, the store read, JSON and PNG on one worker thread of their own, so neither the
@@ -53,7 +54,7 @@ def gate_json(meta: dict, weights: torch.Tensor) -> bytes:
 class GateMaps:
     """Computes and caches gate maps for an engine."""
 
-    def __init__(self, engine):
+    def __init__(self, engine) -> None:
         self.engine, self.settings = engine, engine.settings
         self.cache: OrderedDict[tuple, tuple[GateMap, int]] = OrderedDict()  # key -> (map, its bytes when stored)
         self.cached_bytes = 0
@@ -76,7 +77,10 @@ class GateMaps:
                     entry.png = await self._on_worker(heatmap_png, torch.from_numpy(entry.weights),
                                                       entry.timesteps, title=entry.title)
             self._store(key, entry)
-        return entry.png if png else entry.body
+        if png:
+            assert entry.png is not None, "rendered above when missing"
+            return entry.png
+        return entry.body
 
     async def _compute(self, base: ServedBase, record, label: int | None, caption: str | None,
                        timesteps: int) -> GateMap:

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import io
+from typing import Any, Literal, get_args
 
 import torch
 from PIL import Image
 
-FORMATS = {"png": ("PNG", "image/png", {}), "jpeg": ("JPEG", "image/jpeg", {"quality": 95}),
-           "webp": ("WEBP", "image/webp", {"lossless": True})}
+OutputFormat = Literal["png", "jpeg", "webp"]  # the request schema's type, the keys of FORMATS
+FORMATS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "png": ("PNG", "image/png", {}), "jpeg": ("JPEG", "image/jpeg", {"quality": 95}),
+    "webp": ("WEBP", "image/webp", {"lossless": True})}
+assert tuple(FORMATS) == get_args(OutputFormat), "one list of output formats"
 
 
 def encode_images(images: torch.Tensor, fmt: str) -> list[bytes]:

@@ -138,6 +138,7 @@ class PatchSlots:
                 start = time.perf_counter()
                 if self.pool.free_slots() == 0 and not self._evict_device():
                     return None
+                assert entry.host is not None, "a version without a slot keeps its host copy"
                 entry.slot = self.pool.install(entry.host)  # in place; non-blocking from pinned memory on CUDA
                 self._slotted[entry.slot] = entry
                 self.metrics.patch_swap_ins.labels(self.base, entry.name).inc()
@@ -205,6 +206,7 @@ class PatchSlots:
         return True
 
     def _unslot(self, entry: Version) -> None:
+        assert entry.slot is not None, "only resident versions are unslotted"
         self.pool.free(entry.slot)
         del self._slotted[entry.slot]
         entry.slot = None

@@ -89,7 +89,8 @@ class Inbox:
     the runner a deque append, not a loop wake-up each, and a slow reader gets the items in one batch."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.items, self.ready, self.waking = loop, deque(), asyncio.Event(), False
+        self.loop, self.ready, self.waking = loop, asyncio.Event(), False
+        self.items: deque[Progress | Future] = deque()  # step reports, then the work's finished future
 
     def put(self, item) -> None:  # runner thread
         self.items.append(item)
@@ -101,7 +102,7 @@ class Inbox:
         self.waking = False  # before the reader drains: anything appended later schedules its own wake-up
         self.ready.set()
 
-    async def take(self, deadline: float) -> list:
+    async def take(self, deadline: float) -> list[Progress | Future]:
         """Everything handed over so far (waits for at least one item until the monotonic `deadline`)."""
         while not self.items:
             self.ready.clear()
@@ -139,6 +140,12 @@ class Work:
     seated: bool = False  # its pin holds a device slot (set by the runner when it joins the batch)
 
     @property
+    def running_job(self) -> Job:
+        """The sampling job, which every work the runner holds has (a cache hit never reaches the runner)."""
+        assert self.job is not None, "a queued work has a job"
+        return self.job
+
+    @property
     def images(self) -> int:
         return self.spec.num_images
 
@@ -148,6 +155,7 @@ class Work:
 
     def report(self, progress: Progress) -> None:
         """Runner thread: a step of a followed request is done."""
+        assert self.inbox is not None, "a followed work has an inbox"
         self.inbox.put(progress)
 
     async def events(self) -> AsyncIterator[Event]:
@@ -158,6 +166,7 @@ class Work:
         if self.ready is not None:
             yield self.ready
             return
+        assert self.inbox is not None, "a work that is not a cache hit has an inbox"
         try:
             yield Queued(self.ahead)
             while True:

@@ -1,5 +1,5 @@
 """Model layer shared by the server and the trainer: DiT, DMP patches, loaders, VAE, text, sampling."""
-from app.model.dit import DiT, DiTConfig, DiT_models
+from app.model.dit import DiT, DiT_models, DiTConfig
 from app.model.dmp import DMP, PatchError, PatchPool, load_patch, save_patch
 from app.model.loaders import CheckpointError, fingerprint, load_base, save_base
 from app.model.sampling import SAMPLERS, denoise_step, generate, new_job

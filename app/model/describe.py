@@ -174,7 +174,7 @@ def scheduler_defaults(config: dict) -> dict:
     if config.get("prediction_type", "epsilon") != "epsilon":
         raise DescriptionError("scheduler: only epsilon prediction is supported")
     return {"beta_schedule": "cosine" if kind == "squaredcos_cap_v2" else "linear",
-            "default_sampler": SCHEDULER_SAMPLERS.get(config.get("_class_name"), "ddim")}
+            "default_sampler": SCHEDULER_SAMPLERS.get(config.get("_class_name", ""), "ddim")}
 
 
 def describe(path) -> BaseDescription:
@@ -203,7 +203,8 @@ def describe(path) -> BaseDescription:
         values = _read_json(side, "sidecar")
         unknown = set(values) - SIDECAR_KEYS
         if unknown:
-            raise DescriptionError(f"sidecar {side.name}: unknown keys {sorted(unknown)}; known: {sorted(SIDECAR_KEYS)}")
+            raise DescriptionError(f"sidecar {side.name}: unknown keys {sorted(unknown)}; "
+                                   f"known: {sorted(SIDECAR_KEYS)}")
         _apply(desc, values, side.parent, f"sidecar {side.name}")
     return desc
 

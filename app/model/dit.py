@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -10,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from app.model.kernels import PromptAdd, add_norm_modulate
-from app.model.protocols import Patch
+from app.model.protocols import Patch, TrainingPatch
 
 #################################################################################
 #                                  Config                                       #
@@ -184,6 +186,9 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
+    t_embedder: TimestepEmbedder  # only with DiTConfig.block_embedders (blocks 1..)
+    y_embedder: LabelEmbedder | TextEmbedder
+
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, norm2_eps=1e-6, embedders: tuple | None = None):
         super().__init__()
         if embedders is not None:  # this block's own (t_embedder, y_embedder) copy; see DiTConfig.block_embedders
@@ -226,6 +231,9 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone; `patch` adds DMP prompts before each block."""
 
+    meta: dict[str, str]  # set by the loaders: name, domain, sampling defaults, ...
+    _fingerprint: str  # cached by loaders.fingerprint
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config
@@ -249,6 +257,7 @@ class DiT(nn.Module):
 
     def new_embedders(self) -> tuple[TimestepEmbedder, LabelEmbedder | TextEmbedder]:
         cfg = self.config
+        y_embedder: LabelEmbedder | TextEmbedder
         if cfg.text_dim > 0:
             y_embedder = TextEmbedder(cfg.text_dim, cfg.hidden_size, cfg.class_dropout_prob)
         else:
@@ -311,9 +320,10 @@ class DiT(nn.Module):
         elif gate_t_perm is None:
             patch_state = patch.prepare(c, t_emb, gate_noise)
         else:
-            patch_state = patch.prepare(c, t_emb, gate_noise, gate_t_perm)
+            # the trainer's gate-timestep permutation: only its DMP module is given one
+            patch_state = cast(TrainingPatch, patch).prepare(c, t_emb, gate_noise, gate_t_perm)
         pending = None  # each block's MLP branch is added by the next block's (or the final layer's) first kernel
-        for depth, block in enumerate(self.blocks):
+        for depth, block in enumerate(cast(Iterable[DiTBlock], self.blocks)):
             c_block = c if depth == 0 or not self.config.block_embedders else \
                 block.t_embedder(t) + block.y_embedder(y, self.training, drop)  # (B, D): its own copy
             x, pending = block(x, c_block, patch_state.at(depth) if patch_state is not None else None,

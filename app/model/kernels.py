@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -176,7 +177,7 @@ def self_check(device, width: int = 40, dtype=torch.float32) -> str | None:
                        torch.tensor([2, 0], device=device), 1)
     if not use_triton(x):
         return None
-    kw = dict(residual=y, residual_gate=gate, prompt=prompt)
+    kw: dict[str, Any] = dict(residual=y, residual_gate=gate, prompt=prompt)
     try:
         got = add_norm_modulate(x, shift, scale, 1e-6, **kw)
         if x.is_cuda:
@@ -186,7 +187,7 @@ def self_check(device, width: int = 40, dtype=torch.float32) -> str | None:
         return f"fused Triton kernel failed ({type(e).__name__}: {str(e)[:200]}); using plain torch ops"
     want = add_norm_modulate_reference(x, shift, scale, 1e-6, **kw)
     tol = 1e-4 if dtype == torch.float32 else 5e-2  # bf16/fp16: the two round at different points (module doc)
-    if not all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol) for a, b in zip(got, want)):
+    if not all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol) for a, b in zip(got, want, strict=True)):
         set_fused(False)
         return "fused Triton kernel disagrees with the torch reference; using plain torch ops"
     return None

@@ -4,14 +4,16 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from app.model.dit import DiT, DiTConfig, HEADS_BY_WIDTH
+from app.model.dit import HEADS_BY_WIDTH, DiT, DiTConfig
 
 
 class CheckpointError(ValueError):
@@ -184,7 +186,8 @@ def read_torch_file(path) -> object:
         raise CheckpointError(f"cannot read {path} as a weights-only torch file: {e}") from None
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        stubs = [(type(name.rsplit(".", 1)[-1], (Inert,), {"__module__": "inert"}), name) for name in names]
+        stubs: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+            (type(name.rsplit(".", 1)[-1], (Inert,), {"__module__": "inert"}), name) for name in names]
         with torch.serialization.safe_globals(stubs):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

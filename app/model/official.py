@@ -118,8 +118,10 @@ def import_dmp(ckpt, base_out, patch_out, *, name: str | None = None, domain: st
         schedule = "cosine"
         notes.append("no known schedule in the checkpoint: assumed cosine (the official default schedule_name)")
     vae = vae or f"stabilityai/sd-vae-ft-{_get(cfg, 'general.vae', 'ema')}"
-    meta = {"name": name, "domain": domain, "vae": vae, "beta_schedule": schedule, "clip_sample": "false",
-            "default_sampler": "ddpm", "default_steps": "250", "default_guidance": str(_get(cfg, "eval.cfg_scale", 1.5)),
+    meta: dict[str, str | list[str]] = {
+            "name": name, "domain": domain, "vae": vae, "beta_schedule": schedule, "clip_sample": "false",
+            "default_sampler": "ddpm", "default_steps": "250",
+            "default_guidance": str(_get(cfg, "eval.cfg_scale", 1.5)),
             "imported_from": "sangminwoo/DMP", "imported_weights": weights}
     if labels:
         meta["labels"] = labels_from(labels, Path.cwd())

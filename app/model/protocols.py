@@ -25,10 +25,19 @@ class Patch(Protocol):
     def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None) -> PatchRows: ...
 
 
+class TrainingPatch(Protocol):
+    """A trainer's DMP module: also takes the timestep permutation of its gate's input (B,)."""
+
+    def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None,
+                t_perm: torch.Tensor | None = None) -> PatchRows: ...
+
+
 class VAE(Protocol):
     """Images in [-1, 1] (B, C, H, W) <-> the DiT's latents; `kind` is "pixel" (identity) or "sd"."""
 
     kind: str
+    channels: int  # latent channels
+    downscale: int  # pixels per latent cell along each side
 
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
 

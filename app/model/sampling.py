@@ -10,16 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+# from the defining modules: to a type checker the package root exports the dummy classes it falls back to
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
 from app.model.dit import DiT
 from app.model.dmp import PatchPool
 from app.model.protocols import VAE, Patch, Scheduler, TextEncoder
 from app.model.vae import PixelVAE, to_uint8
 
-SAMPLERS = ("ddpm", "ddim", "dpm")
+Sampler = Literal["ddpm", "ddim", "dpm"]  # the request schema's type; SAMPLERS is the same list as values
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
 TRAIN_TIMESTEPS = 1000
 
 
@@ -38,6 +44,7 @@ def noise_schedule_kwargs(beta_schedule: str = "linear") -> dict:
 def make_scheduler(sampler: str, steps: int, *, learn_sigma: bool, clip_sample: bool, beta_schedule="linear"):
     """A fresh diffusers scheduler for one request, timesteps set."""
     common = noise_schedule_kwargs(beta_schedule)
+    sched: DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler
     if sampler == "ddpm":
         sched = DDPMScheduler(**common, variance_type="learned_range" if learn_sigma else "fixed_small",
                               clip_sample=clip_sample)
@@ -194,8 +201,11 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
     """The tensors of one batched step for these jobs; DDPM jobs draw their noise from their own generators."""
     C = model.config.in_channels
     dev = jobs[0].latents.device
-    xs, ys, noises, coefs = [], [], [], []
-    row_image, t_rows, slot_rows, cond, uncond, scale, guided_k = [], [], [], [], [], [], []
+    xs, noises, coefs = [], [], []
+    ys: list[torch.Tensor] = []
+    cond: list[int] = []
+    uncond: list[int] = []
+    row_image, t_rows, slot_rows, scale, guided_k = [], [], [], [], []
     img = row = 0
     for job in jobs:
         n, t = job.latents.shape[0], job.t_list[job.index]
@@ -203,7 +213,7 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
         halves = 2 if twins else 1
         xs.append(job.latents if job.table is not None else
                   job.scheduler.scale_model_input(job.latents, job.timesteps[job.index]))
-        ys += [job.y, job.y_null] if twins else [job.y]
+        ys += [job.y, job.y_null] if job.y_null is not None else [job.y]
         row_image += list(range(img, img + n)) * halves
         t_rows += [float(t)] * (n * halves)
         slot_rows += [job.slot] * (n * halves)
@@ -216,10 +226,13 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
         draws = job.table is not None and table[COEFFS.index("noise")] > 0
         noises.append(torch.randn(job.latents.shape, generator=job.generator) if draws else None)
         img, row = img + n, row + n * halves
-    as_tensor = lambda v, dtype=torch.long: to_device(torch.tensor(v, dtype=dtype), dev)
+
+    def as_tensor(v, dtype=torch.long):
+        return to_device(torch.tensor(v, dtype=dtype), dev)
     noise = None
     if any(z is not None for z in noises):
-        noise = to_device(torch.cat([z if z is not None else torch.zeros(x.shape) for z, x in zip(noises, xs)]), dev)
+        noise = to_device(torch.cat([z if z is not None else torch.zeros(x.shape)
+                                     for z, x in zip(noises, xs, strict=True)]), dev)
     return StepBatch(
         x=torch.cat(xs), row_image=as_tensor(row_image), t=as_tensor(t_rows, torch.float32), y=torch.cat(ys),
         slots=as_tensor(slot_rows), cond=as_tensor(cond), uncond=as_tensor(uncond),
@@ -295,7 +308,7 @@ def denoise_step(model: DiT, jobs: list[Job], step: StepFn | None = None, dtype=
 
 
 def x0_from_eps(x: torch.Tensor, eps: torch.Tensor, sa, sb) -> torch.Tensor:
-    """The clean sample an epsilon prediction implies: (x - sqrt(1 - a) eps) / sqrt(a), sa = sqrt(a), sb = sqrt(1 - a)."""
+    """The clean sample an epsilon prediction implies: (x - sb eps) / sa, sa = sqrt(a), sb = sqrt(1 - a)."""
     return (x - sb * eps) / sa
 
 
@@ -326,7 +339,7 @@ def generate(model: DiT, vae: VAE | None = None, *, y=None, captions: list[str] 
     conds = condition_rows(model, len(seeds), y=y, captions=captions, text_encoder=text_encoder)
     jobs = [new_job(model, y=cond, seed=s, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                     patch=patch, beta_schedule=beta_schedule, clip_sample=clip_sample, device=device,
-                    dtype=dtype, cfg_channels=cfg_channels) for s, cond in zip(seeds, conds)]
+                    dtype=dtype, cfg_channels=cfg_channels) for s, cond in zip(seeds, conds, strict=True)]
     from tqdm.auto import tqdm
 
     for _ in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):

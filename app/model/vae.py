@@ -41,13 +41,13 @@ class SDVAE:
         self.downscale = 2 ** (len(cfg.block_out_channels) - 1)  # pixels per latent cell along each side
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, latent_scale: float | None = None) -> "SDVAE":
+    def from_pretrained(cls, path: str | Path, latent_scale: float | None = None) -> SDVAE:
         from diffusers import AutoencoderKL
 
         return cls(AutoencoderKL.from_pretrained(str(path)), latent_scale)
 
     @classmethod
-    def random_sd(cls, **overrides) -> "SDVAE":
+    def random_sd(cls, **overrides) -> SDVAE:
         """The SD VAE architecture (sd-vae-ft-mse config) with random weights: plumbing tests only."""
         from diffusers import AutoencoderKL
 
@@ -77,6 +77,6 @@ def vae_downscale(spec: str) -> int:
     return 2 ** (len(AutoencoderKL.load_config(str(spec))["block_out_channels"]) - 1)
 
 
-def to_uint8(images: torch.Tensor) -> "torch.Tensor":
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

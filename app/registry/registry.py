@@ -8,12 +8,14 @@ the `ServedModel` protocol below.
 """
 from __future__ import annotations
 
+import builtins
 import hashlib
 import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from typing import Protocol
 
 import redis
@@ -51,16 +53,23 @@ class PatchSink(Protocol):
 class ServedModel(Protocol):
     """What the registry needs of a served base: enough to validate a patch against it, and its sink."""
 
-    name: str
-    model: nn.Module
-    fingerprint: str
-    patches: PatchSink
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def patches(self) -> PatchSink: ...
 
 
 class PatchRegistry:
     """All patches of all served bases, one store behind them."""
 
-    def __init__(self, settings: Settings, bases: dict[str, ServedModel], metrics: Metrics, client=None):
+    def __init__(self, settings: Settings, bases: Mapping[str, ServedModel], metrics: Metrics, client=None):
         self.settings, self.bases, self.metrics = settings, bases, metrics
         self.origin = uuid.uuid4().hex
         self.store = (RedisStore(client, self.origin, settings.patch_tombstone_seconds) if client is not None
@@ -77,7 +86,8 @@ class PatchRegistry:
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
         self.connected = not self.store.shared  # Redis: set once the listener has subscribed and synced
-        self._ping_ok, self._ping_started = True, None  # the watcher's last ping, and when one still in flight began
+        self._ping_ok = True  # the watcher's last ping
+        self._ping_started: float | None = None  # when a ping still in flight began
         self._reported: set = set()  # bad data already logged (each once)
         # what this replica saw happen to each name since it started: name -> (version, event, time), oldest first
         self._history: OrderedDict[str, deque[tuple[str, str, float]]] = OrderedDict()
@@ -107,6 +117,7 @@ class PatchRegistry:
         probe answers at once however hung Redis is. A sync thread that died is restarted (unready meanwhile)."""
         if not self.store.shared:
             return True, ""
+        assert self._listener is not None, "start() runs the listener with a shared store"
         if not self._listener.is_alive() and not self._stop.is_set():
             log.error("patch sync thread died; restarting it")
             self.connected = False
@@ -151,11 +162,11 @@ class PatchRegistry:
             raise NotFound(f"no patch named {name!r}", error_type="patch_not_found")
         return record
 
-    def held_versions(self, name: str) -> list[str]:
+    def held_versions(self, name: str) -> builtins.list[str]:  # builtins: `list` here is the method above
         """Retired versions of `name` that running requests still use."""
         return [v for b in self.bases.values() for v in b.patches.held_versions(name)]
 
-    def history(self, name: str) -> list[dict]:
+    def history(self, name: str) -> builtins.list[dict]:
         """Versions of `name` this replica installed or deleted since it started, newest first."""
         events = self._history.get(name)
         if events is None:
@@ -171,7 +182,7 @@ class PatchRegistry:
 
     def summary(self, record: PatchRecord) -> dict:
         """The record's fields plus where it is resident: device (in a slot), host (in memory) or stored."""
-        base = self.bases.get(record.base) if record.state == "ready" else None
+        base = self.bases.get(record.base) if record.state == "ready" and record.base is not None else None
         return record.summary() | {"resident": base.patches.residency(record.name) if base else "stored"}
 
     def fetch(self, name: str, version: str) -> DMP:
@@ -208,7 +219,7 @@ class PatchRegistry:
                                              owner=owner)
             except redis.RedisError as e:
                 raise self._unreachable(e) from None
-            if old is not None and old.base != base.name and old.base in self.bases:
+            if old is not None and old.base is not None and old.base != base.name and old.base in self.bases:
                 self.bases[old.base].patches.withdraw(name)  # the name moved to another base
             record = self._install(name, version, base, patch, Stored(data, generation, signature, owner), signer)
             return record, old is None
@@ -269,7 +280,7 @@ class PatchRegistry:
             if fp and base.fingerprint == fp:
                 return base
         named = meta.get("base_name")
-        if named in self.bases:
+        if isinstance(named, str) and named in self.bases:
             return self.bases[named]  # patch_from_bytes then says why it does not fit
         if not self.bases:
             raise PatchError("this server serves no base model")
@@ -321,7 +332,7 @@ class PatchRegistry:
             except Exception as e:  # stored bytes are untrusted input: whatever is wrong fails this record alone
                 why = e.message if isinstance(e, ServiceError) else f"{e.__class__.__name__}: {e}"
                 log.warning("patch %s version %s refused on this replica: %s", name, version, why)
-                if current is not None and current.base in self.bases:
+                if current is not None and current.base is not None and current.base in self.bases:
                     self.bases[current.base].patches.withdraw(name)  # the other replicas serve the new version
                 self._drop_bytes(name)
                 self.records[name] = PatchRecord(name, version, "failed", size_bytes=len(data), error=why,
@@ -367,16 +378,22 @@ class PatchRegistry:
                 self._tombstones.popitem(last=False)
         if record is not None:
             self._note(name, record.version, "deleted")
-        if record is not None and record.base in self.bases:
+        if record is not None and record.base is not None and record.base in self.bases:
             self.bases[record.base].patches.withdraw(name)  # which also removes the name's metric series
 
     # ------------------------------------------------------------------ redis replicas
+
+    @property
+    def _redis(self) -> RedisStore:
+        """The store as Redis: the sync thread's methods below run only with a shared store."""
+        assert isinstance(self.store, RedisStore), "only with DMP_REDIS_URL"
+        return self.store
 
     def _populate(self) -> None:
         """A Redis without the seeded marker is new or lost its data: the replicas that notice fill it with the
         patches they serve and the deletes they saw, then with the shipped ones in DMP_PATCH_DIR. Every write is a
         compare-and-set on the name's generation: a write made since Redis came back (newer) is never undone."""
-        if self.store.seeded():
+        if self._redis.seeded():
             return
         with self._lock:
             held = {n: (*self._bytes[n], r.version, max(r.generation, 1), r.owner) for n, r in self.records.items()
@@ -387,6 +404,8 @@ class PatchRegistry:
         for name in disk.names():
             if name not in held and name not in deleted:
                 stored = disk.load_record(name)
+                if stored is None:  # removed since the listing
+                    continue
                 try:
                     self._check_name(name)
                     self._verify(stored.data, stored.signature)
@@ -400,7 +419,7 @@ class PatchRegistry:
                      for name, (data, signature, version, generation, owner) in held.items())
         for name, generation in deleted.items():
             self.store.delete(name, generation, refill=True)
-        self.store.mark_seeded()  # after the writes, so no replica reads a half-filled Redis as the truth
+        self._redis.mark_seeded()  # after the writes, so no replica reads a half-filled Redis as the truth
         log.info("filled redis: %d patch(es) written, %d not (newer writes there), %d delete(s)", filled,
                  len(held) - filled, len(deleted))
 
@@ -409,7 +428,7 @@ class PatchRegistry:
         while not self._stop.is_set():
             pubsub = None
             try:
-                pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
+                pubsub = self._redis.client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(CHANNEL)
                 self._resync()
                 self.connected = True
@@ -449,7 +468,7 @@ class PatchRegistry:
             with self._lock:
                 record = self.records.get(name)
                 if record is not None:  # the delete's generation, as exact as Redis still knows it
-                    self._forget(name, max(record.generation + 1, self.store.deleted_generation(name)))
+                    self._forget(name, max(record.generation + 1, self._redis.deleted_generation(name)))
         else:
             self._load(name, self.store.load_record(name))
 
@@ -458,7 +477,7 @@ class PatchRegistry:
         self._populate()
         with self._lock:
             local = {n: (r.version, r.generation) for n, r in self.records.items()}
-        versions, bad = self.store.versions()  # read after `local`: a name put meanwhile is not taken as deleted
+        versions, bad = self._redis.versions()  # read after `local`: a name put meanwhile is not taken as deleted
         for field in bad:
             self._report(("field", field), "skipping field %r of the patch versions hash: not a patch name", field)
         for name in set(local) - set(versions):

@@ -6,6 +6,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import redis
 
@@ -21,8 +22,8 @@ SEEDED = "dmp:seeded"
 SIGNATURE_SUFFIX = ".sig"  # NAME.safetensors.sig beside a patch file
 
 # Every write is a compare-and-set on the name's generation, atomic in Redis (a script runs alone). KEYS: bytes,
-# versions, generations, signatures, tombstone, owners. A client's write (ARGV[4] = '0') always lands, one generation past
-# anything stored or deleted; a refill from a replica's memory (ARGV[4] = '1') lands only when newer than both, so
+# versions, generations, signatures, tombstone, owners. A client's write (ARGV[4] = '0') always lands, one generation
+# past anything stored or deleted; a refill from a replica's memory (ARGV[4] = '1') lands only when newer than both, so
 # it never undoes a write made after Redis lost its data. Stored values are untrusted: a read that fails or is not
 # a number counts as generation 0.
 _GENERATION_OF = """
@@ -176,8 +177,10 @@ class RedisStore:
     def versions(self) -> tuple[dict[str, str], list[bytes]]:
         """({name: version}, the fields that are not a valid name and version): Redis is untrusted input, and one
         bad field must not stop the others from syncing."""
-        good, bad = {}, []
-        for k, v in self.client.hgetall(VERSIONS).items():
+        good: dict[str, str] = {}
+        bad: list[bytes] = []
+        fields = cast(dict[bytes, bytes], self.client.hgetall(VERSIONS))  # the client does not decode responses
+        for k, v in fields.items():
             try:
                 name, version = k.decode(), v.decode()
             except UnicodeDecodeError:
@@ -195,7 +198,7 @@ class RedisStore:
     def load(self, name: str) -> bytes | None:
         """The stored bytes; a key of another Redis type (WRONGTYPE) reads as bytes no patch file can be."""
         try:
-            return self.client.get(self.key(name))
+            return cast(bytes | None, self.client.get(self.key(name)))  # the client does not decode responses
         except redis.ResponseError:
             return b""
 
@@ -203,7 +206,10 @@ class RedisStore:
         """Bytes, generation and signature read in one transaction; a value of the wrong type or form reads as
         bytes no patch file can be, generation 0, no signature."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.get(self.key(name)).hget(GENERATIONS, name).hget(SIGNATURES, name).hget(OWNERS, name)
+        pipe.get(self.key(name))  # one command a statement: the stubs type a queued command as its reply
+        pipe.hget(GENERATIONS, name)
+        pipe.hget(SIGNATURES, name)
+        pipe.hget(OWNERS, name)
         data, generation, signature, owner = pipe.execute(raise_on_error=False)
         if data is None:
             return None
@@ -220,20 +226,20 @@ class RedisStore:
              refill: bool = False, owner: str | None = None) -> int:
         """Store a version; returns its generation, or 0 when a refill lost to a newer write or delete."""
         event = json.dumps({"op": "put", "name": name, "version": version, "origin": self.origin})
-        args = [name, generation, self.tombstone_seconds, int(refill), data, version, signature or b"", CHANNEL,
-                event, owner or ""]
+        args: list[str | bytes | int] = [name, generation, self.tombstone_seconds, int(refill), data, version,
+                                         signature or b"", CHANNEL, event, owner or ""]
         return int(self._put(keys=self._keys(name), args=args))
 
     def delete(self, name: str, generation: int = 0, refill: bool = False) -> int:
         """Remove a name and leave a tombstone (for DMP_PATCH_TOMBSTONE_SECONDS) no older refill can pass."""
         event = json.dumps({"op": "delete", "name": name, "origin": self.origin})
-        args = [name, generation, self.tombstone_seconds, int(refill), CHANNEL, event]
+        args: list[str | bytes | int] = [name, generation, self.tombstone_seconds, int(refill), CHANNEL, event]
         return int(self._delete(keys=self._keys(name), args=args))
 
     def deleted_generation(self, name: str) -> int:
         """The generation of the delete of `name` that Redis remembers; 0 when none (or not a number)."""
         try:
-            return int(self.client.get(self.tombstone(name)))
+            return int(cast(bytes | None, self.client.get(self.tombstone(name))) or 0)
         except (TypeError, ValueError, redis.ResponseError):
             return 0
 

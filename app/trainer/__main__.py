@@ -8,6 +8,7 @@ import os
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from app.core.signing import check_private_key, sign_file
 from app.model.dmp.module import GATE_INPUTS, SELECTIONS
@@ -16,12 +17,11 @@ from app.trainer.domains import STYLES
 from app.trainer.evaluate import EVAL_SAMPLING
 from app.trainer.train import TrainConfig
 
-
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 # What `patch` trains with no other flags: issue 11's recipe (gate x64, lr 1e-3, EMA 0.995), measured moving the
 # shipped mnist base to thick and inverted digits (docs/results.md, "Domain shift"; ~5.5 min at 1 idle CPU thread).
 # The baselines keep their own learning rates (full fine-tuning at 1e-3 diverges from the base).
-RECIPES = {
+RECIPES: dict[str, dict[str, Any]] = {
     "dmp": {"steps": 1000, "batch_size": 64, "lr": 1e-3, "gate_lr_mult": 1.0, "gate_scale": 64.0, "ema_decay": 0.995},
     "pt": {"steps": 1000, "batch_size": 64, "lr": 1e-3, "ema_decay": 0.995},
     "ft": {"steps": 1000, "batch_size": 64, "lr": 1e-4, "ema_decay": 0.995},

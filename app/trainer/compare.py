@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,11 +95,15 @@ def pool_heldout(per_run: list[dict]) -> dict:
         return per_run[0]
     deciles = [mean_se([h["rel_diff_pct"][d] for h in per_run]) for d in range(len(per_run[0]["rel_diff_pct"]))]
     m, se = mean_se([h["all_rel_diff_pct"] for h in per_run])
-    return {"rel_diff_pct": [round(x, 3) for x, _ in deciles], "rel_diff_se_pct": [round(s, 3) for _, s in deciles],
-            "all_rel_diff_pct": round(m, 3), "all_rel_diff_se_pct": round(se, 3), "se_over": "training runs"}
+
+    def rounded(x: float | None) -> float:
+        assert x is not None, "several runs have a standard error"
+        return round(x, 3)
+    return {"rel_diff_pct": [round(x, 3) for x, _ in deciles], "rel_diff_se_pct": [rounded(s) for _, s in deciles],
+            "all_rel_diff_pct": round(m, 3), "all_rel_diff_se_pct": rounded(se), "se_over": "training runs"}
 
 
-def compare(base_path, arms: dict[str, str | list[str]], seeds: list[int], *, sampler=EVAL_SAMPLING["sampler"],
+def compare(base_path, arms: Mapping[str, str | list[str]], seeds: list[int], *, sampler=EVAL_SAMPLING["sampler"],
             steps=EVAL_SAMPLING["steps"], guidance=EVAL_SAMPLING["guidance_scale"],
             cache="runs/compare", device="cpu", heldout=True, boots=100, classifier_dir="runs/classifiers",
             classifier_steps=3000, seed_per_run=False, dataset: str | None = None) -> dict:
@@ -131,7 +137,7 @@ def compare(base_path, arms: dict[str, str | list[str]], seeds: list[int], *, sa
     def feats(path, s):
         return arm_features(ev, quality, base_path, path, s, sampler, steps, guidance, cache, conditions, labels)
     base_feats = {s: feats(None, s) for s in seeds}
-    base_losses = None
+    base_losses: torch.Tensor | None = None
     if heldout:
         diffusion = Diffusion(base.meta.get("beta_schedule", "linear"), device)
         base_losses = decile_losses(base, diffusion, test)
@@ -142,15 +148,16 @@ def compare(base_path, arms: dict[str, str | list[str]], seeds: list[int], *, sa
             rows = {}
             for s in [seeds[i]] if seed_per_run else seeds:
                 rows[s] = paired_row(ev, quality, base_feats[s], feats(path, s), labels, boots, s)
-            run = {"file": str(path), "per_seed": rows}
+            run: dict[str, Any] = {"file": str(path), "per_seed": rows}
             model, patch = load_arm(base_path, path)
             if patch is not None:
                 run |= patch_size_rms(model, patch, conditions)
             if heldout:
                 patched = decile_losses(model, diffusion, test, patch=patch)
+                assert base_losses is not None, "computed above when heldout"
                 run["heldout_deciles"] = paired_summary(base_losses, patched)
             runs.append(run)
-        arm = {"runs": runs, "summary": summarise(runs)}
+        arm: dict[str, Any] = {"runs": runs, "summary": summarise(runs)}
         if heldout:
             arm["heldout_deciles"] = pool_heldout([r["heldout_deciles"] for r in runs])
         out["arms"][label] = arm
@@ -171,7 +178,7 @@ def base_scores(ev, quality, f: dict, labels) -> dict:
 def paired_row(ev, quality, b: dict, a: dict, labels, boots: int, seed: int) -> dict:
     """Arm minus base at one seed, paired sample by sample: FD per independent extractor with a bootstrap SE, and
     with a classifier the FID-like against the train and test split and class accuracy."""
-    row = {}
+    row: dict[str, Any] = {}
     for e, real in quality.real.items():
         fb, fa = frechet(real, b["independent"][e]), frechet(real, a["independent"][e])
         fa_set, fb_set = a["independent"][e], b["independent"][e]
@@ -203,7 +210,7 @@ def versus(result: dict, ref: str) -> dict:
             if key not in next(iter(arm["runs"][0]["per_seed"].values())):
                 continue
             diffs = [[run["per_seed"][s][key] - other["per_seed"][s][key] for s in run["per_seed"]]
-                     for run, other in zip(arm["runs"], ref_runs)]
+                     for run, other in zip(arm["runs"], ref_runs, strict=True)]
             values = [statistics.fmean(d) for d in diffs] if len(diffs) > 1 else diffs[0]
             m, se = mean_se(values)
             row[key] = {"mean": m, "se": se, "per_run": values}
@@ -254,8 +261,9 @@ def markdown(result: dict) -> str:
     has several, else over sampling seeds, else the bootstrap SE of one paired difference)."""
     seeds = result["seeds"]
     base = result["base_scores"]
+    scored = (*(f"fd_{e}" for e in INDEPENDENT), "fid_like", "fid_like_test")
     per_seed = "; ".join(f"{k}: " + ", ".join(f"{base[s][k]:.3g}" for s in seeds)
-                         for k in (*(f"fd_{e}" for e in INDEPENDENT), "fid_like", "fid_like_test") if k in base[seeds[0]])
+                         for k in scored if k in base[seeds[0]])
     lines = [f"Base `{result['base']}` on `{result.get('dataset', '')}`, {result['sampler']}, {result['num_samples']} "
              f"samples per arm and seed (one per held-out image), sampling seeds {', '.join(map(str, seeds))} shared "
              f"by every arm. Base per seed: {per_seed}. "
@@ -273,7 +281,7 @@ def markdown(result: dict) -> str:
     for label, arm in result["arms"].items():
         s, runs = arm["summary"], arm["runs"]
 
-        def cell(key):
+        def cell(key, s=s, runs=runs):
             if key not in s:
                 return "—"
             m, se = s[key]["mean"], s[key]["se"]

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from pickletools import genops
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from pickletools import genops
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ class DataSet:
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def subset(self, idx: np.ndarray) -> "DataSet":
+    def subset(self, idx: np.ndarray) -> DataSet:
         t = torch.as_tensor(idx, dtype=torch.long)
         return replace(self, x=self.x[t], labels=self.labels[t],
                        captions=[self.captions[i] for i in idx] if self.captions is not None else None,
@@ -57,12 +57,13 @@ class DataSet:
     def cond(self, idx: torch.Tensor) -> torch.Tensor:
         """What the model is conditioned on for these rows: labels, the null class 0, or text embeddings."""
         if self.task == "text":
+            assert self.text is not None, "a text data set carries its caption embeddings"
             return self.text[idx.to(self.text.device)]
         if self.task == "uncond":
             return torch.zeros(len(idx), dtype=torch.long, device=self.labels.device)
         return self.labels[idx.to(self.labels.device)]
 
-    def to(self, device) -> "DataSet":
+    def to(self, device) -> DataSet:
         return replace(self, x=self.x.to(device), labels=self.labels.to(device),
                        text=self.text.to(device) if self.text is not None else None)
 
@@ -74,11 +75,13 @@ class DataSet:
 def _pickled_ndarray_bytes(path: Path) -> tuple[bytes, tuple[int, ...]]:
     """The raw buffer of a pickled numpy array, found by parsing opcodes (never unpickling: no code runs)."""
     data = gzip.open(path).read()
-    ints, buffer = [], b""
+    ints: list[int] = []
+    buffer = b""
     for op, arg, _ in genops(data):
-        if op.name in ("BININT1", "BININT2", "BININT") and not buffer:
+        if op.name in ("BININT1", "BININT2", "BININT") and not buffer and isinstance(arg, int):
             ints.append(arg)
-        elif op.name in ("BINBYTES", "SHORT_BINBYTES", "BINBYTES8") and len(arg) > len(buffer):
+        elif op.name in ("BINBYTES", "SHORT_BINBYTES", "BINBYTES8") and isinstance(arg, bytes) \
+                and len(arg) > len(buffer):
             buffer = arg
     return buffer, tuple(ints)
 
@@ -184,7 +187,7 @@ def bundled(name: str, image_size: int, text_encoder: str = "minilm") -> DataSet
     if name == "animals":  # unconditional: labels kept only for the evaluation classifier
         return DataSet(name, x, y, "uncond", 0, ANIMAL_NAMES, hflip=True)
     if name.endswith("captions"):
-        caps = [caption(img / 255.0, int(lab)) for img, lab in zip(raw, labels)]
+        caps = [caption(img / 255.0, int(lab)) for img, lab in zip(raw, labels, strict=True)]
         emb = text_embeddings(caps, text_encoder)
         return DataSet(name, x, y, "text", 0, DIGIT_NAMES, hflip=False, captions=caps, text=emb,
                        meta={"text_encoder": text_encoder})

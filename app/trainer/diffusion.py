@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler  # the defining module: see app/model/sampling.py
 
 from app.model.sampling import noise_schedule_kwargs
 

@@ -46,7 +46,9 @@ class Dist:
         """Every rank's rows concatenated along dim, with gradients flowing back to each rank's own rows."""
         if not self.active:
             return x
-        out = collectives.all_gather_single_autograd(x.contiguous(), dim, dist.group.WORLD)
+        world = dist.group.WORLD
+        assert world is not None, "an active run has initialised the process group"
+        out = collectives.all_gather_single_autograd(x.contiguous(), dim, world)
         # Wait now: a gathered tensor the losses never read would otherwise stay an unwaited collective.
         return out.wait() if isinstance(out, collectives.AsyncCollectiveTensor) else out
 

@@ -40,7 +40,7 @@ def make_domain(style: str, out: str | Path, size: int = 16, limit: int = 0) -> 
     out = Path(out)
     for label in range(10):
         (out / str(label)).mkdir(parents=True, exist_ok=True)
-    for i, (img, label) in enumerate(zip(pixels, labels)):
+    for i, (img, label) in enumerate(zip(pixels, labels, strict=True)):
         Image.fromarray(img, mode="L").save(out / str(int(label)) / f"{i:05d}.png")
     return len(pixels)
 

@@ -4,6 +4,7 @@ Scores are against the real train split and, as `*_test`, against the held-out t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -61,8 +62,8 @@ class Evaluator:
         self.ref = self.features(self.train.x)
         self.test_ref = test_f = self.features(self.test.x)
         noise = torch.rand(self.test.x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1  # uniform noise
-        self.floor = {"fid_like": frechet_distance(self.ref, test_f), "kid": kernel_inception_distance(self.ref, test_f),
-                      "class_acc": self.classifier_acc}
+        self.floor = {"fid_like": frechet_distance(self.ref, test_f),
+                      "kid": kernel_inception_distance(self.ref, test_f), "class_acc": self.classifier_acc}
         noise_f = self.features(noise)
         self.ceiling = {"fid_like": frechet_distance(self.ref, noise_f),
                         "kid": kernel_inception_distance(self.ref, noise_f)}
@@ -90,13 +91,21 @@ class Evaluator:
 def eval_conditions(model, test: DataSet) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Conditions for one sample per test image: its label, its caption embedding, or the null class."""
     if model.config.task == "text":
+        assert test.text is not None, "a text data set carries its caption embeddings"
         return test.text, test.labels
     if model.config.task == "class":
         return test.labels, test.labels
     return torch.zeros(len(test), dtype=torch.long), None
 
 
-EVAL_SAMPLING = {"sampler": "ddim", "steps": 50, "guidance_scale": 1.5}  # evaluation; a trained base's serving default
+class EvalSampling(TypedDict):
+    sampler: str
+    steps: int
+    guidance_scale: float
+
+
+# evaluation; a trained base's serving default
+EVAL_SAMPLING: EvalSampling = {"sampler": "ddim", "steps": 50, "guidance_scale": 1.5}
 
 
 @torch.no_grad()

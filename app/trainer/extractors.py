@@ -15,6 +15,9 @@ PCA_DIM = 32
 class PixelPCA(nn.Module):
     """Images -> their first PCA_DIM principal components, fitted on a given set (N, C, H, W)."""
 
+    mean: torch.Tensor  # registered buffers (dim-of-pixels,), (P, dim)
+    components: torch.Tensor
+
     def __init__(self, fit: torch.Tensor, dim: int = PCA_DIM):
         super().__init__()
         flat = fit.flatten(1).double()
@@ -35,11 +38,13 @@ class RandomCNN(nn.Module):
     def __init__(self, in_channels: int, seed: int = 0, width: int = 64):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        self.convs = nn.ModuleList(nn.Conv2d(c, width, 3, padding=1) for c in (in_channels, width, width))
+        convs = [nn.Conv2d(c, width, 3, padding=1) for c in (in_channels, width, width)]
+        self.convs = nn.ModuleList(convs)
         with torch.no_grad():
-            for conv in self.convs:  # He-normal weights from the seed alone: the same network everywhere
+            for conv in convs:  # He-normal weights from the seed alone: the same network everywhere
                 fan_in = conv.in_channels * 9
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2 / fan_in) ** 0.5)
+                assert conv.bias is not None  # Conv2d's default bias=True
                 conv.bias.zero_()
         self.num_features = 3 * 2 * width
         self.requires_grad_(False)

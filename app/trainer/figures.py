@@ -22,7 +22,7 @@ def save_grid(images: torch.Tensor, path, ncol: int = 10, scale: int = 2) -> Pat
         r, q = divmod(i, ncol)
         grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = pix[i]
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return Path(path)
@@ -79,7 +79,7 @@ def save_loss_curve(curves: dict[str, list[tuple[int, float]]], path, title: str
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for name, curve in curves.items():
-        steps, losses = zip(*curve)
+        steps, losses = zip(*curve, strict=True)
         ax.plot(steps, losses, marker=".", label=name)
         ax.axvspan(0.8 * steps[-1], steps[-1], alpha=0.08)
     ax.set(xlabel="training step", ylabel="held-out loss (test split, fixed noise)", yscale="log", title=title)

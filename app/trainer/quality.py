@@ -83,7 +83,7 @@ class Quality:
         return {name: features(e, images.float()) for name, e in self.extractors.items()}
 
     @torch.no_grad()
-    def class_acc(self, images: torch.Tensor, labels: torch.Tensor) -> float | None:
+    def class_acc(self, images: torch.Tensor, labels: torch.Tensor | None) -> float | None:
         if self.classifier is None or labels is None:
             return None
         preds = torch.cat([self.classifier(images[i:i + 500].float()).argmax(-1) for i in range(0, len(images), 500)])

@@ -8,15 +8,17 @@ import math
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 SEEDS = (0, 1, 2, 3, 4)
 STEPS, BATCH = 1000, 64
 N_PRIMARY, GUIDANCE = 2000, 1.5  # the serving default; the primary endpoint
 FRONTIER, N_FRONTIER = (1.0, 2.0, 2.5), 500
 LR_GRID = (3e-4, 1e-3, 3e-3)  # prompt arms: lr picked at seed 0 by final held-out loss, never by FD
-DMP = {"gate_lr_mult": 1.0, "w_importance": 1.0}  # the official code's run: gate x1, importance weight 1, no EMA
+# the official code's run: gate x1, importance weight 1, no EMA
+DMP: dict[str, Any] = {"gate_lr_mult": 1.0, "w_importance": 1.0}
 # label -> (method, TrainConfig overrides, fixed lr or None = pick from LR_GRID); the run order is this order
-ARMS = {
+ARMS: dict[str, tuple[str, dict[str, Any], float | None]] = {
     "PT": ("pt", {}, None),
     "DMP (official: gate x1)": ("dmp", DMP, None),
     "DMP gate x64": ("dmp", DMP | {"gate_scale": 64.0}, None),
@@ -92,7 +94,7 @@ class Study:
         if f.exists():
             return json.loads(f.read_text())["lr"]
         losses = {lr: self.train(label, lr, 0)[1]["heldout_loss"] for lr in LR_GRID}
-        lr = min(losses, key=losses.get)
+        lr = min(losses, key=losses.__getitem__)
         f.write_text(json.dumps({"lr": lr, "heldout_loss": {f"{k:g}": v for k, v in losses.items()}}))
         return lr
 
@@ -137,7 +139,7 @@ class Study:
 
 def holm(pvalues: dict) -> dict:
     """Holm-adjusted p-values of a family {name: p}."""
-    order = sorted(pvalues, key=pvalues.get)
+    order = sorted(pvalues, key=pvalues.__getitem__)
     out, running = {}, 0.0
     for i, name in enumerate(order):
         running = max(running, min(1.0, (len(order) - i) * pvalues[name]))
@@ -215,12 +217,13 @@ def report(runs) -> str:
     lines += ["", "Primary tests (paired t-test over training seeds on Δ FD %, Holm over comparisons x independent "
               "extractors):", ""]
     dmp, versus = PRIMARY
-    tests, rows = {}, []
+    tests: dict[str, float] = {}
+    rows: list[str | tuple[str, str]] = []  # a line, or (Holm key, line) of a tested comparison
     for other in versus:
         if other == "FT":  # the FT lr with the lower mean held-out loss
             fts = {a: statistics.fmean(r["train"]["heldout_loss"] for r in res[a].values())
                    for a in res if a.startswith("FT")}
-            other = min(fts, key=fts.get) if fts else "FT lr 1e-4"
+            other = min(fts, key=fts.__getitem__) if fts else "FT lr 1e-4"
         seeds = sorted(set(res.get(dmp, {})) & set(res.get(other, {})) & set(base))
         for e in extractors:
             diffs = [d_pct(res[dmp][s], base[s], e) - d_pct(res[other][s], base[s], e) for s in seeds]

@@ -89,7 +89,8 @@ def run_one(task: dict, plan: dict, runs: str, device: str) -> dict:
     _, labels = eval_conditions(load_base(base), evaluator.test)
     save_grid(images[grid_indices(labels, len(images))], folder / f"{stem}.png")
     result |= {"domain": dom["name"], "method": task["method"], "label": label, "seed": seed, "train": train_info,
-               "overrides": task["overrides"], "further_steps": plan["further_steps"] if task["method"] != "base" else 0}
+               "overrides": task["overrides"],
+               "further_steps": plan["further_steps"] if task["method"] != "base" else 0}
     result_path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -116,8 +117,8 @@ def prepare(plan: dict, device: str) -> None:
 
 
 def heatmaps(plan: dict, runs: str, device: str, out_dir: Path) -> list[Path]:
-    from app.trainer.evaluate import eval_conditions, load_model_and_patch
     from app.trainer.data import load_dataset
+    from app.trainer.evaluate import eval_conditions, load_model_and_patch
     from app.trainer.figures import gate_activations, save_gate_heatmap
 
     paths = []
@@ -194,7 +195,8 @@ def write_doc(plan: dict, results: list[dict], doc: Path, out_dir: Path) -> None
              f"(class and text models). Further training: {plan['further_steps']} steps, batch "
              f"{plan['batch_size']}, on the same training split the base was pretrained on. FID-like = Fréchet "
              "distance on the 128-d penultimate features of our own small classifier (not FID; not comparable to "
-             "published FIDs). KID (cubic-kernel MMD², unbiased, so it can dip below 0) on the same features. One sample per test item; mean ± std over seeds "
+             "published FIDs). KID (cubic-kernel MMD², unbiased, so it can dip below 0) on the same features. "
+             "One sample per test item; mean ± std over seeds "
              "(seed = patch-training seed and sampling seed). Δ vs base: the paired difference of FID-like from the "
              "base's at the same seed (same sampling noise), in % of the base, mean ± standard error over seeds.", ""]
     analysis = doc.parent / "results_analysis.md"
@@ -229,7 +231,8 @@ def write_doc(plan: dict, results: list[dict], doc: Path, out_dir: Path) -> None
     doc.write_text("\n".join(lines) + "\n")
 
 
-HEADER = "| {} | seeds | FID-like | Δ vs base (paired, %) | KID | class acc | trained params | train s | sampler | grid |"
+HEADER = ("| {} | seeds | FID-like | Δ vs base (paired, %) | KID | class acc | trained params | train s | sampler "
+          "| grid |")
 
 
 def paired_delta(rs: list[dict], base: dict[int, float]) -> str:

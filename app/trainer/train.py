@@ -6,6 +6,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,19 +14,25 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from app.core.devices import pick_dtype
-from app.model import DiTConfig, load_base, save_base, fingerprint
-from app.model.describe import describe, resolve_vae
+from app.model import DiTConfig, fingerprint, load_base, save_base
+from app.model.describe import BaseDescription, describe, resolve_vae
 from app.model.dit import DiT
+from app.model.dmp import DMP, importance_loss, load_loss, new_patch_for, patch_metadata_for, save_patch
 from app.model.sampling import clips_x0
-from app.model.dmp import importance_loss, load_loss, new_patch_for, patch_metadata_for, save_patch
-from app.trainer.checkpoint import (load_checkpoint, load_optimizer_tensors, optimizer_tensors, restore_rng,
-                                    rng_tensors, save_checkpoint)
+from app.model.vae import vae_downscale
+from app.trainer.checkpoint import (
+    load_checkpoint,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    restore_rng,
+    rng_tensors,
+    save_checkpoint,
+)
 from app.trainer.data import DataError, DataSet, load_splits
 from app.trainer.diffusion import Diffusion
 from app.trainer.distributed import Dist, from_env
 from app.trainer.evaluate import EVAL_SAMPLING
 from app.trainer.provenance import recorded_config
-from app.model.vae import vae_downscale
 
 METHODS = ("pretrain", "dmp", "pt", "ft")
 
@@ -85,7 +92,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def new_base(cfg: TrainConfig, data: DataSet) -> DiT:
-    text_dim = data.text.shape[1] if data.task == "text" else 0
+    text_dim = 0
+    if data.task == "text":
+        assert data.text is not None, "a text data set carries its caption embeddings"
+        text_dim = data.text.shape[1]
     dcfg = DiTConfig(input_size=cfg.image_size, patch_size=cfg.patch_size, in_channels=data.x.shape[1],
                      hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
                      num_classes=data.num_classes, learn_sigma=cfg.learn_sigma, text_dim=text_dim,
@@ -110,7 +120,7 @@ def heldout_loss(model, diffusion: Diffusion, data: DataSet, patch=None, n: int 
     gen = torch.Generator(device=data.x.device).manual_seed(seed)
     idx = torch.arange(min(n, len(data)), device=data.x.device)
     total = 0.0
-    for reps in range(4):
+    for _ in range(4):
         total += diffusion.loss(model, data.x[idx], data.cond(idx), patch=patch, generator=gen).item()
     model.train(was_training)
     if patch is not None:
@@ -180,7 +190,9 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.patch, self.ema, self.desc = None, None, None
+        self.patch: DMP | None = None
+        self.ema: nn.Module | None = None
+        self.desc: BaseDescription | None = None
         data_kw = {"text_encoder": cfg.text_encoder} if "captions" in cfg.dataset else {}
         if cfg.method != "pretrain":
             if not cfg.base:
@@ -202,25 +214,28 @@ class Trainer:
         self.diffusion = Diffusion(beta, self.device)
         self.model.to(self.device).train()
         self.params = self.setup_trainable()
-        self.step, self.history, self.elapsed = 0, {"heldout_loss": []}, 0.0
+        self.step, self.elapsed = 0, 0.0
+        self.history: dict[str, list] = {"heldout_loss": []}
         if resume and cfg.checkpoint_path.exists():
             self.restore()
         self.dist.same_everywhere(self.step, self.device, "the step to start from")
         objective = Objective(self.model, self.patch, self.diffusion, cfg, self.dist)
         # Frozen weights are not synchronised; every trainable one is used each step (setup_trainable freezes
         # the ones that would not be), so DDP need not search the graph for unused parameters.
-        self.objective = DistributedDataParallel(
+        self.objective: Objective | DistributedDataParallel = DistributedDataParallel(
             objective, device_ids=[self.device] if self.device.type == "cuda" else None,
         ) if self.dist.active else objective
 
     def base_data_kwargs(self, cfg: TrainConfig) -> dict:
         """How to read the data for this base (its VAE, labels, text encoder); sets the pixel size it generates."""
         mc, desc = self.model.config, self.desc
+        assert desc is not None, "only a run from a base reads data the base's way"
         vae = resolve_vae(desc, mc.in_channels)
         self.pixel_size = mc.input_size * (vae_downscale(vae) if vae != "pixel" else 1)
         if not cfg.dataset.startswith("folder:"):
             return {"text_encoder": desc.text_encoder or cfg.text_encoder} if mc.task == "text" else {}
-        kw = {"channels": 3 if vae != "pixel" else mc.in_channels, "vae": None if vae == "pixel" else vae}
+        kw: dict[str, Any] = {"channels": 3 if vae != "pixel" else mc.in_channels,
+                              "vae": None if vae == "pixel" else vae}
         if mc.task == "class":
             kw["labels"] = desc.labels or unlabelled_base_classes(desc, cfg.dataset.removeprefix("folder:"),
                                                                   mc.num_classes)
@@ -238,7 +253,7 @@ class Trainer:
             self.patch.to(self.device).train()
             if cfg.method == "dmp" and not cfg.noisy_gating:
                 self.patch.w_noise.requires_grad_(False)  # unused: DDP wants every trainable parameter used
-            groups = [{"params": [self.patch.prompts], "lr": cfg.lr}]
+            groups: list[dict[str, Any]] = [{"params": [self.patch.prompts], "lr": cfg.lr}]
             if cfg.method == "dmp" and cfg.freeze_gate:
                 self.patch.gate.requires_grad_(False)
                 self.patch.w_noise.requires_grad_(False)
@@ -315,9 +330,9 @@ class Trainer:
              "noise": torch.randn((B, *data.x.shape[1:]), device=dev, generator=g)}
         p = self.model.y_embedder.dropout_prob if self.model.training else 0.0
         d["drop"] = torch.rand(B, device=dev, generator=g) < p if p > 0 else None  # CFG condition dropout
-        noisy = self.patch is not None and cfg.method == "dmp" and self.patch.noisy_gating
-        d["gate_noise"] = torch.randn((self.patch.pt_depth, B, self.patch.num_tokens), device=dev,
-                                      generator=g) if noisy else None  # (L, B, N)
+        patch = self.patch
+        d["gate_noise"] = torch.randn((patch.pt_depth, B, patch.num_tokens), device=dev, generator=g) \
+            if patch is not None and cfg.method == "dmp" and patch.noisy_gating else None  # (L, B, N)
         d["gate_t_perm"] = torch.randperm(B, device=dev, generator=g) if cfg.shuffle_gate_t else None
         return d
 
@@ -343,24 +358,25 @@ class Trainer:
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, drawn = self.cfg, self.draw()
         self.opt.zero_grad(set_to_none=True)
-        logs = {}
+        logs: dict[str, torch.Tensor] = {}
+        objective = self.objective
         for a in range(cfg.grad_accum):
             # Gradients of all but the last micro-batch stay local; the last backward all-reduces the sum.
-            sync = a == cfg.grad_accum - 1 or not self.dist.active
-            with nullcontext() if sync else self.objective.no_sync():
+            local = a < cfg.grad_accum - 1
+            with objective.no_sync() if local and isinstance(objective, DistributedDataParallel) else nullcontext():
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
                     loss, micro_logs = self.objective(**self.micro_batch(drawn, a))
                 (loss / cfg.grad_accum).backward()  # each micro loss is a mean: the step's gradient is the batch mean
             for k, v in micro_logs.items():
-                logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+                logs[k] = v / cfg.grad_accum + logs.get(k, 0.0)
         if cfg.lr_decay_steps > 0:  # a function of the step alone, so a resumed run follows the same schedule
             factor = min(1.0, (cfg.steps - self.step) / cfg.lr_decay_steps)
-            for group, lr in zip(self.opt.param_groups, self.base_lrs):
+            for group, lr in zip(self.opt.param_groups, self.base_lrs, strict=True):
                 group["lr"] = lr * factor
         self.opt.step()
         if self.ema is not None:
-            ema_p = [p for p in self.ema.parameters()]
+            ema_p: list[torch.Tensor] = [p for p in self.ema.parameters()]
             torch._foreach_lerp_(ema_p, [p.detach() for p in self.trained.parameters()], 1 - cfg.ema_decay)
         return logs
 
@@ -416,6 +432,7 @@ class Trainer:
                                  self.diffusion.beta_schedule, self.train_data.meta.get("text_encoder", ""))
         if self.patch is not None:
             patch = self.eval_patch().eval()
+            assert self.desc is not None, "a patch is trained on a base"
             meta = patch_metadata_for(self.model, self.desc.name, cfg.domain or self.desc.meta.get("domain", ""))
             return save_patch(patch, cfg.out, **meta, train_config=config, metrics=self.metrics())
         model = self.eval_model().cpu()
@@ -430,5 +447,6 @@ class Trainer:
         if self.train_data.task == "text":
             meta["text_encoder"] = cfg.text_encoder
         if cfg.method == "ft":
+            assert self.desc is not None, "fine-tuning starts from a base"
             meta |= {"finetuned_from": self.base_fingerprint, "name": self.desc.name + "-ft"}
         return save_base(model, cfg.out, **meta)

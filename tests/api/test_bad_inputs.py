@@ -92,11 +92,11 @@ def test_405_allow_lists_every_method_of_the_path(client):
 
 def test_unhandled_error_is_a_500_in_our_shape_with_request_id(class_only_dirs, tmp_path):
     """A bug in a route still answers {error, error_type} with the caller's X-Request-ID, and is counted."""
+    from conftest import copy_dirs
     from fastapi.testclient import TestClient
 
     from app.api.main import create_app
     from app.core.config import Settings
-    from conftest import copy_dirs
 
     dirs = copy_dirs(class_only_dirs, tmp_path)
     app = create_app(Settings(model_dir=dirs["models"], patch_dir=dirs["patches"], warmup=False))

@@ -8,10 +8,10 @@ import shutil
 import httpx
 import numpy as np
 import torch
+from conftest import REPO
 from PIL import Image
 
 from app.model import load_base, save_base
-from conftest import REPO
 
 BODY = {"model": "mnist", "class_label": 3, "steps": 4, "seed": 7, "num_images": 1}
 

@@ -5,7 +5,6 @@ import threading
 import time
 
 import httpx
-
 from conftest import asgi_client, copy_dirs, wait_ready
 from test_server import SLOWER, metric
 

@@ -15,8 +15,8 @@ NASTY = ["²", "--5", "9" * 5000, "-1", "3", " 3 ", "+3", "0x3", "٣", "1e3", ""
 MODELS = ["digits", "blobs", "captions", "digits-dmp", "blobs-dmp", "captions-dmp", "nope", ""]
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
-scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20) \
-    | st.sampled_from(NASTY)
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) \
+    | st.text(max_size=20) | st.sampled_from(NASTY)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
     st.text(max_size=8), inner, max_size=3), max_leaves=6)
 small = st.integers(min_value=-2, max_value=12)

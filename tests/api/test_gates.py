@@ -5,10 +5,9 @@ import io
 
 import pytest
 import torch
+from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, wait_ready
 from PIL import Image
 from safetensors.torch import load as st_load
-
-from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, wait_ready
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"}
 
@@ -30,7 +29,7 @@ def expected(base, data: bytes, label: int, timesteps: list[int]) -> torch.Tenso
         c = base.t_embedder(torch.tensor(timesteps, dtype=torch.float32)) + base.y_embedder(
             torch.tensor([label]), False)  # (T, D)
         L = t["prompts"].shape[0]
-        return torch.stack([(c @ w[:, :-1].T + l * w[:, -1] + b).softmax(-1) for l in range(L)])
+        return torch.stack([(c @ w[:, :-1].T + layer * w[:, -1] + b).softmax(-1) for layer in range(L)])
 
 
 def test_weights_follow_the_gate_formula(gclient, tiny_dirs):

@@ -142,7 +142,6 @@ def test_deadline_drops_the_work(class_only_dirs, tmp_path):
 def test_cpu_compiled_step_serves_the_eager_pixels(class_only_dirs, tmp_path):
     """DMP_CPU_COMPILE: compiled bucket steps (fp32 here) give the eager service's images, and say so in /metrics."""
     import numpy as np
-
     from conftest import asgi_client, copy_dirs, wait_ready
 
     body = {"model": "digits", "class_label": 3, "patch": "digits-dmp", "guidance_scale": 2.0, "steps": 3,
@@ -158,5 +157,5 @@ def test_cpu_compiled_step_serves_the_eager_pixels(class_only_dirs, tmp_path):
             graphs = [line for line in c.get("/metrics").text.splitlines()
                       if line.startswith("dmp_cuda_graph_forwards") and 'kind="graphs"' in line]
             assert graphs == (['dmp_cuda_graph_forwards{kind="graphs",model="digits"} 2.0'] if compiled else [])
-    for eager, comp in zip(pixels[False], pixels[True]):
+    for eager, comp in zip(pixels[False], pixels[True], strict=True):
         assert np.abs(eager - comp).max() <= 1

@@ -140,7 +140,9 @@ KEYS = "alice:sk-alice-0123456789,sha256:" + __import__("hashlib").sha256(b"sk-b
 def test_keys_required_on_generation_routes(start_server, class_only_dirs):
     server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"], api_keys=KEYS,
                           admin_token="admin-token-0123456789")
-    client = lambda key: openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+    def client(key):
+        return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
     for key in ("sk-alice-0123456789", "sk-bob-0123456789"):
         assert client(key).images.generate(model="digits", prompt="1", extra_body=EXTRA).data
     with pytest.raises(openai.AuthenticationError) as e:
@@ -169,7 +171,9 @@ def test_rate_limit_shared_by_replicas_through_redis(start_server, class_only_di
     settings = dict(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"], api_keys=KEYS,
                     redis_url=redis_server.url, key_requests_per_min=3, key_images_per_min=10)
     a, b = start_server(**settings), start_server(**settings)
-    alice = lambda s: openai.OpenAI(base_url=s.url + "/v1", api_key="sk-alice-0123456789", max_retries=0)
+
+    def alice(s):
+        return openai.OpenAI(base_url=s.url + "/v1", api_key="sk-alice-0123456789", max_retries=0)
     for s in (a, b, a):
         alice(s).images.generate(model="digits", prompt="1", extra_body=EXTRA)
     with pytest.raises(openai.RateLimitError) as e:

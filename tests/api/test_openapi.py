@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import httpx
-
 from conftest import ADMIN_TOKEN
 
 

@@ -10,10 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, tiny_base, wait_ready
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-
-from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, tiny_base, wait_ready
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"}
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import ADMIN_TOKEN, make_patch_bytes
 
 PROBE_LIMIT_S = 0.1

@@ -38,7 +38,8 @@ def haproxy(tmp_path):
 
     def start(replicas: list[str]) -> str:
         port = free_port()
-        env = os.environ | {"DMP_LB_BIND": f"127.0.0.1:{port}", "DMP_REPLICA_1": replicas[0], "DMP_REPLICA_2": replicas[1]}
+        env = os.environ | {"DMP_LB_BIND": f"127.0.0.1:{port}", "DMP_REPLICA_1": replicas[0],
+                            "DMP_REPLICA_2": replicas[1]}
         procs.append(subprocess.Popen([binary, "-db", "-f", str(REPO / "deploy/haproxy/haproxy.cfg")], env=env,
                                       stdout=open(tmp_path / "haproxy.log", "wb"), stderr=subprocess.STDOUT))
         return f"http://127.0.0.1:{port}"
@@ -99,10 +100,11 @@ def test_one_patch_one_replica_and_load_still_spreads(class_only_dirs, tmp_path,
                                                "steps": 2})
     after = [series(s.url, "dmp_images_generated_total") for s in replicas]
     for name in PATCHES:
-        assert [a.get(name, 0) - b.get(name, 0) for a, b in zip(after, before)][owners[name]] == 1, name
-    base_gain = [a.get("base", 0) - b.get("base", 0) for a, b in zip(after, before)]
+        assert [a.get(name, 0) - b.get(name, 0) for a, b in zip(after, before, strict=True)][owners[name]] == 1, name
+    base_gain = [a.get("base", 0) - b.get("base", 0) for a, b in zip(after, before, strict=True)]
     assert base_gain == [sum(1 for o in owners.values() if o == r) for r in range(2)]
-    composed = [series(s.url, "dmp_requests_total", "route").get("/generate", 0) - c for s, c in zip(replicas, calls)]
+    composed = [series(s.url, "dmp_requests_total", "route").get("/generate", 0) - c
+                for s, c in zip(replicas, calls, strict=True)]
     assert composed == [2 * sum(1 for o in owners.values() if o == r) for r in range(2)]  # header + composition
 
     assert httpx.get(router + "/metrics").status_code == 404 and httpx.get(router + "/%6detrics").status_code == 404
@@ -118,7 +120,8 @@ def test_one_patch_one_replica_and_load_still_spreads(class_only_dirs, tmp_path,
 
 
 ROUTING = ("option http-buffer-request", "http-request set-var", "http-request deny", "acl ", "timeout ",
-           "balance hash var(txn.patch)", "hash-type consistent", "hash-balance-factor", "option httpchk GET /health/ready")
+           "balance hash var(txn.patch)", "hash-type consistent", "hash-balance-factor",
+           "option httpchk GET /health/ready")
 
 
 def test_compose_and_k8s_routers_are_valid_and_route_alike(tmp_path):
@@ -136,7 +139,9 @@ def test_compose_and_k8s_routers_are_valid_and_route_alike(tmp_path):
     for cfg in (REPO / "deploy/haproxy/haproxy.cfg", k8s):
         check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True, env=local)
         assert check.returncode == 0, check.stdout + check.stderr
-    lines = lambda text: {line.split("  #")[0].strip() for line in text.splitlines() if line.strip().startswith(ROUTING)}
+
+    def lines(text):
+        return {line.split("  #")[0].strip() for line in text.splitlines() if line.strip().startswith(ROUTING)}
     assert lines(compose) == lines(router)
     assert all(any(line.startswith(r) for line in lines(compose)) for r in ROUTING)
     nginx = tmp_path / "nginx.conf"

@@ -1,4 +1,4 @@
-"""POST /generate with Accept: text/event-stream: queued, progress (with previews where asked), done; cancel on leave."""
+"""POST /generate with Accept: text/event-stream: queued, progress (previews where asked), done; cancel on leave."""
 from __future__ import annotations
 
 import base64

@@ -52,9 +52,10 @@ def test_absurd_but_finite_values_are_422(client, tiny_dirs):
 
 
 def test_shipped_patches_are_far_inside_the_bounds():
+    from conftest import REPO
+
     from app.model import load_base, load_patch
     from app.model.dmp.bounds import PROMPT_FACTOR, activation_scale
-    from conftest import REPO
 
     for name in ("mnist", "animals", "mnist-captions"):
         base = load_base(REPO / "models" / f"{name}.safetensors")

@@ -79,15 +79,18 @@ def main() -> None:
         for trial in range(1, args.trials + 1):
             seed += 1
             first = httpx.put(a + "/patches/x", content=make_patch_bytes(base, "digits", seed), headers=AUTH)
-            assert until(lambda: version(b, "x") == first.json()["version"], 10), "b never saw the upload"
+            assert until(lambda first=first: version(b, "x") == first.json()["version"], 10), "b never saw the upload"
             redis_server.kill()
             redis_server.start()
             delete = trial % 2 == 0
             seed += 1
             data = make_patch_bytes(base, "digits", seed)
-            reply = until(lambda: (r := (httpx.delete(a + "/patches/x", headers=AUTH) if delete else
-                                         httpx.put(a + "/patches/x", content=data, headers=AUTH)))
-                          .status_code == 200 and r, 10)
+
+            def write(delete=delete, data=data):
+                r = httpx.delete(a + "/patches/x", headers=AUTH) if delete else \
+                    httpx.put(a + "/patches/x", content=data, headers=AUTH)
+                return r.status_code == 200 and r
+            reply = until(write, 10)
             want = None if delete else reply.json()["version"]
             time.sleep(6)
             seen = (version(a, "x"), version(b, "x"))

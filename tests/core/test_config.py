@@ -13,7 +13,8 @@ def test_env_prefix_and_types(monkeypatch):
     monkeypatch.setenv("DMP_DEVICE", "cpu")
     monkeypatch.setenv("MAX_QUEUE", "99")  # unprefixed: ignored
     s = Settings()
-    assert s.max_queue == 7 and s.admin_token.get_secret_value() == "s3cr3t-value-of-16+chars" and "s3cr3t" not in repr(s)
+    assert s.max_queue == 7 and s.admin_token.get_secret_value() == "s3cr3t-value-of-16+chars"
+    assert "s3cr3t" not in repr(s)
     assert s.torch_device == "cpu" and str(s.torch_dtype) == "torch.float32"
     assert s.redis_url is None and str(s.model_dir) == "models" and str(s.patch_dir) == "patches"
 

@@ -110,7 +110,9 @@ def test_pool_install_free_reuse_never_touches_a_slot_in_use():
     a, b, c, d = (random_patch(model, s) for s in range(4))
     sa, sb = pool.install(a), pool.install(b)
     addresses = [t.data_ptr() for t in (pool.prompts, pool.gate_w, pool.gate_b, pool.gate_w_depth)]
-    snapshot = lambda s: [t[s].clone() for t in (pool.prompts, pool.gate_w, pool.gate_b, pool.gate_w_depth)]
+
+    def snapshot(s):
+        return [t[s].clone() for t in (pool.prompts, pool.gate_w, pool.gate_b, pool.gate_w_depth)]
     base, in_use = snapshot(0), snapshot(sb)
     pool.free(sa)
     sc = pool.install(c)
@@ -118,7 +120,7 @@ def test_pool_install_free_reuse_never_touches_a_slot_in_use():
     sd = pool.install(d)
     assert sd not in (0, sb, sc)
     for before, after in ((base, snapshot(0)), (in_use, snapshot(sb))):  # ... and nothing in use changed
-        assert all(torch.equal(p, q) for p, q in zip(before, after))
+        assert all(torch.equal(p, q) for p, q in zip(before, after, strict=True))
     assert all(torch.equal(t, torch.zeros_like(t)) for t in base)
     assert [t.data_ptr() for t in (pool.prompts, pool.gate_w, pool.gate_b, pool.gate_w_depth)] == addresses
     with pytest.raises(NoFreeSlot):
@@ -145,7 +147,8 @@ def test_denoise_step_with_graphed_forward_matches_eager_jobs(task, compile):
         return torch.cat([j.latents for j in jobs])
 
     fwd = GraphedForward(model, pool, buckets=(2, 4), compile=compile)  # rows: 7 -> 8, then 3 -> 4
-    torch.testing.assert_close(run(fwd.step), run(eager_step(model, pool)), rtol=1e-4 if compile else 0, atol=1e-4 if compile else 1e-5)
+    torch.testing.assert_close(run(fwd.step), run(eager_step(model, pool)), rtol=1e-4 if compile else 0,
+                               atol=1e-4 if compile else 1e-5)
     assert fwd.fallbacks == 0 and sorted(fwd.graphs) == [4, 8]
 
 
@@ -194,7 +197,7 @@ def test_compiled_steps_of_same_shape_bases_stay_apart():
     fwds = [GraphedForward(m, pool_for(m), buckets=(1, 2), cfg=False, compile=True) for m in models]
     x, t, y = inputs(models[0], 2)
     for n in (1, 2):  # both buckets of both bases, interleaved
-        for m, fwd in zip(models, fwds):
+        for m, fwd in zip(models, fwds, strict=True):
             eager = m(x[:n].to(torch.bfloat16), t[:n], y[:n]).float()
             torch.testing.assert_close(fwd(x[:n], t[:n], y[:n]), eager, rtol=2e-2, atol=2e-2)
     apart = (models[0](x.to(torch.bfloat16), t, y) - models[1](x.to(torch.bfloat16), t, y)).abs().mean()

@@ -9,10 +9,9 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import asgi_client, wait_ready
 from layouts import ID2LABEL, tiny_transformer, tiny_vae, write_pipeline
+from PIL import Image
 
 from app.model import fingerprint, load_base, save_base
 from app.model.describe import DescriptionError, describe, label_index

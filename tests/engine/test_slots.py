@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import tiny_base
 
 from app.core.metrics import Metrics
 from app.engine.slots import PatchSlots
 from app.model.dmp import PatchPool, new_patch_for
-from conftest import tiny_base
 
 
 class Store:

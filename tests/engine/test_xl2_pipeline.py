@@ -10,9 +10,8 @@ import time
 import httpx
 import pytest
 from diffusers import DiTTransformer2DModel
-from PIL import Image
-
 from layouts import tie_embedders, write_pipeline
+from PIL import Image
 
 from app.model.vae import SDVAE
 

@@ -3,13 +3,12 @@ import json
 
 import pytest
 import torch
+from layouts import tiny_transformer
 from safetensors.torch import save_file
 
 from app.model import CheckpointError, DiT_models, fingerprint, load_base
-from app.model.dit import DiT, TimestepEmbedder
+from app.model.dit import TimestepEmbedder
 from app.model.loaders import infer_config
-
-from layouts import tiny_transformer
 
 
 def diffusers_dit(seed=0, layers=2, classes=10, sample=16):

@@ -56,10 +56,10 @@ def test_gate_matches_design_formula(tiny_class):
     patch = randomize_patch(new_patch_for(tiny_class, gate_input="t")).eval()
     c, t_emb = torch.randn(2, 32), torch.randn(2, 32)
     g = patch.gates(c, t_emb)
-    for l in range(3):
-        inp = torch.cat([t_emb, torch.full((2, 1), float(l))], dim=1)
+    for layer in range(3):
+        inp = torch.cat([t_emb, torch.full((2, 1), float(layer))], dim=1)
         ref = torch.softmax(patch.gate(inp), dim=-1)
-        torch.testing.assert_close(g[l], ref)
+        torch.testing.assert_close(g[layer], ref)
 
 
 def test_hard_top_k_keeps_exactly_k(tiny_class):

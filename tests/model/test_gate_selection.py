@@ -107,7 +107,8 @@ def test_compiled_step_serves_every_selection_mode_as_trained(tiny_class):
     pool = PatchPool(32, N, 3, slots=len(patches) + 1)
     slots = torch.tensor([pool.install(p) for p in patches])
     g = torch.Generator().manual_seed(2)
-    x, t, y = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([5.0, 250.0, 600.0, 999.0]), torch.tensor([0, 3, 7, 10])
+    x, t = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([5.0, 250.0, 600.0, 999.0])
+    y = torch.tensor([0, 3, 7, 10])
     fwd = GraphedForward(model, pool, buckets=(4,), cfg=False, compile=True)
     compiled = fwd(x, t, y, patch=pool.batch(slots))
     assert fwd.fallbacks == 0  # the compiled graph ran, not the eager forward

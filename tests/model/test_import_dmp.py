@@ -60,7 +60,8 @@ def official_config(**over):
 
 
 def save_official(path, ema, model, config):
-    opt_state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(N, D)}}, "param_groups": [{"lr": 1e-4}]}
+    opt_state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(N, D)}},
+                 "param_groups": [{"lr": 1e-4}]}
     torch.save({"model": model, "ema": ema, "opt": opt_state, "config": config}, path)
 
 

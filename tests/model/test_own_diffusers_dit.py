@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
-
 from conftest import asgi_client, wait_ready
 from layouts import tiny_transformer, tiny_vae, write_pipeline
+from PIL import Image
 
 from app.model import load_base
 from app.trainer.__main__ import main

@@ -3,9 +3,8 @@ import pytest
 import torch
 
 from app.model import PatchPool, denoise_step, generate, new_job
-from app.model.sampling import eager_step
 from app.model.dmp import new_patch_for
-from app.model.sampling import guide, make_scheduler, step_table, vector_step
+from app.model.sampling import eager_step, guide, make_scheduler, step_table, vector_step
 
 from .test_dmp import randomize_patch
 

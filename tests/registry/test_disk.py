@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import torch
-from safetensors.torch import save_file
-
 from conftest import asgi_client, copy_dirs, make_patch_bytes, tiny_base, wait_ready
+from safetensors.torch import save_file
 
 
 def test_bad_files_on_disk_fail_alone(class_only_dirs, tmp_path):

@@ -6,7 +6,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, wait_ready
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"}
@@ -33,7 +32,8 @@ def test_two_replicas_see_each_others_uploads(start_server, redis_server, class_
         data = make_patch_bytes(digits, "digits", seed=seed)
         version = httpx.put(src.url + "/patches/shared", content=data, headers=AUTH).json()["version"]
         t0 = time.monotonic()
-        seen = poll(lambda: httpx.get(dst.url + "/patches/shared").json().get("version") == version, 1.0)
+        seen = poll(lambda dst=dst, version=version:
+                    httpx.get(dst.url + "/patches/shared").json().get("version") == version, 1.0)
         assert seen, f"replica did not load version {version} within a second"
         body = {"patch": "shared", "class_label": 3, "steps": 2, "seed": 4}
         r_src, r_dst = (httpx.post(s.url + "/generate", json=body).json() for s in (src, dst))

@@ -57,7 +57,7 @@ class Gates:
 
     def __init__(self, replicas):
         self.gates = [threading.Event() for _ in replicas]
-        for c, gate in zip(replicas, self.gates):
+        for c, gate in zip(replicas, self.gates, strict=True):
             hold_refill(c, gate)
 
     def release(self) -> None:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, wait_ready
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-
-from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, wait_ready
 
 CLI = str(Path(sys.executable).parent / "model_signing")
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"}

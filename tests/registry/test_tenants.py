@@ -6,9 +6,9 @@ from __future__ import annotations
 from contextlib import ExitStack
 
 import pytest
+from conftest import asgi_client, copy_dirs, make_patch_bytes, wait_ready
 
 from app.core.errors import NotFound
-from conftest import asgi_client, copy_dirs, make_patch_bytes, wait_ready
 
 
 def names(registry, tenant):

@@ -7,7 +7,6 @@ import time
 
 import pytest
 import redis
-
 from conftest import BAD_HEADERS, asgi_client, copy_dirs, make_patch_bytes, wait_ready, with_header
 
 pytestmark = pytest.mark.redis

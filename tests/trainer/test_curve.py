@@ -2,10 +2,10 @@
 import json
 
 import pytest
+from conftest import REPO
 
 from app.trainer.__main__ import main
 from app.trainer.figures import flatness
-from conftest import REPO
 
 
 def test_flatness_measures_the_last_fifth_of_the_steps():

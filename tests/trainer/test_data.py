@@ -15,7 +15,8 @@ def test_image_folder_loads_resizes_and_caches(tmp_path, monkeypatch):
     for cls in ("cats", "dogs"):
         (tmp_path / "tree" / cls).mkdir(parents=True)
         for i in range(5):
-            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(tmp_path / "tree" / cls / f"{i}.png")
+            pixels = rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "tree" / cls / f"{i}.png")
     ds = load_dataset(f"folder:{tmp_path / 'tree'}", "all", image_size=8, channels=3)
     assert ds.x.shape == (10, 3, 8, 8) and ds.task == "class" and ds.class_names == ("cats", "dogs")
     assert ds.labels.tolist() == [0] * 5 + [1] * 5 and -1 <= ds.x.min() and ds.x.max() <= 1

@@ -30,7 +30,8 @@ def test_styles_change_what_they_say():
     assert 0.08 < plain < 0.2
     assert ink_share(to_model_range(restyle(raw, "thick"), 16)) > 1.6 * plain
     assert ((restyle(raw, "inverted").astype(int) + raw) == 255).all()
-    assert centre_of_mass(restyle(raw, "shifted")) - centre_of_mass(raw) == pytest.approx([4, 4], abs=0.1)  # a few touch the edge
+    # a few touch the edge
+    assert centre_of_mass(restyle(raw, "shifted")) - centre_of_mass(raw) == pytest.approx([4, 4], abs=0.1)
     with pytest.raises(DataError, match="unknown style"):
         restyle(raw, "wobbly")
 

@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import BASE_META, make_patch_bytes, tiny_base
 from PIL import Image
 
 from app.model import save_base
-from app.model.dmp import patch_to_bytes
 from app.trainer.__main__ import main
-from conftest import BASE_META, make_patch_bytes, tiny_base
 
 
 def write_images(folder, n: int, mode: str, size: int, seed: int) -> None:

@@ -172,7 +172,7 @@ def test_captions_are_true_of_their_images():
     ds = load_dataset("mnist", "test", 28)
     raw = (ds.x[:, 0].numpy() + 1) / 2
     width, lean = {}, {}
-    for img, label in zip(raw[:400], ds.labels[:400].tolist()):
+    for img, label in zip(raw[:400], ds.labels[:400].tolist(), strict=True):
         words = caption(img, label).split()
         assert label_of(" ".join(words)) == label
         for word in ("thin", "thick"):

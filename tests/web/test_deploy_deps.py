@@ -58,8 +58,9 @@ def test_make_serve_installs_once_per_pyproject(tmp_path):
         pytest.skip("make is not installed")
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy(REPO / name, tmp_path)
-    dry = lambda target: subprocess.run(["make", "-n", target], cwd=tmp_path, capture_output=True, text=True,
-                                        check=True).stdout
+
+    def dry(target):
+        return subprocess.run(["make", "-n", target], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert "pip install -q -e ." in dry("serve")  # a fresh clone installs
     (tmp_path / ".venv/bin").mkdir(parents=True)
     (tmp_path / ".venv/bin/python").touch()

@@ -163,7 +163,8 @@ def test_k8s_deployment_probes_gpu_and_drain():
     names = list(env)
     assert names.index("REDIS_PASSWORD") < names.index("DMP_REDIS_URL")
     assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "dmp-redis"
-    assert env["DMP_REDIS_URL"]["value"] == f"redis://:$(REDIS_PASSWORD)@{k8s('Service', 'dmp-redis')['metadata']['name']}:6379/0"
+    redis_host = k8s("Service", "dmp-redis")["metadata"]["name"]
+    assert env["DMP_REDIS_URL"]["value"] == f"redis://:$(REDIS_PASSWORD)@{redis_host}:6379/0"
     redis_args = k8s("Deployment", "dmp-redis")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert redis_args[redis_args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
     assert redis_args[redis_args.index("--maxmemory-policy") + 1] == "volatile-lru"  # only TTL'd cache keys go

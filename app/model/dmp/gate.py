@@ -21,8 +21,8 @@ def gate_logits(g_in: torch.Tensor, weight: torch.Tensor, depth_weight: torch.Te
         base = F.linear(g_in, weight, bias)  # (B, N)
     else:
         base = torch.einsum("bd,bnd->bn", g_in, weight) + bias  # (B, N)
-    l = torch.arange(depth, device=g_in.device, dtype=g_in.dtype)
-    return base[None] + l[:, None, None] * depth_weight[None]  # (L, B, N)
+    layer = torch.arange(depth, device=g_in.device, dtype=g_in.dtype)
+    return base[None] + layer[:, None, None] * depth_weight[None]  # (L, B, N)
 
 
 def top_k_mask(logits: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:

@@ -49,7 +49,7 @@ def heatmap_png(gates: torch.Tensor, timesteps: list[int], blocks: list[int] | N
     extent = (-0.5, n - 0.5, timesteps[0], timesteps[-1])
     for ax in axes.flat[len(blocks):]:
         ax.axis("off")
-    for ax, block in zip(axes.flat, blocks):
+    for ax, block in zip(axes.flat, blocks, strict=False):  # the grid may have more cells than blocks (turned off)
         im = ax.imshow(gates[block].numpy(), aspect="auto", origin="lower", cmap="viridis",
                        interpolation="nearest", extent=extent, vmin=0)
         ax.set_title(f"block {block}")

@@ -30,7 +30,7 @@ def load_loss(gating: Gating, k: int, kind: str = "smooth", temperature: float =
         return cv_squared((gates < 0).float().sum(dim=1))
     if kind != "smooth":
         raise ValueError(f"unknown load loss {kind!r}")
-    if k < n and gating.noise_std is not None:
+    if k < n and gating.noise_std is not None and gating.clean_logits is not None:  # set together
         clean, noisy, std = gating.clean_logits, gating.logits, gating.noise_std[None]
         top = noisy.topk(k + 1, dim=-1).values  # (L, B, k+1)
         in_thr, out_thr = top[..., k:k + 1], top[..., k - 1:k]

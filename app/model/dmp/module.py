@@ -1,8 +1,8 @@
 """The DMP module: prompts P (pt_depth, N, D) mixed per sample by a gate on [c or t_emb; depth]."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ class Gating:
     clean_logits: torch.Tensor | None = None  # (L, B, N) before the noise; None without noisy gating
     noise_std: torch.Tensor | None = None  # (B, N)
 
-    def gathered(self, gather_rows: Callable[[torch.Tensor, int], torch.Tensor]) -> "Gating":
+    def gathered(self, gather_rows: Callable[[torch.Tensor, int], torch.Tensor]) -> Gating:
         """Every rank's rows (data parallelism): `gather_rows(tensor, batch_dim)` on each tensor."""
         return replace(self, gates=gather_rows(self.gates, 1), logits=gather_rows(self.logits, 1),
                        clean_logits=None if self.clean_logits is None else gather_rows(self.clean_logits, 1),
@@ -96,7 +96,7 @@ class DMP(nn.Module):
         return self(c, t_emb).gates
 
     def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None,
-                t_perm: torch.Tensor | None = None) -> "PatchState":
+                t_perm: torch.Tensor | None = None) -> PatchState:
         gating = self(c, t_emb, noise, t_perm)
         return PatchState(gating.gates * self.gate_scale, self.prompts, gating)
 

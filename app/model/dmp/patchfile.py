@@ -5,7 +5,7 @@ import json
 import os
 import struct
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ def patch_to_bytes(patch: DMP, **metadata) -> bytes:
         "hidden_size": str(patch.hidden_size), "num_tokens": str(patch.num_tokens),
         "pt_depth": str(patch.pt_depth), "gate_input": patch.gate_input, "top_k": repr(float(patch.top_k)),
         "selection": patch.selection, "gate_version": GATE_VERSION,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     for key, value in metadata.items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
@@ -122,10 +122,10 @@ def patch_from_bytes(data: bytes, base=None, max_bytes: int = DEFAULT_MAX_PATCH_
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error type for corrupt bodies
         raise PatchError(f"corrupt safetensors body: {e}") from None
-    expected = {"prompts": (L, N, D)}
+    expected: dict[str, tuple[int, ...]] = {"prompts": (L, N, D)}
     if method == "dmp":
         expected |= {"gate.weight": (N, D + 1), "gate.bias": (N,)}
-    optional = {"gate.w_noise": (D, N)} if method == "dmp" else {}
+    optional: dict[str, tuple[int, ...]] = {"gate.w_noise": (D, N)} if method == "dmp" else {}
     unknown = set(tensors) - set(expected) - set(optional)
     if unknown:
         raise PatchError(f"unexpected tensors {sorted(unknown)}")

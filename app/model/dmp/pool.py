@@ -61,7 +61,7 @@ class PatchPool:
             raise ValueError("slot 0 is the base and is never freed")
         self.in_use[slot] = False
 
-    def batch(self, slots: torch.Tensor) -> "PooledPatch":
+    def batch(self, slots: torch.Tensor) -> PooledPatch:
         return PooledPatch(self, slots)
 
 
@@ -71,7 +71,7 @@ class PooledPatch:
     def __init__(self, pool: PatchPool, slots: torch.Tensor):
         self.pool, self.slots = pool, slots  # (B,)
 
-    def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None) -> "PooledState":
+    def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None) -> PooledState:
         if noise is not None:
             raise ValueError("a patch pool serves patches; gate noise belongs to training a DMP module")
         p, s = self.pool, self.slots
