@@ -11,6 +11,8 @@ import time
 
 import httpx
 
+from bench.common import run_together
+
 
 def run(url: str, bodies: list[dict], clients: int, requests: int) -> dict:
     """`clients` threads send `requests` requests in total (round robin over `bodies`)."""
@@ -30,11 +32,7 @@ def run(url: str, bodies: list[dict], clients: int, requests: int) -> dict:
                     codes.append(r.status_code)
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_together([threading.Thread(target=client) for _ in range(clients)])
     wall = time.perf_counter() - start
     q = statistics.quantiles(latencies, n=20)
     return {"clients": clients, "requests": requests, "rps": requests / wall,

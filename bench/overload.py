@@ -26,6 +26,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.common import run_together, wait_ready
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -42,18 +44,8 @@ def start_server(repo: Path, models: Path, timeout: float, threads: int, log: Pa
     proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port)], cwd=repo, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 300
-    while time.monotonic() < end:
-        try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        time.sleep(0.3)
-    proc.kill()
-    raise TimeoutError("server not ready")
+    wait_ready(proc, url, log=log)
+    return proc, url
 
 
 def capacity(url: str, body: dict, clients: int, seconds: float) -> float:
@@ -68,11 +60,7 @@ def capacity(url: str, body: dict, clients: int, seconds: float) -> float:
                         done.append(time.monotonic())
 
     start = time.monotonic()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_together([threading.Thread(target=client) for _ in range(clients)])
     return len(done) / (time.monotonic() - start)
 
 

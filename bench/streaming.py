@@ -28,6 +28,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.common import run_together, wait_ready
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -63,11 +65,7 @@ def load(url: str, modes: list[str], per_client: int, base: dict, previews: int)
                     ends[mode] = max(ends[mode], time.perf_counter())
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(m,)) for m in modes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_together([threading.Thread(target=client, args=(m,)) for m in modes])
     return {m: c / (ends[m] - start) for m, c in counts.items()}  # each mode until its own last reply
 
 
@@ -103,16 +101,8 @@ def start_server(model_dir: str, threads: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError("server exited")
-        time.sleep(0.5)
-    raise TimeoutError("server not ready")
+    wait_ready(proc, url)
+    return proc, url
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ from app.model.dmp import new_patch_for, patch_metadata_for, patch_to_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"  # the service refuses tokens under 16 characters
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"}  # an admin upload
 TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, learn_sigma=False)
 BASE_META = dict(vae="pixel", default_sampler="ddim", default_steps="3", default_guidance="1.0",
                  beta_schedule="linear", clip_sample="true")
@@ -202,13 +204,30 @@ def asgi_client(dirs: dict, **settings):
     return TestClient(app)
 
 
+def poll(fn, timeout: float, every: float = 0.05) -> bool:
+    """Whether `fn()` turned true within `timeout` seconds (asked every `every` s)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if fn():
+            return True
+        time.sleep(every)
+    return False
+
+
+@contextmanager
+def admin_client(dirs: dict, dest: Path, **settings):
+    """A ready app with admin token ADMIN_TOKEN on a private copy of `dirs` at `dest` (the copy is `.dirs`)."""
+    copy = copy_dirs(dirs, dest)
+    with asgi_client(copy, admin_token=ADMIN_TOKEN, **settings) as c:
+        wait_ready(c)
+        c.dirs = copy
+        yield c
+
+
 @pytest.fixture(scope="module")
 def client(tiny_dirs, tmp_path_factory):
     """The three tiny bases behind one app, admin token ADMIN_TOKEN; shared by a test module (read-mostly)."""
-    dirs = copy_dirs(tiny_dirs, tmp_path_factory.mktemp("client"))
-    with asgi_client(dirs, admin_token=ADMIN_TOKEN, max_patch_bytes=16384) as c:
-        wait_ready(c)
-        c.dirs = dirs
+    with admin_client(tiny_dirs, tmp_path_factory.mktemp("client"), max_patch_bytes=16384) as c:
         yield c
 
 

@@ -31,21 +31,25 @@ def get_maps(request: Request) -> GateMaps:
 MapsDep = Annotated[GateMaps, Depends(get_maps)]
 
 
-@router.get("/{name}/gates", responses={200: {"content": {"application/json": {}}}} | ERRORS,
-            response_class=Response, openapi_extra=KEY_OPTIONAL,
-            summary="Softmax gate weights [block][timestep][prompt] of a patch for one condition")
-async def gates(name: PatchName, maps: MapsDep, caller: KeyDep, class_label: ClassLabel = None,
-                caption: Caption = None, timesteps: Timesteps = 50):
-    await caller.charge(0)
-    body = await maps.get(name, class_label, caption, timesteps, png=False)
-    return Response(body, media_type="application/json")
+def gate_route(png: bool, media_type: str, headers: dict[str, str] | None = None):
+    """The handler of one gate-map route: the key check, then the map as `media_type` (JSON or PNG)."""
 
-
-@router.get("/{name}/gates.png", responses={200: {"content": {"image/png": {}}}} | ERRORS,
-            response_class=Response, openapi_extra=KEY_OPTIONAL,
-            summary="Heatmap of a patch's gate weights, one panel per block (paper Fig. 5)")
-async def gates_png(name: PatchName, maps: MapsDep, caller: KeyDep, class_label: ClassLabel = None,
+    async def route(name: PatchName, maps: MapsDep, caller: KeyDep, class_label: ClassLabel = None,
                     caption: Caption = None, timesteps: Timesteps = 50):
-    await caller.charge(0)
-    body = await maps.get(name, class_label, caption, timesteps, png=True)
-    return Response(body, media_type="image/png", headers={"Cache-Control": "no-cache"})
+        await caller.charge(0)
+        body = await maps.get(name, class_label, caption, timesteps, png=png)
+        return Response(body, media_type=media_type, headers=headers)
+
+    return route
+
+
+# `name` keeps each route's OpenAPI operationId what it was when each had its own function
+router.add_api_route("/{name}/gates", gate_route(False, "application/json"), methods=["GET"], name="gates",
+                     responses={200: {"content": {"application/json": {}}}} | ERRORS, response_class=Response,
+                     openapi_extra=KEY_OPTIONAL,
+                     summary="Softmax gate weights [block][timestep][prompt] of a patch for one condition")
+router.add_api_route("/{name}/gates.png", gate_route(True, "image/png", {"Cache-Control": "no-cache"}),
+                     methods=["GET"], name="gates_png",
+                     responses={200: {"content": {"image/png": {}}}} | ERRORS, response_class=Response,
+                     openapi_extra=KEY_OPTIONAL,
+                     summary="Heatmap of a patch's gate weights, one panel per block (paper Fig. 5)")

@@ -6,8 +6,8 @@ heads), so none is used."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 PCA_DIM = 32
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 from scipy.stats import bootstrap
+from torch import nn
 
 from app.trainer.extractors import build_extractors, features
 

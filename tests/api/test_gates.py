@@ -5,19 +5,14 @@ import io
 
 import pytest
 import torch
-from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, wait_ready
+from conftest import AUTH, admin_client, make_patch_bytes
 from PIL import Image
 from safetensors.torch import load as st_load
-
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"}
 
 
 @pytest.fixture(scope="module")
 def gclient(class_only_dirs, tmp_path_factory):
-    dirs = copy_dirs(class_only_dirs, tmp_path_factory.mktemp("gates"))
-    with asgi_client(dirs, admin_token=ADMIN_TOKEN, warmup=False) as c:
-        wait_ready(c)
-        c.dirs = dirs
+    with admin_client(class_only_dirs, tmp_path_factory.mktemp("gates"), warmup=False) as c:
         yield c
 
 

@@ -8,19 +8,9 @@ import time
 from contextlib import ExitStack
 
 import pytest
-from conftest import ADMIN_TOKEN, asgi_client, make_patch_bytes, wait_ready
+from conftest import ADMIN_TOKEN, AUTH, asgi_client, make_patch_bytes, poll, wait_ready
 
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"}
 pytestmark = pytest.mark.redis
-
-
-def poll(fn, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if fn():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def served(tiny_dirs, root, bases) -> dict:

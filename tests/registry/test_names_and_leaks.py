@@ -5,24 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import (
-    ADMIN_TOKEN,
-    asgi_client,
-    copy_dirs,
-    make_patch_bytes,
-    wait_ready,
-    with_header,
-)
-
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"}
+from conftest import AUTH, admin_client, make_patch_bytes, with_header
 
 
 @pytest.fixture(scope="module")
 def c(class_only_dirs, tmp_path_factory):
-    dirs = copy_dirs(class_only_dirs, tmp_path_factory.mktemp("names"))
-    with asgi_client(dirs, admin_token=ADMIN_TOKEN, warmup=False) as client:
-        wait_ready(client)
-        client.dirs = dirs
+    with admin_client(class_only_dirs, tmp_path_factory.mktemp("names"), warmup=False) as client:
         yield client
 
 

@@ -8,19 +8,9 @@ from contextlib import ExitStack
 
 import pytest
 import redis
-from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, wait_ready
+from conftest import AUTH, admin_client, make_patch_bytes, poll
 
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"}
 pytestmark = pytest.mark.redis
-
-
-def poll(fn, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if fn():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def hold_refill(client, gate: threading.Event) -> None:
@@ -38,18 +28,21 @@ def hold_refill(client, gate: threading.Event) -> None:
 @pytest.fixture
 def replicas(redis_server, class_only_dirs, tmp_path):
     with ExitStack() as stack:
-        clients = []
-        for i in range(2):
-            c = stack.enter_context(asgi_client(copy_dirs(class_only_dirs, tmp_path / f"r{i}"), warmup=False,
-                                                redis_url=redis_server.url, admin_token=ADMIN_TOKEN))
-            wait_ready(c)
-            clients.append(c)
-        yield clients
+        yield [stack.enter_context(admin_client(class_only_dirs, tmp_path / f"r{i}", warmup=False,
+                                                redis_url=redis_server.url)) for i in range(2)]
 
 
 def version_on(client, name: str):
     r = client.get(f"/patches/{name}")
     return r.json()["version"] if r.status_code == 200 else None
+
+
+def put_on_both(replicas, class_only_dirs, name: str, seed: int) -> None:
+    """Upload `name` through the first replica and wait until the second serves that version."""
+    a, b = replicas
+    data = make_patch_bytes(class_only_dirs["bases"]["digits"], "digits", seed=seed)
+    version = a.put(f"/patches/{name}", content=data, headers=AUTH).json()["version"]
+    assert poll(lambda: version_on(b, name) == version, 5)
 
 
 class Gates:
@@ -76,10 +69,9 @@ def restart_empty(redis_server, replicas) -> Gates:
 
 def test_put_after_restart_is_not_reverted_by_refill(redis_server, replicas, class_only_dirs):
     a, b = replicas
-    digits = class_only_dirs["bases"]["digits"]
-    v1 = a.put("/patches/shared", content=make_patch_bytes(digits, "digits", seed=1), headers=AUTH).json()["version"]
-    assert poll(lambda: version_on(b, "shared") == v1, 5)
+    put_on_both(replicas, class_only_dirs, "shared", seed=1)
     gates = restart_empty(redis_server, replicas)
+    digits = class_only_dirs["bases"]["digits"]
     put = a.put("/patches/shared", content=make_patch_bytes(digits, "digits", seed=2), headers=AUTH)
     assert put.status_code == 200, put.text
     v2 = put.json()["version"]
@@ -93,9 +85,7 @@ def test_put_after_restart_is_not_reverted_by_refill(redis_server, replicas, cla
 
 def test_delete_after_restart_stays_deleted(redis_server, replicas, class_only_dirs):
     a, b = replicas
-    digits = class_only_dirs["bases"]["digits"]
-    v1 = a.put("/patches/gone", content=make_patch_bytes(digits, "digits", seed=3), headers=AUTH).json()["version"]
-    assert poll(lambda: version_on(b, "gone") == v1, 5)
+    put_on_both(replicas, class_only_dirs, "gone", seed=3)
     gates = restart_empty(redis_server, replicas)
     assert a.delete("/patches/gone", headers=AUTH).status_code == 200
     gates.release()
@@ -107,9 +97,7 @@ def test_delete_after_restart_stays_deleted(redis_server, replicas, class_only_d
 def test_a_replica_that_missed_a_delete_does_not_bring_it_back(redis_server, replicas, class_only_dirs):
     """b holds the name (it missed the delete), a saw it: Redis restarts and both refill; the delete wins."""
     a, b = replicas
-    digits = class_only_dirs["bases"]["digits"]
-    v1 = a.put("/patches/stale", content=make_patch_bytes(digits, "digits", seed=4), headers=AUTH).json()["version"]
-    assert poll(lambda: version_on(b, "stale") == v1, 5)
+    put_on_both(replicas, class_only_dirs, "stale", seed=4)
     registry_b = b.app.state.engine.registry
     on_event, resync = registry_b._on_event, registry_b._resync
     registry_b._on_event = registry_b._resync = lambda *args: None  # b hears nothing for now

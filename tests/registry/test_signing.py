@@ -7,18 +7,24 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import redis
-from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, wait_ready
+from conftest import (
+    ADMIN_TOKEN,
+    AUTH,
+    asgi_client,
+    copy_dirs,
+    make_patch_bytes,
+    poll,
+    wait_ready,
+)
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 CLI = str(Path(sys.executable).parent / "model_signing")
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"}
 
 
 def keypair(folder: Path, name: str) -> tuple[Path, Path]:
@@ -48,15 +54,6 @@ def cli_sign(data: bytes, private: Path, folder: Path, name: str = "p") -> bytes
 
 def header(bundle: bytes) -> dict:
     return AUTH | {"X-DMP-Signature": base64.b64encode(bundle).decode()}
-
-
-def poll(fn, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if fn():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_uploads_and_files_need_a_valid_signature(keys, class_only_dirs, tmp_path):

@@ -3,23 +3,21 @@ never stop a replica from syncing or serving, never reach a client as a 500 or a
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import redis
-from conftest import BAD_HEADERS, asgi_client, copy_dirs, make_patch_bytes, wait_ready, with_header
+from conftest import (
+    BAD_HEADERS,
+    asgi_client,
+    copy_dirs,
+    make_patch_bytes,
+    poll,
+    wait_ready,
+    with_header,
+)
 
 pytestmark = pytest.mark.redis
 CHANNEL, VERSIONS = "dmp:patch-events", "dmp:patch-versions"
-
-
-def poll(fn, timeout: float):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if fn():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def put_raw(r: redis.Redis, name: str, data: bytes, version: str = "0123456789abcdef") -> None:

@@ -18,7 +18,8 @@ from PIL import Image
 
 from app.model.dmp import read_header
 
-TEST_FLAGS = {"patch": ["--steps", "3"], "eval": ["--steps", "2", "--num-samples", "50", "--json", "eval.json"]}  # as the doc says
+# as the doc says
+TEST_FLAGS = {"patch": ["--steps", "3"], "eval": ["--steps", "2", "--num-samples", "50", "--json", "eval.json"]}
 
 
 def walkthrough() -> list[str]:
