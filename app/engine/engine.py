@@ -256,7 +256,7 @@ class Engine:
             work.job = new_job(base.model, y=y, seed=spec.seed, sampler=spec.sampler, steps=spec.steps,
                                guidance_scale=spec.guidance_scale, n=spec.num_images,
                                beta_schedule=base.beta_schedule, clip_sample=base.clip_sample,
-                               device=self.settings.torch_device, dtype=self.settings.torch_dtype)
+                               device=self.settings.torch_device)
         except BaseException:
             if pin is not None:
                 base.patches.release(pin)

@@ -74,7 +74,6 @@ class Job:
     slot: int = 0  # ... or a slot in the engine's PatchPool
     index: int = 0
     cfg_channels: str = "all"
-    meta: dict = field(default_factory=dict)
     table: torch.Tensor | None = None  # (len(COEFFS), steps) from step_table; None: the scheduler's own step
     t_list: list = field(default_factory=list)  # timesteps as Python numbers (no tensor indexing per step)
 
@@ -94,7 +93,7 @@ class Job:
 
 def new_job(model: DiT, *, y, seed: int, sampler: str = "ddpm", steps: int = 250, guidance_scale: float = 1.0,
             n: int = 1, patch: Patch | None = None, slot: int = 0, beta_schedule: str = "linear",
-            clip_sample: bool = False, device="cpu", dtype=torch.float32, cfg_channels: str = "all") -> Job:
+            clip_sample: bool = False, device="cpu", cfg_channels: str = "all") -> Job:
     """Create a job; the initial noise comes from a CPU generator seeded with `seed`, so it is device-independent."""
     cfg = model.config
     gen = torch.Generator("cpu").manual_seed(int(seed))
@@ -108,7 +107,7 @@ def new_job(model: DiT, *, y, seed: int, sampler: str = "ddpm", steps: int = 250
     use_cfg = guidance_scale != 1.0 and cfg.task != "uncond"
     y_null = model.null_y(n, device) if use_cfg else None
     return Job(latents, y, y_null, guidance_scale, sched, gen, patch, slot, cfg_channels=cfg_channels,
-               meta={"dtype": dtype}, table=step_table(sched), t_list=sched.timesteps.tolist())
+               table=step_table(sched), t_list=sched.timesteps.tolist())
 
 
 # ----------------------------------------------------------------------------- vectorised DDIM / DDPM update
@@ -339,7 +338,7 @@ def generate(model: DiT, vae: VAE | None = None, *, y=None, captions: list[str] 
     conds = condition_rows(model, len(seeds), y=y, captions=captions, text_encoder=text_encoder)
     jobs = [new_job(model, y=cond, seed=s, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                     patch=patch, beta_schedule=beta_schedule, clip_sample=clip_sample, device=device,
-                    dtype=dtype, cfg_channels=cfg_channels) for s, cond in zip(seeds, conds, strict=True)]
+                    cfg_channels=cfg_channels) for s, cond in zip(seeds, conds, strict=True)]
     from tqdm.auto import tqdm
 
     for _ in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):

@@ -123,7 +123,7 @@ def sample_images(model, y: torch.Tensor, *, patch=None, sampler=EVAL_SAMPLING["
         job = new_job(model, y=yc, seed=seed * 100_003 + i, sampler=sampler, steps=steps, n=len(yc),
                       guidance_scale=guidance_scale, patch=patch, beta_schedule=beta_schedule,
                       clip_sample=clips_x0("pixel"),  # scored in pixels: the trainer's evaluation data
-                      device=device, dtype=dtype)
+                      device=device)
         for _ in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
             denoise_step(model, [job], dtype=dtype)
         outs.append(job.latents.float().clamp(-1, 1).cpu())
