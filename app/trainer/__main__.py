@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--doc", default="docs/results.md")
     p.add_argument("--report-only", action="store_true", help="write the doc from finished runs; train nothing")
-    for name in ("eval", "compare", "curve", "table"):
+    for name in ("eval", "compare", "curve", "table", "study"):
         add_threads(sub.choices[name])
 
     p = sub.add_parser("make-domain", help="the shipped MNIST digits in a shifted style, as an image folder to patch")

@@ -142,3 +142,11 @@ def test_shipped_thick_patch_is_the_documented_command_and_thickens_the_same_see
     plain = ink_share(sample_images(base, labels, seed=0, steps=20))
     thick = ink_share(sample_images(base, labels, patch=patch.eval(), seed=0, steps=20))
     assert thick > 1.4 * plain
+
+
+def test_every_command_but_make_domain_takes_threads():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        flags = {s for a in sub._actions for s in a.option_strings}
+        assert ("--threads" in flags) == (name != "make-domain"), name  # main() calls set_threads(args.threads)
