@@ -64,6 +64,10 @@ class Metrics:
         self.key_requests = Counter("dmp_api_key_requests", "Generation requests by API key id (never the key)",
                                     ["key", "outcome"], registry=r)
         self.key_images = Counter("dmp_api_key_images", "Images asked for by API key id", ["key"], registry=r)
+        self.tenant_requests = Counter("dmp_tenant_requests", "Generation requests by tenant (all its keys)",
+                                       ["tenant", "outcome"], registry=r)
+        self.tenant_images = Counter("dmp_tenant_images", "Images asked for by tenant (all its keys)", ["tenant"],
+                                     registry=r)
         self.key_refusals = Counter("dmp_api_key_refusals", "Requests refused before any key matched", ["reason"],
                                     registry=r)
         self.ready = Gauge("dmp_ready", "1 when /health/ready answers 200", registry=r)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from app.core.apikeys import KeyRing, unnamed_key_id
+from app.core.apikeys import ApiKey, KeyRing, unnamed_key_id
 from app.core.errors import BadRequest
 from app.core.ratelimit import RateLimiter
 
@@ -32,8 +32,23 @@ def test_every_entry_form_from_a_list_and_a_file(tmp_path):
     assert KeyRing.parse(str(f)).identify("k-erin") == "erin"
 
 
+def test_tenants_and_the_admin_scope():
+    """ID@TENANT and +admin extend the id; every older form still reads as before (a key is its own tenant)."""
+    ring = KeyRing.parse(f"ops@acme+admin:k-ops, app@acme:sha256:{sha('k-app')}, root+admin:k-root, carol:k-carol,"
+                         " k-plain", SECRET)
+    ids = {key: ring.identify(key) for key in ("k-ops", "k-app", "k-root", "k-carol", "k-plain")}
+    assert ids["k-ops"] == "ops" and ids["k-app"] == "app" and ids["k-root"] == "root"
+    assert ring.keys["ops"] == ApiKey("ops", "acme", admin=True) and ring.keys["app"] == ApiKey("app", "acme")
+    assert ring.keys["root"] == ApiKey("root", "root", admin=True) and ring.keys["carol"] == ApiKey("carol", "carol")
+    plain = ids["k-plain"]
+    assert ring.keys[plain] == ApiKey(plain, plain)  # an unnamed key: its HMAC id, never an admin
+    assert ring.tenants == {"acme", "root", "carol", plain} and ring.has_admins
+    assert not KeyRing.parse("carol:k-carol").has_admins
+
+
 @pytest.mark.parametrize("value", ["", " , ", "a:x,a:y", "bad id!:k", "x:", "/no/such/file", "k-\u00e9t\u00e9",
-                                   "ann:cl\u00e9", "ann:tab\there"])
+                                   "ann:cl\u00e9", "ann:tab\there", "a@:k", "a@b@c:k", "a+root:k", "a+admin@t:k",
+                                   "a@t:k,a@u:j"])
 def test_bad_settings_refuse_to_start(value):
     with pytest.raises(ValueError) as e:
         KeyRing.parse(value)
@@ -81,6 +96,24 @@ def test_memory_bucket_takes_both_or_neither_and_refills():
     with pytest.raises(BadRequest):
         limiter.take("a", 7)  # more than a full bucket can ever hold
     assert RateLimiter(0, 0).take("a", 100) == 0  # no limits
+
+
+@pytest.mark.parametrize("where", ["memory", "redis"])
+def test_a_tenant_bucket_is_shared_by_its_keys(where, request):
+    """Key and tenant buckets are taken together, all or none: a refusal by the tenant's bucket spends nothing of
+    the key's."""
+    import redis
+
+    client = redis.Redis.from_url(request.getfixturevalue("redis_server").url) if where == "redis" else None
+    limiter = RateLimiter(120, 0, client=client, tenant_requests_per_min=3, tenant_images_per_min=10)
+    assert [limiter.take("k1", 4, "t"), limiter.take("k2", 4, "t")] == [0, 0]
+    assert limiter.take("k1", 4, "t") > 0  # 2 image tokens left in t's bucket
+    assert limiter.take("k1", 2, "t") == 0  # the refusal took none, of the tenant's or the key's
+    assert limiter.take("k2", 1, "t") > 0  # 3 requests a minute for the tenant, whichever key
+    assert limiter.take("k3", 10, "u") == 0  # another tenant, its own bucket
+    with pytest.raises(BadRequest) as e:
+        limiter.take("k3", 11, "u")
+    assert e.value.error_type == "over_tenant_limit"
 
 
 def test_redis_bucket_is_shared(redis_server):
