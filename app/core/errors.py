@@ -30,8 +30,16 @@ class Unauthorized(ServiceError):
     status, error_type = 401, "unauthorized"
 
 
+class Forbidden(ServiceError):
+    status, error_type = 403, "forbidden"
+
+
 class NotFound(ServiceError):
     status, error_type = 404, "not_found"
+
+
+class Conflict(ServiceError):
+    status, error_type = 409, "conflict"
 
 
 class PayloadTooLarge(ServiceError):

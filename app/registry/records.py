@@ -11,6 +11,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 NAME_RE = re.compile(NAME_PATTERN)
 
 
+NOBODY = ""  # a tenant that owns no patch: sees the shared ones alone (a caller without credentials, keys on)
 PATH_KEYS = ("train_config",)  # metadata holding the trainer's settings, whose file paths are the trainer host's
 
 

@@ -22,7 +22,16 @@ import redis
 from torch import nn
 
 from app.core.config import Settings
-from app.core.errors import InvalidRequest, NotFound, PatchError, PatchNotReady, ServiceError, Unavailable
+from app.core.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    PatchError,
+    PatchNotReady,
+    ServiceError,
+    Unavailable,
+)
 from app.core.metrics import Metrics
 from app.core.signing import PatchVerifier
 from app.model.dmp import DMP, patch_from_bytes, read_header
@@ -151,8 +160,9 @@ class PatchRegistry:
 
     # No lock here: these run on the event loop, and the lock can be held by a write waiting on a hung Redis.
     # dict.copy()/get are atomic under the GIL.
-    # Tenants: `tenant` is the caller's API key id, None for the operator (admin token, or keys off). A patch with
-    # an owner exists only for that tenant and the operator; to anyone else it is absent (404, names do not leak).
+    # Tenants: `tenant` is the caller's tenant (of its API key), None for the operator (admin token, or keys off),
+    # records.NOBODY for a caller without credentials. A patch with an owner exists only for that tenant and the
+    # operator; to anyone else it is absent (404 identical to an unknown name's, so names do not leak).
     def list(self, tenant: str | None = None) -> list[PatchRecord]:
         return sorted((r for r in self.records.copy().values() if r.visible_to(tenant)), key=lambda r: r.name)
 
@@ -166,10 +176,11 @@ class PatchRegistry:
         """Retired versions of `name` that running requests still use."""
         return [v for b in self.bases.values() for v in b.patches.held_versions(name)]
 
-    def history(self, name: str) -> builtins.list[dict]:
-        """Versions of `name` this replica installed or deleted since it started, newest first."""
-        events = self._history.get(name)
-        if events is None:
+    def history(self, name: str, tenant: str | None = None) -> builtins.list[dict]:
+        """Versions of `name` this replica installed or deleted since it started, newest first; a tenant sees the
+        history of a name it sees now (a deleted name's owner is gone with it: the operator's alone)."""
+        events, record = self._history.get(name), self.records.get(name)
+        if events is None or (tenant is not None and (record is None or not record.visible_to(tenant))):
             raise NotFound(f"no patch named {name!r} seen since this replica started", error_type="patch_not_found")
         return [{"version": v, "event": e, "at": at} for v, e, at in reversed(list(events))]
 
@@ -201,18 +212,22 @@ class PatchRegistry:
 
     # ------------------------------------------------------------------ admin
 
-    def put(self, name: str, data: bytes, signature: bytes | None = None,
-            tenant: str | None = None) -> tuple[PatchRecord, bool]:
+    def put(self, name: str, data: bytes, signature: bytes | None = None, tenant: str | None = None,
+            owner: str | None = None, set_owner: bool = False) -> tuple[PatchRecord, bool]:
         """Check the name and signature, validate in full, then store, install and announce; a refused upload
-        changes nothing. A tenant's upload belongs to it; the operator's keeps the name's owner (new: shared)."""
+        changes nothing. A tenant's upload belongs to it; the operator's is `owner` when `set_owner` (None =
+        shared), else keeps the name's owner (a new name: shared)."""
         version = version_of(data)
         self._check_name(name)
         signer = self._verify(data, signature)
         with self._lock:
             old = self.records.get(name)
-            if old is not None and not old.visible_to(tenant):
-                raise NotFound(f"patch name {name!r} is not available to this key", error_type="patch_not_found")
-            owner = tenant if tenant is not None else old.owner if old is not None else None
+            if tenant is not None and old is not None:
+                self._check_owned(old, tenant, "replace")
+            if tenant is not None:
+                owner = tenant
+            elif not set_owner:
+                owner = old.owner if old is not None else None
             base, patch = self._validate(data)
             try:
                 generation = self.store.save(name, data, version, self._next_generation(name), signature,
@@ -226,7 +241,9 @@ class PatchRegistry:
 
     def delete(self, name: str, tenant: str | None = None) -> PatchRecord:
         with self._lock:
-            record = self.get(name, tenant)
+            record = self.get(name, tenant)  # another tenant's: 404, as for a name that does not exist
+            if tenant is not None:
+                self._check_owned(record, tenant, "delete")
             try:
                 generation = self.store.delete(name, self._next_generation(name))
             except redis.RedisError as e:
@@ -236,6 +253,17 @@ class PatchRegistry:
             return record
 
     # ------------------------------------------------------------------ internals
+
+    def _check_owned(self, record: PatchRecord, tenant: str, action: str) -> None:
+        """A tenant changes its own patches only: a shared one is the operator's (403: the tenant sees it anyway),
+        another tenant's name is taken (409, the one thing a would-be writer must learn; never whose it is)."""
+        if record.owner == tenant:
+            return
+        self.metrics.patch_refusals.labels("owner").inc()
+        if record.owner is None:
+            raise Forbidden(f"patch {record.name!r} is shared; only the operator may {action} it",
+                            error_type="shared_patch")
+        raise Conflict(f"the patch name {record.name!r} is taken; choose another name", error_type="name_taken")
 
     def _unreachable(self, e: redis.RedisError) -> Unavailable:
         return Unavailable(f"patch store unreachable: {e.__class__.__name__}", error_type="registry_unavailable")

@@ -1,6 +1,6 @@
 """Tenants in the registry (issue 24 item 3, the registry's part): a tenant's patch has an owner that travels with
-it (disk, Redis, refill); other tenants neither list, get, replace nor delete it (404 NotFound); the operator sees
-all. The API layer is to pass the caller's key id as `tenant` (docs/service.md)."""
+it (disk, Redis, refill); other tenants neither list, get nor delete it (404 NotFound) nor replace it (409: the name
+is taken); a shared patch is the operator's to change (403); the operator sees all and may assign owners."""
 from __future__ import annotations
 
 from contextlib import ExitStack
@@ -8,7 +8,7 @@ from contextlib import ExitStack
 import pytest
 from conftest import asgi_client, copy_dirs, make_patch_bytes, wait_ready
 
-from app.core.errors import NotFound
+from app.core.errors import Conflict, Forbidden, NotFound
 
 
 def names(registry, tenant):
@@ -21,14 +21,25 @@ def check_isolation(registry, digits):
     assert registry.get("alpha", "a").owner == "a" and registry.get("shared", "b").owner is None
     assert names(registry, "a") >= {"alpha", "shared"} and "alpha" not in names(registry, "b")
     assert "alpha" in names(registry, None)  # the operator
-    for attempt in (lambda: registry.get("alpha", "b"), lambda: registry.delete("alpha", "b"),
-                    lambda: registry.put("alpha", make_patch_bytes(digits, "digits", 3), tenant="b")):
+    for attempt in (lambda: registry.get("alpha", "b"), lambda: registry.delete("alpha", "b")):
         with pytest.raises(NotFound) as e:
             attempt()
         assert e.value.status == 404
+    with pytest.raises(Conflict) as taken:
+        registry.put("alpha", make_patch_bytes(digits, "digits", 3), tenant="b")
+    assert taken.value.status == 409 and "'a'" not in taken.value.message  # never whose it is
+    for attempt in (lambda: registry.delete("shared", "b"),
+                    lambda: registry.put("shared", make_patch_bytes(digits, "digits", 3), tenant="b")):
+        with pytest.raises(Forbidden):
+            attempt()
     assert registry.get("alpha", "a").version == registry.get("alpha").version  # b changed nothing
+    assert registry.get("shared").version == registry.get("shared", "b").version
     registry.put("alpha", make_patch_bytes(digits, "digits", 4))  # the operator replaces it: still a's
     assert registry.get("alpha").owner == "a"
+    registry.put("alpha", make_patch_bytes(digits, "digits", 4), owner=None, set_owner=True)  # made shared
+    assert registry.get("alpha", "b").owner is None
+    registry.put("alpha", make_patch_bytes(digits, "digits", 4), owner="a", set_owner=True)  # a's again
+    assert "alpha" not in names(registry, "b")
 
 
 def test_tenants_on_disk(class_only_dirs, tmp_path):
