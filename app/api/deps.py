@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, engine, registry, admin auth (constant-time token check)."""
+"""FastAPI dependencies: settings, engine, registry, the admin and metrics tokens (constant-time checks)."""
 from __future__ import annotations
 
 import hmac
@@ -12,7 +12,8 @@ from app.core.errors import NotFound, Unauthorized, Unavailable
 from app.engine.engine import Engine
 from app.registry.registry import PatchRegistry
 
-bearer = HTTPBearer(auto_error=False, description="DMP_ADMIN_TOKEN")
+bearer = HTTPBearer(auto_error=False, description="DMP_ADMIN_TOKEN (or an API key with the admin scope on "
+                    "PUT/DELETE /patches; DMP_METRICS_TOKEN on /metrics)")
 
 
 def get_settings(request: Request) -> Settings:
@@ -29,20 +30,32 @@ def get_registry(engine: Annotated[Engine, Depends(get_engine)]) -> PatchRegistr
     return engine.registry
 
 
-def require_admin(settings: Annotated[Settings, Depends(get_settings)],
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    """Admin routes exist only when DMP_ADMIN_TOKEN is set; the token is compared in constant time."""
+def is_admin_token(settings: Settings, presented: str) -> bool:
+    """Whether `presented` is DMP_ADMIN_TOKEN (constant-time; False while it is unset)."""
     token = settings.admin_token.get_secret_value() if settings.admin_token else ""
-    if not token:
-        raise NotFound("admin routes are disabled (DMP_ADMIN_TOKEN is not set)", error_type="not_found")
+    return bool(token) and hmac.compare_digest(presented.encode(), token.encode())
+
+
+def require_metrics_reader(settings: Annotated[Settings, Depends(get_settings)],
+                           credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    """/metrics is the operator's: it names tenants and their patches, so once DMP_API_KEYS (or DMP_METRICS_TOKEN)
+    is set it needs DMP_METRICS_TOKEN or DMP_ADMIN_TOKEN; 404 while keys are on and neither token is set."""
+    if settings.api_keys is None and settings.metrics_token is None:
+        return
+    tokens = [t.get_secret_value().encode() for t in (settings.metrics_token, settings.admin_token) if t]
+    if not tokens:
+        raise NotFound("/metrics is off: DMP_API_KEYS is set and neither DMP_METRICS_TOKEN nor DMP_ADMIN_TOKEN is",
+                       error_type="not_found")
     if credentials is None:
-        raise Unauthorized("send Authorization: Bearer <admin token>", headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
-        raise Unauthorized("wrong admin token", error_type="invalid_token",
+        raise Unauthorized("send Authorization: Bearer <DMP_METRICS_TOKEN or the admin token>",
+                           headers={"WWW-Authenticate": "Bearer"})
+    presented = credentials.credentials.encode()
+    if not [t for t in tokens if hmac.compare_digest(presented, t)]:  # every token compared: no early exit
+        raise Unauthorized("wrong metrics token", error_type="invalid_token",
                            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 RegistryDep = Annotated[PatchRegistry, Depends(get_registry)]
-AdminDep = Depends(require_admin)
+MetricsReaderDep = Depends(require_metrics_reader)

@@ -37,7 +37,7 @@ def gate_route(png: bool, media_type: str, headers: dict[str, str] | None = None
     async def route(name: PatchName, maps: MapsDep, caller: KeyDep, class_label: ClassLabel = None,
                     caption: Caption = None, timesteps: Timesteps = 50):
         await caller.charge(0)
-        body = await maps.get(name, class_label, caption, timesteps, png=png)
+        body = await maps.get(name, class_label, caption, timesteps, png=png, tenant=caller.tenant)
         return Response(body, media_type=media_type, headers=headers)
 
     return route

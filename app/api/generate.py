@@ -38,14 +38,15 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, c
                    accept: str | None = Header(None, description="image/png + num_images=1: the raw PNG; "
                                                                   "text/event-stream: progress events")):
     engine.check_admitting()  # before anything else: a draining server answers nothing new
-    spec = engine.resolve(**body.model_dump(exclude={"previews"}))
+    spec = engine.resolve(**body.model_dump(exclude={"previews"}), tenant=caller.tenant)
     await caller.charge(spec.num_images)
     if wants_events(accept):
-        return sse_response(_events(await engine.open(spec, follow=True, previews=body.previews)))
+        work = await engine.open(spec, follow=True, previews=body.previews, tenant=caller.tenant)
+        return sse_response(_events(work))
     raw = _wants_raw_png(accept, spec.num_images)
     if raw:
         spec = replace(spec, output_format="png")
-    done = await outcome(await engine.open(spec), request)
+    done = await outcome(await engine.open(spec, tenant=caller.tenant), request)
     if raw:
         headers = {"X-Seed": str(spec.seed), "X-Model": spec.model,
                    "Server-Timing": ", ".join(f"{k[:-3]};dur={v:.1f}" for k, v in done.timings.items())}

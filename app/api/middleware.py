@@ -14,9 +14,9 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from app.api.deps import bearer, require_admin
+from app.api.deps import bearer
 from app.api.errors import HTTP_METHODS, error_response, reply_headers
-from app.api.keys import api_bearer, require_key
+from app.api.keys import api_bearer, require_key, require_patch_admin
 from app.api.v1_errors import openai_error
 from app.core import logs
 from app.core.config import Settings
@@ -65,7 +65,7 @@ class RequestContext:
             logs.request_id.reset(context)
 
 
-ADMIN_PATH = re.compile(r"^/patches/[^/]+$")  # PUT (upload) and DELETE need DMP_ADMIN_TOKEN
+ADMIN_PATH = re.compile(r"^/patches/[^/]+$")  # PUT (upload) and DELETE: the admin token or an admin key
 KEYED_PATH = re.compile(r"^/generate$|^/v1(/.*)?$|^/patches/[^/]+/gates(\.png)?$")  # DMP_API_KEYS, when set
 
 
@@ -99,7 +99,7 @@ class Gatekeeper:
         request = Request(scope)
         try:
             if admin:
-                require_admin(self.settings, await bearer(request))
+                require_patch_admin(request, await bearer(request))
             elif KEYED_PATH.match(path):
                 require_key(request, await api_bearer(request))
             limit = self.settings.max_patch_bytes if admin else self.settings.max_body_bytes

@@ -45,7 +45,7 @@ def _sizes(base: ServedBase) -> list[str]:
 def list_models(engine: EngineDep, caller: KeyDep):
     cards = [ModelCard(id=b.name, created=STARTED, owned_by="dmp", parent=None, task=b.task, sizes=_sizes(b))
              for b in engine.bases.values()]
-    for r in engine.registry.list() if engine.registry else []:
+    for r in engine.registry.list(caller.tenant) if engine.registry else []:
         if r.state == "ready" and r.base in engine.bases and r.name not in engine.bases:
             base = engine.bases[r.base]
             cards.append(ModelCard(id=r.name, created=int(r.updated_at), owned_by=r.base, parent=r.base,
@@ -57,12 +57,12 @@ def list_models(engine: EngineDep, caller: KeyDep):
              summary="OpenAI images.generate: model = a base or a patch", openapi_extra=KEY_OPTIONAL)
 async def generate_images(body: ImageRequest, request: Request, engine: EngineDep, caller: KeyDep):
     engine.check_admitting()
-    model, patch = _model(engine, body.model)
+    model, patch = _model(engine, body.model, caller.tenant)
     try:
         spec = engine.resolve(model=model, patch=patch, num_images=body.n, steps=body.steps, sampler=body.sampler,
                               guidance_scale=body.guidance_scale, seed=body.seed,
-                              output_format=body.output_format or "png",
-                              **_condition(engine, model, patch, body.prompt))
+                              output_format=body.output_format or "png", tenant=caller.tenant,
+                              **_condition(engine, model, patch, body.prompt, caller.tenant))
     except ServiceError as e:
         raise _in_openai_terms(e) from None
     size = _size(engine.bases[spec.model], body.size)
@@ -72,9 +72,9 @@ async def generate_images(body: ImageRequest, request: Request, engine: EngineDe
     await caller.charge(spec.num_images)
     if body.stream:
         work = await engine.open(spec, follow=True, previews=body.partial_images or 0,
-                                 preview_format=spec.output_format)
+                                 preview_format=spec.output_format, tenant=caller.tenant)
         return sse_response(_events(request, work, size))
-    done = await outcome(await engine.open(spec), request)
+    done = await outcome(await engine.open(spec, tenant=caller.tenant), request)
     return ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=_b64(f)) for f in done.files],
                           output_format=spec.output_format, size=size, seed=spec.seed, model=spec.model)
 
@@ -112,13 +112,13 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _model(engine: Engine, name: str | None) -> tuple[str | None, str | None]:
-    """(base, patch) named by `model`: a base, or a patch (whose base resolve fills in)."""
+def _model(engine: Engine, name: str | None, tenant: str | None) -> tuple[str | None, str | None]:
+    """(base, patch) named by `model`: a base, or a patch the caller sees (whose base resolve fills in)."""
     if name is None or name in engine.bases:
         return name, None
     assert engine.registry is not None, "routes run once the engine has started"
     try:
-        engine.registry.get(name)
+        engine.registry.get(name, tenant)
     except NotFound:
         raise OpenAIError(f"no model named {name!r}; GET /v1/models lists them", status=404,
                           error_type="model_not_found", param="model") from None
@@ -147,10 +147,10 @@ def _size(base: ServedBase, size: str | None) -> str:
     return size
 
 
-def _condition(engine: Engine, model: str | None, patch: str | None, prompt: str) -> dict:
+def _condition(engine: Engine, model: str | None, patch: str | None, prompt: str, tenant: str | None) -> dict:
     """The prompt as what the base's task takes: a caption, a class label (index or name), or nothing."""
     assert engine.registry is not None, "routes run once the engine has started"
-    record = engine.registry.get(patch) if patch else None
+    record = engine.registry.get(patch, tenant) if patch else None
     try:
         task = engine.bases[base_name(engine.bases, model, record)].task
     except (ServiceError, KeyError):

@@ -29,10 +29,16 @@ class Settings(BaseSettings):
                                             "rate-limit buckets, the same on every replica; unset = derived from "
                                             "DMP_API_KEYS")
     api_keys: SecretStr | None = Field(None, description="Keys for /generate, /v1/* and the gates routes: a file "
-                                       "or a comma list of entries KEY | sha256:HEX | ID:KEY | ID:sha256:HEX; "
-                                       "unset = open")
+                                       "or a comma list of entries KEY | sha256:HEX | ID:KEY | ID:sha256:HEX, "
+                                       "ID as ID[@TENANT][+admin]; unset = open")
     key_requests_per_min: float = Field(0, ge=0, description="Requests a key may make per minute; 0 = no limit")
     key_images_per_min: float = Field(0, ge=0, description="Images a key may ask for per minute; 0 = no limit")
+    tenant_requests_per_min: float = Field(0, ge=0, description="Requests all keys of a tenant may make per minute "
+                                           "together; 0 = no limit")
+    tenant_images_per_min: float = Field(0, ge=0, description="Images all keys of a tenant may ask for per minute "
+                                         "together; 0 = no limit")
+    metrics_token: SecretStr | None = Field(None, description="Bearer token that reads /metrics (as does the admin "
+                                            "token); needed there whenever set or DMP_API_KEYS is set")
     redis_url: str | None = Field(None, description="Redis for shared patches and the result cache; unset = disk")
     model_dir: Path = Field(Path("models"), description="Base checkpoints served (*.safetensors, *.pt, folders)")
     patch_dir: Path = Field(Path("patches"), description="Patch files (embedded registry; seeds Redis once)")
@@ -81,9 +87,9 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line, with the "
                                                 "request id on every line logged while serving a request")
 
-    @field_validator("admin_token")
+    @field_validator("admin_token", "metrics_token")
     @classmethod
-    def _admin_token_is_not_guessable(cls, token: SecretStr | None) -> SecretStr | None:
+    def _token_is_not_guessable(cls, token: SecretStr | None) -> SecretStr | None:
         if token is None:
             return None
         value = token.get_secret_value()

@@ -165,11 +165,12 @@ class Engine:
     def resolve(self, *, model: str | None = None, patch: str | None = None, class_label: int | str | None = None,
                 caption: str | None = None, num_images: int = 1, steps: int | None = None,
                 sampler: str | None = None, guidance_scale: float | None = None, seed: int | None = None,
-                output_format: str = "png") -> Spec:
-        """Check a request against the served bases and limits (app.engine.validation) and fill in every default."""
+                output_format: str = "png", tenant: str | None = None) -> Spec:
+        """Check a request against the served bases and limits (app.engine.validation) and fill in every default;
+        `tenant`: the caller's (PatchRegistry.get: another tenant's patch is unknown here)."""
         if self.registry is None:
             raise Unavailable("the service is still starting", error_type="not_ready")
-        record = validation.ready(self.registry.get(patch)) if patch is not None else None
+        record = validation.ready(self.registry.get(patch, tenant)) if patch is not None else None
         base = self.base(validation.base_name(self.bases, model, record))
         if record is not None and record.base != base.name:
             raise InvalidRequest(f"patch {patch!r} is for model {record.base!r}, not {base.name!r}",
@@ -216,14 +217,15 @@ class Engine:
             self.metrics.inflight.set(self._inflight)
 
     async def open(self, spec: Spec, *, follow: bool = False, previews: int = 0, preview_format: str = "png",
-                   internal: bool = False) -> Work:
+                   internal: bool = False, tenant: str | None = None) -> Work:
         """Start a request: its Work, whose `events()` is the request's stream (a cache hit's is its Done alone).
 
         Refusals (draining, queue full, patch gone) raise here, before any byte of a reply is sent. `follow`: the
-        stream reports every step; `previews` of them, evenly spaced, carry the decoded x0 prediction."""
+        stream reports every step; `previews` of them, evenly spaced, carry the decoded x0 prediction. `tenant`: the
+        caller's, as given to resolve (the patch is looked up again here: the name may have changed hands since)."""
         started = time.perf_counter()
         self.check_admitting(internal)  # also before the cache: a draining server answers nothing new
-        hit = await self._cached(spec)
+        hit = await self._cached(spec, tenant)
         if hit is not None:
             self._observe(spec, hit, time.perf_counter() - started)
             return Work(spec, ready=hit)
@@ -231,10 +233,10 @@ class Engine:
                     preview_at=preview_steps(spec.steps, previews) if follow else frozenset(),
                     on_done=lambda done: self._finished(spec, done, started))
         # admission, then encoding the condition and pinning (which may read the patch back from the store)
-        await to_thread.run_sync(self._submit, work, internal)
+        await to_thread.run_sync(self._submit, work, internal, tenant)
         return work
 
-    def _submit(self, work: Work, internal: bool) -> None:
+    def _submit(self, work: Work, internal: bool, tenant: str | None) -> None:
         """Admit (bounded by DMP_MAX_QUEUE), encode the condition, pin the patch version, make the sampling job and
         queue the work. The device slot is taken later, by the runner, when the request joins the batch."""
         self._admit(internal)
@@ -245,7 +247,7 @@ class Engine:
         try:
             y = self.condition(base, spec)
             if spec.patch is not None:
-                record = registry.get(spec.patch)
+                record = registry.get(spec.patch, tenant)
                 if record.base != base.name:
                     raise InvalidRequest(f"patch {spec.patch!r} is for model {record.base!r}",
                                          error_type="patch_model_mismatch")
@@ -269,12 +271,12 @@ class Engine:
         work.future.add_done_callback(work.inbox.put)  # after the runner's last report: the result comes last
         batcher.put(work)
 
-    async def _cached(self, spec: Spec) -> Done | None:
+    async def _cached(self, spec: Spec, tenant: str | None) -> Done | None:
         """The cached files of a seeded request, or None (cache off, no seed, or a miss)."""
         if self.cache is None or not spec.seeded:
             return None
         assert self.registry is not None, "made by start() before the state is ready"
-        version = self.registry.get(spec.patch).version if spec.patch else None
+        version = self.registry.get(spec.patch, tenant).version if spec.patch else None
         files = await to_thread.run_sync(self.cache.get, self._cache_key(spec, version))
         if files is None:
             return None

@@ -61,10 +61,12 @@ class GateMaps:
         self.lock = threading.Lock()
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="dmp-gates")  # store reads, JSON, PNG (pyplot)
 
-    async def get(self, name: str, class_label: str | None, caption: str | None, timesteps: int, png: bool) -> bytes:
-        """The JSON body, or the heatmap PNG, of `name`'s current version for this condition."""
+    async def get(self, name: str, class_label: str | None, caption: str | None, timesteps: int, png: bool,
+                  tenant: str | None = None) -> bytes:
+        """The JSON body, or the heatmap PNG, of `name`'s current version for this condition (a patch `tenant`
+        sees: PatchRegistry.get)."""
         self.engine.check_admitting()
-        record = validation.ready(self.engine.registry.get(name))
+        record = validation.ready(self.engine.registry.get(name, tenant))
         base = self.engine.base(record.base)
         label, caption = validation.condition(base, class_label, caption, self.settings, required=False)
         key = (name, record.version, label, caption, timesteps)

@@ -78,7 +78,7 @@ def test_a_body_without_credentials_is_never_read(guarded):
     before = rss_mib(pid)
     cases = [("POST", "/v1/images/generations", {}, 401), ("POST", "/generate", {}, 401),
              ("POST", "/generate", {"Authorization": "Bearer sk-wrong"}, 401),
-             ("PUT", "/patches/new", {"Authorization": f"Bearer {KEY}"}, 401),  # a key is not the admin token
+             ("PUT", "/patches/new", {"Authorization": f"Bearer {KEY}"}, 403),  # a key without the admin scope
              ("POST", "/v1/images/generations", {"Authorization": "Bearer " + ADMIN}, 401)]
     for method, path, headers, expected in cases:
         for _ in range(3):

@@ -13,7 +13,8 @@ def series_count(text: str) -> int:
 
 def test_made_up_requests_add_no_series(class_only_dirs):
     keys = "ann:sha256:" + hashlib.sha256(b"sk-ann-0123456789").hexdigest()
-    with asgi_client(class_only_dirs, api_keys=keys) as client:
+    scrape = {"Authorization": "Bearer metrics-token-0123456789"}  # with keys on, /metrics takes a token
+    with asgi_client(class_only_dirs, api_keys=keys, metrics_token=scrape["Authorization"][7:]) as client:
         wait_ready(client)
 
         def noise(i: int) -> None:
@@ -23,10 +24,10 @@ def test_made_up_requests_add_no_series(class_only_dirs):
             client.get("/v1/models", headers={"Authorization": f"Bearer sk-guess-{i}"})
 
         noise(0)
-        client.get("/metrics")  # its own series exist from here on
-        before = series_count(client.get("/metrics").text)
+        client.get("/metrics", headers=scrape)  # its own series exist from here on
+        before = series_count(client.get("/metrics", headers=scrape).text)
         for i in range(1, 40):
             noise(i)
-        text = client.get("/metrics").text
+        text = client.get("/metrics", headers=scrape).text
         assert series_count(text) == before, [line for line in text.splitlines() if "M3" in line][:3]
         assert 'method="other"' in text and "sk-guess" not in text

@@ -134,6 +134,7 @@ def test_stream_without_partials(oai):
 
 # ---------------------------------------------------------------------------------------------------- API keys
 
+METRICS_TOKEN = "metrics-token-0123456789"
 KEYS = "alice:sk-alice-0123456789,sha256:" + __import__("hashlib").sha256(b"sk-bob-0123456789").hexdigest()
 
 
@@ -155,9 +156,10 @@ def test_keys_required_on_generation_routes(start_server, class_only_dirs):
     # the admin token is not an API key, and an API key is not the admin token
     assert httpx.post(server.url + "/generate", json=body,
                       headers={"Authorization": "Bearer admin-token-0123456789"}).status_code == 401
-    assert httpx.delete(server.url + "/patches/digits-dmp",
-                        headers={"Authorization": "Bearer sk-alice-0123456789"}).status_code == 401
-    metrics = httpx.get(server.url + "/metrics").text
+    refused = httpx.delete(server.url + "/patches/digits-dmp", headers={"Authorization": "Bearer sk-alice-0123456789"})
+    assert refused.status_code == 403 and refused.json()["error_type"] == "not_admin"  # a key without +admin
+    assert httpx.get(server.url + "/metrics").status_code == 401  # with keys on, /metrics is the operator's
+    metrics = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer admin-token-0123456789"}).text
     assert 'dmp_api_key_requests_total{key="alice",outcome="allowed"} 1.0' in metrics
     from app.core.apikeys import KeyRing
 
@@ -169,7 +171,8 @@ def test_keys_required_on_generation_routes(start_server, class_only_dirs):
 
 def test_rate_limit_shared_by_replicas_through_redis(start_server, class_only_dirs, redis_server):
     settings = dict(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"], api_keys=KEYS,
-                    redis_url=redis_server.url, key_requests_per_min=3, key_images_per_min=10)
+                    redis_url=redis_server.url, key_requests_per_min=3, key_images_per_min=10,
+                    metrics_token=METRICS_TOKEN)
     a, b = start_server(**settings), start_server(**settings)
 
     def alice(s):
@@ -185,7 +188,8 @@ def test_rate_limit_shared_by_replicas_through_redis(start_server, class_only_di
     assert len(bob.images.generate(model="digits", prompt="1", n=8, extra_body=EXTRA).data) == 8
     with pytest.raises(openai.RateLimitError):  # one request token left, but 1 of 10 image tokens
         bob.images.generate(model="digits", prompt="1", n=2, extra_body=EXTRA)
-    assert 'outcome="rate_limited"' in httpx.get(b.url + "/metrics").text
+    scrape = httpx.get(b.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert 'outcome="rate_limited"' in scrape.text
 
 
 def test_leaving_an_openai_stream_cancels_the_work(server):
