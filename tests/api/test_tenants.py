@@ -5,11 +5,14 @@ stay visible to all; the operator's token sees everything on the listing routes;
 /metrics is the operator's."""
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import ExitStack
 
 import pytest
 from conftest import ADMIN_TOKEN, asgi_client, copy_dirs, make_patch_bytes, poll, wait_ready
+
+from app.core.errors import NotFound
 
 ACME_ADMIN, ACME_APP = "sk-acme-admin-0123456789", "sk-acme-app-0123456789"
 BETA_ADMIN, BETA_APP = "sk-beta-admin-0123456789", "sk-beta-app-0123456789"
@@ -144,6 +147,22 @@ def test_the_operator_assigns_owners(tenants):
     r = tenants.put("/patches/acme-x?owner=beta", content=data, headers=auth(ACME_ADMIN, True))
     assert r.status_code == 403 and r.json()["error_type"] == "owner_not_allowed"
     assert tenants.get("/patches/acme-x", headers=auth(OPERATOR)).status_code == 404  # nothing changed
+
+
+def test_the_engine_looks_the_patch_up_again_for_the_tenant(tenants):
+    """A request resolved while its patch was shared and admitted after the operator gave the name to another
+    tenant is refused at admission (Engine._submit), not run on a patch its caller can no longer see."""
+    engine, data = tenants.app.state.engine, patch_bytes(tenants.dirs, 8)
+    assert tenants.put("/patches/moving", content=data, headers=auth(OPERATOR, True)).status_code == 201
+    spec = engine.resolve(patch="moving", class_label=1, steps=2, tenant="acme")
+    assert tenants.put("/patches/moving?owner=beta", content=data, headers=auth(OPERATOR, True)).status_code == 200
+
+    async def run(tenant: str):
+        return await (await engine.open(spec, tenant=tenant)).outcome()
+
+    with pytest.raises(NotFound):
+        asyncio.run(run("acme"))
+    assert asyncio.run(run("beta")).files  # its new owner's requests run
 
 
 def test_metrics_are_the_operators_and_count_tenants(tenants):
