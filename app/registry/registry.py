@@ -36,7 +36,7 @@ from app.core.metrics import Metrics
 from app.core.signing import PatchVerifier
 from app.model.dmp import DMP, patch_from_bytes, read_header
 from app.registry.records import PatchRecord, version_of
-from app.registry.stores import CHANNEL, DiskStore, RedisStore, Stored, parse_event
+from app.registry.stores import CHANNEL, DiskStore, OwnedElsewhere, RedisStore, Stored, parse_event
 
 log = logging.getLogger("dmp.registry")
 RESYNC_SECONDS = 2.0
@@ -223,7 +223,7 @@ class PatchRegistry:
         with self._lock:
             old = self.records.get(name)
             if tenant is not None and old is not None:
-                self._check_owned(old, tenant, "replace")
+                self._check_owned(name, old.owner, tenant, "replace")
             if tenant is not None:
                 owner = tenant
             elif not set_owner:
@@ -231,9 +231,13 @@ class PatchRegistry:
             base, patch = self._validate(data)
             try:
                 generation = self.store.save(name, data, version, self._next_generation(name), signature,
-                                             owner=owner)
+                                             owner=owner, tenant_write=tenant is not None)
             except redis.RedisError as e:
                 raise self._unreachable(e) from None
+            except OwnedElsewhere as e:  # another replica's write this one has not seen yet
+                assert tenant is not None, "only a tenant's write is checked in the store"
+                self._check_owned(name, e.owner, tenant, "replace")
+                raise
             if old is not None and old.base is not None and old.base != base.name and old.base in self.bases:
                 self.bases[old.base].patches.withdraw(name)  # the name moved to another base
             record = self._install(name, version, base, patch, Stored(data, generation, signature, owner), signer)
@@ -243,7 +247,7 @@ class PatchRegistry:
         with self._lock:
             record = self.get(name, tenant)  # another tenant's: 404, as for a name that does not exist
             if tenant is not None:
-                self._check_owned(record, tenant, "delete")
+                self._check_owned(name, record.owner, tenant, "delete")
             try:
                 generation = self.store.delete(name, self._next_generation(name))
             except redis.RedisError as e:
@@ -254,16 +258,15 @@ class PatchRegistry:
 
     # ------------------------------------------------------------------ internals
 
-    def _check_owned(self, record: PatchRecord, tenant: str, action: str) -> None:
+    def _check_owned(self, name: str, owner: str | None, tenant: str, action: str) -> None:
         """A tenant changes its own patches only: a shared one is the operator's (403: the tenant sees it anyway),
         another tenant's name is taken (409, the one thing a would-be writer must learn; never whose it is)."""
-        if record.owner == tenant:
+        if owner == tenant:
             return
         self.metrics.patch_refusals.labels("owner").inc()
-        if record.owner is None:
-            raise Forbidden(f"patch {record.name!r} is shared; only the operator may {action} it",
-                            error_type="shared_patch")
-        raise Conflict(f"the patch name {record.name!r} is taken; choose another name", error_type="name_taken")
+        if owner is None:
+            raise Forbidden(f"patch {name!r} is shared; only the operator may {action} it", error_type="shared_patch")
+        raise Conflict(f"the patch name {name!r} is taken; choose another name", error_type="name_taken")
 
     def _unreachable(self, e: redis.RedisError) -> Unavailable:
         return Unavailable(f"patch store unreachable: {e.__class__.__name__}", error_type="registry_unavailable")
@@ -344,6 +347,7 @@ class PatchRegistry:
             current = self.records.get(name)
             if current is not None and current.version == version and current.state in ("ready", "failed"):
                 current.generation = max(current.generation, stored.generation)
+                current.owner = stored.owner  # the operator may give the same bytes another owner
                 return  # already served, or already refused (and logged)
             # generation 0: written by hand or by a server without generations, taken as is
             if stored.generation and self._refill_if_newer(name, stored.generation):

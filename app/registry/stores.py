@@ -40,7 +40,14 @@ else
   gen = math.max(gen, stored + 1, deleted + 1)
 end
 """
+# ARGV[11] = '1': a tenant's write (its tenant in ARGV[10]), refused when the name exists and is not that tenant's:
+# checked here as well as in the replica's memory, where another replica's write may not have arrived yet
 _PUT = _GENERATION_OF + """
+if ARGV[11] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then
+  local owner = redis.pcall('HGET', KEYS[6], ARGV[1])
+  if type(owner) ~= 'string' then owner = '' end
+  if owner ~= ARGV[10] then return 'owner:' .. owner end
+end
 redis.call('SET', KEYS[1], ARGV[5])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
 redis.call('HSET', KEYS[3], ARGV[1], string.format('%d', gen))
@@ -60,6 +67,14 @@ redis.call('SET', KEYS[5], string.format('%d', gen), 'EX', ARGV[3])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return string.format('%d', gen)
 """
+
+
+class OwnedElsewhere(Exception):
+    """A tenant's write refused by the store: the name is stored as another tenant's, or shared (owner None)."""
+
+    def __init__(self, owner: str | None):
+        super().__init__(owner)
+        self.owner = owner
 
 
 @dataclass
@@ -117,9 +132,10 @@ class DiskStore:
         return self.root / f"{name}.safetensors{OWNER_SUFFIX}"
 
     def save(self, name: str, data: bytes, version: str, generation: int = 0, signature: bytes | None = None,
-             refill: bool = False, owner: str | None = None) -> int:
+             refill: bool = False, owner: str | None = None, tenant_write: bool = False) -> int:
         """Write the signature and owner (or remove stale ones), then the patch; returns the generation (0: one
-        process owns the directory, nothing to order)."""
+        process owns the directory, nothing to order; so the registry's own owner check under its lock suffices
+        for `tenant_write`)."""
         for path, value in ((self.signature_path(name), signature), (self.owner_path(name), owner)):
             if value is None:
                 path.unlink(missing_ok=True)
@@ -223,12 +239,16 @@ class RedisStore:
         return Stored(data, generation, signature if isinstance(signature, bytes) else None, owner)
 
     def save(self, name: str, data: bytes, version: str, generation: int = 0, signature: bytes | None = None,
-             refill: bool = False, owner: str | None = None) -> int:
-        """Store a version; returns its generation, or 0 when a refill lost to a newer write or delete."""
+             refill: bool = False, owner: str | None = None, tenant_write: bool = False) -> int:
+        """Store a version; returns its generation, or 0 when a refill lost to a newer write or delete.
+        `tenant_write`: `owner`'s own upload, refused (OwnedElsewhere) when the stored name is not `owner`'s."""
         event = json.dumps({"op": "put", "name": name, "version": version, "origin": self.origin})
         args: list[str | bytes | int] = [name, generation, self.tombstone_seconds, int(refill), data, version,
-                                         signature or b"", CHANNEL, event, owner or ""]
-        return int(self._put(keys=self._keys(name), args=args))
+                                         signature or b"", CHANNEL, event, owner or "", int(tenant_write)]
+        reply = self._put(keys=self._keys(name), args=args)
+        if isinstance(reply, bytes) and reply.startswith(b"owner:"):
+            raise OwnedElsewhere(reply[6:].decode(errors="replace") or None)
+        return int(reply)
 
     def delete(self, name: str, generation: int = 0, refill: bool = False) -> int:
         """Remove a name and leave a tombstone (for DMP_PATCH_TOMBSTONE_SECONDS) no older refill can pass."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 
 import pytest
-from conftest import asgi_client, copy_dirs, make_patch_bytes, wait_ready
+from conftest import asgi_client, copy_dirs, make_patch_bytes, poll, wait_ready
 
 from app.core.errors import Conflict, Forbidden, NotFound
 
@@ -66,10 +66,17 @@ def test_tenants_across_replicas_and_a_redis_restart(redis_server, class_only_di
         wait_ready(b)
         check_isolation(a.app.state.engine.registry, digits)
         other = b.app.state.engine.registry
-        end = time.monotonic() + 5
-        while "alpha" not in other.records and time.monotonic() < end:
+        mine = a.app.state.engine.registry.get("alpha")
+        end = time.monotonic() + 5  # check_isolation's last writes (shared, then a's again) reach b in turn
+        while time.monotonic() < end and not ("alpha" in other.records
+                                              and other.records["alpha"].generation == mine.generation):
             time.sleep(0.05)
         assert other.get("alpha").owner == "a" and "alpha" not in names(other, "b")
+        same = make_patch_bytes(digits, "digits", 4)  # alpha's current bytes: only the owner changes
+        a.app.state.engine.registry.put("alpha", same, owner=None, set_owner=True)
+        assert poll(lambda: other.records["alpha"].owner is None, 5)
+        a.app.state.engine.registry.put("alpha", same, owner="a", set_owner=True)
+        assert poll(lambda: other.records["alpha"].owner == "a", 5)
         redis_server.kill()
         redis_server.start()  # empty: the replicas refill it, owners included
         wait_ready(a)
@@ -79,3 +86,33 @@ def test_tenants_across_replicas_and_a_redis_restart(redis_server, class_only_di
 
         assert redis.Redis.from_url(redis_server.url).hget("dmp:patch-owners", "alpha") == b"a"
         assert other.get("alpha").owner == "a"
+
+
+@pytest.mark.redis
+def test_a_tenant_write_is_checked_inside_redis_too(redis_server, class_only_dirs, tmp_path):
+    """Another replica's write this replica has not seen yet: the owner check also runs in Redis's compare-and-set,
+    so a tenant cannot take over a name it only does not know about yet."""
+    import redis
+
+    from app.registry.records import version_of
+    from app.registry.stores import OWNERS, VERSIONS, RedisStore
+
+    digits = class_only_dirs["bases"]["digits"]
+    with asgi_client(copy_dirs(class_only_dirs, tmp_path), warmup=False, redis_url=redis_server.url) as c:
+        wait_ready(c)
+        registry = c.app.state.engine.registry
+        registry.stop()  # this replica hears nothing more: the write below stays unseen by it
+        client = redis.Redis.from_url(redis_server.url)
+        theirs = make_patch_bytes(digits, "digits", 5)
+        for name, owner in (("race", "b"), ("race-shared", None)):
+            client.set(RedisStore(client, "elsewhere", 60).key(name), theirs)
+            client.hset(VERSIONS, name, version_of(theirs))
+            if owner:
+                client.hset(OWNERS, name, owner)
+        assert "race" not in registry.records
+        with pytest.raises(Conflict):
+            registry.put("race", make_patch_bytes(digits, "digits", 6), tenant="a")
+        with pytest.raises(Forbidden):
+            registry.put("race-shared", make_patch_bytes(digits, "digits", 6), tenant="a")
+        assert client.hget(OWNERS, "race") == b"b" and client.get(RedisStore(client, "x", 60).key("race")) == theirs
+        registry.put("race", make_patch_bytes(digits, "digits", 7))  # the operator's write is not refused
