@@ -103,7 +103,7 @@ class PatchInfo(BaseModel):
     generation: int = Field(0, description="Orders writes of this name across replicas; only moves forward")
     signer: str | None = Field(None, description="Key id (sha256 of the PEM public key) of the signature that "
                                                  "verified; null when DMP_PATCH_PUBLIC_KEYS is unset")
-    owner: str | None = Field(None, description="The tenant (API key id) the patch belongs to; null = shared")
+    owner: str | None = Field(None, description="The tenant (of DMP_API_KEYS) the patch belongs to; null = shared")
 
 
 class PatchDetail(PatchInfo):

@@ -60,7 +60,7 @@ class PatchRecord:
     generation: int = 0  # orders writes of one name across replicas and Redis restarts (microseconds)
     signer: str | None = None  # key id of the signature that verified, when DMP_PATCH_PUBLIC_KEYS is set
     digest: str = ""  # the file's whole sha256 (the version is its first 64 bits)
-    owner: str | None = None  # the tenant (API key id) it belongs to; None = shared by all
+    owner: str | None = None  # the tenant (of DMP_API_KEYS) it belongs to; None = shared by all
 
     def visible_to(self, tenant: str | None) -> bool:
         """Whether a caller sees this patch: the operator (None) sees all, a tenant its own and the shared ones."""

@@ -16,7 +16,7 @@ CHANNEL = "dmp:patch-events"
 VERSIONS = "dmp:patch-versions"  # hash name -> version
 GENERATIONS = "dmp:patch-generations"  # hash name -> generation (microseconds; only moves forward)
 SIGNATURES = "dmp:patch-signatures"  # hash name -> the signature bundle (JSON) stored with the record
-OWNERS = "dmp:patch-owners"  # hash name -> the tenant (API key id) a patch belongs to; absent = shared
+OWNERS = "dmp:patch-owners"  # hash name -> the tenant (of DMP_API_KEYS) a patch belongs to; absent = shared
 OWNER_SUFFIX = ".owner"  # NAME.safetensors.owner beside a patch file: its tenant
 SEEDED = "dmp:seeded"
 SIGNATURE_SUFFIX = ".sig"  # NAME.safetensors.sig beside a patch file
