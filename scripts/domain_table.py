@@ -1,8 +1,11 @@
-"""Scores the runs of patches/domain_table.sh: how far each moves the mnist base toward a shifted domain (ink share
-of its samples against the real held-out images of the domain) and its held-out loss on the domain and on MNIST
-(what it costs on the original domain), each paired with the base at the same sampling seed, noise and timesteps.
+"""Scores the runs of patches/domain_table.sh with the independent extractors (pixels-PCA, random CNN;
+app/trainer/quality.py): each run's samples against the held-out images of its target domain (how far it moves the
+mnist base there) and against held-out MNIST (what it costs on the original domain), as the change of Fréchet
+distance in % of the base's, paired with the base at the same sampling seed (= the training seed) and conditions.
+The samples are `compare --dataset`'s (app/trainer/samples.py, same cache keys), so
+`compare --dataset folder:OUT_DIR/data/STYLE --seed-per-run --cache OUT_DIR/samples` reads them back.
 
-    python scripts/domain_table.py OUT_DIR [--json F] [--markdown F]
+    python scripts/domain_table.py OUT_DIR [--samples N] [--sample-steps S] [--json F] [--markdown F] [--threads 1]
 """
 from __future__ import annotations
 
@@ -12,86 +15,100 @@ import math
 import statistics
 from pathlib import Path
 
-import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from app.model import load_base, load_patch
-from app.trainer.data import load_dataset
-from app.trainer.diffusion import Diffusion
+from app.model import load_base
 from app.trainer.domains import ink_share
-from app.trainer.evaluate import EVAL_SAMPLING, sample_images
-from app.trainer.heldout import decile_losses
+from app.trainer.evaluate import EVAL_SAMPLING, eval_conditions, heldout_split
+from app.trainer.extractors import DESCRIPTIONS
+from app.trainer.quality import Quality, frechet
+from app.trainer.samples import arm_images
 
 BASE = "models/mnist.safetensors"
 STYLES = ("thick", "inverted")
 ROWS = (("dmp", "+DMP (default recipe)"), ("pt", "+PT (--baseline pt)"), ("ft", "+FT (--baseline ft)"))
+SHIPPED = ("shipped", "+DMP shipped `mnist-thick-dmp` (1,000 steps)")
 SEEDS = (0, 1, 2)
+EXTRACTORS = ("pca", "randcnn")
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return statistics.fmean(values), se
+def summary(values: list[float]) -> dict:
+    """Mean, SE over training runs (None with one run) and range of one measure."""
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "se": se, "min": min(values), "max": max(values), "n": len(values)}
 
 
-def score_style(out: Path, style: str, base, diffusion: Diffusion, mnist_test, samples: int, steps: int) -> dict:
-    """Every finished run of one style, each seed paired with the base at that sampling seed."""
-    labels = json.loads(base.meta.get("labels") or "[]") or [str(i) for i in range(10)]
-    test = load_dataset(f"folder:{out / 'data' / style}", "test", base.config.input_size, channels=1,
-                        labels=list(labels), progress=False)
-    test = test.subset(np.arange(min(samples, len(test))))
-    base_target = decile_losses(base, diffusion, test, reps=1)  # (10 deciles, images): fixed t and noise
-    base_mnist = decile_losses(base, diffusion, mnist_test, reps=1)
-    base_cache = out / f"base-{style}.score{len(test)}-{steps}.json"
-    if base_cache.exists():
-        base_ink = {int(s): v for s, v in json.loads(base_cache.read_text()).items()}
-    else:
-        base_ink = {s: ink_share(sample_images(base, test.labels, seed=s, steps=steps)) for s in SEEDS}
-        base_cache.write_text(json.dumps(base_ink))
-    result = {"real_ink": ink_share(test.x), "mnist_real_ink": ink_share(mnist_test.x), "base_ink": base_ink,
-              "test_images": len(test), "runs": {}}
-    files = [(row, s, out / f"{style}-{row}-s{s}.safetensors") for row, _ in ROWS for s in SEEDS]
+def fds(refs: dict[str, Quality], images: torch.Tensor) -> dict[str, dict[str, float]]:
+    """{reference: {extractor: FD of images to that reference's held-out images}}."""
+    out = {}
+    for ref, quality in refs.items():
+        feats = quality.features(images)
+        out[ref] = {e: frechet(quality.real[e], feats[e]) for e in EXTRACTORS}
+    return out
+
+
+def score_style(out: Path, style: str, mnist: Quality, cache: Path, n: int | None, steps: int) -> dict:
+    """Every finished run of one style, each paired with the base at its training seed."""
+    base = load_base(BASE).eval()
+    target = heldout_split(BASE, base, f"folder:{out / 'data' / style}")
+    conditions = eval_conditions(base, target)[0][:n]  # one sample per held-out image (its label)
+    refs = {"target": Quality(target.x), "mnist": mnist}
+    sampling = {"guidance": EVAL_SAMPLING["guidance_scale"], "sampler": EVAL_SAMPLING["sampler"],
+                "steps": steps, "cache": cache, "conditions": conditions, "n": len(conditions)}
+    runs = [(row, s, out / f"{style}-{row}-s{s}.safetensors") for row, _ in ROWS for s in SEEDS]
     if style == "thick":
-        files.append(("shipped", 0, out / "mnist-thick-dmp.safetensors"))
-    for row, seed, path in files:
-        if not path.exists():
-            continue
-        cache = path.with_suffix(f".score{len(test)}-{steps}.json")  # a run is scored once, as soon as it is done
-        if cache.exists() and cache.stat().st_mtime > path.stat().st_mtime:
-            run = json.loads(cache.read_text())
-        else:
-            model, patch = (load_base(path), None) if row == "ft" else (base, load_patch(path, base=base))
-            ink = ink_share(sample_images(model, test.labels, patch=patch, seed=seed, steps=steps))
-            target = decile_losses(model, diffusion, test, patch=patch, reps=1)
-            mnist = decile_losses(model, diffusion, mnist_test, patch=patch, reps=1)
-            run = {"seed": seed, "file": path.name, "ink": ink,
-                   "gap_closed_pct": 100 * (ink - base_ink[seed]) / (result["real_ink"] - base_ink[seed]),
-                   "target_loss_pct": 100 * (target.mean() / base_target.mean() - 1).item(),
-                   "mnist_loss_pct": 100 * (mnist.mean() / base_mnist.mean() - 1).item()}
-            cache.write_text(json.dumps(run))
-        result["runs"].setdefault(row, []).append(run)
-        print(style, row, seed, json.dumps(run), flush=True)
+        runs.append((SHIPPED[0], 0, out / "mnist-thick-dmp.safetensors"))
+    runs = [r for r in runs if r[2].exists()]
+    result: dict = {"target_images": len(target), "mnist_images": len(mnist.heldout), "samples": len(conditions),
+                    "real_ink": {"target": ink_share(target.x), "mnist": ink_share(mnist.heldout)},
+                    "base": {}, "base_ink": {}, "runs": {}}
+    for s in tqdm(SEEDS, desc=f"{style}: base", leave=False):
+        images = arm_images(BASE, None, seed=s, **sampling)[0]
+        result["base"][s], result["base_ink"][s] = fds(refs, images), ink_share(images)
+    for row, seed, path in tqdm(runs, desc=f"{style}: runs", leave=False):
+        images = arm_images(BASE, str(path), seed=seed, **sampling)[0]
+        run_fd, base_fd = fds(refs, images), result["base"][seed]
+        change = {ref: {e: 100 * (run_fd[ref][e] - base_fd[ref][e]) / base_fd[ref][e] for e in EXTRACTORS}
+                  for ref in refs}
+        ink, base_ink = ink_share(images), result["base_ink"][seed]
+        gap = 100 * (ink - base_ink) / (result["real_ink"]["target"] - base_ink)  # share of the ink-share gap closed
+        result["runs"].setdefault(row, []).append({"seed": seed, "file": path.name, "fd": run_fd, "d_fd_pct": change,
+                                                   "ink": ink, "ink_gap_closed_pct": gap})
+        print(style, row, seed, json.dumps(change), f"ink {ink:.3f} ({gap:+.0f} % of the gap)", flush=True)
+    result["summary"] = {row: {ref: {e: summary([r["d_fd_pct"][ref][e] for r in rs]) for e in EXTRACTORS}
+                               for ref in refs} | {"ink_gap_closed_pct": summary([r["ink_gap_closed_pct"] for r in rs])}
+                         for row, rs in result["runs"].items()}
     return result
+
+
+def cell(s: dict) -> str:
+    """'mean ± SE [min, max]' of a % change; one run: its value."""
+    if s["se"] is None:
+        return f"{s['mean']:+.0f} % (1 run)"
+    return f"{s['mean']:+.0f} % ± {s['se']:.0f} [{s['min']:+.0f}, {s['max']:+.0f}]"
 
 
 def markdown(results: dict) -> str:
     lines = []
     for style, r in results.items():
-        base_ink = mean_se(list(r["base_ink"].values()))
-        lines += [(f"**{style}** (real held-out {style} images: ink share {r['real_ink']:.3f}; real MNIST "
-                   f"{r['mnist_real_ink']:.3f}; {r['test_images']} test images)"), "",
-                  ("| row | seeds | ink share of samples | gap to the domain closed | held-out loss on "
-                   f"{style} vs base | held-out loss on MNIST vs base |"), "|---|---|---|---|---|---|",
-                  f"| base | {len(r['base_ink'])} sampling | {base_ink[0]:.3f} ± {base_ink[1]:.3f} | 0 % | 0 % | 0 % |"]
-        for row, name in ROWS + (("shipped", "+DMP shipped `mnist-thick-dmp` (1,000 steps)"),):
-            runs = r["runs"].get(row)
-            if not runs:
+        base = {ref: {e: statistics.fmean(b[ref][e] for b in r["base"].values()) for e in EXTRACTORS}
+                for ref in ("target", "mnist")}
+        lines += [(f"**{style}** ({r['samples']} samples per run, one per held-out {style} image; references: "
+                   f"{r['target_images']} held-out {style} images, {r['mnist_images']} held-out MNIST images)"), "",
+                  (f"| row | training seeds | Δ FD to {style}, pixels-PCA | Δ FD to {style}, random CNN | "
+                   "Δ FD to MNIST, pixels-PCA | Δ FD to MNIST, random CNN | ink-share gap closed |"),
+                  "|---|---|---|---|---|---|---|",
+                  (f"| base (FD, mean of 3 sampling seeds) | — | {base['target']['pca']:.2f} | "
+                   f"{base['target']['randcnn']:.2f} | {base['mnist']['pca']:.2f} | {base['mnist']['randcnn']:.2f} | "
+                   f"ink {statistics.fmean(r['base_ink'].values()):.3f} (real: {r['real_ink']['target']:.3f}) |")]
+        for row, name in (*ROWS, SHIPPED):
+            if row not in r["summary"]:
                 continue
-            cells = []
-            for key, fmt in (("ink", "{:.3f} ± {:.3f}"), ("gap_closed_pct", "{:+.0f} % ± {:.0f}"),
-                             ("target_loss_pct", "{:+.1f} % ± {:.1f}"), ("mnist_loss_pct", "{:+.1f} % ± {:.1f}")):
-                m, se = mean_se([x[key] for x in runs])
-                cells.append(fmt.format(m, se).replace("± nan", "(1 run)"))
-            lines.append(f"| {name} | {', '.join(str(x['seed']) for x in runs)} | " + " | ".join(cells) + " |")
+            s = r["summary"][row]
+            seeds = ", ".join(str(x["seed"]) for x in r["runs"][row])
+            cells = [cell(s[ref][e]) for ref in ("target", "mnist") for e in EXTRACTORS]
+            lines.append(f"| {name} | {seeds} | " + " | ".join([*cells, cell(s["ink_gap_closed_pct"])]) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -101,19 +118,20 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
-    p.add_argument("--samples", type=int, default=100, help="test images (and samples) per domain (500 = all)")
-    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per sample")
+    p.add_argument("--samples", type=int, default=None, help="samples per run (default: one per held-out image)")
+    p.add_argument("--sample-steps", type=int, default=EVAL_SAMPLING["steps"], help="DDIM steps per sample")
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    torch.manual_seed(0)
-    base = load_base(BASE).eval()
-    diffusion = Diffusion(base.meta.get("beta_schedule", "linear"), "cpu")
-    mnist_test = load_dataset("mnist", "test", base.config.input_size)
-    mnist_test = mnist_test.subset(np.arange(min(args.samples, len(mnist_test))))
-    results = {style: score_style(args.out, style, base, diffusion, mnist_test, args.samples, args.sample_steps)
+    torch.set_num_threads(args.threads)
+    mnist = Quality(heldout_split(BASE, load_base(BASE), "mnist").x)
+    results = {style: score_style(args.out, style, mnist, args.out / "samples", args.samples, args.sample_steps)
                for style in STYLES}
-    results_meta = {"sampling": EVAL_SAMPLING | {"steps": args.sample_steps}, "base": BASE, "samples": args.samples}
+    meta = {"base": BASE, "sampling": dict(EVAL_SAMPLING) | {"steps": args.sample_steps},
+            "sampling_seed": "= the training seed (base: each seed)",
+            "extractors": {e: DESCRIPTIONS[e][0] for e in EXTRACTORS},
+            "d_fd_pct": "100 * (FD of the run's samples - FD of the base's at the same seed) / the base's"}
     if args.json:
-        args.json.write_text(json.dumps({"meta": results_meta, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     text = markdown(results)
     print(text)
     if args.markdown:

@@ -19,7 +19,7 @@ from PIL import Image
 from app.model.dmp import read_header
 
 # as the doc says
-TEST_FLAGS = {"patch": ["--steps", "3"], "eval": ["--steps", "2", "--num-samples", "50", "--json", "eval.json"]}
+TEST_FLAGS = {"patch": ["--steps", "3"], "compare": ["--steps", "2", "--json", "compare.json"]}
 
 
 def walkthrough() -> list[str]:
@@ -49,7 +49,7 @@ def curl(line: str) -> dict:
 def test_the_documented_walkthrough_runs_as_written(tmp_path, start_server):
     lines = walkthrough()
     trainer = [shlex.split(line) for line in lines if line.startswith("python -m app.trainer ")]
-    assert [args[3] for args in trainer] == ["make-domain", "patch", "eval"]
+    assert [args[3] for args in trainer] == ["make-domain", "patch", "compare"]
     patch_args = trainer[1][4:]
     assert sorted(patch_args[::2]) == ["--base", "--dataset", "--out"]  # no flags: the defaults are the recipe
     (tmp_path / "models").symlink_to(REPO / "models")
@@ -64,9 +64,11 @@ def test_the_documented_walkthrough_runs_as_written(tmp_path, start_server):
     patch_file = tmp_path / "runs" / "thick-dmp.safetensors"
     meta = read_header(patch_file.read_bytes())["__metadata__"]
     assert meta["domain"] == "thick" and json.loads(meta["train_config"])["dataset"] == "folder:thick"
-    scores = json.loads((tmp_path / "eval.json").read_text())
-    assert scores["num_heldout"] == 500 and "rel_diff_pct" in scores["heldout_deciles"]  # the folder's test split
-    assert "fd" in outputs["eval"].lower()  # the table the user reads
+    scores = json.loads((tmp_path / "compare.json").read_text())
+    assert scores["num_samples"] == 500 and scores["dataset"] == "folder:data/thick"  # the folder's test split
+    arm = scores["arms"]["thick-dmp"]
+    assert {"d_fd_pca_pct", "d_fd_randcnn_pct"} <= set(arm["summary"]) and "rel_diff_pct" in arm["heldout_deciles"]
+    assert "thick-dmp: dFD pca" in outputs["compare"]  # the line the user reads
 
     serve = next(line for line in lines if "python -m app serve" in line)
     assert "DMP_PATCH_DIR=runs/served" in serve
