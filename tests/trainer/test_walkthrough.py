@@ -45,7 +45,7 @@ def curl(line: str) -> dict:
     return out
 
 
-@pytest.mark.timeout(1800)  # 7 min 52 s on a 2-core VM at a load average of 16 (idle: not measured)
+@pytest.mark.timeout(1800)  # 6 min 27 s on a 2-core VM at a load average of ~16 (idle: not measured)
 def test_the_documented_walkthrough_runs_as_written(tmp_path, start_server):
     lines = walkthrough()
     trainer = [shlex.split(line) for line in lines if line.startswith("python -m app.trainer ")]
