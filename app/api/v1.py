@@ -64,7 +64,7 @@ def list_models(engine: EngineDep, caller: KeyDep):
     return ModelCardList(data=cards + [c for c in patches if c is not None])
 
 
-@router.get("/models/{model_id}", response_model=ModelCard, responses=ERRORS,
+@router.get("/models/{model_id}", response_model=ModelCard, responses=ERRORS | NO_422,
             summary="One base or ready patch (client.models.retrieve)", openapi_extra=KEY_OPTIONAL)
 def retrieve_model(model_id: str, engine: EngineDep, caller: KeyDep):
     if model_id in engine.bases:

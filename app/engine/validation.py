@@ -103,8 +103,8 @@ def patch_scale(value: object, field: str, say: str | None = None) -> float:
     lo, hi = PATCH_SCALES
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Invalid(f"{say or field} must be a number in [{lo:g}, {hi:g}]", field)
-    if not math.isfinite(value) or not lo <= value <= hi:
-        raise Invalid(f"{say or field} must be a finite number in [{lo:g}, {hi:g}], got {value!r}", field)
+    if not lo <= value <= hi or not math.isfinite(value):  # the range first: a huge int has no float
+        raise Invalid(f"{say or field} must be a finite number in [{lo:g}, {hi:g}], got {value!r:.40}", field)
     return float(value)
 
 
