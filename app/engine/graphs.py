@@ -26,11 +26,11 @@ from torch._inductor import config as inductor_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from app.model.dit import DiT
-from app.model.dmp import MIX_WIDTH, PatchPool, PooledPatch
+from app.model.dmp import MIX_WIDTH, PatchPool, PooledPatch, mix_rows
 from app.model.sampling import SAFE_COEF, StepBatch, run_step
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # images per batch, before CFG doubling
-ROW_FIELDS = ("row_image", "t", "y", "slots", "patch_scales")  # StepBatch fields per forward row; the others are per image
+ROW_FIELDS = ("row_image", "t", "y", "slots", "patch_scales")  # StepBatch fields per forward row; others per image
 
 
 def buckets_up_to(max_images: int, buckets=BUCKETS) -> tuple[int, ...]:
@@ -227,7 +227,7 @@ class GraphedForward:
         elif isinstance(patch, PooledPatch):
             if patch.pool is not self.pool:
                 raise ValueError("this PooledPatch indexes another pool than the one these graphs read")
-            slots, scales = patch.slots, patch.scales
+            slots, scales = mix_rows(patch.slots, patch.scales, MIX_WIDTH)  # the buffers' fixed width
         else:  # a patch module: no graph takes it
             self.fallbacks += 1
             return self.model(x.to(self.dtype), t, y, patch=patch).float()

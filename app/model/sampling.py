@@ -118,7 +118,7 @@ def new_job(model: DiT, *, y, seed: int | list[int], sampler: str = "ddpm", step
     if negative is not None and use_cfg:
         if cfg.task != "class" or not 0 <= int(negative) < cfg.num_classes:
             raise ValueError(f"a negative class needs a class model and a label in [0, {cfg.num_classes})")
-        y_null = torch.full_like(y_null, int(negative))
+        y_null = torch.full((n,), int(negative), dtype=torch.long, device=device)
     if mix is None:
         mix = ((slot, 1.0),) if slot else ()
     if len(mix) > MIX_WIDTH:
@@ -293,7 +293,13 @@ def eager_step(model: DiT, pool: PatchPool | None = None, patch: Patch | None = 
         raise ValueError("give a pool (patches by slot) or one patch, not both")
 
     def denoise(x, t, y, slots, scales):
-        rows_patch = pool.batch(slots, scales) if pool is not None else patch
+        rows_patch = patch
+        if pool is not None:
+            # pairs no row uses (scale 0 everywhere) add exactly nothing: the eager step skips them, so a batch of
+            # single patches pays for one pair, not MIX_WIDTH (the fixed-shape graphed steps cannot skip)
+            used = scales.ne(0).any(0).nonzero()  # (K_used, 1) columns some row uses
+            width = int(used.max()) + 1 if used.numel() else 0
+            rows_patch = pool.batch(slots[:, :width], scales[:, :width]) if width else None
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             return model(x, t, y, patch=rows_patch).float()
 

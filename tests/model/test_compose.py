@@ -117,3 +117,18 @@ def test_negative_class_replaces_the_null_row(tiny_class):
     assert new_job(tiny_class, y=3, seed=1, steps=2, guidance_scale=2.0).y_null.tolist() == [10]  # null class
     with pytest.raises(ValueError, match="negative class"):
         new_job(tiny_class, y=3, seed=1, steps=2, guidance_scale=2.0, negative=10)
+
+
+def test_eager_step_skipping_unused_pairs_is_bitwise_the_full_width(tiny_class, pool_ab):
+    """The eager step drops pairs no row uses; the graphed step (uncompiled here) always runs all 4: same bits."""
+    pool, a, b, _ = pool_ab
+    for mixes in ([((a, 1.0),), ((b, -0.5),)], [((a, 0.5), (b, 0.5)), ()], [(), ()]):
+        fwd = GraphedForward(tiny_class, pool, buckets=(2,))  # 2 images with CFG: 4 rows, no padding rows
+        out = []
+        for step in (eager_step(tiny_class, pool), fwd.step):
+            jobs = [new_job(tiny_class, y=3, seed=9 + i, sampler="ddpm", steps=3, guidance_scale=2.0, mix=m)
+                    for i, m in enumerate(mixes)]
+            while not jobs[0].done:
+                denoise_step(tiny_class, jobs, step=step)
+            out.append(torch.cat([j.latents for j in jobs]))
+        assert torch.equal(*out) and fwd.fallbacks == 0

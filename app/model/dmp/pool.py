@@ -12,21 +12,21 @@ from app.model.kernels import PromptAdd
 MIX_WIDTH = 4  # (slot, scale) pairs per row: the most patches one request composes; fixed, so shapes never change
 
 
-def mix_rows(slots: torch.Tensor, scales: torch.Tensor | None = None, width: int = MIX_WIDTH):
-    """Per-row (slot, scale) pairs padded to `width` -> slots (B, width) long, scales (B, width) fp32.
+def mix_rows(slots: torch.Tensor, scales: torch.Tensor | None = None, width: int | None = None):
+    """Per-row (slot, scale) pairs -> slots (B, K) long, scales (B, K) fp32, padded to `width` pairs when given.
 
-    `slots` (B,) is one patch per row at scale 1 (or `scales` (B,)); (B, K <= width) is K pairs per row. Unused
+    `slots` (B,) is one patch per row at scale 1 (or `scales` (B,)); (B, K <= MIX_WIDTH) is K pairs per row. Padding
     pairs are (slot 0, scale 0): the zero patch adds exactly nothing."""
     if slots.dim() == 1:
         slots = slots[:, None]
         scales = torch.ones(slots.shape, device=slots.device) if scales is None else scales[:, None]
     elif scales is None:
         raise ValueError("per-row pairs need their scales")
-    if slots.shape[1] > width:
-        raise ValueError(f"at most {width} patches per row, got {slots.shape[1]}")
-    pad = width - slots.shape[1]
+    if slots.shape[1] > MIX_WIDTH:
+        raise ValueError(f"at most {MIX_WIDTH} patches per row, got {slots.shape[1]}")
+    pad = 0 if width is None else width - slots.shape[1]
     return (torch.nn.functional.pad(slots.long(), (0, pad)),
-            torch.nn.functional.pad(scales.float(), (0, pad)))  # (B, width) each
+            torch.nn.functional.pad(scales.float(), (0, pad)))  # (B, K or width) each
 
 
 class PatchPool:
