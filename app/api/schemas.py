@@ -8,7 +8,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 from app.engine.images import OutputFormat
 from app.model.sampling import Sampler
 
-
 ClassLabel = Annotated[StrictInt, Field(ge=0, le=100_000)] | Annotated[StrictStr, Field(min_length=1, max_length=200)]
 
 

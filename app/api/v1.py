@@ -11,9 +11,9 @@ from fastapi.routing import APIRoute
 
 from app.api.deps import EngineDep
 from app.api.keys import KEY_OPTIONAL, KeyDep
+from app.api.schemas import PatchUse
 from app.api.stream import outcome, sse, sse_response
 from app.api.v1_errors import OpenAIError, OpenAIRoute, openai_error
-from app.api.schemas import PatchUse
 from app.api.v1_schemas import ImageData, ImageRequest, ImagesResponse, ModelCard, ModelCardList, OpenAIErrorBody
 from app.core.errors import NotFound, ServiceError
 from app.engine.bases import ServedBase

@@ -99,7 +99,7 @@ def test_a_composition_seats_all_its_versions_or_none(setup):
     for name in "abc":
         slots.offer(name, "v", patch, 100)
     a = slots.acquire("a", load)
-    sa = slots.seat(a)  # a running request holds one slot
+    slots.seat(a)  # a running request holds one slot
     mix = Pins([slots.acquire("b", load), slots.acquire("c", load)], [0.5, -1.0])
     assert slots.seat_waiting([mix]) == [None]
     assert all(v.seated == 0 for v in mix.versions)  # nothing left half-seated
