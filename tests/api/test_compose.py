@@ -177,3 +177,18 @@ def test_each_image_has_its_seed_and_reproduces_alone(client):
 def test_openapi_documents_the_new_fields(client):
     props = client.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
     assert {"patch_scale", "patches", "seeds", "negative_class_label"} <= set(props)
+
+
+def test_result_cache_key_holds_scales_seeds_and_every_version():
+    from dataclasses import replace
+
+    from app.engine.cache import ResultCache
+    from app.engine.work import Spec
+
+    spec = Spec("digits", "a", 3, None, 2, 3, "ddim", 2.0, 5, "png", patches=(("a", 0.5), ("b", 1.0)), seeds=(5, 6))
+    key = ResultCache.key(spec, "fp", ("v1", "v2"))
+    assert key == ResultCache.key(replace(spec), "fp", ("v1", "v2"))
+    others = [replace(spec, patches=(("a", 0.6), ("b", 1.0))), replace(spec, patches=(("b", 1.0), ("a", 0.5))),
+              replace(spec, seeds=(5, 7)), replace(spec, negative_class_label=4)]
+    assert all(ResultCache.key(s, "fp", ("v1", "v2")) != key for s in others)
+    assert ResultCache.key(spec, "fp", ("v1", "v3")) != key
