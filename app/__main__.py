@@ -105,7 +105,7 @@ def generate(args) -> int:
                                                 for i in range(len(done.files))]
     for path, data in zip(paths, done.files, strict=True):
         path.write_bytes(data)
-    version = f"@{done.version}" if done.version else ""
+    version = f"@{done.versions[0]}" if done.versions else ""
     print(f"wrote {', '.join(map(str, paths))}: model={spec.model} patch={spec.patch or 'none'}{version} "
           f"seed={spec.seed} steps={spec.steps} sampler={spec.sampler} sample_ms={done.timings['sample_ms']:.0f}")
     return 0

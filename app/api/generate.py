@@ -51,16 +51,19 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, c
         headers = {"X-Seed": str(spec.seed), "X-Model": spec.model,
                    "Server-Timing": ", ".join(f"{k[:-3]};dur={v:.1f}" for k, v in done.timings.items())}
         if spec.patch:
-            assert done.version is not None, "a patched result names its version"
-            headers |= {"X-Patch": spec.patch, "X-Patch-Version": done.version}
+            assert done.versions, "a patched result names its versions"
+            headers |= {"X-Patch": spec.patch, "X-Patch-Version": done.versions[0]}
         return Response(done.files[0], media_type=media_type("png"), headers=headers)
     return _reply(spec, done)
 
 
 def _reply(spec: Spec, done: Done) -> GenerateResponse:
-    patch = {"name": spec.patch, "version": done.version} if spec.patch else None
-    return GenerateResponse(images=[_b64(f) for f in done.files], seed=spec.seed, model=spec.model, patch=patch,
-                            output_format=spec.output_format, cached=done.cached, timings=done.timings)
+    used = [{"name": name, "version": version, "scale": scale}
+            for (name, scale), version in zip(spec.patches, done.versions or (), strict=True)]
+    patch = {"name": used[0]["name"], "version": used[0]["version"]} if used else None
+    return GenerateResponse(images=[_b64(f) for f in done.files], seed=spec.seed, seeds=list(spec.seeds),
+                            model=spec.model, patch=patch, patches=used, output_format=spec.output_format,
+                            cached=done.cached, timings=done.timings)
 
 
 def _b64(data: bytes) -> str:

@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 from app.engine.images import OutputFormat
 from app.model.sampling import Sampler
 
+ClassLabel = Annotated[StrictInt, Field(ge=0, le=100_000)] | Annotated[StrictStr, Field(min_length=1, max_length=200)]
+
 
 class ErrorBody(BaseModel):
     """Every error reply."""
@@ -16,13 +18,33 @@ class ErrorBody(BaseModel):
     error_type: str = Field(description="What went wrong, for a program")
 
 
+class PatchPart(BaseModel):
+    """One patch of a composition and its strength."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(max_length=64)
+    scale: StrictFloat | StrictInt = Field(1.0, description="Strength s in x + s * g * P: a finite number in "
+                                           "[-4, 4]; 0 = the base's pixels, 1 = the patch as trained")
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: StrictStr | None = Field(None, max_length=128, description="Base name; optional with a patch or one base")
     patch: StrictStr | None = Field(None, max_length=64, description="Patch name; null = the base model")
-    class_label: Annotated[StrictInt, Field(ge=0, le=100_000)] \
-        | Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = Field(
+    patch_scale: StrictFloat | StrictInt | None = Field(
+        None, description="With `patch`: its strength s (rows add s * g * P), a finite number in [-4, 4]; default 1. "
+                          "0 gives the base's pixels, 1 the patch's, negative subtracts the patch's effect")
+    patches: list[PatchPart] | None = Field(
+        None, description="A composition instead of `patch`: 1 to 4 patches of one base, names unique; each row "
+                          "adds sum_i scale_i * g_i * P_i, every patch with its own gate")
+    seeds: list[StrictInt] | None = Field(None, max_length=1024, description="One seed per image (instead of "
+                                          "`seed`; its length is num_images); each image reproduces alone")
+    negative_class_label: ClassLabel | None = Field(
+            None, description="Class models with guidance_scale != 1: guide away from this class (index or name) "
+                              "instead of the null class")
+    class_label: ClassLabel | None = Field(
             None, description="Class index, or a class name: any synonym of a label in GET /models, "
                               "any case (class models); an unknown name is 400 unknown_class")
     caption: StrictStr | None = Field(None, description="Caption (text models); at most DMP_MAX_CAPTION_CHARS")
@@ -31,7 +53,8 @@ class GenerateRequest(BaseModel):
                                                            "DMP_MAX_STEPS")
     sampler: Sampler | None = None
     guidance_scale: StrictFloat | StrictInt | None = Field(None, ge=0, le=50)
-    seed: StrictInt | None = Field(None, ge=0, le=2**53 - 1, description="Same seed + request = same pixels")
+    seed: StrictInt | None = Field(None, ge=0, le=2**53 - 1, description="Same seed + request = same pixels; "
+                                   "image i uses seed + i")
     output_format: OutputFormat = "png"
     previews: StrictInt = Field(0, ge=0, le=10, description="With Accept: text/event-stream: how many `progress` "
                                 "events (evenly spaced) carry the current x0 prediction as PNGs")
@@ -40,6 +63,10 @@ class GenerateRequest(BaseModel):
 class PatchRef(BaseModel):
     name: str
     version: str
+
+
+class PatchUse(PatchRef):
+    scale: float
 
 
 class Timings(BaseModel):
@@ -52,9 +79,11 @@ class GenerateResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     images: list[str] = Field(description="Base64-encoded files in output_format")
-    seed: int
+    seed: int = Field(description="The first image's seed")
+    seeds: list[int] = Field(description="Each image's seed: a 1-image request with seeds[i] reproduces image i")
     model: str
-    patch: PatchRef | None
+    patch: PatchRef | None = Field(description="The patch (a composition's first); null for the bare base")
+    patches: list[PatchUse] = Field(description="Every patch the rows added, with its version and scale")
     output_format: OutputFormat
     cached: bool = False
     timings: Timings

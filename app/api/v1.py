@@ -11,6 +11,7 @@ from fastapi.routing import APIRoute
 
 from app.api.deps import EngineDep
 from app.api.keys import KEY_OPTIONAL, KeyDep
+from app.api.schemas import PatchUse
 from app.api.stream import outcome, sse, sse_response
 from app.api.v1_errors import OpenAIError, OpenAIRoute, openai_error
 from app.api.v1_schemas import ImageData, ImageRequest, ImagesResponse, ModelCard, ModelCardList, OpenAIErrorBody
@@ -19,11 +20,13 @@ from app.engine.bases import ServedBase
 from app.engine.engine import Engine
 from app.engine.validation import base_name
 from app.engine.work import Done, Step, Work
+from app.registry.records import PatchRecord
 
 log = logging.getLogger("dmp.api")
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 STARTED = int(time.time())  # `created` of the bases: they are loaded when the process starts
-PARAMS = {"num_images": "n", "output_format": "output_format", "steps": "steps", "sampler": "sampler"}
+PARAMS = {"num_images": "n", "output_format": "output_format", "steps": "steps", "sampler": "sampler"} | {
+    extra: extra for extra in ("patch_scale", "patches", "seeds", "negative_class_label")}
 Responses = dict[int | str, dict[str, Any]]  # the `responses` of a route (OpenAPI)
 ERRORS: Responses = {code: {"model": OpenAIErrorBody, "description": text} for code, text in {
     400: "Invalid request (BadRequestError)", 401: "Missing or wrong API key (AuthenticationError)",
@@ -40,17 +43,43 @@ def _sizes(base: ServedBase) -> list[str]:
     return [f"{base.image_size}x{base.image_size}"]
 
 
+def _base_card(base: ServedBase) -> ModelCard:
+    return ModelCard(id=base.name, created=STARTED, owned_by="dmp", parent=None, task=base.task, sizes=_sizes(base))
+
+
+def _patch_card(engine: Engine, record: PatchRecord) -> ModelCard | None:
+    """A ready patch of a served base as a model card; None for any other."""
+    if record.state != "ready" or record.base not in engine.bases or record.name in engine.bases:
+        return None
+    base = engine.bases[record.base]
+    return ModelCard(id=record.name, created=int(record.updated_at), owned_by=record.base, parent=record.base,
+                     task=base.task, sizes=_sizes(base))
+
+
 @router.get("/models", response_model=ModelCardList, responses=ERRORS, summary="Bases and ready patches",
             openapi_extra=KEY_OPTIONAL)
 def list_models(engine: EngineDep, caller: KeyDep):
-    cards = [ModelCard(id=b.name, created=STARTED, owned_by="dmp", parent=None, task=b.task, sizes=_sizes(b))
-             for b in engine.bases.values()]
-    for r in engine.registry.list(caller.tenant) if engine.registry else []:
-        if r.state == "ready" and r.base in engine.bases and r.name not in engine.bases:
-            base = engine.bases[r.base]
-            cards.append(ModelCard(id=r.name, created=int(r.updated_at), owned_by=r.base, parent=r.base,
-                                   task=base.task, sizes=_sizes(base)))
-    return ModelCardList(data=cards)
+    cards = [_base_card(b) for b in engine.bases.values()]
+    records = engine.registry.list(caller.tenant) if engine.registry else []
+    patches = [_patch_card(engine, r) for r in records]
+    return ModelCardList(data=cards + [c for c in patches if c is not None])
+
+
+@router.get("/models/{model_id}", response_model=ModelCard, responses=ERRORS | NO_422,
+            summary="One base or ready patch (client.models.retrieve)", openapi_extra=KEY_OPTIONAL)
+def retrieve_model(model_id: str, engine: EngineDep, caller: KeyDep):
+    if model_id in engine.bases:
+        return _base_card(engine.bases[model_id])
+    card = None
+    if engine.registry is not None:
+        try:
+            card = _patch_card(engine, engine.registry.get(model_id, caller.tenant))
+        except NotFound:
+            pass
+    if card is None:
+        raise OpenAIError(f"no model named {model_id!r}; GET /v1/models lists them", status=404,
+                          error_type="model_not_found", param="model")
+    return card
 
 
 @router.post("/images/generations", response_model=ImagesResponse, responses=STREAM | ERRORS | NO_422,
@@ -61,8 +90,12 @@ async def generate_images(body: ImageRequest, request: Request, engine: EngineDe
     try:
         spec = engine.resolve(model=model, patch=patch, num_images=body.n, steps=body.steps, sampler=body.sampler,
                               guidance_scale=body.guidance_scale, seed=body.seed,
-                              output_format=body.output_format or "png", tenant=caller.tenant,
-                              **_condition(engine, model, patch, body.prompt, caller.tenant))
+                              output_format=body.output_format or "png", patch_scale=body.patch_scale,
+                              patches=None if body.patches is None else [p.model_dump() for p in body.patches],
+                              seeds=body.seeds, negative_class_label=body.negative_class_label,
+                              tenant=caller.tenant,
+                              **_condition(engine, model, patch or (body.patches[0].name if body.patches else None),
+                                           body.prompt, caller.tenant))
     except ServiceError as e:
         raise _in_openai_terms(e) from None
     size = _size(engine.bases[spec.model], body.size)
@@ -75,8 +108,11 @@ async def generate_images(body: ImageRequest, request: Request, engine: EngineDe
                                  preview_format=spec.output_format, tenant=caller.tenant)
         return sse_response(_events(request, work, size))
     done = await outcome(await engine.open(spec, tenant=caller.tenant), request)
+    used = [PatchUse(name=name, version=version, scale=scale)
+            for (name, scale), version in zip(spec.patches, done.versions or (), strict=True)]
     return ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=_b64(f)) for f in done.files],
-                          output_format=spec.output_format, size=size, seed=spec.seed, model=spec.model)
+                          output_format=spec.output_format, size=size, seed=spec.seed, seeds=list(spec.seeds),
+                          model=spec.model, patches=used)
 
 
 async def _events(request: Request, work: Work, size: str):

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from app.api.schemas import OutputFormat, Sampler
+from app.api.schemas import ClassLabel, OutputFormat, PatchPart, PatchUse, Sampler
 
 
 class OpenAIErrorDetail(BaseModel):
@@ -58,6 +58,13 @@ class ImageRequest(BaseModel):
     steps: StrictInt | None = Field(None, ge=1, description="Extra: denoising steps (at most DMP_MAX_STEPS)")
     sampler: Sampler | None = Field(None, description="Extra: ddpm, ddim or dpm")
     guidance_scale: StrictFloat | StrictInt | None = Field(None, ge=0, le=50, description="Extra: CFG scale")
+    patch_scale: StrictFloat | StrictInt | None = Field(
+        None, description="Extra: the strength of the patch `model` names (as POST /generate)")
+    patches: list[PatchPart] | None = Field(None, description="Extra: a composition on the base `model` names "
+                                            "(as POST /generate)")
+    seeds: list[StrictInt] | None = Field(None, max_length=1024, description="Extra: one seed per image")
+    negative_class_label: ClassLabel | None = Field(None, description="Extra: a class to guide away from "
+                                                    "(class models, guidance_scale != 1)")
     # OpenAI's own knobs, which have no meaning here: accepted (so the `openai` client's calls work) and ignored
     background: StrictStr | None = None
     moderation: StrictStr | None = None
@@ -82,4 +89,6 @@ class ImagesResponse(BaseModel):
     output_format: OutputFormat
     size: str
     seed: int
+    seeds: list[int] = Field(description="Each image's seed")
     model: str
+    patches: list[PatchUse] = Field(description="Every patch the rows added, with its version and scale")

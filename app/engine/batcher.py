@@ -118,11 +118,11 @@ class Batcher:
         versions (PatchSlots.seat_waiting; the rest keep waiting); caller holds the lock."""
         queue = self.waiting[name]
         live, kept = [w for w in queue if not self._dropped(w)], []
-        for work, slot in zip(live, self.bases[name].patches.seat_waiting([w.pin for w in live]), strict=True):
-            if slot is None:
+        for work, mix in zip(live, self.bases[name].patches.seat_waiting([w.pin for w in live]), strict=True):
+            if mix is None:
                 kept.append(work)
             else:
-                work.running_job.slot, work.seated = slot, work.pin is not None
+                work.running_job.mix, work.seated = mix, work.pin is not None
                 self.running[name].append(work)
         self.metrics.queue_depth.dec(len(queue) - len(kept))
         queue.clear()
@@ -194,8 +194,8 @@ class Batcher:
         assert started is not None, "set when the work joined its first step"
         timings = {"queue_ms": 1000 * (started - work.admitted_at),
                    "sample_ms": 1000 * (sampled - started), "decode_ms": 1000 * (done - sampled)}
-        version = work.pin.version if work.pin else None
-        self._finish(work, result=Result(images, version, timings))
+        versions = tuple(v.version for v in work.pin.versions) if work.pin else None
+        self._finish(work, result=Result(images, versions, timings))
 
     def _finish(self, work: Work, result: Result | None = None, error: BaseException | None = None) -> None:
         if work.pin is not None:

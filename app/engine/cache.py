@@ -42,10 +42,10 @@ class ResultCache:
             return None
 
     @staticmethod
-    def key(spec: Spec, fingerprint: str, patch_version: str | None) -> str:
+    def key(spec: Spec, fingerprint: str, patch_versions: tuple[str, ...] | None) -> str:
         fields = asdict(spec)
         del fields["seeded"]  # only seeded results are cached: the flag is not part of what was made
-        blob = json.dumps([fields, fingerprint, patch_version], sort_keys=True)
+        blob = json.dumps([fields, fingerprint, patch_versions], sort_keys=True)  # fields: scales and seeds too
         return "dmp:result:" + hashlib.sha256(blob.encode()).hexdigest()
 
     def get(self, key: str) -> list[bytes] | None:

@@ -21,6 +21,7 @@ from app.engine import validation
 from app.engine.bases import ServedBase, load_bases
 from app.engine.batcher import Batcher
 from app.engine.cache import ResultCache
+from app.engine.slots import Pins
 from app.engine.work import Done, Inbox, Spec, Work, preview_steps
 from app.model import kernels
 from app.model.sampling import new_job
@@ -165,18 +166,25 @@ class Engine:
     def resolve(self, *, model: str | None = None, patch: str | None = None, class_label: int | str | None = None,
                 caption: str | None = None, num_images: int = 1, steps: int | None = None,
                 sampler: str | None = None, guidance_scale: float | None = None, seed: int | None = None,
-                output_format: str = "png", tenant: str | None = None) -> Spec:
-        """Check a request against the served bases and limits (app.engine.validation) and fill in every default;
+                output_format: str = "png", patch_scale: float | None = None, patches: list | None = None,
+                seeds: list[int] | None = None, negative_class_label: int | str | None = None,
+                tenant: str | None = None) -> Spec:
+        """Check a request against the served bases and limits (app.engine.validation) and fill in every default.
+        `patch` + `patch_scale`, or `patches` [{name, scale}]: every patch must be ready and of the one base;
         `tenant`: the caller's (PatchRegistry.get: another tenant's patch is unknown here)."""
         if self.registry is None:
             raise Unavailable("the service is still starting", error_type="not_ready")
-        record = validation.ready(self.registry.get(patch, tenant)) if patch is not None else None
-        base = self.base(validation.base_name(self.bases, model, record))
-        if record is not None and record.base != base.name:
-            raise InvalidRequest(f"patch {patch!r} is for model {record.base!r}, not {base.name!r}",
-                                 error_type="patch_model_mismatch")
+        # a composition needs all its patches in device slots at once; slot 0 is the base
+        pairs = validation.mix(patch, patch_scale, patches, min(validation.MIX_WIDTH, self.settings.patch_slots - 1))
+        records = [validation.ready(self.registry.get(name, tenant)) for name, _ in pairs]
+        base = self.base(validation.base_name(self.bases, model, records[0] if records else None))
+        for record in records:
+            if record.base != base.name:
+                raise InvalidRequest(f"patch {record.name!r} is for model {record.base!r}, not {base.name!r}",
+                                     error_type="patch_model_mismatch")
         return validation.spec(self.settings, base, patch, class_label, caption, num_images, steps, sampler,
-                               guidance_scale, seed, output_format)
+                               guidance_scale, seed, output_format, patches=pairs, seeds=seeds,
+                               negative_label=negative_class_label)
 
     def condition(self, base: ServedBase, spec: Spec) -> torch.Tensor:
         """The model's y for this request: a label, the null class, or the caption's embedding (1, text_dim)."""
@@ -241,24 +249,27 @@ class Engine:
         queue the work. The device slot is taken later, by the runner, when the request joins the batch."""
         self._admit(internal)
         spec = work.spec
-        base, pin = self.bases[spec.model], None
+        base = self.bases[spec.model]
+        pin = Pins([], [s for _, s in spec.patches]) if spec.patches else None
         assert self.registry is not None and self.batcher is not None, "admitting starts after start()"
         registry, batcher = self.registry, self.batcher
         try:
             y = self.condition(base, spec)
-            if spec.patch is not None:
-                record = registry.get(spec.patch, tenant)
+            for name, _ in spec.patches:  # every patch of the request pinned for its life
+                assert pin is not None, "made above for a request with patches"
+                record = registry.get(name, tenant)
                 if record.base != base.name:
-                    raise InvalidRequest(f"patch {spec.patch!r} is for model {record.base!r}",
+                    raise InvalidRequest(f"patch {name!r} is for model {record.base!r}",
                                          error_type="patch_model_mismatch")
-                pin = base.patches.acquire(spec.patch, registry.fetch) if record.state == "ready" else None
-                if pin is None:  # not ready, or deleted between the lookup and the pin
+                version = base.patches.acquire(name, registry.fetch) if record.state == "ready" else None
+                if version is None:  # not ready, or deleted between the lookup and the pin
                     state = "gone" if record.state == "ready" else record.state
-                    raise PatchNotReady(f"patch {spec.patch!r} is {state}")
-            work.job = new_job(base.model, y=y, seed=spec.seed, sampler=spec.sampler, steps=spec.steps,
-                               guidance_scale=spec.guidance_scale, n=spec.num_images,
-                               beta_schedule=base.beta_schedule, clip_sample=base.clip_sample,
-                               device=self.settings.torch_device)
+                    raise PatchNotReady(f"patch {name!r} is {state}")
+                pin.versions.append(version)
+            work.job = new_job(base.model, y=y, seed=list(spec.seeds) or spec.seed, sampler=spec.sampler,
+                               steps=spec.steps, guidance_scale=spec.guidance_scale, n=spec.num_images,
+                               negative=spec.negative_class_label, beta_schedule=base.beta_schedule,
+                               clip_sample=base.clip_sample, device=self.settings.torch_device)
         except BaseException:
             if pin is not None:
                 base.patches.release(pin)
@@ -276,20 +287,20 @@ class Engine:
         if self.cache is None or not spec.seeded:
             return None
         assert self.registry is not None, "made by start() before the state is ready"
-        version = self.registry.get(spec.patch, tenant).version if spec.patch else None
-        files = await to_thread.run_sync(self.cache.get, self._cache_key(spec, version))
+        versions = tuple(self.registry.get(name, tenant).version for name, _ in spec.patches) or None
+        files = await to_thread.run_sync(self.cache.get, self._cache_key(spec, versions))
         if files is None:
             return None
-        return Done(files, version, {"queue_ms": 0.0, "sample_ms": 0.0, "decode_ms": 0.0}, cached=True)
+        return Done(files, versions, {"queue_ms": 0.0, "sample_ms": 0.0, "decode_ms": 0.0}, cached=True)
 
-    def _cache_key(self, spec: Spec, version: str | None) -> str:
+    def _cache_key(self, spec: Spec, versions: tuple[str, ...] | None) -> str:
         assert self.cache is not None, "called only with the cache on"
-        return self.cache.key(spec, self.bases[spec.model].fingerprint, version)
+        return self.cache.key(spec, self.bases[spec.model].fingerprint, versions)
 
     def _finished(self, spec: Spec, done: Done, started: float) -> None:
         """A fresh result (worker thread): cached when seeded, its stage latencies observed."""
         if self.cache is not None and spec.seeded:
-            self.cache.put(self._cache_key(spec, done.version), done.files)
+            self.cache.put(self._cache_key(spec, done.versions), done.files)
         self._observe(spec, done, time.perf_counter() - started)
 
     def _observe(self, spec: Spec, done: Done, total: float) -> None:

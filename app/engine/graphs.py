@@ -2,9 +2,10 @@
 
 What a graph holds is a whole sampling step (app.model.sampling.run_step): gather the forward rows from the
 images, the DiT forward with per-row patch slots, classifier-free guidance, and the batched DDIM/DDPM update.
-The patch pool's tensors have fixed addresses and every row carries its slot index as a graph input, so one
-graph serves any mix of patches, and installing a patch (an in-place copy into a free slot) needs no
-recapture. Batches are padded to the next bucket (padding rows: image 0, t = 0, the null condition, slot 0;
+The patch pool's tensors have fixed addresses and every row carries MIX_WIDTH (slot, scale) pairs as graph inputs
+of a fixed shape, so one graph serves any mix of patches, strengths and compositions, and installing a patch (an
+in-place copy into a free slot) needs no recapture. Batches are padded to the next bucket (padding rows: image 0,
+t = 0, the null condition, (slot 0, scale 0) pairs;
 padding images: zero latents, prev = x); rows never interact in a DiT forward, so padding does not change the
 real rows. Shapes above the largest bucket, or a patch given as a module rather than a pool slot, run eagerly
 and are counted in `fallbacks`. `compile=True` runs each bucket's step through torch.compile with weight
@@ -25,11 +26,11 @@ from torch._inductor import config as inductor_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from app.model.dit import DiT
-from app.model.dmp import PatchPool, PooledPatch
+from app.model.dmp import MIX_WIDTH, PatchPool, PooledPatch, mix_rows
 from app.model.sampling import SAFE_COEF, StepBatch, run_step
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # images per batch, before CFG doubling
-ROW_FIELDS = ("row_image", "t", "y", "slots")  # StepBatch fields per forward row; the others are per image
+ROW_FIELDS = ("row_image", "t", "y", "slots", "patch_scales")  # StepBatch fields per forward row; others per image
 
 
 def buckets_up_to(max_images: int, buckets=BUCKETS) -> tuple[int, ...]:
@@ -72,8 +73,8 @@ class GraphedForward:
         self.safe_coef = SAFE_COEF[:, None].to(self.device)  # (K, 1): padding images keep their latents
 
     # ---------------------------------------------------------------- the step
-    def _denoise(self, x, t, y, slots) -> torch.Tensor:
-        patch = self.pool.batch(slots) if self.pool is not None else None  # pool=None: no patch work at all
+    def _denoise(self, x, t, y, slots, scales) -> torch.Tensor:
+        patch = self.pool.batch(slots, scales) if self.pool is not None else None  # pool=None: no patch work
         return self.model(x.to(self.dtype), t, y, patch=patch).float()  # (R, C_out, H, W)
 
     def _step_on(self, *tensors):
@@ -127,12 +128,14 @@ class GraphedForward:
         return self._padding(rows)
 
     def _padding(self, rows: int) -> StepBatch:
-        """Padding rows: image 0, t = 0, the null condition, slot 0; padding images: zero latents, prev = x."""
+        """Padding rows: image 0, t = 0, the null condition, (slot 0, scale 0) pairs; padding images: zero latents,
+        prev = x."""
         d = self.device
         return StepBatch(
             x=torch.zeros(rows, *self.x_shape, device=d), row_image=torch.zeros(rows, dtype=torch.long, device=d),
             t=torch.zeros(rows, device=d), y=self.model.null_y(rows, d).to(self.y_dtype).clone(),
-            slots=torch.zeros(rows, dtype=torch.long, device=d), cond=torch.zeros(rows, dtype=torch.long, device=d),
+            slots=torch.zeros(rows, MIX_WIDTH, dtype=torch.long, device=d),
+            patch_scales=torch.zeros(rows, MIX_WIDTH, device=d), cond=torch.zeros(rows, dtype=torch.long, device=d),
             uncond=torch.zeros(rows, dtype=torch.long, device=d), scale=torch.ones(rows, device=d),
             guided=torch.ones(rows, self.in_channels, dtype=torch.bool, device=d),
             coef=self.safe_coef.repeat(1, rows), noise=torch.zeros(rows, *self.x_shape, device=d))
@@ -219,16 +222,18 @@ class GraphedForward:
         """Plain forward (x (R, C, H, W) fp32, t (R,), y) -> fp32 (R, C_out, H, W) through the step graphs."""
         n = x.shape[0]
         if patch is None:
-            slots = torch.zeros(n, dtype=torch.long, device=x.device)
+            slots = torch.zeros(n, MIX_WIDTH, dtype=torch.long, device=x.device)
+            scales = torch.zeros(n, MIX_WIDTH, device=x.device)
         elif isinstance(patch, PooledPatch):
             if patch.pool is not self.pool:
                 raise ValueError("this PooledPatch indexes another pool than the one these graphs read")
-            slots = patch.slots
+            slots, scales = mix_rows(patch.slots, patch.scales, MIX_WIDTH)  # the buffers' fixed width
         else:  # a patch module: no graph takes it
             self.fallbacks += 1
             return self.model(x.to(self.dtype), t, y, patch=patch).float()
         rows = torch.arange(n, device=x.device)
-        batch = StepBatch(x=x, row_image=rows, t=t, y=y, slots=slots, cond=rows, uncond=rows,
+        batch = StepBatch(x=x, row_image=rows, t=t, y=y, slots=slots, patch_scales=scales, cond=rows,
+                          uncond=rows,
                           scale=torch.ones(n, device=x.device),
                           guided=torch.ones(n, self.in_channels, dtype=torch.bool, device=x.device),
                           coef=self.safe_coef.expand(-1, n), noise=None)

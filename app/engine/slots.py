@@ -2,8 +2,9 @@
 
 Three tiers: the store (disk or Redis, the registry's), host memory (validated copies, pinned on CUDA, at most
 DMP_PATCH_HOST_BYTES of unpinned ones), and the PatchPool's device slots. A request pins the version current at
-admission (its host copy stays until the request ends); the runner seats it in a slot just before it joins the
-batch, evicting the least recently used slot that no running request uses. Slots are fixed-address graph inputs,
+admission of every patch it composes (`Pins`; their host copies stay until the request ends); the runner seats
+them all in slots just before it joins the batch (all or none), evicting the least recently used slots that no
+running request uses. Slots are fixed-address graph inputs,
 so a swap-in is an in-place copy and no graph is recaptured. Pool tensors are written by the runner thread only.
 """
 from __future__ import annotations
@@ -40,6 +41,18 @@ class Version:
     @property
     def residency(self) -> str:
         return "device" if self.slot is not None else "host" if self.host is not None else "stored"
+
+
+@dataclass(eq=False)
+class Pins:
+    """One request's pinned versions, one per patch it composes (1 to MIX_WIDTH), with each one's scale."""
+
+    versions: list[Version]
+    scales: list[float]
+
+    @property
+    def names(self) -> list[str]:
+        return [v.name for v in self.versions]
 
 
 def _on_host(patch: DMP, device: str) -> DMP:
@@ -116,8 +129,12 @@ class PatchSlots:
                 self._host(entry, patch)
         return entry
 
-    def release(self, entry: Version, seated: bool = False) -> None:
-        """A request is done with its version; `seated`: it held the version's slot."""
+    def release(self, entry: Version | Pins, seated: bool = False) -> None:
+        """A request is done with its version (or every version of its Pins); `seated`: it held their slots."""
+        if isinstance(entry, Pins):
+            for version in entry.versions:
+                self.release(version, seated)
+            return
         with self._lock:
             entry.refs -= 1
             entry.seated -= seated
@@ -150,21 +167,35 @@ class PatchSlots:
             entry.used = next(self._clock)
             return entry.slot
 
-    def seat_waiting(self, pins: list[Version | None]) -> list[int | None]:
-        """Seat waiting requests' pinned versions, oldest first: the slot of each (0 for the bare base), or None
-        for one that must keep waiting.
+    def seat_waiting(self, pins: list[Pins | None]) -> list[tuple[tuple[int, float], ...] | None]:
+        """Seat waiting requests' pinned versions, oldest first: the (slot, scale) pairs of each (() for the bare
+        base), or None for one that must keep waiting. A composition seats all its versions or none.
 
         When every slot is read by running requests, the first one that cannot be seated blocks: younger requests
         may still join versions that are resident, except the one whose slot frees soonest (the victim), so the
         blocked one gets a slot within one request's run: requests queue, never fail, and a cold patch is not
         starved by hot ones."""
-        slots, blocked, victim = [], False, None
+        mixes: list[tuple[tuple[int, float], ...] | None] = []
+        blocked, victim = False, None
         for pin in pins:
-            slot = 0 if pin is None else self.seat(pin, evict=not blocked, avoid=victim)
-            if slot is None and not blocked:
+            mix = () if pin is None else self._seat_all(pin, evict=not blocked, avoid=victim)
+            if mix is None and not blocked:
                 blocked, victim = True, self.victim()
-            slots.append(slot)
-        return slots
+            mixes.append(mix)
+        return mixes
+
+    def _seat_all(self, pins: Pins, evict: bool, avoid: Version | None) -> tuple[tuple[int, float], ...] | None:
+        """Every version of a request seated, as (slot, scale) pairs; None (and none left seated) if one cannot."""
+        seated: list[tuple[Version, int]] = []
+        for version in pins.versions:
+            slot = self.seat(version, evict=evict, avoid=avoid)
+            if slot is None:
+                with self._lock:
+                    for v, _ in seated:
+                        v.seated -= 1  # still resident: evictable again once no running request reads it
+                return None
+            seated.append((version, slot))
+        return tuple((slot, scale) for (_, slot), scale in zip(seated, pins.scales, strict=True))
 
     def victim(self) -> Version | None:
         """The resident version that frees its slot soonest if no new request joins it: fewest running, then LRU."""

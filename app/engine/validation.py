@@ -3,19 +3,24 @@ samplers, output formats, and the gate-map bounds. Routes and the CLI parse thei
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import secrets
+from collections.abc import Mapping, Sequence
 
 from app.core.config import Settings
 from app.core.errors import BadRequest, InvalidRequest, PatchNotReady
 from app.engine.bases import ServedBase
 from app.engine.images import FORMATS
 from app.engine.work import Spec
+from app.model.dmp import MIX_WIDTH
 from app.model.sampling import SAMPLERS, TRAIN_TIMESTEPS
 from app.registry.records import PatchRecord
 
 OUTPUT_FORMATS = tuple(FORMATS)
 INDEX = re.compile(r"[+-]?[0-9]{1,18}")  # ASCII digits only: "²" is a digit to str.isdigit but not to int()
+PATCH_SCALES = (-4.0, 4.0)  # a patch's strength s in x + s * g * P: 0 = the base, 1 = the patch as trained
+MAX_SEED = 2**53 - 1  # JSON numbers stay exact up to here
 
 
 class Invalid(InvalidRequest):
@@ -93,10 +98,78 @@ def condition(base: ServedBase, label: int | str | None, caption: str | None, se
     return None, caption
 
 
+def patch_scale(value: object, field: str, say: str | None = None) -> float:
+    """A patch strength: a finite JSON number within PATCH_SCALES; `say`: the field as the message names it."""
+    lo, hi = PATCH_SCALES
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Invalid(f"{say or field} must be a number in [{lo:g}, {hi:g}]", field)
+    if not lo <= value <= hi or not math.isfinite(value):  # the range first: a huge int has no float
+        raise Invalid(f"{say or field} must be a finite number in [{lo:g}, {hi:g}], got {value!r:.40}", field)
+    return float(value)
+
+
+def mix(patch: str | None, scale: object, patches: Sequence[Mapping] | None,
+        max_patches: int = MIX_WIDTH) -> tuple[tuple[str, float], ...]:
+    """The request's (name, scale) pairs: `patch` with `patch_scale` (default 1), or the `patches` composition
+    (1 to `max_patches` entries {name, scale=1}, names unique); () for the bare base."""
+    if patches is None:
+        if patch is None:
+            if scale is not None:
+                raise Invalid("patch_scale needs a patch", "patch_scale")
+            return ()
+        return ((patch, 1.0 if scale is None else patch_scale(scale, "patch_scale")),)
+    if patch is not None or scale is not None:
+        raise Invalid("send either patch (with patch_scale) or patches, not both", "patches")
+    if isinstance(patches, str | bytes) or not isinstance(patches, Sequence) or \
+            not 1 <= len(patches) <= max_patches:
+        raise Invalid(f"patches must be a list of 1 to {max_patches} {{name, scale}} entries", "patches")
+    pairs: list[tuple[str, float]] = []
+    for i, entry in enumerate(patches):
+        name = entry.get("name") if isinstance(entry, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise Invalid(f"patches[{i}] needs a name", "patches")
+        if name in (n for n, _ in pairs):
+            raise Invalid(f"patch {name!r} appears twice in patches", "patches")
+        pairs.append((name, patch_scale(entry.get("scale", 1.0), "patches", f"patches[{i}].scale")))
+    return tuple(pairs)
+
+
+def image_seeds(seed: int | None, seeds: Sequence[int] | None, num_images: int) -> tuple[int, tuple[int, ...], bool]:
+    """(first seed, every image's seed, seeded): image i gets seed + i unless `seeds` lists one per image."""
+    if seeds is not None:
+        if seed is not None:
+            raise Invalid("send either seed (image i gets seed + i) or seeds (one per image), not both", "seeds")
+        if isinstance(seeds, str | bytes) or len(seeds) != num_images:
+            raise Invalid(f"seeds must list one seed per image ({num_images})", "seeds")
+        if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED for s in seeds):
+            raise Invalid(f"every seed must be an integer in [0, {MAX_SEED}]", "seeds")
+        return seeds[0], tuple(seeds), True
+    seeded = seed is not None
+    first = secrets.randbits(31) if seed is None else seed
+    return first, tuple(first + i for i in range(num_images)), seeded
+
+
+def negative_class(base: ServedBase, label: int | str | None, guidance: float) -> int | None:
+    """A class to guide away from (class models, with CFG on), checked like class_label."""
+    if label is None:
+        return None
+    if base.task != "class":
+        raise Invalid(f"model {base.name} is not class-conditional: negative_class_label is for class models",
+                      "negative_class_label")
+    if guidance == 1.0:
+        raise Invalid("negative_class_label needs guidance_scale != 1: it replaces the null class in CFG",
+                      "negative_class_label")
+    try:
+        return class_label(base, label)
+    except Invalid as e:
+        raise Invalid(e.message.replace("class_label", "negative_class_label"), "negative_class_label") from None
+
+
 def spec(settings: Settings, base: ServedBase, patch: str | None, label: int | str | None, caption: str | None,
          num_images: int, steps: int | None, sampler: str | None, guidance_scale: float | None, seed: int | None,
-         output_format: str) -> Spec:
-    """The request checked against the base and the limits, every default filled in."""
+         output_format: str, patches: tuple[tuple[str, float], ...] = (), seeds: Sequence[int] | None = None,
+         negative_label: int | str | None = None) -> Spec:
+    """The request checked against the base and the limits, every default filled in; `patches`: mix's pairs."""
     label, caption = condition(base, label, caption, settings)
     if num_images > settings.max_images:
         raise Invalid(f"num_images must be at most {settings.max_images} (DMP_MAX_IMAGES)", "num_images")
@@ -116,9 +189,11 @@ def spec(settings: Settings, base: ServedBase, patch: str | None, label: int | s
     guidance = base.default_guidance if guidance_scale is None else float(guidance_scale)
     if base.task == "uncond":
         guidance = 1.0  # nothing to guide towards
-    seeded = seed is not None
-    seed = secrets.randbits(31) if seed is None else seed
-    return Spec(base.name, patch, label, caption, num_images, steps, sampler, guidance, seed, output_format, seeded)
+    negative = negative_class(base, negative_label, guidance)
+    seed, per_image, seeded = image_seeds(seed, seeds, num_images)
+    first = patches[0][0] if patches else None  # `patch`, or a composition's first patch (metrics, routing)
+    return Spec(base.name, first, label, caption, num_images, steps, sampler, guidance, seed, output_format, seeded,
+                patches=patches, seeds=per_image, negative_class_label=negative)
 
 
 def gate_timesteps(settings: Settings, timesteps: int, blocks: int, prompts: int) -> int:

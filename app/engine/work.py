@@ -18,7 +18,7 @@ from anyio import to_thread
 
 from app.core.errors import DeadlineExceeded
 from app.engine.images import encode_images
-from app.engine.slots import Version
+from app.engine.slots import Pins
 from app.model.sampling import Job
 
 
@@ -41,6 +41,9 @@ class Spec:
     seed: int
     output_format: str
     seeded: bool = True  # the client chose the seed: the result is reproducible, so it may be cached
+    patches: tuple[tuple[str, float], ...] = ()  # (name, scale) of every patch the rows add; () = the base
+    seeds: tuple[int, ...] = ()  # image i's seed (seed + i, or the client's list); () = one generator (seed)
+    negative_class_label: int | None = None  # CFG's unconditional half takes this class instead of the null one
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class Step:
 @dataclass(frozen=True)
 class Done:
     files: list[bytes]  # encoded in the spec's output_format
-    version: str | None  # the patch version that ran
+    versions: tuple[str, ...] | None  # the version of each of the spec's patches that ran; None for the base
     timings: dict[str, float]
     cached: bool = False
 
@@ -71,7 +74,7 @@ class Result:
     """What the runner answers: decoded images (n, H, W, C) uint8 and where the time went."""
 
     images: torch.Tensor
-    patch_version: str | None
+    patch_versions: tuple[str, ...] | None
     timings: dict[str, float]
 
 
@@ -124,7 +127,7 @@ class Work:
 
     spec: Spec
     job: Job | None = None
-    pin: Version | None = None
+    pin: Pins | None = None  # the versions of its patches, pinned for its life
     deadline: float = 0.0
     inbox: Inbox | None = None
     follow: bool = False  # the runner reports every step (streaming routes)
@@ -198,7 +201,7 @@ class Work:
         files = encode_images(result.images, self.spec.output_format)
         timings = dict(result.timings)
         timings["decode_ms"] += 1000 * (time.perf_counter() - t0)
-        done = Done(files, result.patch_version, timings)
+        done = Done(files, result.patch_versions, timings)
         if self.on_done is not None:
             self.on_done(done)
         return done

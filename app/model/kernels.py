@@ -1,7 +1,8 @@
 """Fused residual add, DMP prompt add, LayerNorm and adaLN modulate (Triton on CUDA, plain torch elsewhere).
 
 Each DiT block starts its two branches the same way: add to the residual stream x (before the attention branch:
-the previous block's gated MLP output and the DMP prompts g[b, n] * P[slot_b, depth, n, :]; before the MLP
+the previous block's gated MLP output and the DMP prompts sum_k g[b, k, n] * P[slot_bk, depth, n, :] (a row's up
+to K scaled patches, added one after another in k order); before the MLP
 branch: the gated attention output), then LayerNorm and modulate: h = LN(x) * (1 + scale[b]) + shift[b]; the
 final layer's norm takes the last block's MLP output the same way. In plain torch that is up to nine passes over
 (B, N, D) plus a gathered copy of the prompts; the kernel reads x, the added tensor and the pool rows once and
@@ -38,16 +39,23 @@ _fused_enabled = True
 
 @dataclass(frozen=True)
 class PromptAdd:
-    """DMP's prompt injection before block `depth`: x + gates[b, n] * prompts[slot_b, depth, n, :]."""
+    """DMP's prompt injection before block `depth`: x + gates[b, n] * prompts[depth, n, :] for one patch, or
+    x + sum_k gates[b, k, n] * prompts[slots[b, k], depth, n, :] for a pool's per-row (slot, scale) pairs (the
+    scales already folded into the gates), the pairs added in k order, so trailing unused pairs (zero gates on the
+    zero slot) change no bit."""
 
-    gates: torch.Tensor  # (B, N)
+    gates: torch.Tensor  # (B, N) one patch, or (B, K, N) with `slots`
     prompts: torch.Tensor  # (S, L, N, D) pool with `slots`, or (L, N, D) one patch for every row
-    slots: torch.Tensor | None  # (B,) or None
+    slots: torch.Tensor | None  # (B, K) or None
     depth: int
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.prompts[self.depth][None] if self.slots is None else self.prompts[self.slots, self.depth]
-        return x + self.gates.unsqueeze(-1).to(x.dtype) * p.to(x.dtype)  # (B, N, D)
+        if self.slots is None:
+            return x + self.gates.unsqueeze(-1).to(x.dtype) * self.prompts[self.depth][None].to(x.dtype)
+        for k in range(self.slots.shape[1]):
+            p = self.prompts[self.slots[:, k], self.depth]  # (B, N, D)
+            x = x + self.gates[:, k].unsqueeze(-1).to(x.dtype) * p.to(x.dtype)
+        return x  # (B, N, D)
 
 
 def set_fused(enabled: bool) -> None:
@@ -95,7 +103,7 @@ if triton is not None:
                                   x_out_ptr, h_out_ptr, N, D, eps, rgate_stride, shift_stride, scale_stride,
                                   p_slot_stride, p_depth_offset,
                                   HAS_RES: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                                  BLOCK_D: tl.constexpr):
+                                  PAIRS: tl.constexpr, BLOCK_D: tl.constexpr):
         row = tl.program_id(0)  # one (b, n) token per program; the whole row of D values at once
         b = row // N
         n = row % N
@@ -108,13 +116,14 @@ if triton is not None:
             y = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             x = x + a * y
         if HAS_PROMPT:
-            g = tl.load(g_ptr + row).to(tl.float32)
-            if HAS_SLOTS:
-                slot = tl.load(slot_ptr + b).to(tl.int64)
-            else:
-                slot = 0
-            p = tl.load(p_ptr + slot * p_slot_stride + p_depth_offset + n * D + cols, mask=mask, other=0.0)
-            x = x + g * p.to(tl.float32)
+            for k in tl.static_range(PAIRS):  # gates (B, PAIRS, N), slots (B, PAIRS): pair by pair, in order
+                g = tl.load(g_ptr + (b * PAIRS + k) * N + n).to(tl.float32)
+                if HAS_SLOTS:
+                    slot = tl.load(slot_ptr + b * PAIRS + k).to(tl.int64)
+                else:
+                    slot = 0
+                p = tl.load(p_ptr + slot * p_slot_stride + p_depth_offset + n * D + cols, mask=mask, other=0.0)
+                x = x + g * p.to(tl.float32)
         if HAS_RES or HAS_PROMPT:
             x_stored = x.to(x_out_ptr.dtype.element_ty)
             tl.store(x_out_ptr + offs, x_stored, mask=mask)
@@ -153,15 +162,17 @@ def add_norm_modulate(x, shift, scale, eps, residual=None, residual_gate=None, p
         slots = prompt.slots.contiguous() if prompt.slots is not None else gates
         slot_stride = pool.stride(0) if prompt.slots is not None else 0  # 0: one patch for every row
         depth_offset = prompt.depth * pool.stride(-3)
+        pairs = prompt.slots.shape[1] if prompt.slots is not None else 1
     else:
         pool = gates = slots = x
         slot_stride = depth_offset = 0
+        pairs = 1
     block_d = triton.next_power_of_2(D)
     _add_norm_modulate_kernel[(B * N,)](
         x, res, rgate, gates, pool, slots, shift, scale, x_out, h, N, D, eps,
         rgate.stride(0), shift.stride(0), scale.stride(0), slot_stride, depth_offset,
         HAS_RES=residual is not None, HAS_PROMPT=prompt is not None, HAS_SLOTS=slot_stride > 0,
-        BLOCK_D=block_d, num_warps=min(max(block_d // 256, 1), 8))
+        PAIRS=pairs, BLOCK_D=block_d, num_warps=min(max(block_d // 256, 1), 8))
     return x_out, h
 
 
@@ -173,8 +184,8 @@ def self_check(device, width: int = 40, dtype=torch.float32) -> str | None:
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randn(2, 4, width, generator=g).to(device, dtype) for _ in range(2))
     shift, scale, gate = (0.5 * torch.randn(3, 2, width, generator=g)).to(device, dtype).unbind(0)
-    prompt = PromptAdd(torch.rand(2, 4, generator=g).to(device), torch.randn(3, 2, 4, width, generator=g).to(device),
-                       torch.tensor([2, 0], device=device), 1)
+    prompt = PromptAdd(torch.rand(2, 2, 4, generator=g).to(device), torch.randn(3, 2, 4, width, generator=g).to(device),
+                       torch.tensor([[2, 1], [0, 2]], device=device), 1)  # two (slot, scale) pairs per row
     if not use_triton(x):
         return None
     kw: dict[str, Any] = dict(residual=y, residual_gate=gate, prompt=prompt)

@@ -20,7 +20,7 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
 from app.model.dit import DiT
-from app.model.dmp import PatchPool
+from app.model.dmp import MIX_WIDTH, PatchPool
 from app.model.protocols import VAE, Patch, Scheduler, TextEncoder
 from app.model.vae import PixelVAE, to_uint8
 
@@ -62,16 +62,17 @@ def make_scheduler(sampler: str, steps: int, *, learn_sigma: bool, clip_sample: 
 
 @dataclass(eq=False)  # identity, not tensor-valued equality
 class Job:
-    """Sampling state of one request: `n` images from one seed, one condition, one patch."""
+    """Sampling state of one request: `n` images (one generator for all, or one per image), one condition, and
+    one patch module or up to MIX_WIDTH (pool slot, scale) pairs."""
 
     latents: torch.Tensor  # (n, C, H, W)
     y: torch.Tensor  # (n,) labels or (n, text_dim)
-    y_null: torch.Tensor | None  # same shape as y; None = no CFG
+    y_null: torch.Tensor | None  # same shape as y (the null condition, or a negative class); None = no CFG
     guidance_scale: float
     scheduler: Scheduler
-    generator: torch.Generator
+    generators: list[torch.Generator]  # one draws for all n images, or n draw one image each
     patch: Patch | None = None  # DMP module (single-patch batches) ...
-    slot: int = 0  # ... or a slot in the engine's PatchPool
+    mix: tuple[tuple[int, float], ...] = ()  # ... or (slot, scale) pairs in the engine's PatchPool; () = the base
     index: int = 0
     cfg_channels: str = "all"
     table: torch.Tensor | None = None  # (len(COEFFS), steps) from step_table; None: the scheduler's own step
@@ -91,22 +92,38 @@ class Job:
         return self.latents.shape[0] * (2 if self.y_null is not None else 1)
 
 
-def new_job(model: DiT, *, y, seed: int, sampler: str = "ddpm", steps: int = 250, guidance_scale: float = 1.0,
-            n: int = 1, patch: Patch | None = None, slot: int = 0, beta_schedule: str = "linear",
+def new_job(model: DiT, *, y, seed: int | list[int], sampler: str = "ddpm", steps: int = 250,
+            guidance_scale: float = 1.0, n: int = 1, patch: Patch | None = None, slot: int = 0,
+            mix: tuple[tuple[int, float], ...] | None = None, negative=None, beta_schedule: str = "linear",
             clip_sample: bool = False, device="cpu", cfg_channels: str = "all") -> Job:
-    """Create a job; the initial noise comes from a CPU generator seeded with `seed`, so it is device-independent."""
+    """Create a job; the noise comes from CPU generators, so it is device-independent. `seed` an int: one generator
+    draws all n images; a list of n seeds: image i has its own generator, so it reproduces alone (a 1-image job
+    with seed[i]). `slot`: one pool slot at scale 1; `mix`: (slot, scale) pairs. `negative`: CFG's unconditional
+    half takes this class instead of the null class (class models)."""
     cfg = model.config
-    gen = torch.Generator("cpu").manual_seed(int(seed))
-    shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size)
+    seeds = [int(seed)] if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) not in (1, n):
+        raise ValueError(f"{len(seeds)} seeds for {n} images")
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    shape = (n // len(gens), cfg.in_channels, cfg.input_size, cfg.input_size)
     sched = make_scheduler(sampler, steps, learn_sigma=cfg.learn_sigma, clip_sample=clip_sample,
                            beta_schedule=beta_schedule)
-    latents = (torch.randn(shape, generator=gen) * sched.init_noise_sigma).to(device=device, dtype=torch.float32)
+    latents = (torch.cat([torch.randn(shape, generator=g) for g in gens]) * sched.init_noise_sigma).to(
+        device=device, dtype=torch.float32)
     y = torch.as_tensor(y, device=device)
     y = y.reshape(-1, cfg.text_dim).float() if cfg.task == "text" else y.reshape(-1).long()
     y = y.expand(n, *y.shape[1:]) if y.shape[0] == 1 else y
     use_cfg = guidance_scale != 1.0 and cfg.task != "uncond"
     y_null = model.null_y(n, device) if use_cfg else None
-    return Job(latents, y, y_null, guidance_scale, sched, gen, patch, slot, cfg_channels=cfg_channels,
+    if negative is not None and use_cfg:
+        if cfg.task != "class" or not 0 <= int(negative) < cfg.num_classes:
+            raise ValueError(f"a negative class needs a class model and a label in [0, {cfg.num_classes})")
+        y_null = torch.full((n,), int(negative), dtype=torch.long, device=device)
+    if mix is None:
+        mix = ((slot, 1.0),) if slot else ()
+    if len(mix) > MIX_WIDTH:
+        raise ValueError(f"at most {MIX_WIDTH} patches per job, got {len(mix)}")
+    return Job(latents, y, y_null, guidance_scale, sched, gens, patch, tuple(mix), cfg_channels=cfg_channels,
                table=step_table(sched), t_list=sched.timesteps.tolist())
 
 
@@ -187,7 +204,8 @@ class StepBatch:
     row_image: torch.Tensor  # (R,) image of each forward row
     t: torch.Tensor  # (R,)
     y: torch.Tensor  # (R,) labels or (R, text_dim)
-    slots: torch.Tensor  # (R,) PatchPool slot of each row
+    slots: torch.Tensor  # (R, MIX_WIDTH) PatchPool slots of each row's (slot, scale) pairs; unused: slot 0 ...
+    patch_scales: torch.Tensor  # (R, MIX_WIDTH) fp32 ... at scale 0
     cond: torch.Tensor  # (B,) row of each image's conditional half
     uncond: torch.Tensor  # (B,) row of its unconditional twin (the conditional row itself without CFG)
     scale: torch.Tensor  # (B,) guidance scale (1 without CFG)
@@ -204,7 +222,7 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
     ys: list[torch.Tensor] = []
     cond: list[int] = []
     uncond: list[int] = []
-    row_image, t_rows, slot_rows, scale, guided_k = [], [], [], [], []
+    row_image, t_rows, slot_rows, mix_scales, scale, guided_k = [], [], [], [], [], []
     img = row = 0
     for job in jobs:
         n, t = job.latents.shape[0], job.t_list[job.index]
@@ -215,7 +233,9 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
         ys += [job.y, job.y_null] if job.y_null is not None else [job.y]
         row_image += list(range(img, img + n)) * halves
         t_rows += [float(t)] * (n * halves)
-        slot_rows += [job.slot] * (n * halves)
+        pairs = list(job.mix) + [(0, 0.0)] * (MIX_WIDTH - len(job.mix))
+        slot_rows += [[p[0] for p in pairs]] * (n * halves)
+        mix_scales += [[float(p[1]) for p in pairs]] * (n * halves)
         cond += range(row, row + n)
         uncond += range(row + n, row + 2 * n) if twins else range(row, row + n)
         scale += [job.guidance_scale if twins else 1.0] * n
@@ -223,7 +243,8 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
         table = job.table[:, job.index] if job.table is not None else SAFE_COEF
         coefs.append(table[:, None].expand(-1, n))
         draws = job.table is not None and table[COEFFS.index("noise")] > 0
-        noises.append(torch.randn(job.latents.shape, generator=job.generator) if draws else None)
+        noises.append(torch.cat([torch.randn((n // len(job.generators), *job.latents.shape[1:]), generator=g)
+                                 for g in job.generators]) if draws else None)
         img, row = img + n, row + n * halves
 
     def as_tensor(v, dtype=torch.long):
@@ -234,7 +255,8 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
                                      for z, x in zip(noises, xs, strict=True)]), dev)
     return StepBatch(
         x=torch.cat(xs), row_image=as_tensor(row_image), t=as_tensor(t_rows, torch.float32), y=torch.cat(ys),
-        slots=as_tensor(slot_rows), cond=as_tensor(cond), uncond=as_tensor(uncond),
+        slots=as_tensor(slot_rows), patch_scales=as_tensor(mix_scales, torch.float32), cond=as_tensor(cond),
+        uncond=as_tensor(uncond),
         scale=as_tensor(scale, torch.float32),
         guided=torch.arange(C, device=dev)[None] < as_tensor(guided_k)[:, None],
         coef=to_device(torch.cat(coefs, 1), dev), noise=noise)
@@ -250,9 +272,10 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 def run_step(denoise, b: StepBatch, in_channels: int):
     """Forward all rows, guide, and update every image: returns (out (R, C_out, H, W), prev, eps, v).
 
-    `denoise(x, t, y, slots)` -> fp32 model output. Pure tensor code, so it can be compiled or graph-captured.
+    `denoise(x, t, y, slots, patch_scales)` -> fp32 model output. Pure tensor code, so it can be compiled or
+    graph-captured.
     """
-    out = denoise(b.x[b.row_image], b.t, b.y, b.slots)  # (R, C_out, H, W)
+    out = denoise(b.x[b.row_image], b.t, b.y, b.slots, b.patch_scales)  # (R, C_out, H, W)
     cond = out[b.cond]  # (B, C_out, H, W)
     eps = guide(cond[:, :in_channels], out[b.uncond][:, :in_channels], b.scale, b.guided)
     v = cond[:, in_channels:] if cond.shape[1] > in_channels else None  # learned variance (DDPM reads it)
@@ -264,12 +287,19 @@ StepFn = Callable[[StepBatch], tuple]  # StepBatch -> run_step's (out, prev, eps
 
 def eager_step(model: DiT, pool: PatchPool | None = None, patch: Patch | None = None,
                dtype=torch.float32) -> StepFn:
-    """run_step on the model's plain forward: each row's patch from its `pool` slot, or `patch` for every row."""
+    """run_step on the model's plain forward: each row's patches from its `pool` (slot, scale) pairs, or `patch`
+    for every row."""
     if pool is not None and patch is not None:
         raise ValueError("give a pool (patches by slot) or one patch, not both")
 
-    def denoise(x, t, y, slots):
-        rows_patch = pool.batch(slots) if pool is not None else patch
+    def denoise(x, t, y, slots, scales):
+        rows_patch = patch
+        if pool is not None:
+            # pairs no row uses (scale 0 everywhere) add exactly nothing: the eager step skips them, so a batch of
+            # single patches pays for one pair, not MIX_WIDTH (the fixed-shape graphed steps cannot skip)
+            used = scales.ne(0).any(0).nonzero()  # (K_used, 1) columns some row uses
+            width = int(used.max()) + 1 if used.numel() else 0
+            rows_patch = pool.batch(slots[:, :width], scales[:, :width]) if width else None
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             return model(x, t, y, patch=rows_patch).float()
 

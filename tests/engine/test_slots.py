@@ -5,7 +5,7 @@ import pytest
 from conftest import tiny_base
 
 from app.core.metrics import Metrics
-from app.engine.slots import PatchSlots
+from app.engine.slots import PatchSlots, Pins
 from app.model.dmp import PatchPool, new_patch_for
 
 
@@ -86,9 +86,28 @@ def test_seat_waiting_blocks_behind_the_first_that_cannot_seat(setup):
     a, b, c = (slots.acquire(n, load) for n in "abc")
     sa, sb = slots.seat(a), slots.seat(b)  # both slots read by running requests
     a2, b2 = slots.acquire("a", load), slots.acquire("b", load)
-    assert slots.seat_waiting([None, c, a2, b2]) == [0, None, None, sb]  # a is the victim: a2 waits for c
+    c, a2, b2 = (Pins([v], [1.0]) for v in (c, a2, b2))
+    assert slots.seat_waiting([None, c, a2, b2]) == [(), None, None, ((sb, 1.0),)]  # a is the victim: a2 waits
     slots.release(a, seated=True)
-    assert slots.seat_waiting([c, a2]) == [sa, None]  # c took a's slot; a2 now waits for one
+    assert slots.seat_waiting([c, a2]) == [((sa, 1.0),), None]  # c took a's slot; a2 now waits for one
+
+
+def test_a_composition_seats_all_its_versions_or_none(setup):
+    """Two patches of one request need two slots at once; with one free, neither stays seated, and both seat once
+    a slot frees."""
+    slots, patch, load, _ = setup  # 2 usable slots
+    for name in "abc":
+        slots.offer(name, "v", patch, 100)
+    a = slots.acquire("a", load)
+    slots.seat(a)  # a running request holds one slot
+    mix = Pins([slots.acquire("b", load), slots.acquire("c", load)], [0.5, -1.0])
+    assert slots.seat_waiting([mix]) == [None]
+    assert all(v.seated == 0 for v in mix.versions)  # nothing left half-seated
+    slots.release(a, seated=True)
+    (pairs,) = slots.seat_waiting([mix])
+    assert pairs is not None and [s for _, s in pairs] == [0.5, -1.0] and len({p for p, _ in pairs}) == 2
+    slots.release(mix, seated=True)
+    assert all(v.refs == 0 and v.seated == 0 for v in mix.versions)
 
 
 def test_share_is_pure_least_progress_first():

@@ -27,7 +27,7 @@ def test_trainer_module_and_pool_compute_the_same_gates(tiny_class, selection, t
     slot = pool.install(patch)
     g = torch.Generator().manual_seed(3)
     c, t_emb = torch.randn(5, 32, generator=g), torch.randn(5, 32, generator=g)
-    served = pool.batch(torch.full((5,), slot)).prepare(c, t_emb).gates  # (L, B, N)
+    served = pool.batch(torch.full((5,), slot)).prepare(c, t_emb).gates[:, :, 0]  # first pair: (L, B, N)
     for training in (True, False):  # the trainer's forward (noise off) and its evaluation
         patch.train(training)
         torch.testing.assert_close(patch.gates(c, t_emb), served, atol=1e-6, rtol=1e-6)

@@ -20,9 +20,10 @@ def random_case(B=5, S=4, L=3, N=16, D=40, dtype=torch.float32, device="cpu", se
     x, res = (torch.randn(B, N, D, generator=g).to(device, dtype) for _ in range(2))
     shift, scale, gate = (torch.randn(B, 6 * D, generator=g) * 0.5).to(device, dtype).chunk(6, dim=1)[:3]
     gates = torch.randn(B, N, generator=g).softmax(-1).to(device)  # (B, N) fp32, as the patch makes them
-    if slots:
-        prompts = PromptAdd(gates, torch.randn(S, L, N, D, generator=g).to(device),
-                            torch.randint(0, S, (B,), generator=g).to(device), 2)
+    if slots:  # two (slot, scale) pairs per row, the second at a negative scale (scales fold into the gates)
+        pair_gates = torch.stack([gates, -0.5 * torch.randn(B, N, generator=g).softmax(-1).to(device)], 1)
+        prompts = PromptAdd(pair_gates, torch.randn(S, L, N, D, generator=g).to(device),
+                            torch.randint(0, S, (B, 2), generator=g).to(device), 2)  # (B, 2, N), (B, 2)
     else:
         prompts = PromptAdd(gates, torch.randn(L, N, D, generator=g).to(device, dtype), None, 1)
     return x, res, shift, scale, gate, prompts
@@ -38,10 +39,13 @@ def exact(x, shift, scale, eps, residual=None, residual_gate=None, prompt=None):
         if residual is not None:
             add = residual_gate[b].double() * residual[b].double()
             xb, mag = xb + add, mag + add.abs()
-        if prompt is not None:
-            p = prompt.prompts[prompt.depth] if prompt.slots is None else prompt.prompts[prompt.slots[b], prompt.depth]
-            add = prompt.gates[b, :, None].double() * p.double()
+        if prompt is not None and prompt.slots is None:
+            add = prompt.gates[b, :, None].double() * prompt.prompts[prompt.depth].double()
             xb, mag = xb + add, mag + add.abs()
+        elif prompt is not None:
+            for k in range(prompt.slots.shape[1]):
+                add = prompt.gates[b, k, :, None].double() * prompt.prompts[prompt.slots[b, k], prompt.depth].double()
+                xb, mag = xb + add, mag + add.abs()
         rstd = (xb.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
         hb = F.layer_norm(xb, xb.shape[-1:], eps=eps) * (1 + scale[b].double()) + shift[b].double()
         xs.append(xb)
@@ -87,9 +91,11 @@ def unfused_forward(model, x, t, y, patch):
     c = t_emb + model.y_embedder(y, False)
     state = patch.prepare(c, t_emb)
     for depth, block in enumerate(model.blocks):
-        slots = getattr(state, "slots", None)  # a pooled batch, or one patch module for every row
-        p = state.prompts[depth][None] if slots is None else state.prompts[slots, depth]
-        x = x + state.gates[depth].unsqueeze(-1) * p
+        slots = getattr(state, "slots", None)  # a pooled batch (B, K) pairs, or one patch module for every row
+        if slots is None:
+            x = x + state.gates[depth].unsqueeze(-1) * state.prompts[depth][None]
+        for k in range(0 if slots is None else slots.shape[1]):
+            x = x + state.gates[depth][:, k].unsqueeze(-1) * state.prompts[slots[:, k], depth]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * block.attn(modulate(block.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * block.mlp(modulate(block.norm2(x), shift_mlp, scale_mlp))

@@ -227,6 +227,65 @@ def test_compare_up_to_four_seeds(page):
     assert script_errors(page) == []
 
 
+def set_range(driver, field_id: str, value: float) -> None:
+    """Move a slider as a user does: the value, then the input event its label follows."""
+    driver.execute_script("arguments[0].value = arguments[1];"
+                          "arguments[0].dispatchEvent(new Event('input', {bubbles: true}))",
+                          driver.find_element(By.ID, field_id), str(value))
+
+
+def patch_fields(driver) -> list[str]:
+    """The result cards' patch lines, read in one script (the results are replaced when a run ends)."""
+    return driver.execute_script("return [...document.querySelectorAll('#results dd[data-field=\"patch\"]')]"
+                                 ".map((e) => e.textContent)")
+
+
+def result_b64(driver) -> list[str]:
+    return [img.get_attribute("src").split(",", 1)[1] for img in
+            driver.find_elements(By.CSS_SELECTOR, "#results .result:not(.diff) img")]
+
+
+def test_strength_slider_and_mix_of_two_patches_in_compare(page, server, tmp_path):
+    """Strength 0 makes the patch card the base's bytes; a mix sends both patches with their strengths and shows
+    exactly what POST /generate answers for that composition."""
+    start_compare(page, "7", "1", "1", class_label="1")
+    wait_for_images(page, 3)
+    base_b64, patch_b64 = result_b64(page)
+    assert base_b64 != patch_b64
+    set_range(page, "patch_scale", 0)
+    assert page.find_element(By.ID, "patch_scale_value").text == "0.0"
+    page.find_element(By.ID, "generate").click()
+    WebDriverWait(page, WAIT_S).until(lambda d: "×0" in "".join(patch_fields(d)[1:2]))
+    wait_for_images(page, 3)
+    base_again, zero = result_b64(page)
+    assert zero == base_again == base_b64
+    assert float(page.find_element(By.CSS_SELECTOR, "#results .diff-mean").get_attribute("data-mean")) == 0
+
+    assert server.put_patch("ui-mix", patch_file(tmp_path, seed=31).read_bytes()) == 201
+    try:
+        page.find_element(By.ID, "refresh").click()
+        WebDriverWait(page, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, '#mix_patch option[value="ui-mix"]'))
+        Select(page.find_element(By.ID, "class_label")).select_by_value("1")  # the refresh rebuilt the form
+        Select(page.find_element(By.ID, "mix_patch")).select_by_value("ui-mix")
+        set_range(page, "patch_scale", 0.5)
+        set_range(page, "mix_scale", -1.5)
+        page.find_element(By.ID, "generate").click()
+        WebDriverWait(page, WAIT_S).until(lambda d: "ui-mix" in "".join(patch_fields(d)[1:2]))
+        wait_for_images(page, 3)
+        shown = patch_fields(page)[1]
+        assert shown.startswith(PATCH_NAME) and "×0.5" in shown and "ui-mix" in shown and "×-1.5" in shown
+        status, want = server.post_json("/generate", {
+            "model": BASE_NAME, "class_label": 1, "seed": 7, "num_images": 1,
+            "patches": [{"name": PATCH_NAME, "scale": 0.5}, {"name": "ui-mix", "scale": -1.5}]})
+        assert status == 200
+        assert result_b64(page)[1] == want["images"][0] != base_b64
+        assert script_errors(page) == []
+    finally:
+        req = urllib.request.Request(server.url + "/patches/ui-mix", method="DELETE",
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        urllib.request.urlopen(req, timeout=60).close()
+
+
 def test_gate_heatmap_and_lines_for_the_selected_patch(page, server):
     Select(page.find_element(By.ID, "model")).select_by_value(BASE_NAME)
     Select(page.find_element(By.ID, "class_label")).select_by_value("2")

@@ -12,8 +12,8 @@ from app.model.dmp.patchfile import (
     read_header,
     save_patch,
 )
-from app.model.dmp.pool import PatchPool, PooledPatch
+from app.model.dmp.pool import MIX_WIDTH, PatchPool, PooledPatch, mix_rows
 
 __all__ = ["DMP", "PatchError", "PatchState", "PatchPool", "PooledPatch", "load_patch", "save_patch",
            "patch_from_bytes", "patch_to_bytes", "read_header", "importance_loss", "load_loss", "keep_top_k",
-           "num_kept", "new_patch_for", "patch_metadata_for"]
+           "num_kept", "new_patch_for", "patch_metadata_for", "MIX_WIDTH", "mix_rows"]

@@ -1,4 +1,5 @@
-"""The serving pool: many patches of one base in fixed-address tensors, one slot index per batch row."""
+"""The serving pool: many patches of one base in fixed-address tensors; each batch row carries up to MIX_WIDTH
+(slot, scale) pairs, so one forward serves rows with different patches, strengths and compositions."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,25 @@ from app.core.errors import NoFreeSlot, PatchError
 from app.model.dmp.gate import gate_logits, select
 from app.model.dmp.module import DMP
 from app.model.kernels import PromptAdd
+
+MIX_WIDTH = 4  # (slot, scale) pairs per row: the most patches one request composes; fixed, so shapes never change
+
+
+def mix_rows(slots: torch.Tensor, scales: torch.Tensor | None = None, width: int | None = None):
+    """Per-row (slot, scale) pairs -> slots (B, K) long, scales (B, K) fp32, padded to `width` pairs when given.
+
+    `slots` (B,) is one patch per row at scale 1 (or `scales` (B,)); (B, K <= MIX_WIDTH) is K pairs per row. Padding
+    pairs are (slot 0, scale 0): the zero patch adds exactly nothing."""
+    if slots.dim() == 1:
+        slots = slots[:, None]
+        scales = torch.ones(slots.shape, device=slots.device) if scales is None else scales[:, None]
+    elif scales is None:
+        raise ValueError("per-row pairs need their scales")
+    if slots.shape[1] > MIX_WIDTH:
+        raise ValueError(f"at most {MIX_WIDTH} patches per row, got {slots.shape[1]}")
+    pad = 0 if width is None else width - slots.shape[1]
+    return (torch.nn.functional.pad(slots.long(), (0, pad)),
+            torch.nn.functional.pad(scales.float(), (0, pad)))  # (B, K or width) each
 
 
 class PatchPool:
@@ -61,39 +81,44 @@ class PatchPool:
             raise ValueError("slot 0 is the base and is never freed")
         self.in_use[slot] = False
 
-    def batch(self, slots: torch.Tensor) -> PooledPatch:
-        return PooledPatch(self, slots)
+    def batch(self, slots: torch.Tensor, scales: torch.Tensor | None = None) -> PooledPatch:
+        """Rows' patches: `slots` (B,) one per row at scale 1, or (B, K) slots with `scales` (B, K) (mix_rows)."""
+        return PooledPatch(self, *mix_rows(slots, scales))
 
 
 class PooledPatch:
-    """Per-sample slot indices into a pool; what the DiT forward takes as `patch` for mixed batches."""
+    """Per-row (slot, scale) pairs into a pool; what the DiT forward takes as `patch` for mixed batches."""
 
-    def __init__(self, pool: PatchPool, slots: torch.Tensor):
-        self.pool, self.slots = pool, slots  # (B,)
+    def __init__(self, pool: PatchPool, slots: torch.Tensor, scales: torch.Tensor):
+        self.pool, self.slots, self.scales = pool, slots, scales  # (B, K), (B, K)
 
     def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None) -> PooledState:
         if noise is not None:
             raise ValueError("a patch pool serves patches; gate noise belongs to training a DMP module")
-        p, s = self.pool, self.slots
+        p, (B, K) = self.pool, self.slots.shape
+        s = self.slots.reshape(-1)  # (B*K,): each pair is gated on its own, with its own patch's gate
         # gates in fp32 whatever the model dtype: the softmax over N tokens is where bf16 would hurt
-        g_in = torch.where(p.gate_on_t[s][:, None], t_emb, c).float()  # (B, D)
+        g_in = torch.where(p.gate_on_t[s][:, None], t_emb.repeat_interleave(K, 0),
+                           c.repeat_interleave(K, 0)).float()  # (B*K, D)
         logits = gate_logits(g_in, p.gate_w[s].to(g_in.dtype), p.gate_w_depth[s].to(g_in.dtype),
-                             p.gate_b[s].to(g_in.dtype), p.depth)  # (L, B, N)
-        gates = select(logits, p.keep[s], p.hard[s])  # the trainer's own selection (gate.py), per row
+                             p.gate_b[s].to(g_in.dtype), p.depth)  # (L, B*K, N)
+        gates = select(logits, p.keep[s], p.hard[s])  # the trainer's own selection (gate.py), per pair
         gates = torch.where(p.ungated[s][None, :, None], torch.ones_like(gates), gates)
-        return PooledState(gates, p.prompts, s)
+        # s_i * g_i: the strength scales the gate, so x + sum_i s_i g_i P_i is one product per pair
+        gates = gates.reshape(p.depth, B, K, -1) * self.scales[None, :, :, None]  # (L, B, K, N)
+        return PooledState(gates, p.prompts, self.slots)
 
 
 class PooledState:
-    """Per-forward gates of a pool batch, each row with its own slot."""
+    """Per-forward gates of a pool batch, each row with its own (slot, scale) pairs."""
 
     gating = None  # a served pool returns no training values
 
     def __init__(self, gates: torch.Tensor, prompts: torch.Tensor, slots: torch.Tensor):
-        self.gates, self.prompts, self.slots = gates, prompts, slots  # (L, B, N), (S, L, N, D), (B,)
+        self.gates, self.prompts, self.slots = gates, prompts, slots  # (L, B, K, N) scaled, (S, L, N, D), (B, K)
 
     def at(self, depth: int) -> PromptAdd:
-        """What block `depth` adds to its input: each row's prompts from its own slot."""
+        """What block `depth` adds to its input: each row's scaled, gated prompts from its own slots."""
         return PromptAdd(self.gates[depth], self.prompts, self.slots, depth)
 
 

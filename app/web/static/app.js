@@ -114,6 +114,35 @@ function renderPatchOptions() {
   if (mine.some((p) => p.name === previous)) select.value = previous;
   $("patch-info").textContent = mine.length ? "" : "No patches for this model yet.";
   renderCompareHint();
+  renderMixOptions();
+}
+
+/** The second patch of a mix: any other patch of the same model; strength controls only with a patch. */
+function renderMixOptions() {
+  const model = currentModel();
+  const first = $("patch").value;
+  const select = $("mix_patch");
+  const previous = select.value;
+  const others = state.patches.filter((p) => model && p.base === model.name && p.name !== first);
+  select.replaceChildren(option(NO_PATCH, "nothing"), ...others.map((p) => option(p.name, p.name)));
+  if (others.some((p) => p.name === previous)) select.value = previous;
+  const hasPatch = first !== NO_PATCH;
+  $("patch_scale").disabled = !hasPatch;
+  select.disabled = !hasPatch || !others.length;
+  $("mix_scale").disabled = select.disabled || select.value === NO_PATCH;
+}
+
+/** What the request mixes: [{name, scale}] (empty for the base) from the patch, mix and strength controls. */
+function patchMix(patch) {
+  if (!patch) return [];
+  const mix = [{ name: patch, scale: Number($("patch_scale").value) }];
+  const second = $("mix_patch").value;
+  if (second && second !== patch && !$("mix_patch").disabled) mix.push({ name: second, scale: Number($("mix_scale").value) });
+  return mix;
+}
+
+function mixText(mix) {
+  return mix.length ? mix.map((p) => `${p.name} ×${p.scale}`).join(" + ") : "base";
 }
 
 function renderCompareHint() {
@@ -155,6 +184,7 @@ function renderPatchTable() {
       renderModelFields();
       $("patch").value = p.name;
       renderCompareHint();
+      renderMixOptions();
       renderGates();
       $("patch").focus();
     });
@@ -217,6 +247,13 @@ function numberField(id) {
 function requestBody(patch) {
   const model = currentModel();
   const body = { model: model ? model.name : $("model").value, patch: patch || null };
+  const mix = patchMix(patch);
+  if (mix.length > 1) {  // a composition replaces `patch`
+    delete body.patch;
+    body.patches = mix;
+  } else if (mix.length) {
+    body.patch_scale = mix[0].scale;
+  }
   if (model && model.task === "class") body.class_label = Number($("class_label").value);
   if (model && model.task === "text") body.caption = $("caption").value;
   const steps = numberField("steps");
@@ -240,7 +277,8 @@ async function generate(patch, seed, label, signal) {
   const started = performance.now();
   const headers = { "Content-Type": "application/json" };
   // Routers hash on it, so a patch's requests reach the replica that holds it (deploy/haproxy/haproxy.cfg).
-  if (body.patch) headers["X-DMP-Patch"] = body.patch;
+  const first = body.patch || (body.patches && body.patches[0].name);
+  if (first) headers["X-DMP-Patch"] = first;
   showProgress(label, "sending…", 0, 1);
   const reply = await streamGenerate(body, headers, (name, ev) => {
     if (name === "queued") {
@@ -288,7 +326,8 @@ function resultCard(title, reply, prompt) {
   card.className = "result";
   const grid = document.createElement("div");
   grid.className = "grid";
-  const patchName = reply.patch ? `${reply.patch.name} ${reply.patch.version || ""}`.trim() : "base";
+  const used = reply.patches || [];
+  const patchName = used.length ? used.map((p) => `${p.name} ${p.version || ""} ×${p.scale}`).join(" + ") : "base";
   reply.images.forEach((b64, i) => {
     const img = document.createElement("img");
     img.src = `data:image/${reply.output_format || "png"};base64,${b64}`;
@@ -332,10 +371,11 @@ function compareSeeds() {
 /** base, patch and |Δ| for one seed; the base run picks the seed when none is given. */
 async function comparePair(patch, seed, prompt, signal) {
   const base = await generate(NO_PATCH, seed, `base, seed ${seed ?? "random"}`, signal);
-  const patched = await generate(patch, base.seed, `patch ${patch}, seed ${base.seed}`, signal);
+  const what = mixText(patchMix(patch));
+  const patched = await generate(patch, base.seed, `${what}, seed ${base.seed}`, signal);
   const row = document.createElement("div");
   row.className = "compare-row";
-  row.append(resultCard("base", base, prompt), resultCard(`patch ${patch}`, patched, prompt),
+  row.append(resultCard("base", base, prompt), resultCard(what, patched, prompt),
     await diffCard(base, patched));
   return { row, seed: base.seed };
 }
@@ -434,7 +474,11 @@ async function refresh() {
 document.addEventListener("DOMContentLoaded", () => {
   $("gen-form").addEventListener("submit", onSubmit);
   $("model").addEventListener("change", () => { renderModelFields(); renderGates(); });
-  $("patch").addEventListener("change", () => { renderCompareHint(); renderGates(); });
+  $("patch").addEventListener("change", () => { renderCompareHint(); renderMixOptions(); renderGates(); });
+  $("mix_patch").addEventListener("change", renderMixOptions);
+  for (const id of ["patch_scale", "mix_scale"]) {
+    $(id).addEventListener("input", () => { $(`${id}_value`).textContent = Number($(id).value).toFixed(1); });
+  }
   $("class_label").addEventListener("change", renderGates);
   $("caption").addEventListener("change", renderGates);
   $("cancel").addEventListener("click", () => state.running && state.running.abort());
