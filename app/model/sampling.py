@@ -8,6 +8,7 @@ captures as one graph per batch bucket.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -98,8 +99,12 @@ def new_job(model: DiT, *, y, seed: int, sampler: str = "ddpm", steps: int = 250
     cfg = model.config
     gen = torch.Generator("cpu").manual_seed(int(seed))
     shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size)
-    sched = make_scheduler(sampler, steps, learn_sigma=cfg.learn_sigma, clip_sample=clip_sample,
-                           beta_schedule=beta_schedule)
+    if sampler == "dpm":  # multistep state lives in the scheduler: one per job
+        sched = make_scheduler(sampler, steps, learn_sigma=cfg.learn_sigma, clip_sample=clip_sample,
+                               beta_schedule=beta_schedule)
+        table, t_list = None, sched.timesteps.tolist()
+    else:
+        sched, table, t_list = shared_schedule(sampler, steps, cfg.learn_sigma, clip_sample, beta_schedule)
     latents = (torch.randn(shape, generator=gen) * sched.init_noise_sigma).to(device=device, dtype=torch.float32)
     y = torch.as_tensor(y, device=device)
     y = y.reshape(-1, cfg.text_dim).float() if cfg.task == "text" else y.reshape(-1).long()
@@ -107,7 +112,17 @@ def new_job(model: DiT, *, y, seed: int, sampler: str = "ddpm", steps: int = 250
     use_cfg = guidance_scale != 1.0 and cfg.task != "uncond"
     y_null = model.null_y(n, device) if use_cfg else None
     return Job(latents, y, y_null, guidance_scale, sched, gen, patch, slot, cfg_channels=cfg_channels,
-               table=step_table(sched), t_list=sched.timesteps.tolist())
+               table=table, t_list=list(t_list))
+
+
+@functools.lru_cache(maxsize=256)
+def shared_schedule(sampler: str, steps: int, learn_sigma: bool, clip_sample: bool, beta_schedule: str):
+    """(scheduler, step_table, timesteps as a tuple) of a DDIM/DDPM setting, made once per process: jobs only read
+    them (the batched update steps from the table), and building a diffusers scheduler costs ~1 ms of Python per
+    request that a server's runner thread waits for (the GIL) in eager mode."""
+    sched = make_scheduler(sampler, steps, learn_sigma=learn_sigma, clip_sample=clip_sample,
+                           beta_schedule=beta_schedule)
+    return sched, step_table(sched), tuple(sched.timesteps.tolist())
 
 
 # ----------------------------------------------------------------------------- vectorised DDIM / DDPM update
