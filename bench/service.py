@@ -60,7 +60,7 @@ def start_server(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port)], cwd=REPO, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(proc, url, timeout=900, log=log)
+    wait_ready(proc, url, timeout=3000, log=log)  # compiling five buckets took 15+ min on 2 shared cores
     return proc, url
 
 

@@ -1,4 +1,7 @@
-"""FastAPI dependencies: settings, engine, registry, admin auth (constant-time token check)."""
+"""FastAPI dependencies: settings, engine, registry, admin auth (constant-time token check).
+
+All `async def`: none blocks, and FastAPI runs a plain `def` dependency on its threadpool, a thread hop per request
+(with the GIL handed back and forth) that an eager runner thread pays for."""
 from __future__ import annotations
 
 import hmac
@@ -15,22 +18,22 @@ from app.registry.registry import PatchRegistry
 bearer = HTTPBearer(auto_error=False, description="DMP_ADMIN_TOKEN")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def get_registry(engine: Annotated[Engine, Depends(get_engine)]) -> PatchRegistry:
+async def get_registry(engine: Annotated[Engine, Depends(get_engine)]) -> PatchRegistry:
     if engine.registry is None:
         raise Unavailable("the service is still starting", error_type="not_ready")
     return engine.registry
 
 
-def require_admin(settings: Annotated[Settings, Depends(get_settings)],
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+async def require_admin(settings: Annotated[Settings, Depends(get_settings)],
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     """Admin routes exist only when DMP_ADMIN_TOKEN is set; the token is compared in constant time."""
     token = settings.admin_token.get_secret_value() if settings.admin_token else ""
     if not token:

@@ -64,8 +64,8 @@ class Caller:
         metrics.key_images.labels(self.key_id).inc(images)
 
 
-def require_key(request: Request,
-                credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(api_bearer)]) -> Caller:
+async def require_key(request: Request,
+                      credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(api_bearer)]) -> Caller:
     """401 unless keys are off or the Bearer token is one of them."""
     gate: KeyGate = request.app.state.keys
     redis_client = request.app.state.engine.redis
