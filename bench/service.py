@@ -166,7 +166,8 @@ WAITING = {"Condition.wait", "EpollSelector.select", "Event.wait", "Thread._wait
 
 def attach_profiler(pid: int, raw: Path) -> subprocess.Popen:
     """py-spy sampling every thread of a running process (idle threads excluded) until SIGINT."""
-    return subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--format", "raw",
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw",
                              "--rate", "50", "--threads", "--output", str(raw)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -217,7 +218,8 @@ def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dic
                 spy.wait(60)
             eng, eng_cpu = engine.run(batches=args.per_client, batch=args.clients, steps=args.steps,
                                       guidance=args.guidance, label=3, seed0=r * 10**4)
-            rounds.append({"service_image_steps_per_s": image_steps / svc, "engine_image_steps_per_s": image_steps / eng,
+            rounds.append({"service_image_steps_per_s": image_steps / svc,
+                           "engine_image_steps_per_s": image_steps / eng,
                            "ratio": eng / svc, "load_avg_1m": os.getloadavg()[0],
                            # the server's CPU outside the runner thread (HTTP, validation, admission, encoding,
                            # metrics): in eager mode the runner needs the GIL between its small ops, so this
@@ -233,8 +235,10 @@ def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dic
                            "cpu_ratio": eng_cpu / (runner_cpu + other_cpu)})
             print(f"[{mode}] round {r}: service {image_steps / svc:7.1f}  engine {image_steps / eng:7.1f} "
                   f"image-steps/s  ratio {eng / svc:.3f}  server CPU outside the runner "
-                  f"{1e3 * other_cpu / requests:.2f} ms/request  CPU-time ratio {eng_cpu / (runner_cpu + other_cpu):.3f}  "
-                  f"images/step {(images1 - images0) / max(steps1 - steps0, 1):.2f}  load {os.getloadavg()[0]:.2f}", flush=True)
+                  f"{1e3 * other_cpu / requests:.2f} ms/request  "
+                  f"CPU-time ratio {eng_cpu / (runner_cpu + other_cpu):.3f}  "
+                  f"images/step {(images1 - images0) / max(steps1 - steps0, 1):.2f}  "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         proc.terminate()
         try:
@@ -269,7 +273,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--per-client", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--profile", action="store_true", help="py-spy on the server during service rounds; top frames in the JSON")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy on the server during service rounds; top frames in the JSON")
     ap.add_argument("--out", default=None, help="write the JSON here (and the server logs / profiles next to it)")
     args = ap.parse_args(argv)
     args.per_client = args.per_client or (2 if args.quick else 4)

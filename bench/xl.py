@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -26,7 +25,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over fork + exec, so a
+    subprocess would report its parent's peak."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def xl_model():
@@ -55,8 +59,8 @@ def forward_compare(repeats: int, log) -> dict:
     for name, dtype in DTYPES.items():
         ours, ref = ours.to(dtype), ref.to(dtype)
         xd = x.to(dtype)
-        secs = time_alternating({"ours": lambda: ours(xd, t.float(), y),
-                                 "diffusers": lambda: ref(xd, timestep=t, class_labels=y).sample},
+        secs = time_alternating({"ours": lambda ours=ours, xd=xd: ours(xd, t.float(), y),
+                                 "diffusers": lambda ref=ref, xd=xd: ref(xd, timestep=t, class_labels=y).sample},
                                 torch.device("cpu"), repeats)
         out[name] = {"ours_ms": secs["ours"] * 1e3, "diffusers_ms": secs["diffusers"] * 1e3,
                      "ours_speedup": secs["diffusers"] / secs["ours"]}
@@ -116,8 +120,8 @@ def main(argv=None) -> None:
         proc = subprocess.run([sys.executable, "-m", "bench.xl", "--image-only", dtype, "--threads", str(args.threads),
                                "--e2e-steps", str(timed)], capture_output=True, text=True, check=True)
         res = result["image"][dtype] = json.loads(proc.stdout.strip().splitlines()[-1])
-        log(f"{dtype} 50-step DDIM+CFG image with VAE decode: {res['image_s']:.1f} s"
-            f"{' (extrapolated from %d steps)' % res['timed_steps'] if res['extrapolated'] else ''}, "
+        extrapolated = f" (extrapolated from {res['timed_steps']} steps)" if res["extrapolated"] else ""
+        log(f"{dtype} 50-step DDIM+CFG image with VAE decode: {res['image_s']:.1f} s{extrapolated}, "
             f"{res['seconds_per_step']:.2f} s/step, decode {res['vae_decode_s']:.2f} s, "
             f"peak RSS {res['peak_rss_mib']:.0f} MiB")
     if args.out:
