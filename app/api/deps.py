@@ -1,4 +1,7 @@
-"""FastAPI dependencies: settings, engine, registry, the admin and metrics tokens (constant-time checks)."""
+"""FastAPI dependencies: settings, engine, registry, the admin and metrics tokens (constant-time checks).
+
+All `async def`: none blocks, and FastAPI runs a plain `def` dependency on its threadpool, a thread hop per request
+(with the GIL handed back and forth) that an eager runner thread pays for."""
 from __future__ import annotations
 
 import hmac
@@ -16,15 +19,15 @@ bearer = HTTPBearer(auto_error=False, description="DMP_ADMIN_TOKEN (or an API ke
                     "PUT/DELETE /patches; DMP_METRICS_TOKEN on /metrics)")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def get_registry(engine: Annotated[Engine, Depends(get_engine)]) -> PatchRegistry:
+async def get_registry(engine: Annotated[Engine, Depends(get_engine)]) -> PatchRegistry:
     if engine.registry is None:
         raise Unavailable("the service is still starting", error_type="not_ready")
     return engine.registry
@@ -36,7 +39,7 @@ def is_admin_token(settings: Settings, presented: str) -> bool:
     return bool(token) and hmac.compare_digest(presented.encode(), token.encode())
 
 
-def require_metrics_reader(settings: Annotated[Settings, Depends(get_settings)],
+async def require_metrics_reader(settings: Annotated[Settings, Depends(get_settings)],
                            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     """/metrics is the operator's: it names tenants and their patches, so once DMP_API_KEYS (or DMP_METRICS_TOKEN)
     is set it needs DMP_METRICS_TOKEN or DMP_ADMIN_TOKEN; 404 while keys are on and neither token is set."""

@@ -106,20 +106,20 @@ def identify(request: Request, credentials: HTTPAuthorizationCredentials | None,
     return Caller(gate.ring.keys[key_id], False, gate, redis_client)
 
 
-def require_key(request: Request,
+async def require_key(request: Request,
                 credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(api_bearer)]) -> Caller:
     """Generation and gate routes: 401 unless keys are off or the Bearer token is one of them."""
     return identify(request, credentials, required=True)
 
 
-def read_key(request: Request,
+async def read_key(request: Request,
              credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(api_bearer)]) -> Caller:
     """Listing and describing routes: open, but what a caller sees depends on its credential (none: the shared
     patches alone; the admin token: all)."""
     return identify(request, credentials, required=False)
 
 
-def require_patch_admin(request: Request,
+async def require_patch_admin(request: Request,
                         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
     """Upload and delete: the admin token (the operator) or an API key with the admin scope (its tenant); 404 while
     neither exists, 401 without a credential or with a wrong one, 403 for a key without the admin scope."""

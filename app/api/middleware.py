@@ -99,9 +99,9 @@ class Gatekeeper:
         request = Request(scope)
         try:
             if admin:
-                require_patch_admin(request, await bearer(request))
+                await require_patch_admin(request, await bearer(request))
             elif KEYED_PATH.match(path):
-                require_key(request, await api_bearer(request))
+                await require_key(request, await api_bearer(request))
             limit = self.settings.max_patch_bytes if admin else self.settings.max_body_bytes
             declared = Headers(scope=scope).get("content-length", "")
             if declared.isascii() and declared.isdigit() and int(declared) > limit:

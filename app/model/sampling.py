@@ -8,6 +8,7 @@ captures as one graph per batch bucket.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -106,8 +107,12 @@ def new_job(model: DiT, *, y, seed: int | list[int], sampler: str = "ddpm", step
         raise ValueError(f"{len(seeds)} seeds for {n} images")
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     shape = (n // len(gens), cfg.in_channels, cfg.input_size, cfg.input_size)
-    sched = make_scheduler(sampler, steps, learn_sigma=cfg.learn_sigma, clip_sample=clip_sample,
-                           beta_schedule=beta_schedule)
+    if sampler == "dpm":  # multistep state lives in the scheduler: one per job
+        sched = make_scheduler(sampler, steps, learn_sigma=cfg.learn_sigma, clip_sample=clip_sample,
+                               beta_schedule=beta_schedule)
+        table, t_list = None, sched.timesteps.tolist()
+    else:
+        sched, table, t_list = shared_schedule(sampler, steps, cfg.learn_sigma, clip_sample, beta_schedule)
     latents = (torch.cat([torch.randn(shape, generator=g) for g in gens]) * sched.init_noise_sigma).to(
         device=device, dtype=torch.float32)
     y = torch.as_tensor(y, device=device)
@@ -124,7 +129,17 @@ def new_job(model: DiT, *, y, seed: int | list[int], sampler: str = "ddpm", step
     if len(mix) > MIX_WIDTH:
         raise ValueError(f"at most {MIX_WIDTH} patches per job, got {len(mix)}")
     return Job(latents, y, y_null, guidance_scale, sched, gens, patch, tuple(mix), cfg_channels=cfg_channels,
-               table=step_table(sched), t_list=sched.timesteps.tolist())
+               table=table, t_list=list(t_list))
+
+
+@functools.lru_cache(maxsize=256)
+def shared_schedule(sampler: str, steps: int, learn_sigma: bool, clip_sample: bool, beta_schedule: str):
+    """(scheduler, step_table, timesteps as a tuple) of a DDIM/DDPM setting, made once per process: jobs only read
+    them (the batched update steps from the table), and building a diffusers scheduler costs ~1 ms of Python per
+    request that a server's runner thread waits for (the GIL) in eager mode."""
+    sched = make_scheduler(sampler, steps, learn_sigma=learn_sigma, clip_sample=clip_sample,
+                           beta_schedule=beta_schedule)
+    return sched, step_table(sched), tuple(sched.timesteps.tolist())
 
 
 # ----------------------------------------------------------------------------- vectorised DDIM / DDPM update

@@ -5,6 +5,8 @@ stay visible to all; the operator's token sees everything on the listing routes;
 /metrics is the operator's."""
 from __future__ import annotations
 
+import json
+
 import asyncio
 import time
 from contextlib import ExitStack
@@ -38,7 +40,9 @@ def reads(name: str) -> list[tuple[str, str, dict | None]]:
             ("GET", f"/patches/{name}/gates?timesteps=3", None),
             ("GET", f"/patches/{name}/gates.png?timesteps=3", None),
             ("POST", "/generate", {"patch": name, "class_label": 1, "steps": 2, "seed": 1}),
-            ("POST", "/v1/images/generations", {"model": name, "prompt": "3", "n": 1, "steps": 2})]
+            ("POST", "/generate", {"patches": [{"name": name, "scale": 0.5}], "class_label": 1, "steps": 2, "seed": 1}),
+            ("POST", "/v1/images/generations", {"model": name, "prompt": "3", "n": 1, "steps": 2}),
+            ("GET", f"/v1/models/{name}", None)]
 
 
 def names(client, token: str | None, path: str = "/patches") -> set[str]:
@@ -85,7 +89,7 @@ def test_another_tenant_gets_what_an_unknown_name_gets(tenants, method, path, bo
     """The probe: the status and body for acme's patch, asked by beta, match an unknown name's but for the name."""
     def ask(name: str, token: str):
         swap = (lambda v: v.replace(SECRET, name)) if name != SECRET else (lambda v: v)
-        payload = {k: swap(v) if isinstance(v, str) else v for k, v in body.items()} if body else None
+        payload = json.loads(swap(json.dumps(body))) if body else None  # the name in nested compositions too
         return tenants.request(method, swap(path), json=payload, headers=auth(token))
 
     for token in (BETA_APP, BETA_ADMIN, SOLO):

@@ -113,3 +113,24 @@ def test_dpm_solver_keeps_its_own_scheduler_step_and_other_configs_are_refused()
         step_table(DDPMScheduler(variance_type="fixed_large"))
     with pytest.raises(ValueError, match="unsupported"):
         step_table(DDPMScheduler(prediction_type="v_prediction"))
+
+
+def test_ddim_and_ddpm_jobs_share_one_scheduler_per_setting_and_stay_independent(tiny_class, monkeypatch):
+    """A server builds no diffusers scheduler per request (~1 ms of Python the runner waits for in eager mode);
+    jobs only read the shared one, so stepping one job leaves another of the same setting untouched."""
+    import app.model.sampling as sampling
+
+    made = []
+    real = sampling.make_scheduler
+    monkeypatch.setattr(sampling, "make_scheduler", lambda *a, **k: made.append(a) or real(*a, **k))
+    sampling.shared_schedule.cache_clear()
+    kw = dict(sampler="ddim", steps=5, guidance_scale=2.0)
+    a, b = new_job(tiny_class, y=3, seed=1, **kw), new_job(tiny_class, y=3, seed=1, **kw)
+    assert len(made) == 1 and a.scheduler is b.scheduler
+    new_job(tiny_class, y=3, seed=1, sampler="dpm", steps=5)  # multistep state: a scheduler of its own
+    c, d = (new_job(tiny_class, y=3, seed=1, sampler="dpm", steps=5) for _ in range(2))
+    assert c.scheduler is not d.scheduler
+    before = b.latents.clone()
+    run_jobs(tiny_class, [a])
+    assert a.done and b.index == 0 and not b.done and torch.equal(b.latents, before)
+    assert run_jobs(tiny_class, [b])[0].equal(a.latents)

@@ -1,0 +1,312 @@
+"""The service at saturation vs the engine alone, in one run: how much of the engine's rate a user gets over HTTP.
+
+    python -m bench.service --quick                 # CPU, models/mnist.safetensors, both modes, a few minutes
+    python -m bench.service --quick --profile --out bench/results/x.json   # + py-spy on the server during the
+                                                    # service rounds: top functions, runner thread vs the rest
+
+For each mode (eager: the default fp32 eager forward; compiled: DMP_CPU_COMPILE=true DMP_DTYPE=bfloat16) it starts
+`python -m app serve` as a user would (uvicorn, one base, DMP_MAX_BATCH=--batch, DMP_TORCH_THREADS=--threads) and,
+in this process, the same base loaded through the engine's own loader with the same Settings. Rounds alternate:
+  service  --clients closed-loop HTTP clients each send --per-client `POST /generate` requests back to back
+           (one image, class label 3, DDIM --steps, guidance --guidance, a new seed each)
+  engine   the same images as --per-client batches of --clients one-image jobs through the runner's step function
+           (`denoise_step` + the base's decode to uint8), no HTTP, no admission, no encoding
+Each side's rate is image-steps/s until its last image; the mode's ratio is best service round / best engine
+round (on a shared machine load only ever adds time); every round's ratio is printed too. The last line is
+`service_over_engine=R`, R the lower of the two modes' ratios (docs/service.md "What to expect on CPU").
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.common import run_together, wait_ready
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = {"eager": {}, "compiled": {"DMP_CPU_COMPILE": "true", "DMP_DTYPE": "bfloat16"}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(models: Path, patches: Path, mode: str, args) -> dict[str, str]:
+    """The server's settings: one base, no Redis, the bench's batch and threads, the mode's compile and dtype."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DMP_")}
+    return env | {"PYTHONPATH": str(REPO), "DMP_MODEL_DIR": str(models), "DMP_PATCH_DIR": str(patches),
+                  "DMP_TORCH_THREADS": str(args.threads), "DMP_MAX_BATCH": str(args.batch),
+                  "DMP_MAX_QUEUE": "256", "DMP_LOG_LEVEL": "warning", "OMP_NUM_THREADS": str(args.threads)} \
+        | MODES[mode]
+
+
+def start_server(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port)], cwd=REPO, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(proc, url, timeout=3000, log=log)  # compiling five buckets took 15+ min on 2 shared cores
+    return proc, url
+
+
+def service_round(url: str, body: dict, clients: int, per_client: int, seed0: int) -> float:
+    """Seconds until the last reply of `clients` closed-loop clients sending `per_client` requests each."""
+    errors: list[str] = []
+
+    def client(i: int):
+        with httpx.Client(timeout=900) as http:
+            for k in range(per_client):
+                r = http.post(url + "/generate", json=body | {"seed": seed0 + i * per_client + k})
+                if r.status_code != 200 or len(r.json()["images"]) != 1:
+                    errors.append(f"{r.status_code} {r.text[:200]}")
+
+    start = time.perf_counter()
+    run_together([threading.Thread(target=client, args=(i,)) for i in range(clients)])
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed requests, first: {errors[0]}")
+    return time.perf_counter() - start
+
+
+class EngineAlone:
+    """The served base, loaded by the engine's loader with the server's Settings, stepped by the runner's step."""
+
+    def __init__(self, env: dict, model: str, batch: int):
+        import torch
+
+        from app.core.config import Settings
+        from app.core.metrics import Metrics
+        from app.engine.bases import load_bases
+        from app.model.sampling import eager_step
+
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(env)
+        try:
+            self.settings = Settings()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        torch.set_num_threads(self.settings.torch_threads)
+        bases, skipped = load_bases(self.settings, Metrics(), model)
+        if model not in bases:
+            raise RuntimeError(f"base {model!r} not loaded: {skipped}")
+        self.base = base = bases[model]
+        if base.forward is not None:  # only the bucket the engine rounds use: compiling one takes ~a minute here
+            base.forward.capture([base.forward.bucket_for(2 * batch)])
+        # what Batcher builds for this base (app/engine/batcher.py)
+        self.step = base.forward.step if base.forward is not None else \
+            eager_step(base.model, base.patches.pool, dtype=self.settings.torch_dtype)
+
+    def run(self, *, batches: int, batch: int, steps: int, guidance: float, label: int,
+            seed0: int) -> tuple[float, float]:
+        """(wall seconds, this thread's CPU seconds) for `batches` batches of `batch` one-image jobs, sampled and
+        decoded to uint8 (with one torch thread all the work runs on this thread)."""
+        from app.model.sampling import denoise_step, new_job
+        from app.model.vae import to_uint8
+
+        base = self.base
+        start, cpu = time.perf_counter(), time.thread_time()
+        for k in range(batches):
+            jobs = [new_job(base.model, y=label, seed=seed0 + k * batch + i, sampler="ddim", steps=steps,
+                            guidance_scale=guidance, n=1, beta_schedule=base.beta_schedule,
+                            clip_sample=base.clip_sample, device=self.settings.torch_device) for i in range(batch)]
+            while not jobs[0].done:
+                denoise_step(base.model, jobs, step=self.step)
+            for job in jobs:
+                to_uint8(base.vae.decode(job.latents))
+        return time.perf_counter() - start, time.thread_time() - cpu
+
+
+def batch_counts(url: str, model: str) -> tuple[float, float]:
+    """(steps run, images stepped) so far for `model`, from the server's dmp_batch_size histogram."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    values = {}
+    for line in text.splitlines():
+        for kind in ("count", "sum"):
+            if line.startswith(f'dmp_batch_size_{kind}{{model="{model}"}}'):
+                values[kind] = float(line.split()[-1])
+    return values.get("count", 0.0), values.get("sum", 0.0)
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of a process, from /proc (Linux)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # the thread ended in between
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15)
+    return out
+
+
+def cpu_split(before: dict[int, float], after: dict[int, float]) -> tuple[float, float]:
+    """(CPU seconds of the busiest thread: the runner, CPU seconds of all other threads) between two readings."""
+    used = sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)
+    return used[0], sum(used[1:])
+
+
+WAITING = {"Condition.wait", "EpollSelector.select", "Event.wait", "Thread._wait_for_tstate_lock"}
+
+
+def attach_profiler(pid: int, raw: Path) -> subprocess.Popen:
+    """py-spy sampling every thread of a running process (idle threads excluded) until SIGINT."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw",
+                             "--rate", "50", "--threads", "--output", str(raw)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def top_frames(raw: Path, n: int = 15) -> dict:
+    """py-spy's collapsed stacks -> the most sampled functions (inclusive share of each thread group's samples),
+    the runner thread (the engine) apart from every other thread (event loop, threadpool: the service's cost)."""
+    per_group: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    totals: collections.Counter = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")[1:]]  # function (file), lines merged
+        if not frames or frames[-1].split(" (")[0] in WAITING:
+            continue  # a thread blocked (py-spy cannot always tell idle threads from busy ones)
+        group = "runner" if any(f.startswith("Batcher._loop") for f in frames) else "service"
+        totals[group] += int(count)
+        for f in set(frames):
+            per_group[group][f] += int(count)
+    return {g: {"samples": totals[g], "top": [(f, round(c / totals[g], 3)) for f, c in per_group[g].most_common(n)]}
+            for g in per_group}
+
+
+def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dict:
+    env = server_env(models, patches, mode, args)
+    body = {"model": args.model, "class_label": 3, "steps": args.steps, "sampler": "ddim",
+            "guidance_scale": args.guidance, "num_images": 1}
+    profile = out_dir / f"pyspy-{mode}.txt" if args.profile else None
+    t0 = time.perf_counter()
+    proc, url = start_server(env, out_dir / f"server-{mode}.log")
+    print(f"[{mode}] server ready in {time.perf_counter() - t0:.0f}s", flush=True)
+    t0 = time.perf_counter()
+    engine = EngineAlone(env, args.model, args.clients)
+    print(f"[{mode}] engine ready in {time.perf_counter() - t0:.0f}s", flush=True)
+    requests = args.clients * args.per_client
+    image_steps = requests * args.steps
+    rounds = []
+    try:
+        service_round(url, body, args.clients, 1, seed0=10**6)  # warm connections and the server's batches
+        engine.run(batches=1, batch=args.clients, steps=args.steps, guidance=args.guidance, label=3, seed0=10**6)
+        for r in range(args.rounds):
+            spy = attach_profiler(proc.pid, profile.with_suffix(f".{r}.txt")) if profile else None
+            cpu0, (steps0, images0) = thread_cpu(proc.pid), batch_counts(url, args.model)
+            svc = service_round(url, body, args.clients, args.per_client, seed0=r * 10**4)
+            runner_cpu, other_cpu = cpu_split(cpu0, thread_cpu(proc.pid))
+            steps1, images1 = batch_counts(url, args.model)
+            if spy is not None:  # the service rounds only: the server idles during engine rounds
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
+            eng, eng_cpu = engine.run(batches=args.per_client, batch=args.clients, steps=args.steps,
+                                      guidance=args.guidance, label=3, seed0=r * 10**4)
+            rounds.append({"service_image_steps_per_s": image_steps / svc,
+                           "engine_image_steps_per_s": image_steps / eng,
+                           "ratio": eng / svc, "load_avg_1m": os.getloadavg()[0],
+                           # the server's CPU outside the runner thread (HTTP, validation, admission, encoding,
+                           # metrics): in eager mode the runner needs the GIL between its small ops, so this
+                           # time is taken from it; load on the machine does not change CPU time much
+                           "server_cpu_ms_per_request_outside_runner": 1e3 * other_cpu / requests,
+                           "runner_cpu_s": runner_cpu, "service_wall_s": svc, "engine_cpu_s": eng_cpu,
+                           "engine_wall_s": eng,
+                           # the engine rounds step full batches; a partly filled step costs nearly as much in eager
+                           "server_images_per_step": (images1 - images0) / max(steps1 - steps0, 1),
+                           # CPU seconds per image-step, engine over service (runner + every other server thread):
+                           # what the wall ratio is on a machine with no other load, when the GIL serialises the
+                           # server's other work with the runner (eager); load barely moves CPU time
+                           "cpu_ratio": eng_cpu / (runner_cpu + other_cpu)})
+            print(f"[{mode}] round {r}: service {image_steps / svc:7.1f}  engine {image_steps / eng:7.1f} "
+                  f"image-steps/s  ratio {eng / svc:.3f}  server CPU outside the runner "
+                  f"{1e3 * other_cpu / requests:.2f} ms/request  "
+                  f"CPU-time ratio {eng_cpu / (runner_cpu + other_cpu):.3f}  "
+                  f"images/step {(images1 - images0) / max(steps1 - steps0, 1):.2f}  "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    svc_best = max(r["service_image_steps_per_s"] for r in rounds)
+    eng_best = max(r["engine_image_steps_per_s"] for r in rounds)
+    res = {"service_image_steps_per_s": svc_best, "engine_image_steps_per_s": eng_best,
+           "server_cpu_ms_per_request_outside_runner": min(r["server_cpu_ms_per_request_outside_runner"]
+                                                           for r in rounds),
+           "ratio": svc_best / eng_best, "cpu_ratio": max(r["cpu_ratio"] for r in rounds), "rounds": rounds,
+           "env": MODES[mode]}
+    if profile is not None:
+        with profile.open("w") as f:  # all rounds' samples in one file
+            for r in range(args.rounds):
+                part = profile.with_suffix(f".{r}.txt")
+                f.write(part.read_text() if part.exists() else "")
+        res["profile"] = top_frames(profile)
+    return res
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 rounds of 2 requests per client (a few minutes)")
+    ap.add_argument("--model", default="mnist", help="a base in models/ (served alone)")
+    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16, help="DMP_MAX_BATCH")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--per-client", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy on the server during service rounds; top frames in the JSON")
+    ap.add_argument("--out", default=None, help="write the JSON here (and the server logs / profiles next to it)")
+    args = ap.parse_args(argv)
+    args.per_client = args.per_client or (2 if args.quick else 4)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    src = REPO / "models" / f"{args.model}.safetensors"
+    if not src.exists():
+        print(f"error: {src} not found", file=sys.stderr)
+        sys.exit(2)
+    models, patches = Path(tempfile.mkdtemp(prefix="bench-service-")), Path(tempfile.mkdtemp(prefix="bench-patches-"))
+    (models / src.name).symlink_to(src)  # only this base: the others would load and warm for nothing
+    out_dir = Path(args.out).parent if args.out else Path(tempfile.mkdtemp(prefix="bench-service-out-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"clients": args.clients, "batch": args.batch, "steps": args.steps, "guidance": args.guidance,
+              "threads": args.threads, "per_client": args.per_client, "rounds": args.rounds, "cpus": os.cpu_count(),
+              "load_avg_start": os.getloadavg(), "modes": {}}
+    for mode in args.modes.split(","):
+        result["modes"][mode] = run_mode(mode, args, models, patches, out_dir)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+    result["load_avg_end"] = os.getloadavg()
+    result["service_over_engine"] = min(m["ratio"] for m in result["modes"].values())
+    for mode, m in result["modes"].items():
+        print(f"{mode:9s} service {m['service_image_steps_per_s']:7.1f}  engine {m['engine_image_steps_per_s']:7.1f} "
+              f"image-steps/s (best rounds)  ratio {m['ratio']:.3f}  rounds "
+              + " ".join(f"{r['ratio']:.3f}" for r in m["rounds"]) + f"  CPU-time ratio {m['cpu_ratio']:.3f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "modes"}
+                     | {"ratios": {k: m["ratio"] for k, m in result["modes"].items()},
+                        "cpu_ratios": {k: m["cpu_ratio"] for k, m in result["modes"].items()}}))
+    print(f"service_over_engine={result['service_over_engine']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
