@@ -5,9 +5,8 @@ stay visible to all; the operator's token sees everything on the listing routes;
 /metrics is the operator's."""
 from __future__ import annotations
 
-import json
-
 import asyncio
+import json
 import time
 from contextlib import ExitStack
 
