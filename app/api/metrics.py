@@ -1,7 +1,7 @@
 """GET /metrics: Prometheus text exposition."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
@@ -14,6 +14,7 @@ router = APIRouter(tags=["metrics"])
 @router.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                                          "description": "Prometheus metrics"}} | errors(),
             response_class=Response, summary="Prometheus metrics")
-async def metrics(engine: EngineDep):
+async def metrics(engine: EngineDep, request: Request):
     await run_in_threadpool(engine.refresh_gauges)
+    await run_in_threadpool(request.app.state.batches.refresh_gauges)
     return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -18,7 +18,7 @@ from app.core.errors import NotFound, ServiceError
 from app.engine.bases import ServedBase
 from app.engine.engine import Engine
 from app.engine.validation import base_name
-from app.engine.work import Done, Step, Work
+from app.engine.work import Done, Spec, Step, Work
 
 log = logging.getLogger("dmp.api")
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
@@ -57,6 +57,17 @@ def list_models(engine: EngineDep, caller: KeyDep):
              summary="OpenAI images.generate: model = a base or a patch", openapi_extra=KEY_OPTIONAL)
 async def generate_images(body: ImageRequest, request: Request, engine: EngineDep, caller: KeyDep):
     engine.check_admitting()
+    spec, size = image_spec(engine, body)
+    await caller.charge(spec.num_images)
+    if body.stream:
+        work = await engine.open(spec, follow=True, previews=body.partial_images or 0,
+                                 preview_format=spec.output_format)
+        return sse_response(_events(request, work, size))
+    return images_response(spec, size, await outcome(await engine.open(spec), request))
+
+
+def image_spec(engine: Engine, body: ImageRequest) -> tuple[Spec, str]:
+    """The request as the engine's Spec and the reply's `size`; refusals in OpenAI's terms (batch lines too)."""
     model, patch = _model(engine, body.model)
     try:
         spec = engine.resolve(model=model, patch=patch, num_images=body.n, steps=body.steps, sampler=body.sampler,
@@ -69,12 +80,10 @@ async def generate_images(body: ImageRequest, request: Request, engine: EngineDe
     if body.response_format == "url":
         raise OpenAIError("response_format url is not served: images are returned as b64_json", status=400,
                           error_type="unsupported_value", param="response_format")
-    await caller.charge(spec.num_images)
-    if body.stream:
-        work = await engine.open(spec, follow=True, previews=body.partial_images or 0,
-                                 preview_format=spec.output_format)
-        return sse_response(_events(request, work, size))
-    done = await outcome(await engine.open(spec), request)
+    return spec, size
+
+
+def images_response(spec: Spec, size: str, done: Done) -> ImagesResponse:
     return ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=_b64(f)) for f in done.files],
                           output_format=spec.output_format, size=size, seed=spec.seed, model=spec.model)
 
