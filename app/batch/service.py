@@ -37,7 +37,7 @@ from app.batch.records import (
 from app.batch.shared import RedisStore, StreamQueue
 from app.batch.webhooks import WebhookSender
 from app.core.config import Settings
-from app.core.errors import BadRequest, NotFound, ServiceError, Unavailable
+from app.core.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unavailable
 from app.core.metrics import Metrics
 from app.core.redis import redis_client
 
@@ -98,8 +98,8 @@ class BatchService:
         if purpose != "batch":
             raise BadRequest(f"purpose {purpose!r} is not served: only 'batch' files", error_type="invalid_value")
         if len(data) > self.settings.batch_max_file_bytes:
-            raise BadRequest(f"the file is over {self.settings.batch_max_file_bytes} bytes (DMP_BATCH_MAX_FILE_BYTES)",
-                             error_type="file_too_large")
+            raise PayloadTooLarge(f"the file is over {self.settings.batch_max_file_bytes} bytes "
+                                  "(DMP_BATCH_MAX_FILE_BYTES)")
         try:
             lines = check_jsonl(data)
         except InputError as e:
