@@ -223,10 +223,12 @@ class BatchService:
                     await asyncio.wait(list(self._running.values()), timeout=TAKE_WAIT,
                                        return_when=asyncio.FIRST_COMPLETED)
                 else:
-                    items = await to_thread.run_sync(queue.take, free, TAKE_WAIT)
-                    if time.monotonic() - reclaimed > keep_every and len(items) < free:
-                        items += await to_thread.run_sync(queue.reclaim, free - len(items))
+                    items = []
+                    if time.monotonic() - reclaimed > keep_every:  # first: a silent replica's lines are the oldest
+                        items = await to_thread.run_sync(queue.reclaim, free)
                         reclaimed = time.monotonic()
+                    if len(items) < free:
+                        items += await to_thread.run_sync(queue.take, free - len(items), TAKE_WAIT)
                     for token, item in items:
                         self._running[token] = asyncio.get_running_loop().create_task(
                             self._line(engine, answer, token, item))
