@@ -5,6 +5,7 @@ import logging
 
 from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from app.api.batch_schemas import BatchList, BatchObject, BatchRequest, DeliveryList
 from app.api.files import batches_of, owner
@@ -34,7 +35,7 @@ async def create_batch(body: BatchRequest, request: Request, caller: KeyDep):
             summary="This key's batches, newest first")
 async def list_batches(request: Request, caller: KeyDep, after: str | None = Query(None, max_length=64),
                        limit: int = Query(20, ge=1, le=100)):
-    page, more = batches_of(request).batches(owner(caller), after, limit)
+    page, more = await run_in_threadpool(batches_of(request).batches, owner(caller), after, limit)
     return BatchList(data=page, first_id=page[0]["id"] if page else None, last_id=page[-1]["id"] if page else None,
                      has_more=more)
 
@@ -42,7 +43,7 @@ async def list_batches(request: Request, caller: KeyDep, after: str | None = Que
 @router.get("/batches/{batch_id}", response_model=BatchObject, responses=ERRORS, openapi_extra=KEY_OPTIONAL,
             summary="A batch, with live request_counts")
 async def get_batch(batch_id: str, request: Request, caller: KeyDep):
-    return batches_of(request).batch(owner(caller), batch_id)
+    return await run_in_threadpool(batches_of(request).batch, owner(caller), batch_id)
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=BatchObject, responses=ERRORS | CONFLICT,
@@ -54,7 +55,7 @@ async def cancel_batch(batch_id: str, request: Request, caller: KeyDep):
 @router.get("/batches/{batch_id}/webhook_deliveries", response_model=DeliveryList, responses=ERRORS,
             openapi_extra=KEY_OPTIONAL, summary="Extra: the batch's webhook delivery attempts")
 async def webhook_deliveries(batch_id: str, request: Request, caller: KeyDep):
-    return DeliveryList(data=batches_of(request).deliveries(owner(caller), batch_id))
+    return DeliveryList(data=await run_in_threadpool(batches_of(request).deliveries, owner(caller), batch_id))
 
 
 def line_answerer(engine: Engine):

@@ -177,17 +177,18 @@ class BatchService:
         return [self.view(b) for b in page], start + limit < len(found)
 
     async def cancel(self, owner: str, batch_id: str) -> dict:
+        await to_thread.run_sync(self._cancel, owner, batch_id)
+        await self._finish_if_done(batch_id)  # every line may already be answered
+        return await to_thread.run_sync(self.batch, owner, batch_id)
+
+    def _cancel(self, owner: str, batch_id: str) -> None:
         self.batch(owner, batch_id)
         store, _ = self._ready()
-        changed = await to_thread.run_sync(store.update_batch, batch_id, ("validating", "in_progress"),
-                                           {"status": "cancelling", "cancelling_at": now()})
-        if changed is None:
-            current = self.batch(owner, batch_id)
-            if current["status"] == "cancelling":
-                return current
-            raise Conflict(f"batch {batch_id!r} is {current['status']}: only a running batch can be cancelled")
-        await self._finish_if_done(batch_id)  # every line may already be answered
-        return self.batch(owner, batch_id)
+        if store.update_batch(batch_id, ("validating", "in_progress"),
+                              {"status": "cancelling", "cancelling_at": now()}) is None:
+            status = self.batch(owner, batch_id)["status"]
+            if status != "cancelling":
+                raise Conflict(f"batch {batch_id!r} is {status}: only a running batch can be cancelled")
 
     def deliveries(self, owner: str, batch_id: str) -> list[dict]:
         self.batch(owner, batch_id)
@@ -206,7 +207,8 @@ class BatchService:
         while self.store is None:
             try:
                 await to_thread.run_sync(self._open)
-                await to_thread.run_sync(self._requeue)
+                for batch_id in await to_thread.run_sync(self._requeue):
+                    await self._finish_if_done(batch_id)
             except (redis.RedisError, OSError) as e:
                 log.warning("batch store not available (%s); retrying", e)
                 self.store = None
@@ -327,16 +329,22 @@ class BatchService:
         if self.webhooks is not None:
             self.webhooks.send(batch["id"], event(FINAL_EVENTS[batch["status"]], batch["id"]))
 
-    def _requeue(self) -> None:
-        """In-process queue only: the lines a previous process left unanswered go back in the queue."""
+    def _requeue(self) -> list[str]:
+        """In-process queue only: the lines a previous process left unanswered go back in the queue; the batches
+        it left with every line answered but not finalized are returned (to be finalized now)."""
         store, queue = self._ready()
+        answered = []
         for batch in store.unfinished():
             data = store.file_data(batch["input_file_id"]) or b""
             try:
                 lines: list[Line] = parse_lines(data, self.settings.batch_max_lines)
             except InputError:
                 continue
-            queue.push([line.item(batch["id"]) for line in lines if not store.answered(batch["id"], line.index)])
+            todo = [line.item(batch["id"]) for line in lines if not store.answered(batch["id"], line.index)]
+            queue.push(todo)
+            if not todo:
+                answered.append(batch["id"])
+        return answered
 
     def refresh_gauges(self) -> None:
         """Lines queued and running (all replicas' when shared) and the oldest one's age, read at scrape time."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import httpx
 import openai
 import redis
 
@@ -72,4 +73,6 @@ def test_any_replica_answers_for_any_batch_and_file(start_server, class_only_dir
     batch = wait_final(oai_b, run_batch(oai_a, [line("x", {"prompt": "3", "seed": 1, "steps": 2})]).id)
     assert oai_a.files.content(batch.output_file_id).text == oai_b.files.content(batch.output_file_id).text
     assert [x.id for x in oai_a.batches.list()] == [x.id for x in oai_b.batches.list()] == [batch.id]
+    metrics = httpx.get(a.url + "/metrics").text  # read from the Stream: nothing left queued or running
+    assert 'dmp_batch_lines{state="queued"} 0.0' in metrics and 'dmp_batch_lines{state="running"} 0.0' in metrics
     receiver.close()
