@@ -31,7 +31,7 @@ async def create_batch(body: BatchRequest, request: Request, caller: KeyDep):
     return await batches_of(request).create(owner(caller), body.input_file_id, body.metadata)
 
 
-@router.get("/batches", response_model=BatchList, responses=ERRORS, openapi_extra=KEY_OPTIONAL,
+@router.get("/batches", response_model=BatchList, responses=ERRORS | NO_422, openapi_extra=KEY_OPTIONAL,
             summary="This key's batches, newest first")
 async def list_batches(request: Request, caller: KeyDep, after: str | None = Query(None, max_length=64),
                        limit: int = Query(20, ge=1, le=100)):
@@ -40,19 +40,19 @@ async def list_batches(request: Request, caller: KeyDep, after: str | None = Que
                      has_more=more)
 
 
-@router.get("/batches/{batch_id}", response_model=BatchObject, responses=ERRORS, openapi_extra=KEY_OPTIONAL,
+@router.get("/batches/{batch_id}", response_model=BatchObject, responses=ERRORS | NO_422, openapi_extra=KEY_OPTIONAL,
             summary="A batch, with live request_counts")
 async def get_batch(batch_id: str, request: Request, caller: KeyDep):
     return await run_in_threadpool(batches_of(request).batch, owner(caller), batch_id)
 
 
-@router.post("/batches/{batch_id}/cancel", response_model=BatchObject, responses=ERRORS | CONFLICT,
+@router.post("/batches/{batch_id}/cancel", response_model=BatchObject, responses=ERRORS | NO_422 | CONFLICT,
              openapi_extra=KEY_OPTIONAL, summary="Cancel a batch: lines not yet run are skipped")
 async def cancel_batch(batch_id: str, request: Request, caller: KeyDep):
     return await batches_of(request).cancel(owner(caller), batch_id)
 
 
-@router.get("/batches/{batch_id}/webhook_deliveries", response_model=DeliveryList, responses=ERRORS,
+@router.get("/batches/{batch_id}/webhook_deliveries", response_model=DeliveryList, responses=ERRORS | NO_422,
             openapi_extra=KEY_OPTIONAL, summary="Extra: the batch's webhook delivery attempts")
 async def webhook_deliveries(batch_id: str, request: Request, caller: KeyDep):
     return DeliveryList(data=await run_in_threadpool(batches_of(request).deliveries, owner(caller), batch_id))

@@ -34,19 +34,19 @@ async def upload_file(request: Request, caller: KeyDep, file: Annotated[UploadFi
     return await run_in_threadpool(batches_of(request).upload, owner(caller), file.filename or "", purpose, data)
 
 
-@router.get("/files", response_model=FileList, responses=ERRORS, openapi_extra=KEY_OPTIONAL,
+@router.get("/files", response_model=FileList, responses=ERRORS | NO_422, openapi_extra=KEY_OPTIONAL,
             summary="This key's files")
 async def list_files(request: Request, caller: KeyDep):
     return FileList(data=await run_in_threadpool(batches_of(request).files, owner(caller)))
 
 
-@router.get("/files/{file_id}", response_model=FileObject, responses=ERRORS, openapi_extra=KEY_OPTIONAL,
+@router.get("/files/{file_id}", response_model=FileObject, responses=ERRORS | NO_422, openapi_extra=KEY_OPTIONAL,
             summary="A file's description")
 async def get_file(file_id: str, request: Request, caller: KeyDep):
     return await run_in_threadpool(batches_of(request).file, owner(caller), file_id)
 
 
-@router.get("/files/{file_id}/content", response_class=Response, responses=ERRORS | {
+@router.get("/files/{file_id}/content", response_class=Response, responses=ERRORS | NO_422 | {
     200: {"content": {"application/jsonl": {"schema": {"type": "string"}}}, "description": "The file's bytes"}},
     openapi_extra=KEY_OPTIONAL, summary="A file's bytes (a batch's input, output or error JSONL)")
 async def file_content(file_id: str, request: Request, caller: KeyDep):
@@ -54,7 +54,7 @@ async def file_content(file_id: str, request: Request, caller: KeyDep):
     return Response(data, media_type="application/jsonl")
 
 
-@router.delete("/files/{file_id}", response_model=FileDeleted, responses=ERRORS, openapi_extra=KEY_OPTIONAL,
+@router.delete("/files/{file_id}", response_model=FileDeleted, responses=ERRORS | NO_422, openapi_extra=KEY_OPTIONAL,
                summary="Delete a file")
 async def delete_file(file_id: str, request: Request, caller: KeyDep):
     await run_in_threadpool(batches_of(request).delete_file, owner(caller), file_id)

@@ -7,9 +7,10 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.routing import APIRoute
+from starlette.routing import compile_path
 
 from app.api.deps import EngineDep
+from app.api.errors import HTTP_METHODS
 from app.api.keys import KEY_OPTIONAL, KeyDep
 from app.api.stream import outcome, sse, sse_response
 from app.api.v1_errors import OpenAIError, OpenAIRoute, openai_error
@@ -170,8 +171,9 @@ def _condition(engine: Engine, model: str | None, patch: str | None, prompt: str
 @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
 def unknown_route(path: str, request: Request):
     """Unknown /v1 routes (404) and known ones with another method (405) answer in OpenAI's shape too."""
-    allowed = sorted(m for r in router.routes if isinstance(r, APIRoute) and r.path == f"/v1/{path}"
-                     and r.endpoint is not unknown_route for m in r.methods or ())
+    # every /v1 router's routes (files and batches have their own), from the OpenAPI document's path templates
+    allowed = sorted(m.upper() for template, ops in request.app.openapi().get("paths", {}).items()
+                     if compile_path(template)[0].match(f"/v1/{path}") for m in ops if m.upper() in HTTP_METHODS)
     if allowed:
         raise OpenAIError(f"{request.method} is not allowed on /v1/{path}", status=405,
                           error_type="method_not_allowed", headers={"Allow": ", ".join(allowed)})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -24,6 +25,11 @@ class InputError(ValueError):
 
 def new_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(12)}"
+
+
+def well_formed(prefix: str, value: str) -> bool:
+    """An id this service could have made (so no other string ever reaches a file name or a Redis key)."""
+    return re.fullmatch(re.escape(prefix) + "[0-9a-f]{24}", value) is not None
 
 
 def now() -> int:

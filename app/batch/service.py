@@ -33,6 +33,7 @@ from app.batch.records import (
     new_id,
     now,
     parse_lines,
+    well_formed,
 )
 from app.batch.shared import RedisStore, StreamQueue
 from app.batch.webhooks import WebhookSender
@@ -114,7 +115,7 @@ class BatchService:
 
     def file(self, owner: str, file_id: str) -> dict:
         store, _ = self._ready()
-        found = store.get_file(file_id)
+        found = store.get_file(file_id) if well_formed("file-", file_id) else None
         if found is None or found[1] != owner:  # another key's file does not exist for this one
             raise NotFound(f"no file {file_id!r}", error_type="file_not_found")
         return found[0]
@@ -163,7 +164,7 @@ class BatchService:
         return started or store.get_batch(batch["id"])[0]  # type: ignore[index]  # a worker may have finished it
 
     def batch(self, owner: str, batch_id: str) -> dict:
-        found = self._ready()[0].get_batch(batch_id)
+        found = self._ready()[0].get_batch(batch_id) if well_formed("batch_", batch_id) else None
         if found is None or found[1] != owner:
             raise NotFound(f"no batch {batch_id!r}", error_type="batch_not_found")
         return self.view(found[0])

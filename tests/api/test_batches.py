@@ -182,6 +182,24 @@ def test_batch_progress_is_in_metrics(server, alice):
     assert float(answered[0].split()[-1]) >= 3
 
 
+@pytest.mark.parametrize("name", ["file-" + "0" * 24 + "x", "file-../../x", "%2e%2e%2fbatches"])
+def test_an_id_that_was_never_made_is_404(alice, name):
+    with pytest.raises(openai.NotFoundError):
+        alice.files.retrieve(name)
+    with pytest.raises(openai.NotFoundError):
+        alice.files.delete(name)
+    with pytest.raises(openai.NotFoundError):
+        alice.batches.retrieve(name.replace("file-", "batch_"))
+
+
+@pytest.mark.parametrize("method,path,allow", [("PUT", "/v1/files", "GET, POST"), ("PUT", "/v1/batches", "GET, POST"),
+                                               ("POST", "/v1/batches/batch_x", "GET")])
+def test_a_known_route_with_another_method_is_405(server, method, path, allow):
+    reply = httpx.request(method, server.url + path, headers={"Authorization": "Bearer alice-key-0123456789abcdef"})
+    assert reply.status_code == 405 and reply.headers["allow"] == allow
+    assert reply.json()["error"]["code"] == "method_not_allowed"
+
+
 def test_the_files_live_under_the_configured_dir(server, alice):
     file = alice.files.create(file=("in.jsonl", jsonl([line("x", {"prompt": "1"})])), purpose="batch")
     assert (server.batch_dir / "files" / f"{file.id}.data").read_bytes() == jsonl([line("x", {"prompt": "1"})])
