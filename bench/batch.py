@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="DMP_TORCH_THREADS")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    if args.steps < 5:
+        print("error: --steps must be at least 5 (the step time is a difference of latencies)", file=sys.stderr)
+        return 2
     if not args.model.exists():
         print(f"error: no base at {args.model}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ class DiskStore:
         self._counts: dict[str, Counter] = {}  # batch -> answers by kind, read from disk on first use
 
     def _dir(self, *parts: str) -> Path:
+        """A folder to write into (made on first use; reads never make one)."""
         path = self.root.joinpath(*parts)
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         return path
@@ -50,24 +51,24 @@ class DiskStore:
         self._write(folder / f"{file['id']}.json", json.dumps({"file": file, "owner": owner}).encode())
 
     def get_file(self, file_id: str) -> tuple[dict, str] | None:
-        record = self._read_json(self._dir("files") / f"{file_id}.json")
+        record = self._read_json(self.root / "files" / f"{file_id}.json")
         if record is None or record["file"]["expires_at"] < now():
             return None
         return record["file"], record["owner"]
 
     def file_data(self, file_id: str) -> bytes | None:
         try:
-            return (self._dir("files") / f"{file_id}.data").read_bytes()
+            return (self.root / "files" / f"{file_id}.data").read_bytes()
         except FileNotFoundError:
             return None
 
     def files(self, owner: str) -> list[dict]:
-        found = [self.get_file(p.stem) for p in self._dir("files").glob("*.json")]
+        found = [self.get_file(p.stem) for p in (self.root / "files").glob("*.json")]
         return sorted((f for f, o in filter(None, found) if o == owner), key=lambda f: f["created_at"], reverse=True)
 
     def delete_file(self, file_id: str) -> None:
         for suffix in (".json", ".data"):
-            (self._dir("files") / f"{file_id}{suffix}").unlink(missing_ok=True)
+            (self.root / "files" / f"{file_id}{suffix}").unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- batches
 
@@ -75,11 +76,11 @@ class DiskStore:
         self._write(self._dir("batches") / f"{batch['id']}.json", json.dumps({"batch": batch, "owner": owner}).encode())
 
     def get_batch(self, batch_id: str) -> tuple[dict, str] | None:
-        record = self._read_json(self._dir("batches") / f"{batch_id}.json")
+        record = self._read_json(self.root / "batches" / f"{batch_id}.json")
         return None if record is None else (record["batch"], record["owner"])
 
     def batches(self, owner: str) -> list[dict]:
-        found = [self.get_batch(p.stem) for p in self._dir("batches").glob("*.json")]
+        found = [self.get_batch(p.stem) for p in (self.root / "batches").glob("*.json")]
         return sorted((b for b, o in filter(None, found) if o == owner), key=lambda b: b["created_at"], reverse=True)
 
     def update_batch(self, batch_id: str, allowed: tuple[str, ...], changes: dict) -> dict | None:
@@ -113,7 +114,7 @@ class DiskStore:
         return (self.root / "answers" / batch_id / f"{line}.json").exists()
 
     def answers(self, batch_id: str) -> dict[int, dict]:
-        folder = self._dir("answers", batch_id)
+        folder = self.root / "answers" / batch_id
         return {int(p.stem): json.loads(p.read_bytes()) for p in folder.glob("*.json")}
 
     def counts(self, batch_id: str) -> Counter:
@@ -133,7 +134,7 @@ class DiskStore:
 
     def deliveries(self, batch_id: str) -> list[dict]:
         try:
-            text = (self._dir("deliveries") / f"{batch_id}.jsonl").read_text()
+            text = (self.root / "deliveries" / f"{batch_id}.jsonl").read_text()
         except FileNotFoundError:
             return []
         return [json.loads(line) for line in text.splitlines()]
@@ -143,11 +144,11 @@ class DiskStore:
     def sweep(self) -> None:
         """Forget files past their expires_at and batches finished more than DMP_BATCH_TTL ago."""
         t = now()
-        for meta in self._dir("files").glob("*.json"):
+        for meta in (self.root / "files").glob("*.json"):
             record = self._read_json(meta)
             if record is not None and record["file"]["expires_at"] < t:
                 self.delete_file(meta.stem)
-        for meta in self._dir("batches").glob("*.json"):
+        for meta in (self.root / "batches").glob("*.json"):
             record = self._read_json(meta)
             if record is None:
                 continue
@@ -162,7 +163,7 @@ class DiskStore:
 
     def unfinished(self) -> list[dict]:
         """Batches a previous process left running (their unanswered lines are queued again at start)."""
-        found = [self.get_batch(p.stem) for p in self._dir("batches").glob("*.json")]
+        found = [self.get_batch(p.stem) for p in (self.root / "batches").glob("*.json")]
         return [b for b, _ in filter(None, found) if b["status"] in ACTIVE]
 
 

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.api.batch_helpers import WEBHOOK_SECRET, Receiver, content_lines, jsonl, line, run_batch, wait_final
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, asgi_client, wait_ready
 
 KEYS = "alice:alice-key-0123456789abcdef,bob:bob-key-0123456789abcdef"
 MAX_FILE = 8192
@@ -265,3 +265,11 @@ def test_unanswered_lines_resume_after_a_restart(class_only_dirs, tmp_path):
         assert json.loads(json.dumps(out[5]))["response"]["body"]["data"][0]["b64_json"] == sync.data[0].b64_json
     finally:
         second.stop()
+
+
+def test_a_server_that_stores_nothing_makes_no_batch_dir(class_only_dirs, tmp_path):
+    with asgi_client(class_only_dirs, batch_dir=tmp_path / "batch", warmup=False) as c:
+        wait_ready(c)
+        assert c.get("/v1/batches").json()["data"] == [] and c.get("/v1/files").json()["data"] == []
+        assert c.get("/v1/files/file-" + "0" * 24).status_code == 404
+    assert not (tmp_path / "batch").exists()
