@@ -9,10 +9,11 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from app.api import gates, generate, health, metrics, models, patches, v1
+from app.api import batches, files, gates, generate, health, metrics, models, patches, v1
 from app.api.errors import install_error_handlers
 from app.api.keys import KeyGate
 from app.api.middleware import ConsoleHeaders, Gatekeeper, RequestContext
+from app.batch.service import BatchService
 from app.core.config import Settings
 from app.core.metrics import Metrics
 from app.engine.engine import Engine
@@ -26,7 +27,9 @@ async def lifespan(app: FastAPI):
     """Load and warm up in the background (so /health/live answers at once); stop the engine on the way out."""
     engine: Engine = app.state.engine
     engine.start_in_background()
+    app.state.batches.start(engine, batches.line_answerer(engine, app.state.keys))
     yield
+    await app.state.batches.stop()
     app.state.gate_maps.stop()
     await run_in_threadpool(engine.stop)
 
@@ -38,9 +41,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = Engine(settings, Metrics())
     app.state.gate_maps = GateMaps(app.state.engine)
+    app.state.batches = BatchService(settings, app.state.engine.metrics)
     app.state.keys = KeyGate(settings, app.state.engine.metrics)  # a bad DMP_API_KEYS stops the start here
     install_error_handlers(app)
-    for module in (generate, v1, patches, gates, models, health, metrics):
+    for module in (generate, files, batches, v1, patches, gates, models, health, metrics):
         app.include_router(module.router)
     app.add_middleware(Gatekeeper, settings=settings)  # inside RequestContext: its refusals are counted and carry ids
     app.add_middleware(RequestContext, metrics=app.state.engine.metrics)

@@ -66,6 +66,7 @@ class RequestContext:
 
 
 ADMIN_PATH = re.compile(r"^/patches/[^/]+$")  # PUT (upload) and DELETE: the admin token or an admin key
+MULTIPART_SLACK = 64 * 1024  # a batch file upload's form framing on top of DMP_BATCH_MAX_FILE_BYTES of file
 KEYED_PATH = re.compile(r"^/generate$|^/v1(/.*)?$|^/patches/[^/]+/gates(\.png)?$")  # DMP_API_KEYS, when set
 
 
@@ -83,7 +84,8 @@ class Gatekeeper:
     FastAPI reads and parses the whole body before any dependency runs, so the route's own key or admin check comes
     too late to spare the memory: here a request without its credentials is answered 401 (404 for admin routes
     while they are off) before one body byte is read, and a body past its route's cap (DMP_MAX_PATCH_BYTES on
-    uploads, DMP_MAX_BODY_BYTES elsewhere) is answered 413 as soon as its declared or counted size passes it.
+    uploads, DMP_BATCH_MAX_FILE_BYTES on batch files, DMP_MAX_BODY_BYTES elsewhere) is answered 413 as soon as
+    its declared or counted size passes it.
     Early answers close the connection, so the rest of an unread body is never received. The routes keep their
     own checks (the same functions run again as dependencies, and name the caller).
     """
@@ -102,7 +104,9 @@ class Gatekeeper:
                 await require_patch_admin(request, await bearer(request))
             elif KEYED_PATH.match(path):
                 await require_key(request, await api_bearer(request))
-            limit = self.settings.max_patch_bytes if admin else self.settings.max_body_bytes
+            limit = (self.settings.max_patch_bytes if admin else
+                     self.settings.batch_max_file_bytes + MULTIPART_SLACK if (method, path) == ("POST", "/v1/files")
+                     else self.settings.max_body_bytes)
             declared = Headers(scope=scope).get("content-length", "")
             if declared.isascii() and declared.isdigit() and int(declared) > limit:
                 raise BodyTooLarge(limit)

@@ -7,9 +7,10 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.routing import APIRoute
+from starlette.routing import compile_path
 
 from app.api.deps import EngineDep
+from app.api.errors import HTTP_METHODS
 from app.api.keys import KEY_OPTIONAL, KeyDep
 from app.api.schemas import PatchUse
 from app.api.stream import outcome, sse, sse_response
@@ -19,7 +20,7 @@ from app.core.errors import NotFound, ServiceError
 from app.engine.bases import ServedBase
 from app.engine.engine import Engine
 from app.engine.validation import base_name
-from app.engine.work import Done, Step, Work
+from app.engine.work import Done, Spec, Step, Work
 from app.registry.records import PatchRecord
 
 log = logging.getLogger("dmp.api")
@@ -86,28 +87,38 @@ def retrieve_model(model_id: str, engine: EngineDep, caller: KeyDep):
              summary="OpenAI images.generate: model = a base or a patch", openapi_extra=KEY_OPTIONAL)
 async def generate_images(body: ImageRequest, request: Request, engine: EngineDep, caller: KeyDep):
     engine.check_admitting()
-    model, patch = _model(engine, body.model, caller.tenant)
+    spec, size = image_spec(engine, body, caller.tenant)
+    await caller.charge(spec.num_images)
+    if body.stream:
+        work = await engine.open(spec, follow=True, previews=body.partial_images or 0,
+                                 preview_format=spec.output_format, tenant=caller.tenant)
+        return sse_response(_events(request, work, size))
+    return images_response(spec, size, await outcome(await engine.open(spec, tenant=caller.tenant), request))
+
+
+def image_spec(engine: Engine, body: ImageRequest, tenant: str | None) -> tuple[Spec, str]:
+    """The request as the engine's Spec and the reply's `size`, for the caller's tenant; refusals in OpenAI's terms
+    (batch lines too)."""
+    model, patch = _model(engine, body.model, tenant)
     try:
         spec = engine.resolve(model=model, patch=patch, num_images=body.n, steps=body.steps, sampler=body.sampler,
                               guidance_scale=body.guidance_scale, seed=body.seed,
                               output_format=body.output_format or "png", patch_scale=body.patch_scale,
                               patches=None if body.patches is None else [p.model_dump() for p in body.patches],
                               seeds=body.seeds, negative_class_label=body.negative_class_label,
-                              tenant=caller.tenant,
+                              tenant=tenant,
                               **_condition(engine, model, patch or (body.patches[0].name if body.patches else None),
-                                           body.prompt, caller.tenant))
+                                           body.prompt, tenant))
     except ServiceError as e:
         raise _in_openai_terms(e) from None
     size = _size(engine.bases[spec.model], body.size)
     if body.response_format == "url":
         raise OpenAIError("response_format url is not served: images are returned as b64_json", status=400,
                           error_type="unsupported_value", param="response_format")
-    await caller.charge(spec.num_images)
-    if body.stream:
-        work = await engine.open(spec, follow=True, previews=body.partial_images or 0,
-                                 preview_format=spec.output_format, tenant=caller.tenant)
-        return sse_response(_events(request, work, size))
-    done = await outcome(await engine.open(spec, tenant=caller.tenant), request)
+    return spec, size
+
+
+def images_response(spec: Spec, size: str, done: Done) -> ImagesResponse:
     used = [PatchUse(name=name, version=version, scale=scale)
             for (name, scale), version in zip(spec.patches, done.versions or (), strict=True)]
     return ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=_b64(f)) for f in done.files],
@@ -197,8 +208,9 @@ def _condition(engine: Engine, model: str | None, patch: str | None, prompt: str
 @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
 def unknown_route(path: str, request: Request):
     """Unknown /v1 routes (404) and known ones with another method (405) answer in OpenAI's shape too."""
-    allowed = sorted(m for r in router.routes if isinstance(r, APIRoute) and r.path == f"/v1/{path}"
-                     and r.endpoint is not unknown_route for m in r.methods or ())
+    # every /v1 router's routes (files and batches have their own), from the OpenAPI document's path templates
+    allowed = sorted(m.upper() for template, ops in request.app.openapi().get("paths", {}).items()
+                     if compile_path(template)[0].match(f"/v1/{path}") for m in ops if m.upper() in HTTP_METHODS)
     if allowed:
         raise OpenAIError(f"{request.method} is not allowed on /v1/{path}", status=405,
                           error_type="method_not_allowed", headers={"Allow": ", ".join(allowed)})

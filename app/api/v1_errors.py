@@ -28,11 +28,16 @@ class OpenAIError(ServiceError):
 
 def openai_error(request: Request, status: int, message: str, code: str, param: str | None = None,
                  headers: dict | None = None) -> JSONResponse:
+    request.scope["dmp.error_type"] = code  # read by the metrics middleware
+    return JSONResponse(error_body(status, message, code, param), status_code=400 if status == 422 else status,
+                        headers=headers)
+
+
+def error_body(status: int, message: str, code: str, param: str | None = None) -> dict:
+    """OpenAI's error object (also a failed batch line's body)."""
     status = 400 if status == 422 else status
     kind = TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    request.scope["dmp.error_type"] = code  # read by the metrics middleware
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class OpenAIRoute(APIRoute):

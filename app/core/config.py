@@ -5,9 +5,11 @@ TRITON_INTERPRET (Triton's CPU interpreter, app/model/kernels.py); app/model/tex
 """
 from __future__ import annotations
 
+import base64
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -82,6 +84,21 @@ class Settings(BaseSettings):
                                                              "replica; unset = a random key per process")
     redis_timeout: float = Field(1.0, gt=0, description="Socket timeout for every Redis call")
     retry_after: int = Field(1, ge=1, description="Retry-After seconds sent with 429 and 503")
+    batch_dir: Path | None = Field(None, description="Batch API files and batches without Redis; unset = "
+                                   "~/.cache/dmp/batch (created on first use)")
+    batch_max_file_bytes: int = Field(16 * 1024 ** 2, ge=1024, description="POST /v1/files upload cap (its own "
+                                      "body cap, counted on received bytes)")
+    batch_max_lines: int = Field(10000, ge=1, description="Lines (requests) per batch input file")
+    batch_ttl: int = Field(7 * 86400, ge=60, description="Seconds files and finished batches are kept")
+    batch_inflight: int = Field(2, ge=1, description="Batch lines each replica runs at once (they take places of "
+                                "DMP_MAX_QUEUE, at the batcher's background priority)")
+    batch_reclaim_idle: float = Field(30.0, gt=0, description="With Redis: seconds a line may sit unacknowledged "
+                                      "by a silent replica before another reclaims it (live replicas refresh theirs)")
+    webhook_secret: SecretStr | None = Field(None, description="Standard Webhooks secret `whsec_<base64>` signing "
+                                             "batch events")
+    webhook_url: str | None = Field(None, description="http(s) URL that receives signed batch.* events; unset = off")
+    webhook_attempts: int = Field(6, ge=1, description="Delivery attempts per event (backoff 1, 2, 4, ... s)")
+    webhook_timeout: float = Field(5.0, gt=0, description="Seconds per webhook delivery attempt")
     warmup: bool = Field(True, description="Run one tiny generation per base before reporting ready")
     log_level: str = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line, with the "
@@ -100,6 +117,34 @@ class Settings(BaseSettings):
             raise ValueError("is an example value from the docs, known to anyone: generate one with "
                              "`openssl rand -hex 32`")
         return token
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_is_standard(cls, secret: SecretStr | None) -> SecretStr | None:
+        """A secret receivers cannot use would sign every event in vain: refuse to start instead."""
+        if secret is not None:
+            value = secret.get_secret_value()
+            try:
+                key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+            except ValueError:
+                key = b""
+            if not value.startswith("whsec_") or len(key) < 24:
+                raise ValueError("must be whsec_ followed by base64 of at least 24 random bytes; generate one with "
+                                 "`echo whsec_$(openssl rand -base64 32)`")
+        return secret
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url_is_http(cls, url: str | None, info: ValidationInfo) -> str | None:
+        """Only http(s) with a host: no file:, gopher: or other scheme is ever fetched."""
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if info.data.get("webhook_secret") is None:
+            raise ValueError("needs DMP_WEBHOOK_SECRET: events are always signed")
+        return url
 
     @field_validator("patch_public_keys")
     @classmethod
@@ -130,6 +175,11 @@ class Settings(BaseSettings):
         if keys is not None:
             KeyRing.parse(keys.get_secret_value(), id_secret_bytes(info.data.get("key_id_secret")))
         return keys
+
+    @property
+    def batch_root(self) -> Path:
+        """Where the embedded Batch API keeps its files: never inside the repository by default."""
+        return self.batch_dir or Path.home() / ".cache" / "dmp" / "batch"
 
     @cached_property
     def torch_device(self) -> str:

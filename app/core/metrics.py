@@ -79,6 +79,19 @@ class Metrics:
                                    "plain torch (CPU, DMP_FUSED_KERNELS=false, or a failed start-up self-check)",
                                    registry=r)
         self.device_memory = Gauge("dmp_device_memory_bytes", "Accelerator memory", ["device", "kind"], registry=r)
+        # the Batch API: queued/running and the oldest line's age from the queue (every replica reports the same
+        # cluster-wide values with Redis: take max()); answers and batch ends counted by the replica that wrote them
+        self.batch_lines = Gauge("dmp_batch_lines", "Batch lines not yet answered, by state (queued, running)",
+                                 ["state"], registry=r)
+        self.batch_oldest_seconds = Gauge("dmp_batch_oldest_pending_seconds", "Age of the oldest unanswered batch "
+                                          "line (0 when none)", registry=r)
+        self.batch_answered = Counter("dmp_batch_lines_answered", "Batch lines answered, by kind (completed, "
+                                      "failed, expired, skipped = cancelled before it ran)", ["kind"], registry=r)
+        self.batches_finished = Counter("dmp_batches_finished", "Batches that reached a final status", ["status"],
+                                        registry=r)
+        self.webhook_deliveries = Counter("dmp_webhook_deliveries", "Webhook delivery attempts by outcome "
+                                          "(delivered, retry, failed = the last attempt failed)", ["outcome"],
+                                          registry=r)
 
     def forget_patch(self, model: str, patch: str) -> None:
         """A deleted patch leaves no series behind (74 per patch stayed when only the slot series were removed)."""

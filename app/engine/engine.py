@@ -225,19 +225,21 @@ class Engine:
             self.metrics.inflight.set(self._inflight)
 
     async def open(self, spec: Spec, *, follow: bool = False, previews: int = 0, preview_format: str = "png",
-                   internal: bool = False, tenant: str | None = None) -> Work:
+                   internal: bool = False, tenant: str | None = None, background: bool = False) -> Work:
         """Start a request: its Work, whose `events()` is the request's stream (a cache hit's is its Done alone).
 
         Refusals (draining, queue full, patch gone) raise here, before any byte of a reply is sent. `follow`: the
         stream reports every step; `previews` of them, evenly spaced, carry the decoded x0 prediction. `tenant`: the
-        caller's, as given to resolve (the patch is looked up again here: the name may have changed hands since)."""
+        caller's, as given to resolve (the patch is looked up again here: the name may have changed hands since).
+        `background`: batch work, marked on the Work for the batcher's priority class."""
         started = time.perf_counter()
         self.check_admitting(internal)  # also before the cache: a draining server answers nothing new
         hit = await self._cached(spec, tenant)
         if hit is not None:
             self._observe(spec, hit, time.perf_counter() - started)
-            return Work(spec, ready=hit)
+            return Work(spec, ready=hit, background=background)
         work = Work(spec, inbox=Inbox(asyncio.get_running_loop()), follow=follow, preview_format=preview_format,
+                    background=background,
                     preview_at=preview_steps(spec.steps, previews) if follow else frozenset(),
                     on_done=lambda done: self._finished(spec, done, started))
         # admission, then encoding the condition and pinning (which may read the patch back from the store)

@@ -133,6 +133,7 @@ class Work:
     follow: bool = False  # the runner reports every step (streaming routes)
     preview_at: frozenset[int] = frozenset()  # steps after which the report carries the decoded x0 prediction
     preview_format: str = "png"
+    background: bool = False  # batch work: the batcher fills it only into capacity interactive work leaves free
     ready: Done | None = None
     on_done: Callable[[Done], None] | None = None  # the engine's bookkeeping (cache, metrics); blocking, off the loop
     future: Future = field(default_factory=Future)

@@ -123,7 +123,7 @@ def server(tmp_path_factory) -> Server:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DMP_")}
     env |= {"DMP_MODEL_DIR": str(root / "models"), "DMP_PATCH_DIR": str(root / "patches"), "DMP_DEVICE": "cpu",
-            "DMP_DRAIN_SECONDS": "1", "DMP_ADMIN_TOKEN": ADMIN_TOKEN}
+            "DMP_DRAIN_SECONDS": "1", "DMP_ADMIN_TOKEN": ADMIN_TOKEN, "DMP_BATCH_DIR": str(root / "batch")}
     log = root / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],

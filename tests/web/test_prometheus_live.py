@@ -9,6 +9,7 @@ import time
 import urllib.parse
 import urllib.request
 
+import httpx
 import pytest
 import yaml
 
@@ -25,6 +26,7 @@ NO_DATA_HERE = {
     "dmp_patch_swaps_total": "no patch is replaced (admin routes are off here)",
     "dmp_patch_refusals_total": "no patch is refused (admin routes are off here)",
     "dmp_cuda_graph_forwards": "eager CPU steps: no CUDA graphs, DMP_CPU_COMPILE is off",
+    "dmp_webhook_deliveries_total": "no DMP_WEBHOOK_URL here (tests/api/test_batches.py delivers webhooks)",
 }
 
 
@@ -76,7 +78,22 @@ def traffic(server) -> None:
     assert server.post_json("/generate", {"model": BASE_NAME, "patch": PATCH_NAME, "class_label": 1})[0] == 200
     assert server.post_json("/generate", {"model": TEXT_NAME, "caption": "a circle", "seed": 2})[0] == 200
     assert server.post_json("/generate", {"model": BASE_NAME, "seed": -1})[0] == 422
+    batch(server)
     assert server.get("/health/ready")[0] == 200 and server.get("/metrics")[0] == 200
+
+
+def batch(server) -> None:
+    """A one-line batch through the Batch API, waited for (its lines and its end are counted)."""
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/images/generations",
+            "body": {"model": BASE_NAME, "prompt": "0", "seed": 1}}
+    file = httpx.post(server.url + "/v1/files", data={"purpose": "batch"},
+                      files={"file": ("in.jsonl", json.dumps(line).encode())}).json()
+    created = httpx.post(server.url + "/v1/batches", json={"input_file_id": file["id"], "completion_window": "24h",
+                                                            "endpoint": "/v1/images/generations"}).json()
+    end = time.monotonic() + 60
+    while httpx.get(f"{server.url}/v1/batches/{created['id']}").json()["status"] != "completed":
+        assert time.monotonic() < end, "the batch did not complete in 60 s"
+        time.sleep(0.2)
 
 
 def api(url: str, path: str, **params) -> dict:

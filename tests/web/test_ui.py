@@ -8,6 +8,7 @@ import shutil
 import urllib.request
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -425,6 +426,27 @@ def test_service_glance_reads_metrics(page, server):
     # images/s needs two scrapes; the p95 comes from dmp_generate_seconds
     WebDriverWait(page, 30).until(lambda d: "images/s" in d.find_element(By.ID, "glance-rate").text)
     assert page.find_element(By.ID, "glance-p95").text.split()[1] == "ms"
+    assert script_errors(page) == []
+
+
+def test_batches_listed_with_progress(page, server):
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/images/generations",
+            "body": {"model": BASE_NAME, "prompt": "0", "seed": 1}}
+    file = httpx.post(server.url + "/v1/files", data={"purpose": "batch"},
+                      files={"file": ("in.jsonl", json.dumps(line).encode())}).json()
+    batch = httpx.post(server.url + "/v1/batches", json={"input_file_id": file["id"], "completion_window": "24h",
+                                                          "endpoint": "/v1/images/generations"}).json()
+
+    def row(d):
+        rows = [r for r in d.find_elements(By.CSS_SELECTOR, "#batches-table tbody tr")
+                if r.find_elements(By.TAG_NAME, "td")[0].text == batch["id"]]
+        return rows and rows[0].find_elements(By.TAG_NAME, "td")[1].text == "completed" and rows[0]
+
+    found = WebDriverWait(page, 60).until(row)
+    cells = found.find_elements(By.TAG_NAME, "td")
+    bar = cells[2].find_element(By.TAG_NAME, "progress")
+    assert (bar.get_attribute("value"), bar.get_attribute("max")) == ("1", "1")
+    assert cells[3].text == "1 ok, 0 failed of 1"
     assert script_errors(page) == []
 
 

@@ -1,0 +1,155 @@
+"""The Batch API against the same requests sent synchronously, and what a running batch costs interactive requests.
+
+Starts `python -m app serve` (embedded Batch API, no Redis) on one class base and measures, with the real `openai`
+client: (1) the step time (latency at --steps minus latency at 1 step, over the extra steps); (2) lines/s of a
+--lines batch; (3) requests/s of the same requests sent synchronously by --clients clients; (4) the p50 latency of
+one-at-a-time interactive requests alone and while a second batch runs (its `added_ms`, and that in steps).
+JSON on stdout (and `--out`).
+
+    python -m bench.batch --lines 200 --clients 8 --steps 20 --out bench/results/batch.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import openai
+
+from bench.common import run_together, wait_ready
+
+FINAL = ("completed", "failed", "cancelled", "expired")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def body(i: int, steps: int) -> dict:
+    return {"prompt": str(i % 10), "seed": i, "steps": steps}
+
+
+def timed(oai: openai.OpenAI, b: dict) -> float:
+    t0 = time.perf_counter()
+    oai.images.generate(prompt=b["prompt"], extra_body={k: v for k, v in b.items() if k != "prompt"})
+    return time.perf_counter() - t0
+
+
+def p50_latency(oai: openai.OpenAI, steps: int, count: int, until=None) -> list[float]:
+    """Latencies of `count` one-at-a-time requests (stopping early once `until()` is true)."""
+    out = []
+    for i in range(count):
+        if until is not None and until():
+            break
+        out.append(timed(oai, body(1000 + i, steps)))
+    return out
+
+
+def submit(oai: openai.OpenAI, lines: int, steps: int, offset: int) -> str:
+    data = "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/images/generations",
+                               "body": body(offset + i, steps)}) + "\n" for i in range(lines)).encode()
+    file = oai.files.create(file=("bench.jsonl", data), purpose="batch")
+    return oai.batches.create(input_file_id=file.id, endpoint="/v1/images/generations", completion_window="24h").id
+
+
+def wait_batch(oai: openai.OpenAI, batch_id: str) -> float:
+    while True:
+        batch = oai.batches.retrieve(batch_id)
+        if batch.status in FINAL:
+            assert batch.status == "completed" and batch.request_counts.failed == 0, batch
+            return time.perf_counter()
+        time.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=Path("models/mnist.safetensors"), help="the class base served")
+    p.add_argument("--lines", type=int, default=200)
+    p.add_argument("--clients", type=int, default=8, help="synchronous clients sending the same requests")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--inflight", type=int, default=2, help="DMP_BATCH_INFLIGHT")
+    p.add_argument("--probes", type=int, default=15, help="interactive requests per latency measurement")
+    p.add_argument("--threads", type=int, default=1, help="DMP_TORCH_THREADS")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.steps < 5:
+        print("error: --steps must be at least 5 (the step time is a difference of latencies)", file=sys.stderr)
+        return 2
+    if not args.model.exists():
+        print(f"error: no base at {args.model}", file=sys.stderr)
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="bench-batch-"))
+    (root / "models").mkdir()
+    shutil.copy(args.model, root / "models")
+    port = free_port()
+    env = os.environ | {"DMP_MODEL_DIR": str(root / "models"), "DMP_PATCH_DIR": str(root / "patches"),
+                        "DMP_BATCH_DIR": str(root / "batch"), "DMP_TORCH_THREADS": str(args.threads),
+                        "DMP_BATCH_INFLIGHT": str(args.inflight), "DMP_MAX_QUEUE": "256", "DMP_LOG_LEVEL": "warning"}
+    log = root / "server.log"
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port)], env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url, log=log)
+        oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        one = statistics.median(p50_latency(oai, 1, args.probes))
+        alone = p50_latency(oai, args.steps, args.probes)
+        step_ms = 1000 * (statistics.median(alone) - one) / (args.steps - 1)
+
+        t0 = time.perf_counter()
+        batch_s = wait_batch(oai, submit(oai, args.lines, args.steps, 0)) - t0
+
+        todo, lock = list(range(args.lines)), threading.Lock()
+
+        def client():
+            c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    i = todo.pop()
+                timed(c, body(i, args.steps))
+
+        t0 = time.perf_counter()
+        run_together([threading.Thread(target=client) for _ in range(args.clients)])
+        sync_s = time.perf_counter() - t0
+
+        # interactive requests while a batch runs (stopping before its lines run out)
+        batch_id = submit(oai, args.lines, args.steps, 10_000)
+        time.sleep(1.0)  # its first lines are running
+        busy = p50_latency(oai, args.steps, args.probes,
+                           until=lambda: oai.batches.retrieve(batch_id).request_counts.completed > args.lines - 10)
+        wait_batch(oai, batch_id)
+        added_ms = 1000 * (statistics.median(busy) - statistics.median(alone))
+        result = {"lines": args.lines, "steps": args.steps, "inflight": args.inflight, "clients": args.clients,
+                  "torch_threads": args.threads, "step_ms": round(step_ms, 2),
+                  "batch_lines_per_s": round(args.lines / batch_s, 2),
+                  "sync_requests_per_s": round(args.lines / sync_s, 2),
+                  "batch_over_sync": round(sync_s / batch_s, 3),
+                  "interactive_p50_alone_ms": round(1000 * statistics.median(alone), 1),
+                  "interactive_p50_during_batch_ms": round(1000 * statistics.median(busy), 1),
+                  "interactive_probes_during_batch": len(busy),
+                  "added_ms": round(added_ms, 1), "added_steps": round(added_ms / step_ms, 2)}
+        print(json.dumps(result, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
