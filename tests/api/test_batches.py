@@ -10,10 +10,11 @@ import openai
 import pytest
 
 from tests.api.batch_helpers import WEBHOOK_SECRET, Receiver, content_lines, jsonl, line, run_batch, wait_final
-from tests.conftest import ServerProcess, asgi_client, wait_ready
+from tests.conftest import ADMIN_TOKEN, ServerProcess, asgi_client, make_patch_bytes, wait_ready
 
 KEYS = "alice:alice-key-0123456789abcdef,bob:bob-key-0123456789abcdef"
 MAX_FILE = 8192
+METRICS_TOKEN = "metrics-token-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,7 @@ def server(class_only_dirs, tmp_path_factory, receiver):
     proc = ServerProcess({"DMP_MODEL_DIR": str(class_only_dirs["models"]),
                           "DMP_PATCH_DIR": str(class_only_dirs["patches"]), "DMP_TORCH_THREADS": "1",
                           "DMP_API_KEYS": KEYS, "DMP_BATCH_DIR": str(root / "batch"),
+                          "DMP_ADMIN_TOKEN": ADMIN_TOKEN, "DMP_METRICS_TOKEN": METRICS_TOKEN,
                           "DMP_BATCH_MAX_FILE_BYTES": str(MAX_FILE), "DMP_WEBHOOK_URL": receiver.url,
                           "DMP_WEBHOOK_SECRET": WEBHOOK_SECRET}, root / "server.log")
     proc.wait_ready(timeout=180)
@@ -172,7 +174,7 @@ def test_cancel_skips_the_lines_not_run(alice, receiver):
 def test_batch_progress_is_in_metrics(server, alice):
     batch = run_batch(alice, [line(f"m{i}", {"prompt": "2", "seed": i, "steps": 2}) for i in range(3)])
     wait_final(alice, batch.id)
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     for series in ('dmp_batch_lines{state="queued"}', 'dmp_batch_lines{state="running"}',
                    'dmp_batch_lines_answered_total{kind="completed"}', "dmp_batch_oldest_pending_seconds",
                    'dmp_batches_finished_total{status="completed"}',
@@ -273,3 +275,19 @@ def test_a_server_that_stores_nothing_makes_no_batch_dir(class_only_dirs, tmp_pa
         assert c.get("/v1/batches").json()["data"] == [] and c.get("/v1/files").json()["data"] == []
         assert c.get("/v1/files/file-" + "0" * 24).status_code == 404
     assert not (tmp_path / "batch").exists()
+
+
+def test_a_line_sees_only_the_patches_of_its_owner_keys_tenant(server, alice, bob, class_only_dirs):
+    """A batch line runs as its batch's owner: another tenant's patch is an unknown model there, as it is live."""
+    patch = make_patch_bytes(class_only_dirs["bases"]["digits"], "digits", seed=77)
+    put = httpx.put(server.url + "/patches/alices-digits?owner=alice", content=patch,
+                    headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/octet-stream"})
+    assert put.status_code == 201, put.text
+    body = {"model": "alices-digits", "prompt": "4", "seed": 5, "steps": 2}
+    mine = wait_final(alice, run_batch(alice, [line("mine", body)]).id)
+    theirs = wait_final(bob, run_batch(bob, [line("theirs", body)]).id)
+    assert mine.request_counts.completed == 1 and mine.output_file_id, mine
+    assert theirs.request_counts.failed == 1 and theirs.output_file_id is None, theirs
+    [refused] = content_lines(bob, theirs.error_file_id)
+    assert refused["response"]["status_code"] == 404
+    assert refused["response"]["body"]["error"]["code"] == "model_not_found"
