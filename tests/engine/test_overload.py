@@ -52,9 +52,11 @@ def test_six_large_requests_admitted_together(engine_on, policy):
     """Issue 25 item 8, scaled down: six requests that each fill the batch and take ~0.7 of the deadline alone,
     sent together. The fair policy (main's only one) moves them in lockstep and none completes; the deadline
     policy admits what can finish, finishes it, and refuses the rest at once with Retry-After."""
-    timeout = 4.0
+    steps = 300
+    _, took = asyncio.run(timed(engine_on(max_batch=4), steps, 4, seed=99))
+    timeout = took / 0.7  # one request alone takes 0.7 of it: two take 1.4x, only a 36 % misestimate admits both
     engine = engine_on(max_batch=4, request_timeout=timeout, scheduler=policy)
-    steps = steps_for(engine, 0.7 * timeout, images=4)  # two take 1.4x: only a 36 % misestimate admits both
+    asyncio.run(timed(engine, steps, 4, seed=98))  # this engine's own step times
 
     async def six():
         return await asyncio.gather(*(timed(engine, steps, 4, seed=i) for i in range(6)))
@@ -69,7 +71,7 @@ def test_six_large_requests_admitted_together(engine_on, policy):
     assert done and not cut, results  # everything admitted finished
     assert len(done) + len(refused) == 6
     for error, took in refused:
-        assert error.error_type == "deadline_unreachable" and took < 1.0, (error, took)
+        assert error.error_type == "deadline_unreachable" and took < 0.2 * timeout, (error, took)
         assert int(error.headers["Retry-After"]) >= 1
 
 
