@@ -1,12 +1,13 @@
 """Goodput under overload: completed requests per second at 1x and 2x the server's capacity (open-loop arrivals).
 
 Starts `python -m app serve` from `--repo` (so the same bench measures another checkout, e.g. main before a change)
-on one class base, measures its capacity with closed-loop clients, then offers requests at `--loads` times that
-rate for `--seconds` each. A request counts when it answers 200 (its deadline is DMP_REQUEST_TIMEOUT); 429 and
-503 are refusals and cuts. JSON on stdout (and `--out`): per load the offered and completed rates, the goodput,
-codes, p50/p95 latency of the completed, and `goodput_ratio` (each load's goodput / the 1x goodput).
+on one class base, measures its capacity with closed-loop clients, then, for each of `--schedulers`
+(DMP_SCHEDULER: a server each, the same offered rates), offers requests at `--loads` times that rate for
+`--seconds` each. A request counts when it answers 200 (its deadline is DMP_REQUEST_TIMEOUT); 429 and 503 are
+refusals and cuts. JSON on stdout (and `--out`): per scheduler and load the offered and completed rates, the
+goodput, codes, p50/p95 latency of the completed, and `goodput_ratio` (each load's goodput / the first load's).
 
-    python -m bench.overload --repo . --steps 100 --timeout 6 --seconds 40 --out bench/results/overload.json
+    python -m bench.overload --repo . --steps 50 --timeout 5 --seconds 30 --out bench/results/overload.json
 """
 from __future__ import annotations
 
@@ -35,12 +36,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(repo: Path, models: Path, timeout: float, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(repo: Path, models: Path, timeout: float, threads: int, scheduler: str,
+                 log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     patches = Path(tempfile.mkdtemp(prefix="overload-patches-"))
     env = os.environ | {"PYTHONPATH": str(repo), "DMP_MODEL_DIR": str(models), "DMP_PATCH_DIR": str(patches),
                         "DMP_REQUEST_TIMEOUT": str(timeout), "DMP_TORCH_THREADS": str(threads),
-                        "DMP_MAX_QUEUE": "256", "DMP_LOG_LEVEL": "warning"}
+                        "DMP_SCHEDULER": scheduler, "DMP_MAX_QUEUE": "256", "DMP_LOG_LEVEL": "warning"}
     proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port)], cwd=repo, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=1, help="closed-loop clients measuring the capacity (1: requests "
                                                          "never share a step, so none runs out of time)")
     p.add_argument("--threads", type=int, default=1, help="DMP_TORCH_THREADS")
+    p.add_argument("--schedulers", nargs="+", default=["fair", "deadline"], choices=["fair", "deadline"],
+                   help="DMP_SCHEDULER of each server measured (fair: main's policy before the deadline one)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     models = Path(tempfile.mkdtemp(prefix="overload-models-"))
@@ -112,23 +116,26 @@ def main(argv: list[str] | None = None) -> int:
     sidecar = args.model.with_suffix(".json")
     if sidecar.exists():
         shutil.copy(sidecar, models)
-    log = Path(tempfile.mkstemp(prefix="overload-server-", suffix=".log")[1])
-    proc, url = start_server(args.repo.resolve(), models, args.timeout, args.threads, log)
     body = {"class_label": 3, "steps": args.steps}
-    try:
-        mu = capacity(url, body, args.clients, args.seconds / 2)
-        if mu == 0:
-            raise RuntimeError("no request completed while measuring the capacity: raise --timeout")
-        out = {"repo": str(args.repo.resolve()), "steps": args.steps, "timeout_s": args.timeout,
-               "seconds": args.seconds, "capacity_rps": mu, "loads": {}}
-        for load in args.loads:
-            out["loads"][str(load)] = offer(url, body, load * mu, args.seconds)
-            time.sleep(args.timeout)  # what was cut has drained before the next load
-        base = out["loads"][str(args.loads[0])]["goodput_rps"]
-        out["goodput_ratio"] = {k: (v["goodput_rps"] / base if base else None) for k, v in out["loads"].items()}
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    out: dict = {"repo": str(args.repo.resolve()), "steps": args.steps, "timeout_s": args.timeout,
+                 "seconds": args.seconds, "schedulers": {}}
+    for scheduler in args.schedulers:
+        log = Path(tempfile.mkstemp(prefix=f"overload-server-{scheduler}-", suffix=".log")[1])
+        proc, url = start_server(args.repo.resolve(), models, args.timeout, args.threads, scheduler, log)
+        try:
+            if "capacity_rps" not in out:  # measured once: every scheduler is offered the same rates
+                out["capacity_rps"] = capacity(url, body, args.clients, args.seconds / 2)
+                if out["capacity_rps"] == 0:
+                    raise RuntimeError("no request completed while measuring the capacity: raise --timeout")
+            loads = out["schedulers"][scheduler] = {}
+            for load in args.loads:
+                loads[str(load)] = offer(url, body, load * out["capacity_rps"], args.seconds)
+                time.sleep(args.timeout)  # what was cut has drained before the next load
+            first = loads[str(args.loads[0])]["goodput_rps"]
+            loads["goodput_ratio"] = {k: (v["goodput_rps"] / first if first else None) for k, v in loads.items()}
+        finally:
+            proc.terminate()
+            proc.wait(30)
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:

@@ -13,7 +13,8 @@ DESCRIPTIONS = {
     413: "Body too large (patch uploads: DMP_MAX_PATCH_BYTES; /generate: 1 MiB)",
     415: "Upload not sent as application/octet-stream",
     422: "Invalid request or refused patch",
-    429: "Admission queue full (DMP_MAX_QUEUE) or the API key's rate limit reached; see Retry-After",
+    429: "Admission queue full (DMP_MAX_QUEUE), the request cannot finish before its deadline (deadline_unreachable) "
+         "or the API key's rate limit reached; see Retry-After",
     500: "Unexpected server error",
     503: "Not ready, draining, registry unreachable, or deadline exceeded",
 }

@@ -56,6 +56,18 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default (all cores)")
     max_queue: int = Field(64, ge=1, description="Requests admitted at once (waiting + running); beyond: 429")
     max_batch: int = Field(16, ge=1, description="Images per batched forward (before CFG doubling)")
+    scheduler: Literal["deadline", "fair"] = Field("deadline", description="deadline: refuse (429 "
+                                                   "deadline_unreachable) a request the measured step times say "
+                                                   "cannot finish before its deadline, run large requests earliest "
+                                                   "deadline first; fair: admit up to DMP_MAX_QUEUE and advance "
+                                                   "every request together (least steps done first)")
+    max_background: int = Field(256, ge=0, description="Background (batch) requests admitted at once, counted apart "
+                                                       "from DMP_MAX_QUEUE; beyond: 429 background_full")
+    background_timeout: float = Field(86400.0, gt=0, description="Seconds a background request may take end to "
+                                                                 "end (it yields to interactive ones)")
+    background_slowdown: float = Field(0.1, ge=0, description="How much slower (fraction of its measured time) "
+                                                              "background rows may make an interactive step they "
+                                                              "join; 0 = they run only in steps of their own")
     patch_slots: int = Field(16, ge=2, description="Device patch slots per base (slot 0 = the base itself): an LRU "
                                                    "cache; any number of patches can be stored")
     patch_host_bytes: int = Field(2 * 1024 ** 3, ge=0, description="Host-memory cache of validated patches, bytes "

@@ -1,14 +1,18 @@
 """Step-level batcher: one runner thread owns the device and advances every running job of a base together.
 
 Each loop iteration picks a base (round robin), lets waiting requests of that base join its running set at
-this step boundary, shares the step's DMP_MAX_BATCH images between the running requests (least progress first),
-runs one `denoise_step` for them (each job carries its own timestep, sampler and patch slot), then decodes and
-answers the jobs that finished. Sharing rows at every step is what keeps a small request's latency independent of
-big ones admitted before it: a 5-step request behind two 1000-step x 8-image ones takes 5 steps, not 1000.
+this step boundary, shares the step's DMP_MAX_BATCH images between the running requests (`share`: small requests
+least progress first, large ones earliest deadline first, background rows only where interactive ones leave
+room), runs one `denoise_step` for them (each job carries its own timestep, sampler and patch slot), times it, then
+decodes and answers the jobs that finished. Sharing rows at every step is what keeps a small request's latency
+independent of big ones admitted before it: a 5-step request behind two 1000-step x 8-image ones takes 5 steps,
+not 1000. `admit` replays that schedule with the measured step times (app/engine/eta.py) to refuse, under the
+deadline policy, a request that could not finish before its deadline or would make an admitted one miss its own.
 """
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -17,22 +21,29 @@ from concurrent.futures import Future
 
 import torch
 
-from app.core.errors import ClientGone, ServiceError, Unavailable
+from app.core.errors import ClientGone, Overloaded, ServiceError, Unavailable
 from app.core.metrics import Metrics
 from app.engine.bases import ServedBase
-from app.engine.share import share
+from app.engine.eta import Planned, StepCosts, finish_times
+from app.engine.share import Policy, share
 from app.engine.work import Progress, Result, Work, past_deadline
 from app.model.sampling import denoise_step, eager_step
 from app.model.vae import to_uint8
 
 log = logging.getLogger("dmp.batcher")
+HEADROOM = 0.9  # admit only what the replay finishes within this share of its time left (estimates drift with load)
 
 
 class Batcher:
     """Waiting queues per base, the running batch per base, and the runner thread."""
 
-    def __init__(self, bases: dict[str, ServedBase], max_batch: int, dtype, metrics: Metrics):
+    def __init__(self, bases: dict[str, ServedBase], max_batch: int, dtype, metrics: Metrics,
+                 policy: Policy = "deadline", slowdown: float = 0.1):
         self.bases, self.max_batch, self.metrics = bases, max_batch, metrics
+        self.policy, self.slowdown = policy, slowdown  # DMP_SCHEDULER, DMP_BACKGROUND_SLOWDOWN
+        self.costs = StepCosts()
+        self.admitted: set[Work] = set()  # admitted by `admit`, not yet `put` (encoding, pinning)
+        self._admit_lock = threading.Lock()  # one admission replay at a time, so two cannot both take the last room
         # each base's step: its bucketed graphs, or the eager forward; both read patches from the pool's slots
         self.steps = {name: b.forward.step if b.forward is not None else
                       eager_step(b.model, b.patches.pool, dtype=dtype) for name, b in bases.items()}
@@ -54,8 +65,55 @@ class Batcher:
         if self.thread.is_alive():
             self.thread.join(timeout)
 
+    def admit(self, work: Work) -> None:
+        """Count `work` as admitted from now on; under the deadline policy first refuse it (429 deadline_unreachable,
+        Retry-After the estimated wait) when the replayed schedule finishes it after its deadline, or finishes an
+        admitted request late that was on time without it. Background work is never refused here."""
+        with self._admit_lock:
+            if self.policy == "deadline" and not work.background:
+                self._check_reachable(work)
+            with self.cond:
+                self.admitted.add(work)
+
+    def withdraw(self, work: Work) -> None:
+        """An admitted work that will not be `put` (its condition or patch failed)."""
+        with self.cond:
+            self.admitted.discard(work)
+
+    def _check_reachable(self, work: Work) -> None:
+        now = time.monotonic()
+        with self.cond:
+            pending = [*self.admitted] + [w for q in self.waiting.values() for w in q] + \
+                      [w for r in self.running.values() for w in r]
+        plans = [_plan(w) for w in pending if w.steps_done < w.steps]
+        if not any(not p.background for p in plans):
+            return  # nothing interactive ahead: it runs alone, the best it can get
+        new = _plan(work)
+        replay = (self.costs, self.max_batch, self.policy, self.slowdown, now)
+        without, with_new = finish_times(plans, *replay), finish_times([*plans, new], *replay)
+
+        def limit(p: Planned) -> float:  # the deadline less a margin for the estimate's error
+            return now + HEADROOM * (p.deadline - now)
+
+        late = [p for p in without if without[p] <= limit(p) < with_new[p]]
+        if with_new[new] <= limit(new) and not late:
+            return
+        drained = max((t for t in without.values() if math.isfinite(t)), default=new.deadline) - now
+        if with_new[new] > limit(new):
+            finish = with_new[new] - now
+            why = (f"it would finish in about {finish:.1f} s, too close to or after its deadline "
+                   f"({new.deadline - now:.1f} s)" if math.isfinite(finish) else
+                   f"it would not finish before its deadline ({new.deadline - now:.1f} s)")
+            wait = with_new[new] - limit(new) if math.isfinite(finish) else drained
+        else:
+            why = f"it would make {len(late)} admitted request(s) miss their deadline"
+            wait = max(without[p] for p in late) - now
+        raise Overloaded(f"{why} behind the {len(plans)} request(s) admitted before it; retry later",
+                         error_type="deadline_unreachable", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
     def put(self, work: Work) -> None:
         with self.cond:
+            self.admitted.discard(work)
             work.ahead = len(self.waiting[work.spec.model])
             self.waiting[work.spec.model].append(work)
             self.metrics.queue_depth.inc()
@@ -80,15 +138,20 @@ class Batcher:
                     self.cond.wait()
                 if self.stopping:
                     break
+                began = time.perf_counter()  # a step's cost is its whole turn of the loop, less decodes and calls
                 # at most one call per step: queued gate maps cannot starve generation, nor the reverse
                 call = self.calls.popleft() if self.calls else None
                 name = self._next_base()
                 if name is not None:
                     self._join_waiting(name)
             if call is not None:
+                called = time.perf_counter()
                 self._run_call(*call)
+                began += time.perf_counter() - called
             if name is not None:
-                self._step(name)
+                images, decoding = self._step(name)
+                if images:
+                    self.costs.observe_step(name, images, time.perf_counter() - began - decoding)
         self._fail_all(Unavailable("the service is shutting down", error_type="shutting_down"))
 
     def _has_work(self) -> bool:
@@ -114,10 +177,12 @@ class Batcher:
         return None
 
     def _join_waiting(self, name: str) -> None:
-        """Move waiting requests into the running set, oldest first, as far as the base's slots seat their patch
-        versions (PatchSlots.seat_waiting; the rest keep waiting); caller holds the lock."""
+        """Move waiting requests into the running set, interactive then background, oldest first, as far as the
+        base's slots seat their patch versions (PatchSlots.seat_waiting; the rest keep waiting); caller holds the
+        lock."""
         queue = self.waiting[name]
-        live, kept = [w for w in queue if not self._dropped(w)], []
+        # interactive first: background work waiting for a slot never holds up an interactive request
+        live, kept = sorted((w for w in queue if not self._dropped(w)), key=lambda w: w.background), []
         for work, mix in zip(live, self.bases[name].patches.seat_waiting([w.pin for w in live]), strict=True):
             if mix is None:
                 kept.append(work)
@@ -141,13 +206,14 @@ class Batcher:
             return True
         return False
 
-    def _step(self, name: str) -> None:
+    def _step(self, name: str) -> tuple[int, float]:
+        """One batched step of base `name`: (images stepped, seconds spent decoding finished jobs)."""
         base = self.bases[name]
         running = [w for w in self.running[name] if not self._dropped(w)]
         self.running[name] = running
         if not running:
-            return
-        works = share(running, self.max_batch)
+            return 0, 0.0
+        works = share(running, self.max_batch, self.policy, lambda n: self.costs.step(name, n), self.slowdown)
         now = time.perf_counter()
         for w in works:
             w.started_at = w.started_at or now
@@ -162,14 +228,16 @@ class Batcher:
             self.running[name] = [w for w in running if w not in works]
             for w in works:
                 self._finish(w, error=e)
-            return
+            return 0, 0.0
         self.running[name] = [w for w in running if not w.running_job.done]
+        decoding = 0.0
         for w in works:
             job = w.running_job
             if w.follow:
                 w.report(Progress(job.index, len(job.t_list), self._preview(base, x0s.get(job))))
             if job.done:
-                self._decode(base, w)
+                decoding += self._decode(base, w)
+        return images, decoding
 
     @staticmethod
     def _preview(base: ServedBase, x0) -> torch.Tensor | None:
@@ -182,20 +250,23 @@ class Batcher:
             log.exception("preview decode failed for base %s", base.name)
             return None
 
-    def _decode(self, base: ServedBase, work: Work) -> None:
+    def _decode(self, base: ServedBase, work: Work) -> float:
+        """Decode and answer a finished job; the seconds it took."""
         sampled = time.perf_counter()
         try:
             images = to_uint8(base.vae.decode(work.running_job.latents))  # (n, H, W, C)
         except Exception as e:
             log.exception("decode failed for base %s", base.name)
             self._finish(work, error=e)
-            return
+            return time.perf_counter() - sampled
         done, started = time.perf_counter(), work.started_at
+        self.costs.observe_decode(base.name, work.images, done - sampled)
         assert started is not None, "set when the work joined its first step"
         timings = {"queue_ms": 1000 * (started - work.admitted_at),
                    "sample_ms": 1000 * (sampled - started), "decode_ms": 1000 * (done - sampled)}
         versions = tuple(v.version for v in work.pin.versions) if work.pin else None
         self._finish(work, result=Result(images, versions, timings))
+        return time.perf_counter() - sampled
 
     def _finish(self, work: Work, result: Result | None = None, error: BaseException | None = None) -> None:
         if work.pin is not None:
@@ -214,6 +285,7 @@ class Batcher:
     def _fail_all(self, error: ServiceError) -> None:
         with self.cond:
             pending = [w for q in self.waiting.values() for w in q] + [w for r in self.running.values() for w in r]
+            self.admitted.clear()
             calls, self.calls = list(self.calls), deque()
             for q in self.waiting.values():
                 self.metrics.queue_depth.dec(len(q))
@@ -225,3 +297,8 @@ class Batcher:
         for _, future in calls:
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
+
+
+def _plan(work: Work) -> Planned:
+    return Planned(work.spec.model, work.images, work.steps, work.steps_done, work.admitted_at, work.deadline,
+                   work.background)

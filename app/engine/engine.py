@@ -50,6 +50,7 @@ class Engine:
         self.state = "starting"  # starting -> warming -> ready -> draining -> stopped; or failed
         self.error: str | None = None
         self._inflight = 0
+        self._background = 0  # background requests in flight: bounded by DMP_MAX_BACKGROUND, not DMP_MAX_QUEUE
         self._lock = threading.Condition()
         self._encoder_lock = threading.Lock()
 
@@ -77,7 +78,8 @@ class Engine:
                 if base.forward is not None:
                     # one CUDA graph / compiled CPU step per batch bucket, before the runner starts
                     base.forward.capture(progress=f"graphs {base.name}")
-            self.batcher = Batcher(self.bases, self.settings.max_batch, self.settings.torch_dtype, self.metrics)
+            self.batcher = Batcher(self.bases, self.settings.max_batch, self.settings.torch_dtype, self.metrics,
+                                   self.settings.scheduler, self.settings.background_slowdown)
             self.batcher.start()
             self.state = "warming"
             if self.settings.warmup:
@@ -224,14 +226,28 @@ class Engine:
             self._inflight += 1
             self.metrics.inflight.set(self._inflight)
 
+    def _admit_background(self) -> None:
+        self.check_admitting()
+        with self._lock:
+            if self._background >= self.settings.max_background:
+                raise Overloaded(f"{self._background} background requests in flight "
+                                 f"(DMP_MAX_BACKGROUND={self.settings.max_background}); retry later",
+                                 error_type="background_full")
+            self._background += 1
+
+    def _done_background(self, _future: Future | None) -> None:
+        with self._lock:
+            self._background -= 1
+
     async def open(self, spec: Spec, *, follow: bool = False, previews: int = 0, preview_format: str = "png",
                    internal: bool = False, tenant: str | None = None, background: bool = False) -> Work:
         """Start a request: its Work, whose `events()` is the request's stream (a cache hit's is its Done alone).
 
-        Refusals (draining, queue full, patch gone) raise here, before any byte of a reply is sent. `follow`: the
-        stream reports every step; `previews` of them, evenly spaced, carry the decoded x0 prediction. `tenant`: the
-        caller's, as given to resolve (the patch is looked up again here: the name may have changed hands since).
-        `background`: batch work, marked on the Work for the batcher's priority class."""
+        Refusals (draining, queue full, deadline unreachable, patch gone) raise here, before any byte of a reply is
+        sent. `follow`: the stream reports every step; `previews` of them, evenly spaced, carry the decoded x0
+        prediction. `tenant`: the caller's, as given to resolve (the patch is looked up again here: the name may have
+        changed hands since). `background`: batch work, stepped only with the rows interactive requests leave (paused
+        at a step boundary while they want them), admitted under DMP_MAX_BACKGROUND with DMP_BACKGROUND_TIMEOUT."""
         started = time.perf_counter()
         self.check_admitting(internal)  # also before the cache: a draining server answers nothing new
         hit = await self._cached(spec, tenant)
@@ -239,22 +255,34 @@ class Engine:
             self._observe(spec, hit, time.perf_counter() - started)
             return Work(spec, ready=hit, background=background)
         work = Work(spec, inbox=Inbox(asyncio.get_running_loop()), follow=follow, preview_format=preview_format,
-                    background=background,
                     preview_at=preview_steps(spec.steps, previews) if follow else frozenset(),
-                    on_done=lambda done: self._finished(spec, done, started))
+                    on_done=lambda done: self._finished(spec, done, started), background=background)
         # admission, then encoding the condition and pinning (which may read the patch back from the store)
         await to_thread.run_sync(self._submit, work, internal, tenant)
         return work
 
     def _submit(self, work: Work, internal: bool, tenant: str | None) -> None:
-        """Admit (bounded by DMP_MAX_QUEUE), encode the condition, pin the patch version, make the sampling job and
-        queue the work. The device slot is taken later, by the runner, when the request joins the batch."""
-        self._admit(internal)
+        """Admit (bounded by DMP_MAX_QUEUE, or DMP_MAX_BACKGROUND; under the deadline scheduler only what can finish
+        in time), encode the condition, pin the patch versions, make the sampling job and queue the work. The device
+        slot is taken later, by the runner, when the request joins the batch."""
+        assert self.registry is not None and self.batcher is not None, "admitting starts after start()"
+        registry, batcher = self.registry, self.batcher
+        if work.background:
+            self._admit_background()
+            done, timeout = self._done_background, self.settings.background_timeout
+        else:
+            self._admit(internal)
+            done, timeout = self._done, self.settings.request_timeout
+        work.deadline = time.monotonic() + timeout
+        try:
+            if not internal:
+                batcher.admit(work)
+        except BaseException:
+            done(None)
+            raise
         spec = work.spec
         base = self.bases[spec.model]
         pin = Pins([], [s for _, s in spec.patches]) if spec.patches else None
-        assert self.registry is not None and self.batcher is not None, "admitting starts after start()"
-        registry, batcher = self.registry, self.batcher
         try:
             y = self.condition(base, spec)
             for name, _ in spec.patches:  # every patch of the request pinned for its life
@@ -275,11 +303,12 @@ class Engine:
         except BaseException:
             if pin is not None:
                 base.patches.release(pin)
-            self._done(None)
+            batcher.withdraw(work)
+            done(None)
             raise
-        work.pin, work.deadline = pin, time.monotonic() + self.settings.request_timeout
+        work.pin = pin
         work.admitted_at = time.perf_counter()
-        work.future.add_done_callback(self._done)
+        work.future.add_done_callback(done)
         assert work.inbox is not None, "made with an inbox by generate()"
         work.future.add_done_callback(work.inbox.put)  # after the runner's last report: the result comes last
         batcher.put(work)

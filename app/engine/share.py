@@ -1,11 +1,19 @@
-"""Which running requests one batched step advances: the fairness rule of the batcher, as a pure function."""
+"""Which running requests one batched step advances: the batcher's scheduling rule, as a pure function.
+
+Interactive requests come first. Under the `deadline` policy (DMP_SCHEDULER) a small request (at most
+SMALL_BATCH_STEPS full batches of work) goes first, least steps done first, so its latency is its own steps
+whatever was admitted before it; large requests follow, earliest deadline first, so they finish one after the
+other instead of advancing in lockstep until every one of them runs out of time. The `fair` policy puts every
+interactive request in the least-steps-done order. Background requests take only the rows left over, and only
+while they make the interactive step at most `slowdown` slower by the measured step times.
+"""
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol, TypeVar
 
-if TYPE_CHECKING:
-    from app.model.sampling import Job
+Policy = Literal["deadline", "fair"]
+SMALL_BATCH_STEPS = 25  # a request is small when steps x images is at most this many full batches (max_batch rows)
 
 
 class Running(Protocol):
@@ -13,28 +21,63 @@ class Running(Protocol):
     def images(self) -> int: ...  # rows it needs (before CFG doubling)
 
     @property
+    def steps(self) -> int: ...  # steps it runs in all
+
+    @property
+    def steps_done(self) -> int: ...
+
+    @property
     def admitted_at(self) -> float: ...
 
     @property
-    def job(self) -> Job | None: ...  # its sampling Job (set for every running request): `index` is its steps done
+    def deadline(self) -> float: ...  # monotonic
+
+    @property
+    def background(self) -> bool: ...
 
 
 R = TypeVar("R", bound=Running)
 
 
-def _steps_done(w: Running) -> int:
-    assert w.job is not None, "a running request has a job"
-    return w.job.index
+def is_small(work: Running, max_batch: int) -> bool:
+    """Work (steps x images) of at most SMALL_BATCH_STEPS full batches: it keeps least-progress-first fairness."""
+    return work.steps * work.images <= SMALL_BATCH_STEPS * max_batch
 
 
-def share(works: Sequence[R], max_batch: int) -> list[R]:
-    """Least steps done first (then oldest), while their images fit in `max_batch` (always at least one). A new
-    request starts ahead of long-running ones and keeps its rows until it has caught up with them, so its latency
-    is its own steps, whatever was admitted before it."""
-    chosen: list[R] = []
-    room = max_batch
-    for w in sorted(works, key=lambda w: (_steps_done(w), w.admitted_at)):
+def priority(work: Running, max_batch: int, policy: Policy) -> tuple:
+    """The interactive order: smaller runs first."""
+    if policy == "fair" or is_small(work, max_batch):
+        return (0, work.steps_done, work.admitted_at)
+    return (1, work.deadline, work.admitted_at)
+
+
+def _fill(ordered: Sequence[R], room: int, chosen: list[R]) -> int:
+    """Append works in order while their images fit in `room` (the first always fits an empty batch)."""
+    for w in ordered:
         if w.images <= room or not chosen:
             chosen.append(w)
             room -= w.images
+    return room
+
+
+def share(works: Sequence[R], max_batch: int, policy: Policy = "deadline",
+          step_seconds: Callable[[int], float] | None = None, slowdown: float = 0.0) -> list[R]:
+    """The works one step advances, at most `max_batch` images (always at least one work). `step_seconds(rows)`:
+    the measured seconds of a step of that many images; background rows join interactive ones only while it stays
+    within (1 + slowdown) x the interactive rows' own step (never without a measure)."""
+    chosen: list[R] = []
+    room = _fill(sorted((w for w in works if not w.background), key=lambda w: priority(w, max_batch, policy)),
+                 max_batch, chosen)
+    background = sorted((w for w in works if w.background), key=lambda w: (w.deadline, w.admitted_at))
+    if not chosen:
+        _fill(background, max_batch, chosen)
+        return chosen
+    if step_seconds is None:
+        return chosen
+    rows = max_batch - room
+    limit = (1 + slowdown) * step_seconds(rows)
+    for w in background:
+        if w.images <= room and step_seconds(rows + w.images) <= limit:
+            chosen.append(w)
+            rows, room = rows + w.images, room - w.images
     return chosen

@@ -133,7 +133,6 @@ class Work:
     follow: bool = False  # the runner reports every step (streaming routes)
     preview_at: frozenset[int] = frozenset()  # steps after which the report carries the decoded x0 prediction
     preview_format: str = "png"
-    background: bool = False  # batch work: the batcher fills it only into capacity interactive work leaves free
     ready: Done | None = None
     on_done: Callable[[Done], None] | None = None  # the engine's bookkeeping (cache, metrics); blocking, off the loop
     future: Future = field(default_factory=Future)
@@ -142,6 +141,7 @@ class Work:
     started_at: float | None = None
     ahead: int = 0
     seated: bool = False  # its pin holds a device slot (set by the runner when it joins the batch)
+    background: bool = False  # batch work: only the rows interactive requests leave, its own admission bound
 
     @property
     def running_job(self) -> Job:
@@ -152,6 +152,14 @@ class Work:
     @property
     def images(self) -> int:
         return self.spec.num_images
+
+    @property
+    def steps(self) -> int:
+        return len(self.job.t_list) if self.job is not None else self.spec.steps
+
+    @property
+    def steps_done(self) -> int:
+        return self.job.index if self.job is not None else 0
 
     def cancel(self) -> None:
         """The client went away (or gave up): the runner drops this work at the next step boundary."""

@@ -12,7 +12,9 @@ from test_server import SLOWER, metric
 def test_small_request_finishes_before_big_ones_admitted_before_it(start_server, class_only_dirs):
     """Two 1000-step x 8-image requests fill DMP_MAX_BATCH=16; a 5-step request sent after them must finish while
     both are still running (FIFO admission made it wait for one of them to end)."""
-    server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"], max_batch=16)
+    # a deadline no load reaches: this is about sharing rows, not about admission refusing what cannot finish
+    server = start_server(model_dir=class_only_dirs["models"], patch_dir=class_only_dirs["patches"], max_batch=16,
+                          request_timeout=3600)
     big: list[httpx.Response] = []
 
     def post_big():

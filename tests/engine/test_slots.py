@@ -109,15 +109,3 @@ def test_a_composition_seats_all_its_versions_or_none(setup):
     slots.release(mix, seated=True)
     assert all(v.refs == 0 and v.seated == 0 for v in mix.versions)
 
-
-def test_share_is_pure_least_progress_first():
-    from types import SimpleNamespace as NS
-
-    from app.engine.share import share
-
-    works = [NS(images=4, admitted_at=1, job=NS(index=9)), NS(images=8, admitted_at=2, job=NS(index=0)),
-             NS(images=4, admitted_at=3, job=NS(index=0)), NS(images=16, admitted_at=0, job=NS(index=0))]
-    assert share(works, 16) == [works[3]]  # the oldest of the least advanced fills the batch alone
-    assert share(works[:3], 16) == [works[1], works[2], works[0]]
-    assert share(works[:3], 8) == [works[1]]
-    assert [w.job.index for w in works] == [9, 0, 0, 0]  # nothing changed

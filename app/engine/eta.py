@@ -1,0 +1,146 @@
+"""Completion-time estimates for admission: measured step times per base and batch size, and a replay of the
+batcher's own schedule (round robin over bases, `share` at every step, deadline cuts, decodes) on a copy of what
+is admitted."""
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+from app.engine.share import Policy, is_small, share
+
+SMOOTHING = 0.05  # weight of a new measurement in the moving averages: ~20 steps, steadier than one slow step
+MAX_ROUNDS = 20_000  # a replay longer than this is cut: what it did not finish counts as late
+
+
+class StepCosts:
+    """Seconds per batched step by images in the batch, and decode seconds per image, for each base; moving
+    averages written by the runner thread and read by admission."""
+
+    def __init__(self) -> None:
+        self._steps: dict[str, dict[int, float]] = {}
+        self._decode: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def observe_step(self, base: str, images: int, seconds: float) -> None:
+        with self._lock:
+            table = self._steps.setdefault(base, {})
+            old = table.get(images)
+            table[images] = seconds if old is None else old + SMOOTHING * (seconds - old)
+
+    def observe_decode(self, base: str, images: int, seconds: float) -> None:
+        per = seconds / max(1, images)
+        with self._lock:
+            old = self._decode.get(base)
+            self._decode[base] = per if old is None else old + SMOOTHING * (per - old)
+
+    def measured(self, base: str) -> bool:
+        return bool(self._steps.get(base))
+
+    def step(self, base: str, images: int) -> float:
+        """Seconds of one step of `images` rows: measured, else linear between the nearest measured sizes, else
+        proportional to the nearest one (more rows cost more; 0 before any step of the base ran)."""
+        with self._lock:
+            table = dict(self._steps.get(base, {}))
+        if not table:
+            return 0.0
+        if images in table:
+            return table[images]
+        below = max((n for n in table if n < images), default=None)
+        above = min((n for n in table if n > images), default=None)
+        if below is not None and above is not None:
+            return table[below] + (table[above] - table[below]) * (images - below) / (above - below)
+        near = below if below is not None else above
+        assert near is not None, "the table is not empty"
+        return table[near] * images / near
+
+    def decode(self, base: str, images: int) -> float:
+        return self._decode.get(base, 0.0) * images
+
+
+@dataclass(eq=False)
+class Planned:
+    """A request as the replay sees it (`share`'s Running)."""
+
+    base: str
+    images: int
+    steps: int
+    steps_done: int
+    admitted_at: float
+    deadline: float
+    background: bool = False
+
+
+def finish_times(plans: Sequence[Planned], costs: StepCosts, max_batch: int, policy: Policy, slowdown: float,
+                 now: float) -> Mapping[Planned, float]:
+    """When each interactive plan is done (monotonic), replaying the batcher from `now`; math.inf for a plan cut
+    at its deadline. The replay ends when no interactive plan is left (background plans only shape the steps)."""
+    left = {p: p.steps_done for p in plans}  # plan -> steps done so far in the replay
+    finish: dict[Planned, float] = {}
+    clock, rounds = now, 0
+    while any(not p.background for p in left) and rounds < MAX_ROUNDS:
+        rounds += 1
+        by_base: dict[str, list[Planned]] = {}
+        for p in left:
+            by_base.setdefault(p.base, []).append(p)
+        # per base: the works advanced, the steps one turn of them takes and what such a step costs. The same works
+        # are chosen until one finishes; when small ones overflow the batch they rotate (least steps done first),
+        # so a turn is then every small work advancing one step, over ceil(their rows / max_batch) steps
+        turns: dict[str, tuple[list[Planned], int, float]] = {}
+        for base, ps in by_base.items():
+            views = [_View(p, left[p]) for p in ps]
+            picked = share(views, max_batch, policy, partial(costs.step, base), slowdown)
+            small = [v.plan for v in views if not v.background and is_small(v, max_batch)]
+            if len({id(v) for v in picked} & {id(v) for v in views if v.plan in small}) < len(small):
+                steps = math.ceil(sum(p.images for p in small) / max_batch)
+                turns[base] = small, steps, costs.step(base, max_batch)
+            else:
+                turns[base] = [v.plan for v in picked], 1, costs.step(base, sum(v.images for v in picked))
+        # one unit: the longest turn; round robin gives every base that many steps
+        unit = max(steps for _, steps, _ in turns.values())
+        per_unit = sum(unit * cost for _, _, cost in turns.values())
+        jump = max(1, min((p.steps - left[p]) // (unit // steps) for ps, steps, _ in turns.values() for p in ps))
+        cut = min((p.deadline for p in left), default=math.inf)
+        if per_unit > 0 and cut > clock:
+            jump = max(1, min(jump, math.ceil((cut - clock) / per_unit)))
+        clock += jump * per_unit
+        for base, (ps, steps, _) in turns.items():
+            for p in ps:
+                left[p] += jump * (unit // steps)
+                if left[p] >= p.steps:
+                    clock += costs.decode(base, p.images)
+                    finish[p] = clock
+                    del left[p]
+        for p in [p for p in left if p.deadline <= clock]:  # the runner drops what ran out of time
+            del left[p]
+    return {p: finish.get(p, math.inf) for p in plans if not p.background}
+
+
+@dataclass(eq=False)
+class _View:
+    """A plan with the replay's progress, as `share` reads it."""
+
+    plan: Planned
+    steps_done: int
+
+    @property
+    def images(self) -> int:
+        return self.plan.images
+
+    @property
+    def steps(self) -> int:
+        return self.plan.steps
+
+    @property
+    def admitted_at(self) -> float:
+        return self.plan.admitted_at
+
+    @property
+    def deadline(self) -> float:
+        return self.plan.deadline
+
+    @property
+    def background(self) -> bool:
+        return self.plan.background

@@ -1,0 +1,133 @@
+"""The scheduling rule (`share`) and the admission replay (`finish_times`) as pure functions."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from app.engine.eta import Planned, StepCosts, finish_times
+from app.engine.share import share
+
+
+@dataclass(eq=False)
+class W:
+    images: int
+    steps_done: int = 0
+    admitted_at: float = 0.0
+    deadline: float = 100.0
+    steps: int = 10
+    background: bool = False
+
+
+def run(works: list[W], max_batch: int, policy: str = "deadline") -> list[W]:
+    """Step `share` until every work is done; the works in the order they finished."""
+    finished: list[W] = []
+    while len(finished) < len(works):
+        for w in share([w for w in works if w not in finished], max_batch, policy):  # type: ignore[arg-type]
+            w.steps_done += 1
+            if w.steps_done == w.steps:
+                finished.append(w)
+    return finished
+
+
+def test_small_requests_keep_least_progress_first():
+    works = [W(4, steps_done=9, admitted_at=1), W(8, admitted_at=2), W(4, admitted_at=3), W(16, admitted_at=0)]
+    assert share(works, 16) == [works[3]]  # the oldest of the least advanced fills the batch alone
+    assert share(works[:3], 16) == [works[1], works[2], works[0]]
+    assert share(works[:3], 8) == [works[1]]
+    assert [w.steps_done for w in works] == [9, 0, 0, 0]  # nothing changed
+
+
+def test_large_requests_finish_one_after_another_in_deadline_order():
+    """Six large requests that each fill the batch: the fair order rotates them (all end together, ~6x their own
+    time); earliest deadline first finishes the first after its own steps."""
+    def six() -> list[W]:
+        return [W(4, steps=100, admitted_at=i, deadline=50 - i) for i in range(6)]  # the last admitted is due first
+
+    fair = six()
+    ends = {}
+    steps = 0
+    while len(ends) < 6:
+        steps += 1
+        for w in share([w for w in fair if w not in ends], 4, "fair"):  # type: ignore[arg-type]
+            w.steps_done += 1
+            if w.steps_done == w.steps:
+                ends[w] = steps
+    assert min(ends.values()) > 500  # lockstep: the first ends after ~6 x 100 steps
+    deadline = six()
+    assert run(deadline, 4) == deadline[::-1]  # one after another, earliest deadline first
+
+
+def test_a_small_request_overtakes_large_ones_under_both_policies():
+    for policy in ("deadline", "fair"):
+        large = [W(8, steps=1000, steps_done=400, admitted_at=0), W(8, steps=1000, steps_done=400, admitted_at=1)]
+        small = W(1, steps=5, admitted_at=2)
+        assert share([*large, small], 16, policy)[0] is small
+
+
+def test_background_rows_take_only_what_interactive_rows_leave():
+    def linear(rows: int) -> float:
+        return 0.01 * rows  # a CPU: every row costs
+
+    def flat(rows: int) -> float:
+        return 0.01  # a GPU below its knee: spare rows are free
+
+    background = [W(4, background=True, admitted_at=i) for i in range(4)]
+    interactive = W(4, admitted_at=9)
+    assert share(background, 8) == background[:2]  # alone they fill the batch
+    assert share([*background, interactive], 8, step_seconds=linear, slowdown=0.1) == [interactive]
+    assert share([*background, interactive], 8, step_seconds=flat, slowdown=0.1) == [interactive, background[0]]
+    assert share([*background, interactive], 8) == [interactive]  # no measure: no sharing
+
+
+def test_replay_refuses_what_lockstep_would_cut():
+    costs = StepCosts()
+    costs.observe_step("b", 1, 0.01)
+    costs.observe_step("b", 2, 0.02)
+    one = Planned("b", 1, steps=100, steps_done=0, admitted_at=0, deadline=1.5)
+    two = Planned("b", 1, steps=100, steps_done=0, admitted_at=1, deadline=1.5)
+    alone = finish_times([one], costs, 16, "deadline", 0.1, now=0.0)
+    assert math.isclose(alone[one], 1.0)
+    both = finish_times([one, two], costs, 16, "deadline", 0.1, now=0.0)  # one batch of 2 rows: 2 s each
+    assert both[one] == both[two] == math.inf  # both cut at 1.5 s
+    gpu = StepCosts()  # a device where the second row is nearly free
+    gpu.observe_step("b", 1, 0.01)
+    gpu.observe_step("b", 2, 0.011)
+    both = finish_times([one, two], gpu, 16, "deadline", 0.1, now=0.0)
+    assert both[one] < 1.5 and both[two] < 1.5
+
+
+def test_step_costs_interpolate_and_extrapolate():
+    costs = StepCosts()
+    assert costs.step("b", 4) == 0.0
+    costs.observe_step("b", 2, 0.02)
+    costs.observe_step("b", 8, 0.05)
+    assert math.isclose(costs.step("b", 4), 0.03)
+    assert math.isclose(costs.step("b", 1), 0.01) and math.isclose(costs.step("b", 16), 0.10)
+
+
+def test_replay_agrees_with_stepping_share():
+    """The replay's jumps (same works until one finishes; small ones rotating as a group) land where stepping
+    `share` one step at a time does, or a little later (the rotation is packed by rows, not by requests)."""
+    import random
+
+    rng = random.Random(0)
+    costs = StepCosts()
+    for n in range(1, 17):
+        costs.observe_step("b", n, 0.01)  # every step costs the same: finish time = steps taken x 0.01
+    plans = [Planned("b", rng.choice([1, 2, 4, 8]), steps=rng.choice([5, 20, 50, 300, 600]), steps_done=0,
+                     admitted_at=i, deadline=1e9) for i in range(30)]
+    works = {p: W(p.images, steps=p.steps, admitted_at=p.admitted_at, deadline=p.deadline) for p in plans}
+    stepped, taken = {}, 0
+    while len(stepped) < len(works):
+        taken += 1
+        for w in share([w for w in works.values() if w not in stepped.values()], 16):  # type: ignore[arg-type]
+            w.steps_done += 1
+        for p, w in works.items():
+            if w.steps_done == w.steps and p not in stepped:
+                stepped[p] = w
+                stepped[p].finished = taken * 0.01  # type: ignore[attr-defined]
+    replay = finish_times(plans, costs, 16, "deadline", 0.1, now=0.0)
+    rotation = 0.01 * sum(p.images for p in plans) / 16
+    for p in plans:  # never later than the replay says (admission would overcommit), and at most ~5 % earlier
+        late = replay[p] - stepped[p].finished  # type: ignore[attr-defined]
+        assert -0.01 <= late <= 0.05 * replay[p] + 2 * rotation, (p, replay[p], late)
