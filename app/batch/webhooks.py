@@ -7,7 +7,6 @@ import json
 import logging
 from datetime import UTC, datetime
 
-import httpx
 from standardwebhooks import Webhook
 
 from app.batch.records import now
@@ -43,6 +42,8 @@ class WebhookSender:
                 "webhook-signature": self.signer.sign(event["id"], at, body.decode())}
 
     async def _deliver(self, batch_id: str, event: dict) -> None:
+        import httpx  # here, not at the top: importing httpx loads its CLI's rich, not needed without webhooks
+
         body = json.dumps(event, separators=(",", ":")).encode()
         async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client:
             for attempt in range(1, self.attempts + 1):

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.api.batch_helpers import WEBHOOK_SECRET, Receiver, content_lines, jsonl, line, run_batch, wait_final
-from tests.conftest import ADMIN_TOKEN, ServerProcess, asgi_client, make_patch_bytes, wait_ready
+from tests.conftest import ADMIN_TOKEN, ServerProcess, asgi_client, copy_dirs, make_patch_bytes, wait_ready
 
 KEYS = "alice:alice-key-0123456789abcdef,bob:bob-key-0123456789abcdef"
 MAX_FILE = 8192
@@ -27,8 +27,9 @@ def receiver():
 @pytest.fixture(scope="module")
 def server(class_only_dirs, tmp_path_factory, receiver):
     root = tmp_path_factory.mktemp("batches")
-    proc = ServerProcess({"DMP_MODEL_DIR": str(class_only_dirs["models"]),
-                          "DMP_PATCH_DIR": str(class_only_dirs["patches"]), "DMP_TORCH_THREADS": "1",
+    dirs = copy_dirs(class_only_dirs, root)  # a test uploads a patch: never into the session's shared folder
+    proc = ServerProcess({"DMP_MODEL_DIR": str(dirs["models"]),
+                          "DMP_PATCH_DIR": str(dirs["patches"]), "DMP_TORCH_THREADS": "1",
                           "DMP_API_KEYS": KEYS, "DMP_BATCH_DIR": str(root / "batch"),
                           "DMP_ADMIN_TOKEN": ADMIN_TOKEN, "DMP_METRICS_TOKEN": METRICS_TOKEN,
                           "DMP_BATCH_MAX_FILE_BYTES": str(MAX_FILE), "DMP_WEBHOOK_URL": receiver.url,

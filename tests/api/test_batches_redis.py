@@ -67,8 +67,9 @@ def test_a_replica_killed_mid_batch_loses_no_line(start_server, class_only_dirs,
 
 def test_any_replica_answers_for_any_batch_and_file(start_server, class_only_dirs, redis_server):
     receiver = Receiver()
-    a = replica(start_server, class_only_dirs, redis_server, receiver, api_keys="k1:key-one-0123456789abcdef")
-    b = replica(start_server, class_only_dirs, redis_server, receiver, api_keys="k1:key-one-0123456789abcdef")
+    keyed = {"api_keys": "k1:key-one-0123456789abcdef", "metrics_token": "metrics-token-0123456789"}
+    a = replica(start_server, class_only_dirs, redis_server, receiver, **keyed)
+    b = replica(start_server, class_only_dirs, redis_server, receiver, **keyed)
     oai_a, oai_b = (openai.OpenAI(base_url=s.url + "/v1", api_key="key-one-0123456789abcdef", max_retries=0)
                     for s in (a, b))
     batch = wait_final(oai_b, run_batch(oai_a, [line("x", {"prompt": "3", "seed": 1, "steps": 2})]).id)
@@ -77,7 +78,7 @@ def test_any_replica_answers_for_any_batch_and_file(start_server, class_only_dir
     # read from the Stream: nothing left queued or running (the last line is acknowledged just after its batch
     # is finalized, so the client may see `completed` a moment before)
     def drained() -> bool:
-        text = httpx.get(a.url + "/metrics").text
+        text = httpx.get(a.url + "/metrics", headers={"Authorization": "Bearer metrics-token-0123456789"}).text
         return 'dmp_batch_lines{state="queued"} 0.0' in text and 'dmp_batch_lines{state="running"} 0.0' in text
 
     assert poll(drained, timeout=10, every=0.2)

@@ -87,8 +87,7 @@ def test_one_patch_one_replica_and_load_still_spreads(class_only_dirs, tmp_path,
     assert set(owners.values()) == {0, 1}  # different patches are spread over both
 
     # the real openai client names the patch only as `model`; the header alone routes a body without a patch (its
-    # base images land on the patch's owner); a composition routes by its first patch (counted by route, whatever
-    # the replica answers to it)
+    # base images land on the patch's owner); a composition routes by its first patch
     oai = openai.OpenAI(base_url=router + "/v1", api_key="unused", max_retries=0)
     before = [series(s.url, "dmp_images_generated_total") for s in replicas]
     calls = [series(s.url, "dmp_requests_total", "route").get("/generate", 0) for s in replicas]
@@ -96,11 +95,13 @@ def test_one_patch_one_replica_and_load_still_spreads(class_only_dirs, tmp_path,
         oai.images.generate(model=name, prompt="1", extra_body={"steps": 2})
         r = httpx.post(router + "/generate", json={"class_label": 1, "steps": 2}, headers={"X-DMP-Patch": name})
         assert r.status_code == 200, r.text
-        httpx.post(router + "/generate", json={"patches": [{"name": name, "scale": 1.0}], "class_label": 1,
-                                               "steps": 2})
+        r = httpx.post(router + "/generate", json={"patches": [{"name": name, "scale": 1.0}], "class_label": 1,
+                                                   "steps": 2})
+        assert r.status_code == 200, r.text
     after = [series(s.url, "dmp_images_generated_total") for s in replicas]
     for name in PATCHES:
-        assert [a.get(name, 0) - b.get(name, 0) for a, b in zip(after, before, strict=True)][owners[name]] == 1, name
+        gain = [a.get(name, 0) - b.get(name, 0) for a, b in zip(after, before, strict=True)]
+        assert gain[owners[name]] == 2, (name, gain)  # `model=` and the composition, both on the patch's replica
     base_gain = [a.get("base", 0) - b.get("base", 0) for a, b in zip(after, before, strict=True)]
     assert base_gain == [sum(1 for o in owners.values() if o == r) for r in range(2)]
     composed = [series(s.url, "dmp_requests_total", "route").get("/generate", 0) - c

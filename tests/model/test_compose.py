@@ -106,7 +106,10 @@ def test_each_image_of_a_seeds_list_reproduces_alone(tiny_class, pool_ab, sample
     kw = dict(sampler=sampler, steps=3, guidance_scale=2.0, mix=((a, 0.5),))
     three = run_jobs(tiny_class, [new_job(tiny_class, y=3, seed=[10, 11, 12], n=3, **kw)], pool)[0]
     one = run_jobs(tiny_class, [new_job(tiny_class, y=3, seed=11, **kw)], pool)[0]
-    torch.testing.assert_close(three[1:2], one, atol=1e-5, rtol=1e-5)
+    # DPM-Solver's multistep update amplifies the forward's batch-size-dependent GEMM rounding (~2e-5 seen with one
+    # torch thread, as in test_sampling's batch-mates test); far below one grey level (1/127.5 in [-1, 1])
+    tol = 1e-4 if sampler == "dpm" else 1e-5
+    torch.testing.assert_close(three[1:2], one, atol=tol, rtol=tol)
     shared = run_jobs(tiny_class, [new_job(tiny_class, y=3, seed=10, n=3, **kw)], pool)[0]  # one generator
     assert (shared[1:2] - one).abs().max() > 1e-3
 
