@@ -204,6 +204,14 @@ def asgi_client(dirs: dict, **settings):
     return TestClient(app)
 
 
+def batched_forwards(client, model: str = "digits") -> tuple[float, float]:
+    """(batched forwards, images in them) so far for base `model`, from /metrics."""
+    text = client.get("/metrics").text
+    get = lambda key: sum(float(line.split()[-1]) for line in text.splitlines()  # noqa: E731
+                          if line.startswith(key) and f'model="{model}"' in line)
+    return get("dmp_batch_size_count"), get("dmp_batch_size_sum")
+
+
 def poll(fn, timeout: float, every: float = 0.05) -> bool:
     """Whether `fn()` turned true within `timeout` seconds (asked every `every` s)."""
     end = time.monotonic() + timeout

@@ -102,8 +102,8 @@ class Settings(BaseSettings):
                                       "body cap, counted on received bytes)")
     batch_max_lines: int = Field(10000, ge=1, description="Lines (requests) per batch input file")
     batch_ttl: int = Field(7 * 86400, ge=60, description="Seconds files and finished batches are kept")
-    batch_inflight: int = Field(2, ge=1, description="Batch lines each replica runs at once (they take places of "
-                                "DMP_MAX_QUEUE, at the batcher's background priority)")
+    batch_inflight: int = Field(2, ge=1, description="Batch lines each replica runs at once (admitted under "
+                                "DMP_MAX_BACKGROUND, at the batcher's background priority)")
     batch_reclaim_idle: float = Field(30.0, gt=0, description="With Redis: seconds a line may sit unacknowledged "
                                       "by a silent replica before another reclaims it (live replicas refresh theirs)")
     webhook_secret: SecretStr | None = Field(None, description="Standard Webhooks secret `whsec_<base64>` signing "

@@ -12,7 +12,7 @@ from conftest import admin_client, make_patch_bytes
 from PIL import Image
 
 from app.model import save_base
-from tests.conftest import BASE_META, tiny_base
+from tests.conftest import BASE_META, batched_forwards, tiny_base
 
 DIGITS = {"model": "digits", "class_label": 3, "steps": 3, "seed": 5, "guidance_scale": 2.0}
 
@@ -92,21 +92,14 @@ def test_six_compositions_in_parallel_equal_each_alone(client):
     bodies = [{"patches": c, "seed": 40 + i, "num_images": 1 + i % 2} for i, c in enumerate(COMPOSITIONS)]
     alone = [generate(client, **b)["images"] for b in bodies]
     assert len({tuple(a) for a in alone}) == len(alone)
-    before = forwards(client)
+    before = batched_forwards(client)
     with ThreadPoolExecutor(len(bodies) * 2) as pool:
         together = [pool.submit(generate, client, **b) for b in bodies + bodies[::-1]]
         results = [f.result()["images"] for f in together]
     assert results == alone + alone[::-1]
-    count, images = forwards(client)
+    count, images = batched_forwards(client)
     assert images - before[1] > count - before[0], "requests never shared a forward: the test proves nothing"
 
-
-def forwards(client) -> tuple[float, float]:
-    """(batched steps, images in them) so far for base digits, from /metrics."""
-    text = client.get("/metrics").text
-    get = lambda key: sum(float(line.split()[-1]) for line in text.splitlines()  # noqa: E731
-                          if line.startswith(key) and 'model="digits"' in line)
-    return get("dmp_batch_size_count"), get("dmp_batch_size_sum")
 
 
 @pytest.mark.parametrize("body", [

@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
+from tests.conftest import batched_forwards
+
 
 def image(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
@@ -75,7 +77,7 @@ def test_same_pixels_alone_and_in_a_batch(client):
     """The request's image must not depend on its batch-mates (other patches, steps, samplers, seeds)."""
     probe = {"model": "digits", "class_label": 4, "steps": 6, "seed": 123, "patch": "digits-dmp"}
     alone = client.post("/generate", json=probe).json()["images"]
-    before = batch_sum(client)
+    before = batched_forwards(client)
     mates = [{"model": "digits", "class_label": i % 10, "steps": 6 + i % 5, "seed": i, "num_images": 1 + i % 2,
               "sampler": ["ddim", "ddpm", "dpm"][i % 3], **({"patch": "digits-dmp"} if i % 2 else {})}
              for i in range(10)]
@@ -86,16 +88,9 @@ def test_same_pixels_alone_and_in_a_batch(client):
         assert all(f.result().status_code == 200 for f in futures)
         in_batch = [p.result().json()["images"] for p in probes]
     assert all(images == alone for images in in_batch)
-    count, total = batch_sum(client)
+    count, total = batched_forwards(client)
     assert total - before[1] > count - before[0], "requests never shared a forward: the test proves nothing"
 
-
-def batch_sum(client) -> tuple[float, float]:
-    """(forwards, images) so far for base digits, from /metrics."""
-    text = client.get("/metrics").text
-    get = lambda key: sum(float(line.split()[-1]) for line in text.splitlines()  # noqa: E731
-                          if line.startswith(key) and 'model="digits"' in line)
-    return get("dmp_batch_size_count"), get("dmp_batch_size_sum")
 
 
 def test_models_describe_enough_to_build_a_patch(client):

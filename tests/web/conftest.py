@@ -12,6 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -139,3 +140,13 @@ def server(tmp_path_factory) -> Server:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def submit_one_line_batch(url: str) -> dict:
+    """A one-line Batch API batch (keys off) for the base; the created batch object."""
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/images/generations",
+            "body": {"model": BASE_NAME, "prompt": "0", "seed": 1}}
+    file = httpx.post(url + "/v1/files", data={"purpose": "batch"},
+                      files={"file": ("in.jsonl", json.dumps(line).encode())}).json()
+    return httpx.post(url + "/v1/batches", json={"input_file_id": file["id"], "completion_window": "24h",
+                                                 "endpoint": "/v1/images/generations"}).json()

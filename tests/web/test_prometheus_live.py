@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import BASE_NAME, PATCH_NAME, TEXT_NAME, free_port
+from .conftest import BASE_NAME, PATCH_NAME, TEXT_NAME, free_port, submit_one_line_batch
 from .test_deploy_files import RULES, dashboard_queries, rules
 
 SCRAPE_S = 1
@@ -84,12 +84,7 @@ def traffic(server) -> None:
 
 def batch(server) -> None:
     """A one-line batch through the Batch API, waited for (its lines and its end are counted)."""
-    line = {"custom_id": "a", "method": "POST", "url": "/v1/images/generations",
-            "body": {"model": BASE_NAME, "prompt": "0", "seed": 1}}
-    file = httpx.post(server.url + "/v1/files", data={"purpose": "batch"},
-                      files={"file": ("in.jsonl", json.dumps(line).encode())}).json()
-    created = httpx.post(server.url + "/v1/batches", json={"input_file_id": file["id"], "completion_window": "24h",
-                                                            "endpoint": "/v1/images/generations"}).json()
+    created = submit_one_line_batch(server.url)
     end = time.monotonic() + 60
     while httpx.get(f"{server.url}/v1/batches/{created['id']}").json()["status"] != "completed":
         assert time.monotonic() < end, "the batch did not complete in 60 s"

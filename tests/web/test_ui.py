@@ -8,11 +8,10 @@ import shutil
 import urllib.request
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
-from .conftest import ADMIN_TOKEN, BASE_NAME, LABELS, PATCH_NAME, TEXT_NAME, tiny_base
+from .conftest import ADMIN_TOKEN, BASE_NAME, LABELS, PATCH_NAME, TEXT_NAME, submit_one_line_batch, tiny_base
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -430,12 +429,7 @@ def test_service_glance_reads_metrics(page, server):
 
 
 def test_batches_listed_with_progress(page, server):
-    line = {"custom_id": "a", "method": "POST", "url": "/v1/images/generations",
-            "body": {"model": BASE_NAME, "prompt": "0", "seed": 1}}
-    file = httpx.post(server.url + "/v1/files", data={"purpose": "batch"},
-                      files={"file": ("in.jsonl", json.dumps(line).encode())}).json()
-    batch = httpx.post(server.url + "/v1/batches", json={"input_file_id": file["id"], "completion_window": "24h",
-                                                          "endpoint": "/v1/images/generations"}).json()
+    batch = submit_one_line_batch(server.url)
 
     def row(d):
         rows = [r for r in d.find_elements(By.CSS_SELECTOR, "#batches-table tbody tr")
