@@ -2,7 +2,6 @@
 PNG, or frame each of its events as Server-Sent Events."""
 from __future__ import annotations
 
-import base64
 import logging
 from dataclasses import replace
 
@@ -12,7 +11,7 @@ from app.api.deps import EngineDep
 from app.api.keys import KEY_OPTIONAL, KeyDep
 from app.api.responses import errors
 from app.api.schemas import GenerateRequest, GenerateResponse
-from app.api.stream import outcome, sse, sse_response, wants_events
+from app.api.stream import b64, outcome, sse, sse_response, wants_events
 from app.core.errors import ServiceError
 from app.engine.images import media_type
 from app.engine.work import Done, Queued, Spec, Step, Work
@@ -61,13 +60,10 @@ def _reply(spec: Spec, done: Done) -> GenerateResponse:
     used = [{"name": name, "version": version, "scale": scale}
             for (name, scale), version in zip(spec.patches, done.versions or (), strict=True)]
     patch = {"name": used[0]["name"], "version": used[0]["version"]} if used else None
-    return GenerateResponse(images=[_b64(f) for f in done.files], seed=spec.seed, seeds=list(spec.seeds),
+    return GenerateResponse(images=[b64(f) for f in done.files], seed=spec.seed, seeds=list(spec.seeds),
                             model=spec.model, patch=patch, patches=used, output_format=spec.output_format,
                             cached=done.cached, timings=done.timings)
 
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 async def _events(work: Work):
@@ -79,7 +75,7 @@ async def _events(work: Work):
             elif isinstance(event, Step):
                 data: dict[str, int | list[str]] = {"step": event.step, "of": event.of}
                 if event.preview is not None:
-                    data["preview"] = [_b64(f) for f in event.preview]
+                    data["preview"] = [b64(f) for f in event.preview]
                 yield sse("progress", data)
             else:
                 yield sse("done", _reply(work.spec, event).model_dump())

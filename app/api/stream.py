@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 
@@ -46,3 +47,8 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client closes the connection (the body was already read)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def b64(data: bytes) -> str:
+    """An encoded image as JSON carries it (both /generate and /v1)."""
+    return base64.b64encode(data).decode()

@@ -1,7 +1,6 @@
 """OpenAI-compatible routes: GET /v1/models (bases and ready patches) and POST /v1/images/generations."""
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from typing import Any
@@ -13,7 +12,7 @@ from app.api.deps import EngineDep
 from app.api.errors import HTTP_METHODS
 from app.api.keys import KEY_OPTIONAL, KeyDep
 from app.api.schemas import PatchUse
-from app.api.stream import outcome, sse, sse_response
+from app.api.stream import b64, outcome, sse, sse_response
 from app.api.v1_errors import OpenAIError, OpenAIRoute, openai_error
 from app.api.v1_schemas import ImageData, ImageRequest, ImagesResponse, ModelCard, ModelCardList, OpenAIErrorBody
 from app.core.errors import NotFound, ServiceError
@@ -121,7 +120,7 @@ def image_spec(engine: Engine, body: ImageRequest, tenant: str | None) -> tuple[
 def images_response(spec: Spec, size: str, done: Done) -> ImagesResponse:
     used = [PatchUse(name=name, version=version, scale=scale)
             for (name, scale), version in zip(spec.patches, done.versions or (), strict=True)]
-    return ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=_b64(f)) for f in done.files],
+    return ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=b64(f)) for f in done.files],
                           output_format=spec.output_format, size=size, seed=spec.seed, seeds=list(spec.seeds),
                           model=spec.model, patches=used)
 
@@ -135,14 +134,14 @@ async def _events(request: Request, work: Work, size: str):
         async for event in work.events():
             if isinstance(event, Step) and event.preview is not None:
                 for i, f in enumerate(event.preview):
-                    yield _event("image_generation.partial_image", common, b64_json=_b64(f),
+                    yield _event("image_generation.partial_image", common, b64_json=b64(f),
                                  partial_image_index=partials, image_index=i)
                 partials += 1
             elif isinstance(event, Done):
                 usage = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                          "output_tokens": 0, "total_tokens": 0}  # not metered in tokens
                 for i, f in enumerate(event.files):
-                    yield _event("image_generation.completed", common, b64_json=_b64(f), usage=usage, image_index=i)
+                    yield _event("image_generation.completed", common, b64_json=b64(f), usage=usage, image_index=i)
     except ServiceError as e:  # the status line is out: the client raises APIError on a data line with "error"
         body = openai_error(request, e.status, e.message, e.error_type, getattr(e, "param", None)).body
         yield f"data: {bytes(body).decode()}\n\n"
@@ -154,9 +153,6 @@ async def _events(request: Request, work: Work, size: str):
 def _event(kind: str, common: dict, **fields) -> str:
     return sse(kind, {"type": kind, "created_at": int(time.time())} | common | fields)
 
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def _model(engine: Engine, name: str | None, tenant: str | None) -> tuple[str | None, str | None]:
