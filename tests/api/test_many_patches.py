@@ -51,12 +51,15 @@ def test_fifty_patches_over_four_slots_give_the_same_pixels(class_only_dirs, tmp
         assert c.get("/patches/p00").json()["resident"] == "stored" and counter(c, "dmp_patch_evictions_total",
                                                                                    "p00") == 1
 
+        seated = {n for n in files if c.get(f"/patches/{n}").json()["resident"] == "device"}
+        assert len(seated) == 3
         order = list(files)
         random.Random(0).shuffle(order)
         with ThreadPoolExecutor(12) as pool:  # more distinct patches in flight than slots: they queue
             again = list(pool.map(lambda n: (n, image(c, n)), order))
         assert all(img == first[name] for name, img in again)  # evicted and swapped in again, mixed in batches
-        assert all(counter(c, "dmp_patch_swap_ins_total", n) >= 2 for n in files)
+        # a patch still seated when its request arrives may be served without a swap-in; every other one needs one
+        assert all(counter(c, "dmp_patch_swap_ins_total", n) >= 2 for n in files if n not in seated)
 
     with asgi_client(copy_dirs(dirs, tmp_path / "roomy"), warmup=False, patch_slots=64) as roomy:
         wait_ready(roomy)  # room for all: every patch stays in host memory and, once used, in its slot
