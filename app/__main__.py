@@ -115,11 +115,14 @@ def _base_of_patch(settings, patch: str | None) -> str | None:
     """The base a patch file in DMP_PATCH_DIR names, so only that base is loaded; None: load them all."""
     from app.model.dmp import read_header
 
-    path = Path(settings.patch_dir) / f"{patch}.safetensors"
-    try:
-        return read_header(path.read_bytes()).get("__metadata__", {}).get("base_name") if patch else None
-    except (OSError, ValueError):  # unreadable here (PatchError is a ValueError): the engine will say why
-        return None
+    for folder in (settings.patch_root, settings.patch_seed_dir):  # the shipped one: not copied in yet
+        if patch and folder is not None:
+            try:
+                return read_header((folder / f"{patch}.safetensors").read_bytes()).get("__metadata__", {}).get(
+                    "base_name")
+            except (OSError, ValueError):  # unreadable here (PatchError is a ValueError): the engine will say why
+                continue
+    return None
 
 
 def import_dmp(args) -> int:

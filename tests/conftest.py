@@ -28,6 +28,12 @@ BASE_META = dict(vae="pixel", default_sampler="ddim", default_steps="3", default
                  beta_schedule="linear", clip_sample="true")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _user_data_outside_home(tmp_path_factory):
+    """A server started without DMP_PATCH_DIR writes to $XDG_DATA_HOME/dmp/patches: never the tester's home."""
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg-data"))
+
+
 def tiny_base(task: str, seed: int) -> DiT:
     torch.manual_seed(seed)
     extra = {"class": dict(num_classes=10), "uncond": dict(num_classes=0), "text": dict(num_classes=0, text_dim=384)}

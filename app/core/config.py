@@ -6,6 +6,7 @@ TRITON_INTERPRET (Triton's CPU interpreter, app/model/kernels.py); app/model/tex
 from __future__ import annotations
 
 import base64
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -43,7 +44,12 @@ class Settings(BaseSettings):
                                             "token); needed there whenever set or DMP_API_KEYS is set")
     redis_url: str | None = Field(None, description="Redis for shared patches and the result cache; unset = disk")
     model_dir: Path = Field(Path("models"), description="Base checkpoints served (*.safetensors, *.pt, folders)")
-    patch_dir: Path = Field(Path("patches"), description="Patch files (embedded registry; seeds Redis once)")
+    patch_dir: Path | None = Field(None, description="Patch files: the embedded registry serves them and writes "
+                                   "uploads here; with Redis they seed an empty Redis once. Unset: "
+                                   "$XDG_DATA_HOME/dmp/patches (~/.local/share/dmp/patches), filled once per name from "
+                                   "DMP_SHIPPED_PATCH_DIR; with Redis, DMP_SHIPPED_PATCH_DIR itself")
+    shipped_patch_dir: Path = Field(Path("patches"), description="The demo patches shipped with the project: only "
+                                    "read, never written")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: CUDA when available, else CPU")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: fp32 CPU, bf16 CUDA")
     cuda_graphs: bool = Field(True, description="On CUDA: bucketed CUDA-graph step (app/engine/graphs.py)")
@@ -167,6 +173,20 @@ class Settings(BaseSettings):
         if paths is not None:
             PatchVerifier([p.strip() for p in paths.split(",") if p.strip()])  # raises ValueError naming the file
         return paths
+
+    @property
+    def patch_root(self) -> Path:
+        """The patch directory in use: DMP_PATCH_DIR, else the user data one (embedded) or the shipped one (Redis)."""
+        if self.patch_dir is not None:
+            return self.patch_dir
+        if self.redis_url:
+            return self.shipped_patch_dir
+        return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "dmp" / "patches"
+
+    @property
+    def patch_seed_dir(self) -> Path | None:
+        """Where the default user patch directory is filled from (once per name); None when DMP_PATCH_DIR is set."""
+        return self.shipped_patch_dir if self.patch_dir is None and not self.redis_url else None
 
     @property
     def public_key_paths(self) -> list[str]:

@@ -82,7 +82,12 @@ class PatchRegistry:
         self.settings, self.bases, self.metrics = settings, bases, metrics
         self.origin = uuid.uuid4().hex
         self.store = (RedisStore(client, self.origin, settings.patch_tombstone_seconds) if client is not None
-                      else DiskStore(settings.patch_dir))
+                      else DiskStore(settings.patch_root))
+        if settings.patch_seed_dir is not None and isinstance(self.store, DiskStore):
+            copied = self.store.seed_from(settings.patch_seed_dir)
+            if copied:
+                log.info("copied shipped patches %s from %s into %s", copied, settings.patch_seed_dir,
+                         settings.patch_root)
         self.verifier = PatchVerifier(settings.public_key_paths) if settings.public_key_paths else None
         self.records: dict[str, PatchRecord] = {}
         # recent ready versions' files and signatures (at most DMP_PATCH_HOST_BYTES), to refill a Redis that lost
@@ -432,7 +437,7 @@ class PatchRegistry:
                     if r.state == "ready" and n in self._bytes}
             cutoff = time.time() - self.settings.patch_tombstone_seconds
             deleted = {n: gen for n, (gen, at) in self._tombstones.items() if at > cutoff}
-        disk = DiskStore(self.settings.patch_dir)
+        disk = DiskStore(self.settings.patch_root)
         for name in disk.names():
             if name not in held and name not in deleted:
                 stored = disk.load_record(name)

@@ -19,6 +19,7 @@ SIGNATURES = "dmp:patch-signatures"  # hash name -> the signature bundle (JSON) 
 OWNERS = "dmp:patch-owners"  # hash name -> the tenant (of DMP_API_KEYS) a patch belongs to; absent = shared
 OWNER_SUFFIX = ".owner"  # NAME.safetensors.owner beside a patch file: its tenant
 SEEDED = "dmp:seeded"
+SEEDED_FILE = ".seeded.json"  # in a user patch directory: the shipped names already copied in
 SIGNATURE_SUFFIX = ".sig"  # NAME.safetensors.sig beside a patch file
 
 # Every write is a compare-and-set on the name's generation, atomic in Redis (a script runs alone). KEYS: bytes,
@@ -168,6 +169,30 @@ class DiskStore:
 
     def ping(self) -> None:
         return None
+
+    def seed_from(self, shipped: Path) -> list[str]:
+        """Copy each shipped patch (with its signature and owner) in once per name, so a later delete sticks and a
+        name added to the shipped set arrives; returns the names copied."""
+        marker = self.root / SEEDED_FILE
+        try:
+            seen = set(json.loads(marker.read_text()))
+        except FileNotFoundError:
+            seen = set()
+        source = DiskStore(shipped)
+        if source.root.resolve() == self.root.resolve():
+            return []
+        copied = []
+        for name in source.names():
+            if name in seen:
+                continue
+            stored = source.load_record(name)
+            if stored is not None and not self.path(name).exists():  # never overwrite an upload of the same name
+                self.save(name, stored.data, "", signature=stored.signature, owner=stored.owner)
+                copied.append(name)
+            seen.add(name)
+        if copied or not marker.exists():
+            self._write(marker, json.dumps(sorted(seen)).encode())
+        return copied
 
 
 class RedisStore:

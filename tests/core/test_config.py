@@ -16,7 +16,8 @@ def test_env_prefix_and_types(monkeypatch):
     assert s.max_queue == 7 and s.admin_token.get_secret_value() == "s3cr3t-value-of-16+chars"
     assert "s3cr3t" not in repr(s)
     assert s.torch_device == "cpu" and str(s.torch_dtype) == "torch.float32"
-    assert s.redis_url is None and str(s.model_dir) == "models" and str(s.patch_dir) == "patches"
+    assert s.redis_url is None and str(s.model_dir) == "models" and str(s.shipped_patch_dir) == "patches"
+    assert s.patch_dir is None and s.patch_root.parts[-2:] == ("dmp", "patches")  # uploads outside the checkout
 
 
 @pytest.mark.parametrize("key,value", [("DMP_DEVICE", "tpu"), ("DMP_MAX_QUEUE", "0"), ("DMP_PATCH_SLOTS", "1"),
