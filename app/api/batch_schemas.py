@@ -107,6 +107,7 @@ class Delivery(BaseModel):
     outcome: Literal["delivered", "retry", "failed"]
     status_code: int | None = None
     error: str | None = None
+    sender: str | None = Field(None, description="The replica that made the attempt (hostname-pid)")
 
 
 class DeliveryList(BaseModel):

@@ -1,4 +1,5 @@
-"""The Batch API's state without Redis: files and batches on disk (one process), lines in an in-process queue.
+"""The Batch API's state without Redis: files and batches on disk (one process), lines and webhook events not yet
+delivered in in-process queues (an event not delivered when the process ends is not sent again).
 
 Layout under DMP_BATCH_DIR: files/{id}.json + files/{id}.data, batches/{id}.json, answers/{batch}/{line}.json
 (created exclusively: the first answer of a line wins), deliveries/{batch}.jsonl."""
@@ -12,14 +13,15 @@ import time
 from collections import Counter, deque
 from pathlib import Path
 
-from app.batch.records import ACTIVE, now
+from app.batch.records import ACTIVE, now, outbox_item
 
 
 class DiskStore:
-    """Files, batches and per-line answers as files under `root`; a lock makes each update atomic."""
+    """Files, batches and per-line answers as files under `root`; a lock makes each update atomic. Webhook events
+    of status changes go to `outbox` (the in-process queue the sender reads)."""
 
-    def __init__(self, root: Path, ttl: int):
-        self.root, self.ttl = root, ttl
+    def __init__(self, root: Path, ttl: int, outbox: MemoryQueue):
+        self.root, self.ttl, self.outbox = root, ttl, outbox
         self._lock = threading.Lock()
         self._counts: dict[str, Counter] = {}  # batch -> answers by kind, read from disk on first use
 
@@ -83,15 +85,19 @@ class DiskStore:
         found = [self.get_batch(p.stem) for p in (self.root / "batches").glob("*.json")]
         return sorted((b for b, o in filter(None, found) if o == owner), key=lambda b: b["created_at"], reverse=True)
 
-    def update_batch(self, batch_id: str, allowed: tuple[str, ...], changes: dict) -> dict | None:
-        """The batch with `changes` applied if its status is one of `allowed` (else None, nothing changed)."""
+    def update_batch(self, batch_id: str, allowed: tuple[str, ...], changes: dict,
+                     event: dict | None = None) -> dict | None:
+        """The batch with `changes` applied if its status is one of `allowed` (else None, nothing changed); then
+        `event` (a webhook event) is queued for delivery."""
         with self._lock:
             found = self.get_batch(batch_id)
             if found is None or found[0]["status"] not in allowed:
                 return None
             batch = found[0] | changes
             self.put_batch(batch, found[1])
-            return batch
+        if event is not None:
+            self.outbox.push([outbox_item(batch_id, event)])
+        return batch
 
     # ---------------------------------------------------------------- answers
 
@@ -168,7 +174,8 @@ class DiskStore:
 
 
 class MemoryQueue:
-    """The lines waiting and running in this process (a restart re-queues them from the DiskStore)."""
+    """Items (lines, or webhook events) waiting and running in this process (a restart re-queues the lines from
+    the DiskStore)."""
 
     def __init__(self) -> None:
         self._waiting: deque[tuple[float, dict]] = deque()
@@ -197,6 +204,11 @@ class MemoryQueue:
     def ack(self, token: str) -> None:
         with self._cond:
             self._running.pop(token, None)
+
+    def retry(self, token: str, item: dict) -> None:
+        """Failed outside its work (a store error): back in the queue."""
+        self.ack(token)
+        self.push([item])
 
     def keep(self, tokens: list[str]) -> None:
         """Nothing to refresh: no other process could take these lines."""

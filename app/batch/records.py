@@ -133,3 +133,8 @@ def expired_line(custom_id: str) -> dict:
 def event(kind: str, batch_id: str) -> dict:
     """A webhook event (openai.types.webhooks.Batch*WebhookEvent)."""
     return {"id": new_id("evt_"), "object": "event", "created_at": now(), "type": kind, "data": {"id": batch_id}}
+
+
+def outbox_item(batch_id: str, event: dict) -> dict[str, str]:
+    """A webhook event as a queue item (a Stream entry's fields): its batch and its JSON, the body it is sent as."""
+    return {"batch": batch_id, "event": json.dumps(event, separators=(",", ":"))}

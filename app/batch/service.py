@@ -3,7 +3,8 @@
 validating -> in_progress -> finalizing -> completed, or failed (bad input), cancelling -> cancelled, expired (the
 24 h window closed first). Each line runs as the same request /v1/images/generations would run, at the batcher's
 background priority, at most DMP_BATCH_INFLIGHT at once per replica; its answer is written once (the first wins),
-and the replica that writes a batch's last answer finalizes it and sends its webhook."""
+and the replica that writes a batch's last answer finalizes it, queueing its webhook event with the final status
+(every replica's sender delivers queued events: app/batch/webhooks.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,10 +15,12 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import redis
 from anyio import to_thread
 
+from app.batch.consumer import TAKE_WAIT, Consumer
 from app.batch.embedded import DiskStore, MemoryQueue
 from app.batch.records import (
     ACTIVE,
@@ -35,7 +38,7 @@ from app.batch.records import (
     parse_lines,
     well_formed,
 )
-from app.batch.shared import RedisStore, StreamQueue
+from app.batch.shared import SENDERS, WEBHOOKS, RedisStore, StreamQueue
 from app.batch.webhooks import WebhookSender
 from app.core.config import Settings
 from app.core.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unavailable
@@ -43,7 +46,6 @@ from app.core.metrics import Metrics
 from app.core.redis import redis_client
 
 log = logging.getLogger("dmp.batch")
-TAKE_WAIT = 0.5  # seconds one take blocks for new lines (XREADGROUP BLOCK) before the loop looks around again
 Answer = Callable[[dict, str], Awaitable[tuple[int, dict]]]  # a line's body, its owner -> (status, reply)
 
 
@@ -59,33 +61,39 @@ class BatchService:
         self.store: DiskStore | RedisStore | None = None
         self.queue: MemoryQueue | StreamQueue | None = None
         self.webhooks: WebhookSender | None = None
-        self._running: dict[str, asyncio.Task] = {}  # queue token -> the task answering that line
-        self._loop: asyncio.Task | None = None
+        self.lines: Consumer | None = None  # this replica's line worker, once the store is open
+        self._tasks: list[asyncio.Task] = []  # the line worker's loop and the webhook sender's
 
     # ---------------------------------------------------------------- lifecycle
 
     def _open(self) -> None:
         s = self.settings
+        consumer = f"{socket.gethostname()}-{os.getpid()}"
+        outbox: MemoryQueue | StreamQueue
         if s.redis_url:
-            client = redis_client(s)
-            consumer = f"{socket.gethostname()}-{os.getpid()}"
-            queue = StreamQueue(client, redis_client(s, wait=TAKE_WAIT), consumer, s.batch_reclaim_idle)
+            client, blocking = redis_client(s), redis_client(s, wait=TAKE_WAIT)
+            queue = StreamQueue(client, blocking, consumer, s.batch_reclaim_idle)
+            outbox = StreamQueue(client, blocking, consumer, s.batch_reclaim_idle, WEBHOOKS, SENDERS)
             self.store, self.queue = RedisStore(client, s.batch_ttl), queue
         else:
-            self.store, self.queue = DiskStore(s.batch_root, s.batch_ttl), MemoryQueue()
+            outbox = MemoryQueue()
+            self.store, self.queue = DiskStore(s.batch_root, s.batch_ttl, outbox), MemoryQueue()
         if s.webhook_url:
-            self.webhooks = WebhookSender(s, self.metrics, self.store.log_delivery)
+            self.webhooks = WebhookSender(s, self.metrics, self.store, outbox, consumer)
 
     def start(self, engine, answer: Answer) -> None:
         """Start the worker (it takes lines once the engine is ready)."""
-        self._loop = asyncio.get_running_loop().create_task(self._work(engine, answer))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._work(engine, answer)))
 
     async def stop(self) -> None:
-        for task in [self._loop, *self._running.values()]:
-            if task is not None:
-                task.cancel()  # an unanswered line stays in the Stream (or on disk) for another replica or restart
+        # an unanswered line stays in the Stream (or on disk), an undelivered event in the Stream, for another
+        # replica or a restart
+        for task in self._tasks:
+            task.cancel()
+        if self.lines is not None:
+            self.lines.cancel()
         if self.webhooks is not None:
-            await self.webhooks.close()
+            self.webhooks.close()
 
     def _ready(self) -> tuple[DiskStore | RedisStore, MemoryQueue | StreamQueue]:
         if self.store is None or self.queue is None:
@@ -138,7 +146,7 @@ class BatchService:
 
     async def create(self, owner: str, input_file_id: str, metadata: dict | None) -> dict:
         batch = await to_thread.run_sync(self._create, owner, input_file_id, metadata)
-        self._announce(batch)
+        self._count_finished(batch)
         return self.view(batch)
 
     def _create(self, owner: str, input_file_id: str, metadata: dict | None) -> dict:
@@ -154,7 +162,8 @@ class BatchService:
             store.put_batch(batch, owner)
             error = {"code": e.code, "message": e.message, "param": e.param, "line": e.line}
             failed = store.update_batch(batch["id"], ("validating",), {
-                "status": "failed", "failed_at": now(), "errors": {"object": "list", "data": [error]}})
+                "status": "failed", "failed_at": now(), "errors": {"object": "list", "data": [error]}},
+                self._event("failed", batch["id"]))
             assert failed is not None, "nothing else knows this batch yet"
             return failed
         batch["request_counts"]["total"] = len(lines)  # before any line is queued: the last answer compares with it
@@ -204,7 +213,8 @@ class BatchService:
     # ---------------------------------------------------------------- the worker
 
     async def _work(self, engine, answer: Answer) -> None:
-        """Take lines (new ones, and ones a silent replica left) while the engine is ready, up to the limit."""
+        """Open the store; then take lines (new ones, and ones a silent replica left) while the engine is ready, up
+        to DMP_BATCH_INFLIGHT, and deliver webhook events."""
         while self.store is None:
             try:
                 await to_thread.run_sync(self._open)
@@ -215,29 +225,17 @@ class BatchService:
                 self.store = None
                 await asyncio.sleep(1)
         store, queue = self._ready()
-        keep_every = self.settings.batch_reclaim_idle / 3
-        kept = reclaimed = swept = time.monotonic()
+        if self.webhooks is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self.webhooks.run()))
+        self.lines = lines = Consumer(queue, self.settings.batch_inflight, self.settings.batch_reclaim_idle,
+                                      partial(self._line, engine, answer))
+        swept = time.monotonic()
         while True:
             try:
-                free = self.settings.batch_inflight - len(self._running)
                 if engine.state != "ready":
                     await asyncio.sleep(0.2)
-                elif free <= 0:
-                    await asyncio.wait(list(self._running.values()), timeout=TAKE_WAIT,
-                                       return_when=asyncio.FIRST_COMPLETED)
                 else:
-                    items = []
-                    if time.monotonic() - reclaimed > keep_every:  # first: a silent replica's lines are the oldest
-                        items = await to_thread.run_sync(queue.reclaim, free)
-                        reclaimed = time.monotonic()
-                    if len(items) < free:
-                        items += await to_thread.run_sync(queue.take, free - len(items), TAKE_WAIT)
-                    for token, item in items:
-                        self._running[token] = asyncio.get_running_loop().create_task(
-                            self._line(engine, answer, token, item))
-                if time.monotonic() - kept > keep_every:
-                    await to_thread.run_sync(queue.keep, list(self._running))
-                    kept = time.monotonic()
+                    await lines.turn()
                 if time.monotonic() - swept > 60:
                     await to_thread.run_sync(store.sweep)
                     swept = time.monotonic()
@@ -269,15 +267,11 @@ class BatchService:
         except asyncio.CancelledError:
             raise
         except Exception:
-            # left unacknowledged: the Stream hands it to a replica after DMP_BATCH_RECLAIM_IDLE; in-process, it
+            # in the Stream it stays pending (a replica reclaims it after DMP_BATCH_RECLAIM_IDLE); in-process, it
             # goes back in the queue
             log.exception("batch %s line %d failed outside its request; it will be retried", batch_id, index)
-            if isinstance(queue, MemoryQueue):
-                await asyncio.sleep(1)
-                queue.ack(token)
-                queue.push([item])
-        finally:
-            self._running.pop(token, None)
+            await asyncio.sleep(1)
+            await to_thread.run_sync(queue.retry, token, item)
 
     async def _attempt(self, engine, answer: Answer, body: dict, owner: str) -> tuple[int, dict]:
         """The line's answer; a full queue or a passing unavailability is waited out (the line is not failed)."""
@@ -296,7 +290,7 @@ class BatchService:
             return
         if sum((await to_thread.run_sync(store.counts, batch_id)).values()) < found[0]["request_counts"]["total"]:
             return
-        self._announce(await to_thread.run_sync(self._finalize, batch_id))
+        self._count_finished(await to_thread.run_sync(self._finalize, batch_id))
 
     def _finalize(self, batch_id: str) -> dict | None:
         """Every line answered: write the output and error files (in line order) and end the batch."""
@@ -320,15 +314,17 @@ class BatchService:
                 store.put_file(file, owner, data)
                 files[f"{name}_file_id"] = file["id"]
         return store.update_batch(batch_id, ("finalizing", "cancelling"), files | {
-            "status": final, f"{final}_at": now(), "request_counts": _request_counts(batch, counts)})
+            "status": final, f"{final}_at": now(), "request_counts": _request_counts(batch, counts)},
+            self._event(final, batch_id))
 
-    def _announce(self, batch: dict | None) -> None:
-        """A batch that reached a final state: its webhook event."""
-        if batch is None or batch["status"] not in FINAL_EVENTS:
-            return
-        self.metrics.batches_finished.labels(batch["status"]).inc()
-        if self.webhooks is not None:
-            self.webhooks.send(batch["id"], event(FINAL_EVENTS[batch["status"]], batch["id"]))
+    def _event(self, status: str, batch_id: str) -> dict | None:
+        """The webhook event of a batch ending `status`, queued with that change (None without webhooks)."""
+        return event(FINAL_EVENTS[status], batch_id) if self.webhooks is not None else None
+
+    def _count_finished(self, batch: dict | None) -> None:
+        """A batch this replica brought to a final state (its event is queued already): counted in /metrics."""
+        if batch is not None and batch["status"] in FINAL_EVENTS:
+            self.metrics.batches_finished.labels(batch["status"]).inc()
 
     def _requeue(self) -> list[str]:
         """In-process queue only: the lines a previous process left unanswered go back in the queue; the batches

@@ -3,7 +3,8 @@ group (XREADGROUP / XACK / XAUTOCLAIM), answers are written once per line (HSETN
 
 Keys (prefix dmp:batch:): file:{id} hash (meta, owner, data); files:{owner} and batches:{owner} sorted sets of ids
 by creation; {id} the batch JSON with its owner; {id}:answers hash line -> answer; {id}:counts hash kind -> n;
-{id}:deliveries list (newest first); lines the Stream, group `workers`."""
+{id}:deliveries list (newest first); lines the Stream, group `workers`; webhooks the Stream of webhook events
+not yet delivered, group `senders` (one entry per event, added in the transaction that ends its batch)."""
 from __future__ import annotations
 
 import json
@@ -13,10 +14,11 @@ from typing import Any
 
 import redis
 
-from app.batch.records import WINDOW_SECONDS
+from app.batch.records import WINDOW_SECONDS, outbox_item
 
 P = "dmp:batch:"
 STREAM, GROUP = P + "lines", "workers"
+WEBHOOKS, SENDERS = P + "webhooks", "senders"
 # the first answer of a line wins; its kind is counted in the same step (a replica killed between the two
 # would otherwise leave the counts one short)
 ANSWER = """
@@ -94,9 +96,11 @@ class RedisStore:
             self.r.zrem(f"{P}batches:{owner}", *gone)
         return [b for b, _ in filter(None, found)]
 
-    def update_batch(self, batch_id: str, allowed: tuple[str, ...], changes: dict) -> dict | None:
+    def update_batch(self, batch_id: str, allowed: tuple[str, ...], changes: dict,
+                     event: dict | None = None) -> dict | None:
         """Compare-and-set on the status (WATCH/MULTI): the batch with `changes`, or None when its status is not
-        one of `allowed`; a finished batch's keys then live DMP_BATCH_TTL more."""
+        one of `allowed`; a finished batch's keys then live DMP_BATCH_TTL more. `event`: a webhook event added to
+        the webhooks Stream in the same transaction (a replica killed after the change cannot lose it)."""
         key = f"{P}{batch_id}"
         with self.r.pipeline() as p:
             while True:
@@ -111,6 +115,8 @@ class RedisStore:
                     record["batch"] |= changes
                     p.multi()
                     p.set(key, json.dumps(record), keepttl=True)
+                    if event is not None:
+                        p.xadd(WEBHOOKS, outbox_item(batch_id, event))
                     if changes.get("status") in ("completed", "failed", "cancelled", "expired"):
                         for k in self._keys(batch_id):
                             p.expire(k, self.ttl)
@@ -160,15 +166,17 @@ class RedisStore:
 
 
 class StreamQueue:
-    """Lines as entries of one Redis Stream; this replica is one consumer of the group every replica reads."""
+    """Items (lines, or webhook events) as entries of one Redis Stream; this replica is one consumer of the group
+    every replica reads."""
 
-    def __init__(self, client: redis.Redis, blocking: redis.Redis, consumer: str, idle: float):
+    def __init__(self, client: redis.Redis, blocking: redis.Redis, consumer: str, idle: float,
+                 stream: str = STREAM, group: str = GROUP):
         self.r: Any = client  # as in RedisStore
         self.blocking: Any = blocking
-        self.consumer = consumer
+        self.consumer, self.stream, self.group = consumer, stream, group
         self.idle_ms = int(idle * 1000)
         try:
-            client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+            client.xgroup_create(stream, group, id="0", mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
@@ -176,35 +184,39 @@ class StreamQueue:
     def push(self, items: list[dict]) -> None:
         with self.r.pipeline() as p:
             for item in items:
-                p.xadd(STREAM, item)
+                p.xadd(self.stream, item)
             p.execute()
 
     def take(self, count: int, wait: float) -> list[tuple[str, dict]]:
-        reply = self.blocking.xreadgroup(GROUP, self.consumer, {STREAM: ">"}, count=count, block=int(wait * 1000))
+        reply = self.blocking.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count,
+                                         block=int(wait * 1000))
         return [(i.decode(), _text(f)) for _, entries in reply or [] for i, f in entries]
 
     def ack(self, token: str) -> None:
         """Done: acknowledged and deleted, so the Stream's length is the lines not yet answered."""
         with self.r.pipeline() as p:
-            p.xack(STREAM, GROUP, token)
-            p.xdel(STREAM, token)
+            p.xack(self.stream, self.group, token)
+            p.xdel(self.stream, token)
             p.execute()
+
+    def retry(self, token: str, item: dict) -> None:
+        """Failed outside its work (a store error): left pending, reclaimed after the idle time (by any replica)."""
 
     def keep(self, tokens: list[str]) -> None:
         """Still working on these: their idle time restarts, so no other replica reclaims them."""
         if tokens:
-            self.r.xclaim(STREAM, GROUP, self.consumer, 0, tokens, justid=True)
+            self.r.xclaim(self.stream, self.group, self.consumer, 0, tokens, justid=True)
 
     def reclaim(self, count: int) -> list[tuple[str, dict]]:
-        """Lines a silent replica (killed, or cut off) held longer than DMP_BATCH_RECLAIM_IDLE, now this one's."""
-        _, entries, _ = self.r.xautoclaim(STREAM, GROUP, self.consumer, self.idle_ms, "0-0", count=count)
+        """Items a silent replica (killed, or cut off) held longer than DMP_BATCH_RECLAIM_IDLE, now this one's."""
+        _, entries, _ = self.r.xautoclaim(self.stream, self.group, self.consumer, self.idle_ms, "0-0", count=count)
         return [(i.decode(), _text(f)) for i, f in entries if f]  # f is empty for an entry deleted meanwhile
 
     def stats(self) -> tuple[int, int, float]:
         with self.r.pipeline() as p:
-            p.xlen(STREAM)
-            p.xpending(STREAM, GROUP)
-            p.xrange(STREAM, count=1)
+            p.xlen(self.stream)
+            p.xpending(self.stream, self.group)
+            p.xrange(self.stream, count=1)
             length, pending, first = p.execute()
         running = pending["pending"]
         age = time.time() - int(first[0][0].split(b"-")[0]) / 1000 if first else 0.0

@@ -4,10 +4,12 @@ Each loop iteration picks a base (round robin), lets waiting requests of that ba
 this step boundary, shares the step's DMP_MAX_BATCH images between the running requests (`share`: small requests
 least progress first, large ones earliest deadline first, background rows only where interactive ones leave
 room), runs one `denoise_step` for them (each job carries its own timestep, sampler and patch slot), times it, then
-decodes and answers the jobs that finished. Sharing rows at every step is what keeps a small request's latency
-independent of big ones admitted before it: a 5-step request behind two 1000-step x 8-image ones takes 5 steps,
-not 1000. `admit` replays that schedule with the measured step times (app/engine/eta.py) to refuse, under the
-deadline policy, a request that could not finish before its deadline or would make an admitted one miss its own.
+decodes and answers the jobs that finished (a background job's decode waits while interactive work is queued or
+running, so it never stands between an interactive request and its next step). Sharing rows at every step is
+what keeps a small request's latency independent of big ones admitted before it: a 5-step request behind two
+1000-step x 8-image ones takes 5 steps, not 1000. `admit` replays that schedule with the measured step times
+(app/engine/eta.py) to refuse, under the deadline policy, a request that could not finish before its deadline or
+would make an admitted one miss its own.
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ class Batcher:
                       eager_step(b.model, b.patches.pool, dtype=dtype) for name, b in bases.items()}
         self.waiting: dict[str, deque[Work]] = {name: deque() for name in bases}
         self.running: dict[str, list[Work]] = {name: [] for name in bases}  # runner thread only
+        # finished background works (with their patch versions; slots already freed), decoded once no interactive
+        # work is left; runner thread only
+        self.undecoded: deque[tuple[Work, tuple[str, ...] | None]] = deque()
         self.calls: deque[tuple[Callable, Future]] = deque()  # other device work (gate maps), between steps
         self.cond = threading.Condition()
         self.stopping = False
@@ -144,10 +149,13 @@ class Batcher:
                 name = self._next_base()
                 if name is not None:
                     self._join_waiting(name)
+                parked = self.undecoded.popleft() if self.undecoded and not self._interactive() else None
             if call is not None:
                 called = time.perf_counter()
                 self._run_call(*call)
                 began += time.perf_counter() - called
+            if parked is not None:
+                began += self._decode(self.bases[parked[0].spec.model], *parked)
             if name is not None:
                 images, decoding = self._step(name)
                 if images:
@@ -155,7 +163,11 @@ class Batcher:
         self._fail_all(Unavailable("the service is shutting down", error_type="shutting_down"))
 
     def _has_work(self) -> bool:
-        return bool(self.calls) or any(self.waiting[n] or self.running[n] for n in self.bases)
+        return bool(self.calls or self.undecoded) or any(self.waiting[n] or self.running[n] for n in self.bases)
+
+    def _interactive(self) -> bool:
+        """Whether an interactive request is waiting or running (caller holds the lock)."""
+        return any(not w.background for works in (*self.waiting.values(), *self.running.values()) for w in works)
 
     @staticmethod
     def _run_call(fn: Callable, future: Future) -> None:
@@ -230,13 +242,20 @@ class Batcher:
                 self._finish(w, error=e)
             return 0, 0.0
         self.running[name] = [w for w in running if not w.running_job.done]
+        park = False
+        if any(w.background and w.running_job.done for w in works):
+            with self.cond:
+                park = self._interactive()
         decoding = 0.0
         for w in works:
             job = w.running_job
             if w.follow:
                 w.report(Progress(job.index, len(job.t_list), self._preview(base, x0s.get(job))))
-            if job.done:
-                decoding += self._decode(base, w)
+            if job.done and w.background and park:  # its decode would delay the interactive request's next step
+                self.undecoded.append((w, _versions(w)))
+                self._release(w)  # its slots may be what the interactive request waits for
+            elif job.done:
+                decoding += self._decode(base, w, _versions(w))
         return images, decoding
 
     @staticmethod
@@ -250,8 +269,8 @@ class Batcher:
             log.exception("preview decode failed for base %s", base.name)
             return None
 
-    def _decode(self, base: ServedBase, work: Work) -> float:
-        """Decode and answer a finished job; the seconds it took."""
+    def _decode(self, base: ServedBase, work: Work, versions: tuple[str, ...] | None) -> float:
+        """Decode and answer a finished job (`versions`: of the patches it ran with); the seconds it took."""
         sampled = time.perf_counter()
         try:
             images = to_uint8(base.vae.decode(work.running_job.latents))  # (n, H, W, C)
@@ -264,14 +283,17 @@ class Batcher:
         assert started is not None, "set when the work joined its first step"
         timings = {"queue_ms": 1000 * (started - work.admitted_at),
                    "sample_ms": 1000 * (sampled - started), "decode_ms": 1000 * (done - sampled)}
-        versions = tuple(v.version for v in work.pin.versions) if work.pin else None
         self._finish(work, result=Result(images, versions, timings))
         return time.perf_counter() - sampled
 
-    def _finish(self, work: Work, result: Result | None = None, error: BaseException | None = None) -> None:
+    def _release(self, work: Work) -> None:
+        """Unpin its patch versions (and free their slots for other requests)."""
         if work.pin is not None:
             self.bases[work.spec.model].patches.release(work.pin, seated=work.seated)
             work.pin, work.seated = None, False
+
+    def _finish(self, work: Work, result: Result | None = None, error: BaseException | None = None) -> None:
+        self._release(work)
         if work.future.done():
             return
         try:
@@ -285,6 +307,8 @@ class Batcher:
     def _fail_all(self, error: ServiceError) -> None:
         with self.cond:
             pending = [w for q in self.waiting.values() for w in q] + [w for r in self.running.values() for w in r]
+            pending += [w for w, _ in self.undecoded]
+            self.undecoded.clear()
             self.admitted.clear()
             calls, self.calls = list(self.calls), deque()
             for q in self.waiting.values():
@@ -297,6 +321,11 @@ class Batcher:
         for _, future in calls:
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
+
+
+def _versions(work: Work) -> tuple[str, ...] | None:
+    """The versions of the patches a work runs with (None for the bare base)."""
+    return tuple(v.version for v in work.pin.versions) if work.pin else None
 
 
 def _plan(work: Work) -> Planned:

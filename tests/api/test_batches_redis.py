@@ -1,5 +1,6 @@
 """The Batch API across replicas: lines in one Redis Stream read by a consumer group; a replica SIGKILLed mid-batch
-loses nothing (its pending lines are reclaimed by the other) and every line is answered exactly once."""
+loses nothing (its pending lines are reclaimed by the other) and every line is answered exactly once; a webhook
+event whose sending replica is SIGKILLed is delivered by the other one."""
 from __future__ import annotations
 
 import os
@@ -83,3 +84,50 @@ def test_any_replica_answers_for_any_batch_and_file(start_server, class_only_dir
 
     assert poll(drained, timeout=10, every=0.2)
     receiver.close()
+
+
+def test_a_webhook_whose_sender_is_killed_is_delivered_by_the_other_replica(start_server, class_only_dirs,
+                                                                          redis_server):
+    """At least once across replicas: the replica retrying an event against a failing receiver is SIGKILLed; the
+    receiver recovers and gets the same signed event from the other replica, which reclaimed it from the Stream."""
+    receiver = Receiver(fail=10**6)  # 500 to every POST until it recovers
+    a, b = (replica(start_server, class_only_dirs, redis_server, receiver, webhook_attempts=10) for _ in range(2))
+    oai = openai.OpenAI(base_url=b.url + "/v1", api_key="unused", max_retries=0, timeout=60,
+                        webhook_secret=WEBHOOK_SECRET)
+    batch = wait_final(oai, run_batch(oai, [line("x", {"prompt": "1", "seed": 1, "steps": 2})]).id)
+
+    def deliveries(server) -> list[dict]:
+        return httpx.get(f"{server.url}/v1/batches/{batch.id}/webhook_deliveries").json()["data"]
+
+    assert poll(lambda: deliveries(b), timeout=30), "no delivery attempt was made"
+    first = deliveries(b)[0]
+    assert (first["attempt"], first["outcome"], first["status_code"]) == (1, "retry", 500)
+    sender, other = (a, b) if first["sender"] == f"{os.uname().nodename}-{a.proc.pid}" else (b, a)
+    assert first["sender"] == f"{os.uname().nodename}-{sender.proc.pid}"
+    t_kill = time.monotonic()
+    sender.stop()  # SIGKILL while it waits to retry: the event is pending in the Stream under its name
+    posted = len(receiver.events(batch.id))
+    receiver.fail = 0  # recovered: the next POST is answered 200
+    events = receiver.wait_for(batch.id, count=posted + 1, timeout=60)
+    t_delivered = time.monotonic()
+    assert len(events) == posted + 1
+    assert {h["webhook-id"] for _, h in events} == {first["event_id"]}  # the same event, resent
+    oai_other = openai.OpenAI(base_url=other.url + "/v1", api_key="unused", webhook_secret=WEBHOOK_SECRET)
+    event = oai_other.webhooks.unwrap(*events[-1])
+    assert (event.type, event.data.id, event.id) == ("batch.completed", batch.id, first["event_id"])
+
+    def logged() -> list[dict]:
+        log = deliveries(other)
+        return log if log and log[-1]["outcome"] == "delivered" else []
+
+    assert poll(logged, timeout=10)  # the log entry follows the receiver's answer
+    log = logged()
+    assert [d["attempt"] for d in log] == list(range(1, len(log) + 1))  # counted across both replicas
+    assert {d["sender"] for d in log[:-1]} == {first["sender"]} and all(d["outcome"] == "retry" for d in log[:-1])
+    assert log[-1]["sender"] == f"{os.uname().nodename}-{other.proc.pid}" and log[-1]["status_code"] == 200
+    r = redis.Redis.from_url(redis_server.url)
+    assert poll(lambda: r.xlen("dmp:batch:webhooks") == 0, timeout=10)  # acknowledged and deleted
+    assert not [c for c in r.xinfo_consumers("dmp:batch:webhooks", "senders") if c["pending"] > 0]
+    receiver.close()
+    print(f"\nWEBHOOK-KILLTEST attempts_by_killed={len(log) - 1} delivered_after_kill={t_delivered - t_kill:.2f}s "
+          f"(reclaim_idle=2s)")

@@ -103,3 +103,35 @@ def test_interactive_request_under_full_background_load(engine_on):
     assert busy >= 6, "the background work was still there when the interactive request finished"
     assert took < 1.5 * alone + 0.25, (took, alone)  # generous for the shared CPU; sharing rows would be ~5x
     assert all(not isinstance(r, Exception) for r, _ in background), background
+
+
+def test_a_background_decode_waits_while_interactive_work_runs(engine_on):
+    """A background request that finishes while an interactive one is running (its rows joined the interactive
+    steps: DMP_BACKGROUND_SLOWDOWN high) is decoded only after the interactive one is done, so a slow decode (a
+    latent base's VAE; 0.4 s here) does not delay the interactive request; the background request still completes."""
+    engine = engine_on(max_batch=4, background_slowdown=100.0)
+    base = engine.bases["digits"]
+    identity = base.vae.decode
+
+    def slow_decode(latents):
+        time.sleep(0.4)
+        return identity(latents)
+
+    base.vae.decode = slow_decode
+    steps = steps_for(engine, 0.4, images=1)  # (this run decodes once, slowly: part of nothing measured)
+    alone = min(asyncio.run(timed(engine, steps, 1, seed=1))[1] for _ in range(2))
+
+    async def scenario():
+        background = asyncio.create_task(timed(engine, 3, 1, seed=10, background=True))
+        while engine.batcher is not None and not engine.batcher.running["digits"]:
+            await asyncio.sleep(0.001)
+        interactive = await timed(engine, steps, 1, seed=1)
+        ended = time.perf_counter()
+        return interactive, ended, await background, time.perf_counter()
+
+    (interactive, took), ended, (result, _), background_ended = asyncio.run(scenario())
+    print(f"interactive {steps} steps: alone {alone:.3f} s (its own 0.4 s decode included), beside a finishing "
+          f"background request {took:.3f} s")
+    assert not isinstance(interactive, Exception) and not isinstance(result, Exception), (interactive, result)
+    assert took < alone + 0.25, (took, alone)  # with the background decode in between: about alone + 0.4 s
+    assert background_ended > ended

@@ -131,3 +131,21 @@ def test_replay_agrees_with_stepping_share():
     for p in plans:  # never later than the replay says (admission would overcommit), and at most ~5 % earlier
         late = replay[p] - stepped[p].finished  # type: ignore[attr-defined]
         assert -0.01 <= late <= 0.05 * replay[p] + 2 * rotation, (p, replay[p], late)
+
+
+def test_a_step_of_background_rows_alone_lasts_about_one_interactive_step():
+    """An interactive request that arrives while background rows step alone waits for that step to end: on a CPU
+    (every row costs) that step holds the rows of a 1-image step's time, not a full batch; below a GPU's knee (rows
+    free) it is still a full batch; the first background work always runs, whatever its size."""
+    def linear(rows: int) -> float:
+        return 0.002 + 0.01 * rows  # a fixed cost per step, then every row costs
+
+    def flat(rows: int) -> float:
+        return 0.01
+
+    ones = [W(1, background=True, admitted_at=i) for i in range(8)]
+    assert share(ones, 8, step_seconds=linear, slowdown=0.1) == ones[:1]
+    assert share(ones, 8, step_seconds=lambda rows: 0.02 + 0.001 * rows, slowdown=0.1) == ones[:3]
+    assert share(ones, 8, step_seconds=flat, slowdown=0.1) == ones
+    big = [W(4, background=True, admitted_at=0), W(1, background=True, admitted_at=1)]
+    assert share(big, 8, step_seconds=linear, slowdown=0.1) == big[:1]
