@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     background_slowdown: float = Field(0.1, ge=0, description="How much slower (fraction of its measured time) "
                                                               "background rows may make an interactive step they "
                                                               "join; 0 = they run only in steps of their own")
+    background_step: float = Field(1.1, ge=1, description="A step of background rows alone lasts at most this many "
+                                                          "1-image steps (measured), so an interactive request "
+                                                          "arriving during it waits at most that long; higher = more "
+                                                          "batch throughput on an otherwise idle replica")
     patch_slots: int = Field(16, ge=2, description="Device patch slots per base (slot 0 = the base itself): an LRU "
                                                    "cache; any number of patches can be stored")
     patch_host_bytes: int = Field(2 * 1024 ** 3, ge=0, description="Host-memory cache of validated patches, bytes "

@@ -40,9 +40,10 @@ class Batcher:
     """Waiting queues per base, the running batch per base, and the runner thread."""
 
     def __init__(self, bases: dict[str, ServedBase], max_batch: int, dtype, metrics: Metrics,
-                 policy: Policy = "deadline", slowdown: float = 0.1):
+                 policy: Policy = "deadline", slowdown: float = 0.1, alone: float = 1.1):
         self.bases, self.max_batch, self.metrics = bases, max_batch, metrics
-        self.policy, self.slowdown = policy, slowdown  # DMP_SCHEDULER, DMP_BACKGROUND_SLOWDOWN
+        # DMP_SCHEDULER, DMP_BACKGROUND_SLOWDOWN, DMP_BACKGROUND_STEP
+        self.policy, self.slowdown, self.alone = policy, slowdown, alone
         self.costs = StepCosts()
         self.admitted: set[Work] = set()  # admitted by `admit`, not yet `put` (encoding, pinning)
         self._admit_lock = threading.Lock()  # one admission replay at a time, so two cannot both take the last room
@@ -95,7 +96,7 @@ class Batcher:
             return  # nothing interactive ahead: it runs alone, the best it can get
         new = _plan(work)
         replay = (self.costs, self.max_batch, self.policy, self.slowdown, now)
-        without, with_new = finish_times(plans, *replay), finish_times([*plans, new], *replay)
+        without, with_new = finish_times(plans, *replay, self.alone), finish_times([*plans, new], *replay, self.alone)
 
         def limit(p: Planned) -> float:  # the deadline less a margin for the estimate's error
             return now + HEADROOM * (p.deadline - now)
@@ -225,7 +226,8 @@ class Batcher:
         self.running[name] = running
         if not running:
             return 0, 0.0
-        works = share(running, self.max_batch, self.policy, lambda n: self.costs.step(name, n), self.slowdown)
+        works = share(running, self.max_batch, self.policy, lambda n: self.costs.step(name, n), self.slowdown,
+                      self.alone)
         now = time.perf_counter()
         for w in works:
             w.started_at = w.started_at or now

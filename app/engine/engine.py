@@ -79,7 +79,8 @@ class Engine:
                     # one CUDA graph / compiled CPU step per batch bucket, before the runner starts
                     base.forward.capture(progress=f"graphs {base.name}")
             self.batcher = Batcher(self.bases, self.settings.max_batch, self.settings.torch_dtype, self.metrics,
-                                   self.settings.scheduler, self.settings.background_slowdown)
+                                   self.settings.scheduler, self.settings.background_slowdown,
+                                   self.settings.background_step)
             self.batcher.start()
             self.state = "warming"
             if self.settings.warmup:

@@ -74,7 +74,7 @@ class Planned:
 
 
 def finish_times(plans: Sequence[Planned], costs: StepCosts, max_batch: int, policy: Policy, slowdown: float,
-                 now: float) -> Mapping[Planned, float]:
+                 now: float, alone: float | None = None) -> Mapping[Planned, float]:
     """When each interactive plan is done (monotonic), replaying the batcher from `now`; math.inf for a plan cut
     at its deadline. The replay ends when no interactive plan is left (background plans only shape the steps)."""
     left = {p: p.steps_done for p in plans}  # plan -> steps done so far in the replay
@@ -91,7 +91,7 @@ def finish_times(plans: Sequence[Planned], costs: StepCosts, max_batch: int, pol
         turns: dict[str, tuple[list[Planned], int, float]] = {}
         for base, ps in by_base.items():
             views = [_View(p, left[p]) for p in ps]
-            picked = share(views, max_batch, policy, partial(costs.step, base), slowdown)
+            picked = share(views, max_batch, policy, partial(costs.step, base), slowdown, alone)
             small = [v.plan for v in views if not v.background and is_small(v, max_batch)]
             if len({id(v) for v in picked} & {id(v) for v in views if v.plan in small}) < len(small):
                 steps = math.ceil(sum(p.images for p in small) / max_batch)

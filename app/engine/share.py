@@ -61,11 +61,13 @@ def _fill(ordered: Sequence[R], room: int, chosen: list[R]) -> int:
 
 
 def share(works: Sequence[R], max_batch: int, policy: Policy = "deadline",
-          step_seconds: Callable[[int], float] | None = None, slowdown: float = 0.0) -> list[R]:
+          step_seconds: Callable[[int], float] | None = None, slowdown: float = 0.0,
+          alone: float | None = None) -> list[R]:
     """The works one step advances, at most `max_batch` images (always at least one work). `step_seconds(rows)`:
     the measured seconds of a step of that many images; background rows join interactive ones only while it stays
-    within (1 + slowdown) x the interactive rows' own step, and run alone only in steps within (1 + slowdown) x a
-    1-image step (the first background work always runs; without a measure they fill the batch alone, join none)."""
+    within (1 + slowdown) x the interactive rows' own step, and run alone only in steps within `alone` (default
+    1 + slowdown) x a 1-image step (the first background work always runs; without a measure they fill the batch
+    alone, join none)."""
     chosen: list[R] = []
     room = _fill(sorted((w for w in works if not w.background), key=lambda w: priority(w, max_batch, policy)),
                  max_batch, chosen)
@@ -77,7 +79,7 @@ def share(works: Sequence[R], max_batch: int, policy: Policy = "deadline",
     rows = max_batch - room
     # alone, the step budget is one interactive step's: a 1-image step (on a GPU below its knee that is a full
     # batch; on a CPU, where every row costs, a few rows); with interactive rows, their own step's
-    limit = (1 + slowdown) * step_seconds(rows if chosen else 1)
+    limit = (1 + slowdown) * step_seconds(rows) if chosen else (alone or 1 + slowdown) * step_seconds(1)
     if not chosen and background:
         chosen.append(background[0])
         rows, room, background = background[0].images, max_batch - background[0].images, background[1:]

@@ -149,3 +149,17 @@ def test_a_step_of_background_rows_alone_lasts_about_one_interactive_step():
     assert share(ones, 8, step_seconds=flat, slowdown=0.1) == ones
     big = [W(4, background=True, admitted_at=0), W(1, background=True, admitted_at=1)]
     assert share(big, 8, step_seconds=linear, slowdown=0.1) == big[:1]
+
+
+def test_the_background_step_budget_is_its_own_setting():
+    """`alone` (DMP_BACKGROUND_STEP) sizes a step of background rows alone in 1-image steps, apart from how much
+    background rows may slow an interactive step (`slowdown`): raising it buys batch throughput on an idle replica
+    without letting batch rows into interactive steps."""
+    def linear(rows: int) -> float:
+        return 0.01 * rows
+
+    ones = [W(1, background=True, admitted_at=i) for i in range(8)]
+    assert share(ones, 8, step_seconds=linear, slowdown=0.1) == ones[:1]
+    assert share(ones, 8, step_seconds=linear, slowdown=0.1, alone=4.0) == ones[:4]
+    interactive = W(1, admitted_at=9)
+    assert share([*ones, interactive], 8, step_seconds=linear, slowdown=0.1, alone=4.0) == [interactive]
