@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -269,7 +270,9 @@ def main(argv=None):
     ap.add_argument("--model", default="models/mnist.safetensors")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for both contenders")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="the batch of the mixed-patches case and the headline ratio")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16],
+                    help="batch sizes timed (issue 29: 1, 8 and the service's 16)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-xl", action="store_true", help="skip DiT-XL/2 on GPU")
     ap.add_argument("--churn", action="store_true", help="only the 64-patches-over-8-slots case (bench/churn.py)")
@@ -296,18 +299,21 @@ def main(argv=None):
             Path(args.json_out).write_text(json.dumps(result, indent=1))
         print(json.dumps(result))
         return
+    load_start = os.getloadavg()[0]
     model, source = demo_model(args.model, device)
     log(f"device {device}  demo model: {source}  threads {torch.get_num_threads()}")
     t0 = time.perf_counter()
     b = Bench(model, device, n_patches=8, compile_cpu=True)
-    warm_s = b.warm([1, args.batch])
+    batches = sorted({*args.batches, 1, args.batch})
+    warm_s = b.warm(batches)
     log(f"setup {time.perf_counter() - t0:.1f}s (compile/capture {warm_s:.1f}s), "
         f"patch install median {statistics.median(b.install_ms):.2f} ms")
     eq = equality_check(b)
     log("equality: " + "  ".join(f"{k} {v:.3g}" for k, v in eq.items()))
     guidance = float(getattr(model, "meta", {}).get("default_guidance", 4.0))
     suites = {}
-    for batch, mixed in ((1, False), (args.batch, True)):
+    for batch in batches:
+        mixed = batch == args.batch
         suites[batch] = sampling_suite(b, batch=batch, sampler="ddim", steps=steps, guidance=guidance,
                                        repeats=repeats, mixed=mixed, diffusers_dtypes=("bf16", "fp32"))
     log(f"\n{f'demo, ddim {steps} steps, cfg {guidance:.1f}':<34}" + "".join(f"{f'batch {k}':>14}" for k in suites))
@@ -325,9 +331,11 @@ def main(argv=None):
         "speedup_vs_diffusers": main_suite["speedup_vs_diffusers"],
         "speedup_vs_diffusers_batch1": suites[1]["speedup_vs_diffusers"],
         "patch_overhead": main_suite["patch_overhead"], "mixed_patch_ratio": main_suite["mixed_patch_ratio"],
+        "speedup_by_batch": {k: s["speedup_vs_diffusers"] for k, s in suites.items()},
+        "patch_overhead_by_batch": {k: s["patch_overhead"] for k, s in suites.items()},
         "images_per_s": main_suite["images_per_s"]["ours_patched"],
         "diffusers_images_per_s": {k: v for k, v in main_suite["images_per_s"].items() if k.startswith("diffusers")},
-        "warm_s": warm_s, "patch_install_ms": statistics.median(b.install_ms), "equality": eq,
+        "load_avg_1min": {"start": load_start, "end": os.getloadavg()[0]}, "warm_s": warm_s, "patch_install_ms": statistics.median(b.install_ms), "equality": eq,
         "suites": suites, "graph_stats": b.patched.stats(),
     }
     def save():

@@ -2,6 +2,7 @@
 
     python -m bench.xl --quick              # CPU: one CFG forward (2 rows) fp32 and bf16, 2 timed steps + decode
     python -m bench.xl --threads 2 --e2e-steps 50   # the 50-step image timed in full
+    python -m bench.xl --quick --no-image   # the forward ratios alone (a few minutes: repeat it for the spread)
 
 Random weights (the cost does not depend on their values). Forward: ours (`DiT.forward`, eager, built with
 diffusers' timestep frequencies so both compute the same function) vs diffusers, in one process, rounds
@@ -102,6 +103,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=None, help="forward rounds per dtype")
     ap.add_argument("--e2e-steps", type=int, default=None, help="sampling steps timed (the rest extrapolated)")
+    ap.add_argument("--no-image", action="store_true", help="the forward comparison only (the ratio, three runs)")
     ap.add_argument("--image-only", choices=list(DTYPES), help=argparse.SUPPRESS)  # the subprocess's part
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -116,7 +118,7 @@ def main(argv=None) -> None:
 
     result = {"threads": args.threads, "model": "DiT-XL/2, 256 px (32x32x4 latents), random weights",
               "forward": forward_compare(args.repeats or (2 if args.quick else 3), log), "image": {}}
-    for dtype in DTYPES:
+    for dtype in () if args.no_image else DTYPES:
         proc = subprocess.run([sys.executable, "-m", "bench.xl", "--image-only", dtype, "--threads", str(args.threads),
                                "--e2e-steps", str(timed)], capture_output=True, text=True, check=True)
         res = result["image"][dtype] = json.loads(proc.stdout.strip().splitlines()[-1])

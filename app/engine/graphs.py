@@ -11,7 +11,8 @@ real rows. Shapes above the largest bucket, or a patch given as a module rather 
 and are counted in `fallbacks`. `compile=True` runs each bucket's step through torch.compile with weight
 freezing; the pool tensors stay inputs, so installs need no recompile. On CPU that is the graph itself (Inductor
 folds the frozen base weights into prepacked oneDNN GEMMs, calls its kernels from its C++ wrapper, and uses math
-attention: for DiT's short sequences its fused bmm-softmax-bmm beats the CPU flash kernel). On CUDA the compiled
+attention while a block's scores fit in a core's L2 (there, for DiT's short sequences, its bmm-softmax-bmm beats
+the CPU flash kernel) and the flash kernel, which tiles the scores, beyond). On CUDA the compiled
 step (Inductor fuses the elementwise work between GEMMs itself, flash attention stays) is what the CUDA graph
 captures; compiling happens in the warm-up before capture.
 """
@@ -30,6 +31,7 @@ from app.model.dmp import MIX_WIDTH, PatchPool, PooledPatch, mix_rows
 from app.model.sampling import SAFE_COEF, StepBatch, run_step
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # images per batch, before CFG doubling
+CPU_MATH_ATTENTION_BYTES = 2 << 20  # a Zen 4 core's L2: past it, compiled CPU steps take the flash kernel
 ROW_FIELDS = ("row_image", "t", "y", "slots", "patch_scales")  # StepBatch fields per forward row; others per image
 
 
@@ -60,6 +62,7 @@ class GraphedForward:
         self.use_graphs = self.device.type == "cuda"
         self.compile = compile
         self.step_fns: dict[int, object] = {}  # rows -> this base's compiled step for that bucket
+        self.compiled: set[int] = set()  # buckets whose step has compiled (guards keep it from compiling again)
         self.graphs: dict[int, tuple] = {}  # rows -> (CUDAGraph or None, static StepBatch, static outputs)
         self.padding: dict[int, StepBatch] = {}  # rows -> the padding values of that bucket's buffers
         self.mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -85,8 +88,13 @@ class GraphedForward:
         args = [getattr(batch, f.name) for f in fields(StepBatch)]
         if not self.compile:
             return self._step_on(*args)
-        with self._compile_context():
-            return self._compiled_step(batch.t.shape[0])(*args)
+        rows = batch.t.shape[0]
+        if rows in self.compiled:  # the settings below act when Inductor compiles; entering them costs ~30 us a step
+            return self.step_fns[rows](*args)
+        with self._compile_context(rows):
+            out = self._compiled_step(rows)(*args)
+        self.compiled.add(rows)
+        return out
 
     def _compiled_step(self, rows: int):
         """This base's compiled step for one bucket, made on first use.
@@ -110,16 +118,24 @@ class GraphedForward:
         return self.step_fns[rows]
 
     @contextlib.contextmanager
-    def _compile_context(self):
+    def _compile_context(self, rows: int):
         """Freezing must be on when Inductor compiles (torch.compile's options= does not reach it). CPU only:
         the C++ wrapper calls the kernels without a Python frame per op (~0.5 ms a forward at the demo size;
-        on CUDA the graph replay has no Python at all), and math attention."""
+        on CUDA the graph replay has no Python at all), and the attention kernel cpu_attention picks."""
         if self.use_graphs:
             with inductor_config.patch(freezing=True):
                 yield
             return
-        with inductor_config.patch(freezing=True, cpp_wrapper=True), sdpa_kernel([SDPBackend.MATH]):
+        with inductor_config.patch(freezing=True, cpp_wrapper=True), sdpa_kernel([self.cpu_attention(rows)]):
             yield
+
+    def cpu_attention(self, rows: int) -> SDPBackend:
+        """Math attention (Inductor's bmm-softmax-bmm) while a block's fp32 scores (rows, heads, N, N) fit in
+        CPU_MATH_ATTENTION_BYTES, the flash kernel above: it tiles the scores, which math writes out whole
+        (demo base, 1 thread: at 32 rows, 2 MiB of scores, flash made the step 16 % cheaper; at 16 rows even)."""
+        cfg = self.model.config
+        scores = rows * cfg.num_heads * cfg.num_tokens ** 2 * 4
+        return SDPBackend.MATH if scores < CPU_MATH_ATTENTION_BYTES else SDPBackend.FLASH_ATTENTION
 
     # ---------------------------------------------------------------- buffers
     def _static_batch(self, rows: int) -> StepBatch:
@@ -139,6 +155,24 @@ class GraphedForward:
             uncond=torch.zeros(rows, dtype=torch.long, device=d), scale=torch.ones(rows, device=d),
             guided=torch.ones(rows, self.in_channels, dtype=torch.bool, device=d),
             coef=self.safe_coef.repeat(1, rows), noise=torch.zeros(rows, *self.x_shape, device=d))
+
+    def _padded(self, b: StepBatch, rows: int) -> StepBatch:
+        """CPU: the batch padded to a bucket as new tensors (a compiled CPU step has no fixed input addresses, so one
+        cat per field replaces _fill's two copies; fields that fill the bucket pass as they are)."""
+        R, B = b.t.shape[0], b.x.shape[0]
+        pad = self.padding[rows]
+        out = {}
+        for f in fields(StepBatch):
+            src, blank = getattr(b, f.name), getattr(pad, f.name)
+            dim = 1 if f.name == "coef" else 0  # coef (K, B): images along dim 1
+            n = R if f.name in ROW_FIELDS else B
+            if src is None:
+                out[f.name] = blank
+            elif n == blank.shape[dim]:  # same dtype and layout as the bucket's buffers: the guards' tensors
+                out[f.name] = src.to(blank.dtype).contiguous()
+            else:
+                out[f.name] = torch.cat([src.to(blank.dtype), blank.narrow(dim, n, blank.shape[dim] - n)], dim)
+        return StepBatch(**out)
 
     def _fill(self, buf: StepBatch, b: StepBatch) -> None:
         """Copy a batch into the first rows/images of the static buffers; the rest go back to padding values."""
@@ -205,15 +239,14 @@ class GraphedForward:
         if bucket is None or (self.use_graphs and bucket not in self.graphs):
             self.fallbacks += 1
             return run_step(self._denoise, b, self.in_channels)
-        if not self.use_graphs:
+        if not self.use_graphs:  # CPU: fresh outputs every call, nothing to copy out
             self._ensure_cpu_bucket(bucket)
+            o, prev, eps, v = self._run(self._padded(b, bucket))
+            return o[:R], prev[:B], eps[:B], v[:B] if v is not None else None
         graph, buf, out = self.graphs[bucket]
         self._fill(buf, b)
-        if graph is None:
-            out = self._run(buf)
-        else:
-            graph.replay()
-            self.replays += 1
+        graph.replay()
+        self.replays += 1
         o, prev, eps, v = out
         return o[:R].clone(), prev[:B].clone(), eps[:B].clone(), v[:B].clone() if v is not None else None
 

@@ -190,6 +190,35 @@ def test_cpu_compiled_bucket_sees_installs_without_recompiling():
     assert counters["stats"]["unique_graphs"] == frames
 
 
+def test_cpu_buckets_past_the_l2_bound_compile_flash_attention_and_match_eager(monkeypatch):
+    """A compiled CPU bucket whose scores pass CPU_MATH_ATTENTION_BYTES takes the flash kernel, the smaller one math;
+    both give the eager step's images, and later steps (new input tensors each call) never recompile."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention import SDPBackend
+
+    from app.engine import graphs
+
+    model = tiny_model()
+    monkeypatch.setattr(graphs, "CPU_MATH_ATTENTION_BYTES", 4 * model.config.num_heads * model.config.num_tokens ** 2
+                        * 4)  # rows >= 4 take flash
+    pool = pool_for(model)
+    slot = pool.install(random_patch(model, 1))
+    fwd = GraphedForward(model, pool, buckets=(1, 2), compile=True)
+    assert fwd.cpu_attention(2) == SDPBackend.MATH and fwd.cpu_attention(4) == SDPBackend.FLASH_ATTENTION
+
+    def run(step, n):
+        job = new_job(model, y=3, seed=5, sampler="ddim", steps=4, guidance_scale=4.0, slot=slot, n=n)
+        while not job.done:
+            denoise_step(model, [job], step=step)
+        return job.latents
+
+    for n in (1, 2):  # 2 rows (math), 4 rows (flash)
+        torch.testing.assert_close(run(fwd.step, n), run(eager_step(model, pool), n), rtol=1e-4, atol=1e-4)
+    frames = counters["stats"]["unique_graphs"]
+    run(fwd.step, 2)
+    assert counters["stats"]["unique_graphs"] == frames and sorted(fwd.compiled) == [2, 4]
+
+
 def test_compiled_steps_of_same_shape_bases_stay_apart():
     """Two bases of identical shapes: each compiled step gives its own base's eager output, never the other's
     (a compile cache shared through the step's code object served one base's frozen weights for the other)."""

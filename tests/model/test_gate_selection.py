@@ -116,3 +116,21 @@ def test_compiled_step_serves_every_selection_mode_as_trained(tiny_class):
         for i, patch in enumerate(patches):
             trained = model(x[i:i + 1], t[i:i + 1], y[i:i + 1], patch=patch.train())  # noise off: the trainer's
             torch.testing.assert_close(compiled[i:i + 1], trained, atol=1e-4, rtol=1e-4)
+
+
+def test_top_k_by_comparisons_equals_the_stable_sort():
+    """The serving pool's sort-free top-k (ranks by comparisons) keeps exactly what the stable argsort keeps,
+    ties to the lower index, with k per row."""
+    from app.model.dmp import gate
+
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(6, 8, 64, generator=g) * 4).round() / 4  # many ties
+    k = torch.randint(1, 65, (8,), generator=g)
+    by_rank = gate.top_k_mask(logits, k)
+    before, gate.RANK_MAX_ELEMENTS = gate.RANK_MAX_ELEMENTS, 0  # force the sort
+    try:
+        by_sort = gate.top_k_mask(logits, k)
+    finally:
+        gate.RANK_MAX_ELEMENTS = before
+    assert torch.equal(by_rank, by_sort)
+    assert torch.equal(by_rank.sum(-1), k.expand(6, 8))

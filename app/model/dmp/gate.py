@@ -25,12 +25,24 @@ def gate_logits(g_in: torch.Tensor, weight: torch.Tensor, depth_weight: torch.Te
     return base[None] + layer[:, None, None] * depth_weight[None]  # (L, B, N)
 
 
+RANK_MAX_ELEMENTS = 1 << 23  # above this many (..., N, N) comparisons the sort is cheaper in memory
+
+
 def top_k_mask(logits: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """True on the k largest logits of each row (ties keep the lower index); k an int or per row (B,)."""
     n = logits.shape[-1]
-    order = logits.argsort(dim=-1, descending=True, stable=True)
     k = torch.as_tensor(k, device=logits.device)
-    in_top = (torch.arange(n, device=logits.device) < (k[..., None] if k.dim() else k)).expand(logits.shape)
+    k = k[..., None] if k.dim() else k
+    if logits.numel() * n <= RANK_MAX_ELEMENTS:
+        # each logit's place in the stable descending order, by comparisons: the serving pool's few rows per step
+        # fuse into one kernel under torch.compile, where a sort is an opaque call (~3 us a row on one CPU core)
+        a, b = logits[..., :, None], logits[..., None, :]  # (..., N, 1) this logit, (..., 1, N) the others
+        j = torch.arange(n, device=logits.device)
+        earlier = j[None, :] < j[:, None]  # (N, N): other index j before this one i
+        rank = ((b > a) | ((b == a) & earlier)).sum(-1)  # (..., N)
+        return rank < k
+    order = logits.argsort(dim=-1, descending=True, stable=True)
+    in_top = (torch.arange(n, device=logits.device) < k).expand(logits.shape)
     return torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, order, in_top)  # exactly k
 
 
