@@ -62,7 +62,7 @@ class GraphedForward:
         self.use_graphs = self.device.type == "cuda"
         self.compile = compile
         self.step_fns: dict[int, object] = {}  # rows -> this base's compiled step for that bucket
-        self.compiled: set[int] = set()  # buckets whose step has compiled (guards keep it from compiling again)
+        self.compiled: set[int] = set()  # buckets whose step has compiled
         self.graphs: dict[int, tuple] = {}  # rows -> (CUDAGraph or None, static StepBatch, static outputs)
         self.padding: dict[int, StepBatch] = {}  # rows -> the padding values of that bucket's buffers
         self.mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -89,8 +89,8 @@ class GraphedForward:
         if not self.compile:
             return self._step_on(*args)
         rows = batch.t.shape[0]
-        if rows in self.compiled:  # the settings below act when Inductor compiles; entering them costs ~30 us a step
-            return self.step_fns[rows](*args)
+        # entered on every call, not only the compiling one: dynamo guards the attention backend it compiled under,
+        # so a call outside the context compiles the bucket again
         with self._compile_context(rows):
             out = self._compiled_step(rows)(*args)
         self.compiled.add(rows)
@@ -162,16 +162,21 @@ class GraphedForward:
         R, B = b.t.shape[0], b.x.shape[0]
         pad = self.padding[rows]
         out = {}
+        seen: set[int] = set()
         for f in fields(StepBatch):
             src, blank = getattr(b, f.name), getattr(pad, f.name)
             dim = 1 if f.name == "coef" else 0  # coef (K, B): images along dim 1
             n = R if f.name in ROW_FIELDS else B
             if src is None:
-                out[f.name] = blank
+                t = blank
             elif n == blank.shape[dim]:  # same dtype and layout as the bucket's buffers: the guards' tensors
-                out[f.name] = src.to(blank.dtype).contiguous()
+                t = src.to(blank.dtype).contiguous()
             else:
-                out[f.name] = torch.cat([src.to(blank.dtype), blank.narrow(dim, n, blank.shape[dim] - n)], dim)
+                t = torch.cat([src.to(blank.dtype), blank.narrow(dim, n, blank.shape[dim] - n)], dim)
+            if t.data_ptr() in seen:  # two fields on one tensor (a plain forward's rows): dynamo would recompile
+                t = t.clone()  # for the aliasing, which the bucket was not compiled with
+            seen.add(t.data_ptr())
+            out[f.name] = t
         return StepBatch(**out)
 
     def _fill(self, buf: StepBatch, b: StepBatch) -> None:

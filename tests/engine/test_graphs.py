@@ -147,7 +147,8 @@ def test_denoise_step_with_graphed_forward_matches_eager_jobs(task, compile):
         return torch.cat([j.latents for j in jobs])
 
     fwd = GraphedForward(model, pool, buckets=(2, 4), compile=compile)  # rows: 7 -> 8, then 3 -> 4
-    torch.testing.assert_close(run(fwd.step), run(eager_step(model, pool)), rtol=1e-4 if compile else 0,
+    # eager: a few fp32 ulps (latents reach ~30: the padded batch's GEMMs may sum in another order)
+    torch.testing.assert_close(run(fwd.step), run(eager_step(model, pool)), rtol=1e-4 if compile else 1e-6,
                                atol=1e-4 if compile else 1e-5)
     assert fwd.fallbacks == 0 and sorted(fwd.graphs) == [4, 8]
 
