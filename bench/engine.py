@@ -335,7 +335,8 @@ def main(argv=None):
         "patch_overhead_by_batch": {k: s["patch_overhead"] for k, s in suites.items()},
         "images_per_s": main_suite["images_per_s"]["ours_patched"],
         "diffusers_images_per_s": {k: v for k, v in main_suite["images_per_s"].items() if k.startswith("diffusers")},
-        "load_avg_1min": {"start": load_start, "end": os.getloadavg()[0]}, "warm_s": warm_s, "patch_install_ms": statistics.median(b.install_ms), "equality": eq,
+        "load_avg_1min": {"start": load_start, "end": os.getloadavg()[0]}, "warm_s": warm_s,
+        "patch_install_ms": statistics.median(b.install_ms), "equality": eq,
         "suites": suites, "graph_stats": b.patched.stats(),
     }
     def save():
