@@ -156,29 +156,6 @@ class GraphedForward:
             guided=torch.ones(rows, self.in_channels, dtype=torch.bool, device=d),
             coef=self.safe_coef.repeat(1, rows), noise=torch.zeros(rows, *self.x_shape, device=d))
 
-    def _padded(self, b: StepBatch, rows: int) -> StepBatch:
-        """CPU: the batch padded to a bucket as new tensors (a compiled CPU step has no fixed input addresses, so one
-        cat per field replaces _fill's two copies; fields that fill the bucket pass as they are)."""
-        R, B = b.t.shape[0], b.x.shape[0]
-        pad = self.padding[rows]
-        out = {}
-        seen: set[int] = set()
-        for f in fields(StepBatch):
-            src, blank = getattr(b, f.name), getattr(pad, f.name)
-            dim = 1 if f.name == "coef" else 0  # coef (K, B): images along dim 1
-            n = R if f.name in ROW_FIELDS else B
-            if src is None:
-                t = blank
-            elif n == blank.shape[dim]:  # same dtype and layout as the bucket's buffers: the guards' tensors
-                t = src.to(blank.dtype).contiguous()
-            else:
-                t = torch.cat([src.to(blank.dtype), blank.narrow(dim, n, blank.shape[dim] - n)], dim)
-            if t.data_ptr() in seen:  # two fields on one tensor (a plain forward's rows): dynamo would recompile
-                t = t.clone()  # for the aliasing, which the bucket was not compiled with
-            seen.add(t.data_ptr())
-            out[f.name] = t
-        return StepBatch(**out)
-
     def _fill(self, buf: StepBatch, b: StepBatch) -> None:
         """Copy a batch into the first rows/images of the static buffers; the rest go back to padding values."""
         R, B = b.t.shape[0], b.x.shape[0]
@@ -244,14 +221,15 @@ class GraphedForward:
         if bucket is None or (self.use_graphs and bucket not in self.graphs):
             self.fallbacks += 1
             return run_step(self._denoise, b, self.in_channels)
-        if not self.use_graphs:  # CPU: fresh outputs every call, nothing to copy out
+        if not self.use_graphs:
             self._ensure_cpu_bucket(bucket)
-            o, prev, eps, v = self._run(self._padded(b, bucket))
-            return o[:R], prev[:B], eps[:B], v[:B] if v is not None else None
         graph, buf, out = self.graphs[bucket]
-        self._fill(buf, b)
-        graph.replay()
-        self.replays += 1
+        self._fill(buf, b)  # CPU too: fresh padded tensors per call ran at eager speed (bench, 2026-12-05 perf2-t1)
+        if graph is None:
+            out = self._run(buf)
+        else:
+            graph.replay()
+            self.replays += 1
         o, prev, eps, v = out
         return o[:R].clone(), prev[:B].clone(), eps[:B].clone(), v[:B].clone() if v is not None else None
 
