@@ -68,15 +68,15 @@ def demo_model(path: str, device) -> tuple[DiT, str]:
 
 
 class Bench:
-    """One model in three forms: ours (bf16 twin + pool + graphed forwards) and diffusers (bf16 and fp32)."""
+    """One model in three forms: ours (bf16 twin, or fp32, + pool + graphed forwards) and diffusers (bf16, fp32)."""
 
     def __init__(self, model: DiT, device, n_patches: int, compile_cpu: bool, buckets=BUCKETS,
-                 diffusers_fp32: bool = True):
+                 diffusers_fp32: bool = True, ours_dtype: torch.dtype = torch.bfloat16):
         self.device = device
         self.fp32 = diffusers_math(model)  # same weights under diffusers' timestep frequencies: same function
-        self.ours = diffusers_math(model).to(torch.bfloat16)
+        self.ours = diffusers_math(model).to(ours_dtype)
         self.cfg = model.config
-        self.ref = {"bf16": to_diffusers(self.ours)}
+        self.ref = {"bf16": to_diffusers(diffusers_math(model).to(torch.bfloat16))}
         if diffusers_fp32:
             self.ref["fp32"] = to_diffusers(self.fp32)
         cfg = self.cfg
@@ -274,6 +274,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16],
                     help="batch sizes timed (issue 29: 1, 8 and the service's 16)")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--ours-dtype", choices=["bf16", "fp32"], default="bf16",
+                    help="our engine's weights (fp32 on a CPU without native bf16: AVX512-BF16 or AMX)")
     ap.add_argument("--no-xl", action="store_true", help="skip DiT-XL/2 on GPU")
     ap.add_argument("--churn", action="store_true", help="only the 64-patches-over-8-slots case (bench/churn.py)")
     ap.add_argument("--json-out", default=None)
@@ -303,7 +305,8 @@ def main(argv=None):
     model, source = demo_model(args.model, device)
     log(f"device {device}  demo model: {source}  threads {torch.get_num_threads()}")
     t0 = time.perf_counter()
-    b = Bench(model, device, n_patches=8, compile_cpu=True)
+    b = Bench(model, device, n_patches=8, compile_cpu=True,
+              ours_dtype=torch.float32 if args.ours_dtype == "fp32" else torch.bfloat16)
     batches = sorted({*args.batches, 1, args.batch})
     warm_s = b.warm(batches)
     log(f"setup {time.perf_counter() - t0:.1f}s (compile/capture {warm_s:.1f}s), "
@@ -326,7 +329,8 @@ def main(argv=None):
     main_suite = suites[args.batch]
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "model": source, "dtype": "bf16 (ours), diffusers bf16 and fp32", "sampler": "ddim", "steps": steps,
+        "model": source, "dtype": f"{args.ours_dtype} (ours), diffusers bf16 and fp32", "sampler": "ddim",
+        "steps": steps,
         "guidance": guidance, "batch": args.batch,
         "speedup_vs_diffusers": main_suite["speedup_vs_diffusers"],
         "speedup_vs_diffusers_batch1": suites[1]["speedup_vs_diffusers"],
