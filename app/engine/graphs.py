@@ -62,7 +62,6 @@ class GraphedForward:
         self.use_graphs = self.device.type == "cuda"
         self.compile = compile
         self.step_fns: dict[int, object] = {}  # rows -> this base's compiled step for that bucket
-        self.compiled: set[int] = set()  # buckets whose step has compiled
         self.graphs: dict[int, tuple] = {}  # rows -> (CUDAGraph or None, static StepBatch, static outputs)
         self.padding: dict[int, StepBatch] = {}  # rows -> the padding values of that bucket's buffers
         self.mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -89,12 +88,8 @@ class GraphedForward:
         if not self.compile:
             return self._step_on(*args)
         rows = batch.t.shape[0]
-        # entered on every call, not only the compiling one: dynamo guards the attention backend it compiled under,
-        # so a call outside the context compiles the bucket again
         with self._compile_context(rows):
-            out = self._compiled_step(rows)(*args)
-        self.compiled.add(rows)
-        return out
+            return self._compiled_step(rows)(*args)
 
     def _compiled_step(self, rows: int):
         """This base's compiled step for one bucket, made on first use.
@@ -132,7 +127,7 @@ class GraphedForward:
     def cpu_attention(self, rows: int) -> SDPBackend:
         """Math attention (Inductor's bmm-softmax-bmm) while a block's fp32 scores (rows, heads, N, N) fit in
         CPU_MATH_ATTENTION_BYTES, the flash kernel above: it tiles the scores, which math writes out whole
-        (demo base, 1 thread: at 32 rows, 2 MiB of scores, flash made the step 16 % cheaper; at 16 rows even)."""
+        (demo base, 1 thread, a Zen 4: at 32 rows, 2 MiB of scores, flash made the step 16 % cheaper; at 16 rows even)."""
         cfg = self.model.config
         scores = rows * cfg.num_heads * cfg.num_tokens ** 2 * 4
         return SDPBackend.MATH if scores < CPU_MATH_ATTENTION_BYTES else SDPBackend.FLASH_ATTENTION
@@ -224,7 +219,7 @@ class GraphedForward:
         if not self.use_graphs:
             self._ensure_cpu_bucket(bucket)
         graph, buf, out = self.graphs[bucket]
-        self._fill(buf, b)  # CPU too: fresh padded tensors per call ran at eager speed (bench, 2026-12-05 perf2-t1)
+        self._fill(buf, b)
         if graph is None:
             out = self._run(buf)
         else:
