@@ -127,7 +127,7 @@ class GraphedForward:
     def cpu_attention(self, rows: int) -> SDPBackend:
         """Math attention (Inductor's bmm-softmax-bmm) while a block's fp32 scores (rows, heads, N, N) fit in
         CPU_MATH_ATTENTION_BYTES, the flash kernel above: it tiles the scores, which math writes out whole
-        (demo base, 1 thread, a Zen 4: at 32 rows, 2 MiB of scores, flash made the step 16 % cheaper; at 16 rows even)."""
+        (demo base, 1 thread, a Zen 4: at 32 rows, 2 MiB of scores, flash made the step 16 % cheaper; at 16 even)."""
         cfg = self.model.config
         scores = rows * cfg.num_heads * cfg.num_tokens ** 2 * 4
         return SDPBackend.MATH if scores < CPU_MATH_ATTENTION_BYTES else SDPBackend.FLASH_ATTENTION
