@@ -4,8 +4,11 @@ What a graph holds is a whole sampling step (app.model.sampling.run_step): gathe
 images, the DiT forward with per-row patch slots, classifier-free guidance, and the batched DDIM/DDPM update.
 The patch pool's tensors have fixed addresses and every row carries MIX_WIDTH (slot, scale) pairs as graph inputs
 of a fixed shape, so one graph serves any mix of patches, strengths and compositions, and installing a patch (an
-in-place copy into a free slot) needs no recapture. Batches are padded to the next bucket (padding rows: image 0,
-t = 0, the null condition, (slot 0, scale 0) pairs;
+in-place copy into a free slot) needs no recapture. Each bucket has two variants: the one warm-up makes serves
+batches whose patches all keep every prompt (top_k = 1, what the recipe trains), whose gates need no top-k
+ranking ((L, rows x MIX_WIDTH, N, N) comparisons, ~5 % of a CPU step at the demo size); the other ranks, and is
+compiled or captured the first time a batch holds a patch that keeps fewer. Batches are padded to the next
+bucket (padding rows: image 0, t = 0, the null condition, (slot 0, scale 0) pairs;
 padding images: zero latents, prev = x); rows never interact in a DiT forward, so padding does not change the
 real rows. Shapes above the largest bucket, or a patch given as a module rather than a pool slot, run eagerly
 and are counted in `fallbacks`. `compile=True` runs each bucket's step through torch.compile with weight
@@ -19,6 +22,7 @@ captures; compiling happens in the warm-up before capture.
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from dataclasses import fields
 
@@ -61,8 +65,10 @@ class GraphedForward:
         self.dtype = next(model.parameters()).dtype
         self.use_graphs = self.device.type == "cuda"
         self.compile = compile
-        self.step_fns: dict[int, object] = {}  # rows -> this base's compiled step for that bucket
-        self.graphs: dict[int, tuple] = {}  # rows -> (CUDAGraph or None, static StepBatch, static outputs)
+        # (rows, top_k) -> this base's compiled step for that bucket and variant
+        self.step_fns: dict[tuple[int, bool], object] = {}
+        # (rows, top_k) -> (CUDAGraph or None, static StepBatch, static outputs)
+        self.graphs: dict[tuple[int, bool], tuple] = {}
         self.padding: dict[int, StepBatch] = {}  # rows -> the padding values of that bucket's buffers
         self.mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.fallbacks = 0  # steps that ran eagerly (no bucket fits, or a module patch)
@@ -75,24 +81,28 @@ class GraphedForward:
         self.safe_coef = SAFE_COEF[:, None].to(self.device)  # (K, 1): padding images keep their latents
 
     # ---------------------------------------------------------------- the step
-    def _denoise(self, x, t, y, slots, scales) -> torch.Tensor:
-        patch = self.pool.batch(slots, scales) if self.pool is not None else None  # pool=None: no patch work
+    def _denoise(self, x, t, y, slots, scales, top_k: bool = True) -> torch.Tensor:
+        patch = self.pool.batch(slots, scales, top_k=top_k) if self.pool is not None else None  # None: no patch
         return self.model(x.to(self.dtype), t, y, patch=patch).float()  # (R, C_out, H, W)
 
     def _step_on(self, *tensors):
         """run_step on StepBatch fields given positionally (what a graph captures or Inductor compiles)."""
         return run_step(self._denoise, StepBatch(*tensors), self.in_channels)
 
-    def _run(self, batch: StepBatch):
+    def _step_on_all_prompts(self, *tensors):
+        """_step_on for batches whose patches all keep every prompt: the same gates without the ranking."""
+        return run_step(functools.partial(self._denoise, top_k=False), StepBatch(*tensors), self.in_channels)
+
+    def _run(self, batch: StepBatch, top_k: bool):
         args = [getattr(batch, f.name) for f in fields(StepBatch)]
         if not self.compile:
-            return self._step_on(*args)
+            return (self._step_on if top_k else self._step_on_all_prompts)(*args)
         rows = batch.t.shape[0]
         with self._compile_context(rows):
-            return self._compiled_step(rows)(*args)
+            return self._compiled_step(rows, top_k)(*args)
 
-    def _compiled_step(self, rows: int):
-        """This base's compiled step for one bucket, made on first use.
+    def _compiled_step(self, rows: int, top_k: bool):
+        """This base's compiled step for one bucket and variant, made on first use.
 
         Dynamo keeps compiled graphs per *code object*, and freezing folds this base's weights into them. So each
         (base, bucket) compiles its own copy of `_step_on` with its own code object: that cache is reachable from
@@ -101,16 +111,16 @@ class GraphedForward:
         bases' buckets together would hit dynamo's recompile limit). fullgraph: a graph break would compile the
         rest in frames of shared code (DiT.forward, ...) under the same filtered guards.
         """
-        if rows not in self.step_fns:
-            name = f"step_{id(self):x}_{rows}"
-            func = GraphedForward._step_on
+        if (rows, top_k) not in self.step_fns:
+            name = f"step_{id(self):x}_{rows}_{'top_k' if top_k else 'all'}"
+            func = GraphedForward._step_on if top_k else GraphedForward._step_on_all_prompts
             code = func.__code__.replace(co_name=name, co_qualname=name)
             own = types.MethodType(types.FunctionType(code, func.__globals__, name), self)
             # Guards on the parameters would cost ~0.3 ms a call and protect nothing: freezing folds the weights
             # into this callable's graphs, and no other base calls it.
-            self.step_fns[rows] = torch.compile(own, dynamic=False, fullgraph=True, options={
+            self.step_fns[rows, top_k] = torch.compile(own, dynamic=False, fullgraph=True, options={
                 "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
-        return self.step_fns[rows]
+        return self.step_fns[rows, top_k]
 
     @contextlib.contextmanager
     def _compile_context(self, rows: int):
@@ -135,7 +145,7 @@ class GraphedForward:
     # ---------------------------------------------------------------- buffers
     def _static_batch(self, rows: int) -> StepBatch:
         """Padding-valued buffers of one bucket (images are padded to as many as rows); keeps a pristine copy."""
-        self.padding[rows] = self._padding(rows)
+        self.padding.setdefault(rows, self._padding(rows))
         return self._padding(rows)
 
     def _padding(self, rows: int) -> StepBatch:
@@ -168,41 +178,45 @@ class GraphedForward:
 
     # ---------------------------------------------------------------- capture
     @torch.no_grad()
-    def capture(self, rows: list[int] | None = None, warmup: int = 2, progress: str | None = None) -> None:
+    def capture(self, rows: list[int] | None = None, warmup: int = 2, progress: str | None = None,
+                top_k: bool | None = None) -> None:
         """Warm up and capture one graph per bucket (largest first, so smaller ones reuse its memory);
-        `progress`: a progress-bar label (compiling every CPU bucket takes minutes)."""
+        `progress`: a progress-bar label (compiling every CPU bucket takes minutes). `top_k`: the variant; None
+        takes the ranking one only while the pool holds a patch that needs it."""
         from tqdm.auto import tqdm
 
+        if top_k is None:
+            top_k = self.pool is not None and bool(self.pool.selecting)
         todo = sorted(rows or self.rows, reverse=True)
         bar = tqdm(todo, desc=progress, unit="bucket", disable=progress is None, leave=False)
         if not self.use_graphs:
             for r in bar:  # CPU: warm (and compile) each bucket shape once
-                self._ensure_cpu_bucket(r)
+                self._ensure_cpu_bucket(r, top_k)
             return
         for r in bar:
-            if r in self.graphs:
+            if (r, top_k) in self.graphs:
                 continue
             buf = self._static_batch(r)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside capture: torch.compile, Triton JIT, cuBLAS, allocator
                 for _ in range(warmup):
-                    self._run(buf)
+                    self._run(buf, top_k)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.mempool):
-                out = self._run(buf)
-            self.graphs[r] = (graph, buf, out)
+                out = self._run(buf, top_k)
+            self.graphs[r, top_k] = (graph, buf, out)
             self.captures += 1
         torch.cuda.synchronize()
 
-    def _ensure_cpu_bucket(self, rows: int) -> None:
-        if rows not in self.graphs:
+    def _ensure_cpu_bucket(self, rows: int, top_k: bool) -> None:
+        if (rows, top_k) not in self.graphs:
             buf = self._static_batch(rows)
-            self.graphs[rows] = (None, buf, None)
+            self.graphs[rows, top_k] = (None, buf, None)
             if self.compile:
                 with torch.no_grad():
-                    self._run(buf)
+                    self._run(buf, top_k)
 
     def bucket_for(self, rows: int) -> int | None:
         return next((r for r in self.rows if r >= rows), None)
@@ -213,15 +227,18 @@ class GraphedForward:
         """run_step for this batch, padded into a bucket's graph: (out (R, ...), prev (B, ...), eps, v)."""
         R, B = b.t.shape[0], b.x.shape[0]
         bucket = self.bucket_for(R)
-        if bucket is None or (self.use_graphs and bucket not in self.graphs):
+        top_k = self.pool is not None and self.pool.needs_top_k(b.slots)
+        if self.use_graphs and top_k and bucket is not None and (bucket, False) in self.graphs:
+            self.capture([bucket], top_k=True)  # the first batch with a top-k patch in a warmed-up bucket
+        if bucket is None or (self.use_graphs and (bucket, top_k) not in self.graphs):
             self.fallbacks += 1
-            return run_step(self._denoise, b, self.in_channels)
+            return run_step(functools.partial(self._denoise, top_k=top_k), b, self.in_channels)
         if not self.use_graphs:
-            self._ensure_cpu_bucket(bucket)
-        graph, buf, out = self.graphs[bucket]
+            self._ensure_cpu_bucket(bucket, top_k)
+        graph, buf, out = self.graphs[bucket, top_k]
         self._fill(buf, b)
         if graph is None:
-            out = self._run(buf)
+            out = self._run(buf, top_k)
         else:
             graph.replay()
             self.replays += 1

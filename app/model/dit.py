@@ -172,15 +172,25 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 
+GELU_TANH_2C = 2 * math.sqrt(2 / math.pi)  # 0.5 * (1 + tanh(z)) = sigmoid(2z)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation; compiled as x * sigmoid(2z), the same function written with exp, which
+    Inductor vectorizes ~2.5x cheaper than tanh on an AVX2 CPU (1M fp32 values: 3.3 vs 8.3 ms, one core)."""
+    if torch.compiler.is_compiling():
+        return x * torch.sigmoid(GELU_TANH_2C * (x + 0.044715 * x * x * x))
+    return F.gelu(x, approximate="tanh")  # eager: one ATen kernel, which is what diffusers' forward matches
+
+
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(gelu_tanh(self.fc1(x)))  # (B, N, hidden) inside
 
 
 class DiTBlock(nn.Module):

@@ -62,7 +62,7 @@ def test_bucket_padding_does_not_change_results():
         ref = model(x, t, y, patch=pool.batch(slots))
         assert out.shape == ref.shape
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-    assert fwd.fallbacks == 0 and sorted(fwd.graphs) == [4, 8]
+    assert fwd.fallbacks == 0 and sorted(fwd.graphs) == [(4, False), (8, False)]
 
 
 def test_base_rows_without_patch_equal_plain_model():
@@ -91,6 +91,38 @@ def test_mixed_batch_equals_each_sample_alone(text):
         torch.testing.assert_close(out[row:row + 1], alone, rtol=0, atol=1e-5)
     # and the patches really differ from each other and from the base
     assert not torch.allclose(model(x[:1], t[:1], y[:1], patch=patches[0]), model(x[:1], t[:1], y[:1]))
+    assert sorted(fwd.graphs) == [(8, True)]  # a top-k patch in the batch: the ranking variant
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_ranking_variant_runs_only_for_batches_with_a_top_k_patch(compile):
+    """Batches whose patches keep every prompt take the bucket's variant without top-k ranking; a batch with a
+    top-k patch takes the ranking one, made on first use; both give the trained modules' outputs; freeing the
+    top-k patch's slot leaves no batch that needs the ranking."""
+    model = tiny_model()
+    pool = pool_for(model)
+    every, top = random_patch(model, 20), random_patch(model, 21, top_k=0.25)
+    s_every = pool.install(every)
+    fwd = GraphedForward(model, pool, buckets=(4,), cfg=False, compile=compile)
+    fwd.capture()
+    x, t, y = inputs(model, 2)
+
+    def check(slots, modules):
+        out = fwd(x, t, y, patch=pool.batch(torch.tensor(slots)))
+        for row, m in enumerate(modules):
+            alone = model(x[row:row + 1], t[row:row + 1], y[row:row + 1], patch=m)
+            torch.testing.assert_close(out[row:row + 1], alone, rtol=1e-4, atol=1e-4)
+
+    check([s_every, 0], [every, None])
+    s_top = pool.install(top)
+    assert pool.selecting == {s_top}
+    check([s_every, 0], [every, None])
+    assert sorted(fwd.graphs) == [(4, False)]  # a top-k patch installed but not in the batch: no ranking
+    check([s_top, s_every], [top, every])
+    assert sorted(fwd.graphs) == [(4, False), (4, True)] and fwd.fallbacks == 0
+    pool.free(s_top)
+    assert pool.selecting == set() and not pool.needs_top_k(torch.tensor([s_top, s_every]))
+
 
 
 def test_fallbacks_are_counted():
@@ -150,7 +182,7 @@ def test_denoise_step_with_graphed_forward_matches_eager_jobs(task, compile):
     # eager: a few fp32 ulps (latents reach ~30; on an AVX2-only CPU the padded bucket's GEMMs sum in another order)
     torch.testing.assert_close(run(fwd.step), run(eager_step(model, pool)), rtol=1e-4 if compile else 1e-6,
                                atol=1e-4 if compile else 1e-5)
-    assert fwd.fallbacks == 0 and sorted(fwd.graphs) == [4, 8]
+    assert fwd.fallbacks == 0 and sorted(fwd.graphs) == [(4, False), (8, False)]
 
 
 def test_a_mismatched_pool_or_patch_is_an_error_not_an_eager_fallback():
@@ -217,7 +249,7 @@ def test_cpu_buckets_past_the_l2_bound_compile_flash_attention_and_match_eager(m
         torch.testing.assert_close(run(fwd.step, n), run(eager_step(model, pool), n), rtol=1e-4, atol=1e-4)
     frames = counters["stats"]["unique_graphs"]
     run(fwd.step, 2)
-    assert counters["stats"]["unique_graphs"] == frames and sorted(fwd.step_fns) == [2, 4]
+    assert counters["stats"]["unique_graphs"] == frames and sorted(fwd.step_fns) == [(2, False), (4, False)]
 
 
 def test_compiled_steps_of_same_shape_bases_stay_apart():
@@ -232,7 +264,8 @@ def test_compiled_steps_of_same_shape_bases_stay_apart():
             torch.testing.assert_close(fwd(x[:n], t[:n], y[:n]), eager, rtol=2e-2, atol=2e-2)
     apart = (models[0](x.to(torch.bfloat16), t, y) - models[1](x.to(torch.bfloat16), t, y)).abs().mean()
     assert apart > 0.1  # the two bases really differ, so sharing a graph would fail above
-    assert fwds[0].step_fns.keys() == {1, 2} and fwds[0].step_fns[1] is not fwds[1].step_fns[1]
+    assert fwds[0].step_fns.keys() == {(1, False), (2, False)}
+    assert fwds[0].step_fns[1, False] is not fwds[1].step_fns[1, False]
 
 
 # ------------------------------------------------------------------------------------------ GPU

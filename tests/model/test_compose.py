@@ -72,7 +72,8 @@ def test_rows_with_different_compositions_equal_each_alone(tiny_class, pool_ab):
 
 
 def test_compiled_step_serves_every_composition_without_recompiling(tiny_class, pool_ab):
-    """Compositions are inputs of a fixed shape: one compiled graph per bucket serves them all."""
+    """Compositions are inputs of a fixed shape: one compiled graph per bucket and variant (with b, a top-k
+    patch, in the batch or not) serves them all."""
     from torch._dynamo.utils import counters
 
     pool, a, b, a_copy = pool_ab
@@ -85,13 +86,15 @@ def test_compiled_step_serves_every_composition_without_recompiling(tiny_class, 
             denoise_step(tiny_class, [j for j in jobs if not j.done], step=step)
         return torch.cat([j.latents for j in jobs])
 
-    first = [((a, 1.0),), ((a, 0.5), (b, -1.0))]
-    torch.testing.assert_close(run(fwd.step, first), run(eager_step(tiny_class, pool), first), atol=1e-4, rtol=1e-4)
+    for first in ([((a, 1.0),), ((a, 0.5), (b, -1.0))], [((a, 1.0),)]):  # both variants
+        torch.testing.assert_close(run(fwd.step, first), run(eager_step(tiny_class, pool), first), atol=1e-4,
+                                   rtol=1e-4)
     frames = counters["stats"]["unique_graphs"]
     for mixes in ([((b, 2.0), (a_copy, 0.25), (a, 0.1), (b, 0.0))], [(), ((a_copy, -2.0),)]):
         torch.testing.assert_close(run(fwd.step, mixes), run(eager_step(tiny_class, pool), mixes), atol=1e-4,
                                    rtol=1e-4)
     assert counters["stats"]["unique_graphs"] == frames and fwd.fallbacks == 0
+    assert sorted(fwd.step_fns) == [(8, False), (8, True)]  # 4 images, 8 rows with CFG
 
 
 def run_jobs(model, jobs, pool):

@@ -49,6 +49,7 @@ class PatchPool:
         self.keep = torch.full((slots,), num_tokens, dtype=torch.long, device=device)
         self.hard = torch.zeros(slots, dtype=torch.bool, device=device)
         self.in_use = [True] + [False] * (slots - 1)
+        self.selecting: set[int] = set()  # slots whose patch keeps fewer than all N prompts (top-k ranking)
 
     def free_slots(self) -> int:
         return self.in_use.count(False)
@@ -73,6 +74,8 @@ class PatchPool:
         self.ungated[slot] = patch.method == "pt"
         self.keep[slot] = patch.k
         self.hard[slot] = patch.selection == "hard"
+        if patch.k < self.num_tokens:
+            self.selecting.add(slot)
         self.in_use[slot] = True
         return slot
 
@@ -80,17 +83,28 @@ class PatchPool:
         if slot == 0:
             raise ValueError("slot 0 is the base and is never freed")
         self.in_use[slot] = False
+        self.selecting.discard(slot)
 
-    def batch(self, slots: torch.Tensor, scales: torch.Tensor | None = None) -> PooledPatch:
-        """Rows' patches: `slots` (B,) one per row at scale 1, or (B, K) slots with `scales` (B, K) (mix_rows)."""
-        return PooledPatch(self, *mix_rows(slots, scales))
+    def needs_top_k(self, slots: torch.Tensor) -> bool:
+        """Whether any of these slots holds a patch that keeps fewer than all prompts (reads the slots only while
+        the pool holds such a patch: the recipe's patches keep all, and the check then costs no host sync)."""
+        return bool(self.selecting) and not self.selecting.isdisjoint(slots.unique().tolist())
+
+    def batch(self, slots: torch.Tensor, scales: torch.Tensor | None = None,
+              top_k: bool | None = None) -> PooledPatch:
+        """Rows' patches: `slots` (B,) one per row at scale 1, or (B, K) slots with `scales` (B, K) (mix_rows).
+        `top_k`: whether the gates rank prompts for top-k selection; None decides from the slots (needs_top_k),
+        a compiled step passes it as a constant of its graph."""
+        slots, scales = mix_rows(slots, scales)
+        return PooledPatch(self, slots, scales, self.needs_top_k(slots) if top_k is None else top_k)
 
 
 class PooledPatch:
     """Per-row (slot, scale) pairs into a pool; what the DiT forward takes as `patch` for mixed batches."""
 
-    def __init__(self, pool: PatchPool, slots: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, pool: PatchPool, slots: torch.Tensor, scales: torch.Tensor, top_k: bool = True):
         self.pool, self.slots, self.scales = pool, slots, scales  # (B, K), (B, K)
+        self.top_k = top_k  # False: every row's patches keep all prompts, so no ranking (the same gates)
 
     def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, noise: torch.Tensor | None = None) -> PooledState:
         if noise is not None:
@@ -102,7 +116,8 @@ class PooledPatch:
                            c.repeat_interleave(K, 0)).float()  # (B*K, D)
         logits = gate_logits(g_in, p.gate_w[s].to(g_in.dtype), p.gate_w_depth[s].to(g_in.dtype),
                              p.gate_b[s].to(g_in.dtype), p.depth)  # (L, B*K, N)
-        gates = select(logits, p.keep[s], p.hard[s])  # the trainer's own selection (gate.py), per pair
+        keep = p.keep[s] if self.top_k else p.num_tokens  # k = N: select() skips the ranking, mask all-true
+        gates = select(logits, keep, p.hard[s])  # the trainer's own selection (gate.py), per pair
         gates = torch.where(p.ungated[s][None, :, None], torch.ones_like(gates), gates)
         # s_i * g_i: the strength scales the gate, so x + sum_i s_i g_i P_i is one product per pair
         gates = gates.reshape(p.depth, B, K, -1) * self.scales[None, :, :, None]  # (L, B, K, N)
