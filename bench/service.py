@@ -4,7 +4,8 @@
     python -m bench.service --quick --profile --out bench/results/x.json   # + py-spy on the server during the
                                                     # service rounds: top functions, runner thread vs the rest
 
-For each mode (eager: the default fp32 eager forward; compiled: DMP_CPU_COMPILE=true DMP_DTYPE=bfloat16) it starts
+For each mode (eager: the default fp32 eager forward; compiled: DMP_CPU_COMPILE=true DMP_DTYPE=bfloat16; compiled-fp32
+(`--modes compiled-fp32`, not in the default set): the same in fp32, for CPUs without native bf16) it starts
 `python -m app serve` as a user would (uvicorn, one base, DMP_MAX_BATCH=--batch, DMP_TORCH_THREADS=--threads) and,
 in this process, the same base loaded through the engine's own loader with the same Settings. Rounds alternate:
   service  --clients closed-loop HTTP clients each send --per-client `POST /generate` requests back to back
@@ -37,7 +38,9 @@ import httpx
 from bench.common import run_together, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = {"eager": {}, "compiled": {"DMP_CPU_COMPILE": "true", "DMP_DTYPE": "bfloat16"}}
+MODES = {"eager": {}, "compiled": {"DMP_CPU_COMPILE": "true", "DMP_DTYPE": "bfloat16"},
+         # what a CPU without native bf16 (AVX2 only) should run compiled: there bf16 is emulated, ~5x slower
+         "compiled-fp32": {"DMP_CPU_COMPILE": "true", "DMP_DTYPE": "float32"}}
 
 
 def free_port() -> int:
