@@ -228,7 +228,8 @@ class GraphedForward:
         R, B = b.t.shape[0], b.x.shape[0]
         bucket = self.bucket_for(R)
         top_k = self.pool is not None and self.pool.needs_top_k(b.slots)
-        if self.use_graphs and top_k and bucket is not None and (bucket, False) in self.graphs:
+        if (self.use_graphs and top_k and bucket is not None and (bucket, False) in self.graphs
+                and (bucket, True) not in self.graphs):
             self.capture([bucket], top_k=True)  # the first batch with a top-k patch in a warmed-up bucket
         if bucket is None or (self.use_graphs and (bucket, top_k) not in self.graphs):
             self.fallbacks += 1
