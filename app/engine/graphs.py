@@ -7,9 +7,9 @@ of a fixed shape, so one graph serves any mix of patches, strengths and composit
 in-place copy into a free slot) needs no recapture. Each bucket has two variants: the one warm-up makes serves
 batches whose patches all keep every prompt (top_k = 1, what the recipe trains), whose gates need no top-k
 ranking ((L, rows x MIX_WIDTH, N, N) comparisons, ~5 % of a CPU step at the demo size); the other ranks, and is
-compiled or captured the first time a batch holds a patch that keeps fewer. Batches are padded to the next
-bucket (padding rows: image 0, t = 0, the null condition, (slot 0, scale 0) pairs;
-padding images: zero latents, prev = x); rows never interact in a DiT forward, so padding does not change the
+made at warm-up while the pool holds a patch that keeps fewer, else the first time a batch holds one. Batches
+are padded to the next bucket (padding rows: image 0, t = 0, the null condition, (slot 0, scale 0) pairs; padding
+images: zero latents, prev = x); rows never interact in a DiT forward, so padding does not change the
 real rows. Shapes above the largest bucket, or a patch given as a module rather than a pool slot, run eagerly
 and are counted in `fallbacks`. `compile=True` runs each bucket's step through torch.compile with weight
 freezing; the pool tensors stay inputs, so installs need no recompile. On CPU that is the graph itself (Inductor
@@ -181,32 +181,34 @@ class GraphedForward:
     def capture(self, rows: list[int] | None = None, warmup: int = 2, progress: str | None = None,
                 top_k: bool | None = None) -> None:
         """Warm up and capture one graph per bucket (largest first, so smaller ones reuse its memory);
-        `progress`: a progress-bar label (compiling every CPU bucket takes minutes). `top_k`: the variant; None
-        takes the ranking one only while the pool holds a patch that needs it."""
+        `progress`: a progress-bar label (compiling every CPU bucket takes minutes). `top_k`: one variant; None
+        takes the one without ranking, and the ranking one too while the pool holds a patch that needs it."""
         from tqdm.auto import tqdm
 
         if top_k is None:
-            top_k = self.pool is not None and bool(self.pool.selecting)
-        todo = sorted(rows or self.rows, reverse=True)
-        bar = tqdm(todo, desc=progress, unit="bucket", disable=progress is None, leave=False)
+            variants = (False, True) if self.pool is not None and self.pool.selecting else (False,)
+        else:
+            variants = (top_k,)
+        todo = [(r, v) for r in sorted(rows or self.rows, reverse=True) for v in variants]
+        bar = tqdm(todo, desc=progress, unit="graph", disable=progress is None, leave=False)
         if not self.use_graphs:
-            for r in bar:  # CPU: warm (and compile) each bucket shape once
-                self._ensure_cpu_bucket(r, top_k)
+            for r, v in bar:  # CPU: warm (and compile) each bucket shape once
+                self._ensure_cpu_bucket(r, v)
             return
-        for r in bar:
-            if (r, top_k) in self.graphs:
+        for r, v in bar:
+            if (r, v) in self.graphs:
                 continue
             buf = self._static_batch(r)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside capture: torch.compile, Triton JIT, cuBLAS, allocator
                 for _ in range(warmup):
-                    self._run(buf, top_k)
+                    self._run(buf, v)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.mempool):
-                out = self._run(buf, top_k)
-            self.graphs[r, top_k] = (graph, buf, out)
+                out = self._run(buf, v)
+            self.graphs[r, v] = (graph, buf, out)
             self.captures += 1
         torch.cuda.synchronize()
 

@@ -124,6 +124,15 @@ def test_the_ranking_variant_runs_only_for_batches_with_a_top_k_patch(compile):
     assert pool.selecting == set() and not pool.needs_top_k(torch.tensor([s_top, s_every]))
 
 
+def test_warm_up_makes_the_ranking_variant_too_while_the_pool_holds_a_top_k_patch():
+    model = tiny_model()
+    pool = pool_for(model)
+    pool.install(random_patch(model, 22, top_k=0.25))
+    fwd = GraphedForward(model, pool, buckets=(2, 4), cfg=False)
+    fwd.capture()
+    assert sorted(fwd.graphs) == [(2, False), (2, True), (4, False), (4, True)]
+
+
 
 def test_fallbacks_are_counted():
     model = tiny_model()
