@@ -177,7 +177,7 @@ GELU_TANH_2C = 2 * math.sqrt(2 / math.pi)  # 0.5 * (1 + tanh(z)) = sigmoid(2z)
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU with the tanh approximation; compiled as x * sigmoid(2z), the same function written with exp, which
-    Inductor vectorizes ~2.5x cheaper than tanh on an AVX2 CPU (1M fp32 values: 3.3 vs 8.3 ms, one core)."""
+    Inductor vectorizes more cheaply than tanh on an AVX2 CPU (bench/README.md, "Session 9")."""
     if torch.compiler.is_compiling():
         return x * torch.sigmoid(GELU_TANH_2C * (x + 0.044715 * x * x * x))
     return F.gelu(x, approximate="tanh")  # eager: one ATen kernel, which is what diffusers' forward matches
