@@ -79,7 +79,9 @@ def line_answerer(engine: Engine, gate: KeyGate):
             tenant = tenant_of(owner_id)
             spec, size = image_spec(engine, request, tenant)
             work = await engine.open(spec, tenant=tenant, background=True)
-            return 200, images_response(spec, size, await work.outcome()).model_dump(mode="json")
+            result = await work.outcome()
+            await engine.interactive_quiet()  # the PNGs and the reply are batch work too
+            return 200, images_response(spec, size, result).model_dump(mode="json")
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])

@@ -248,6 +248,7 @@ class BatchService:
         store, queue = self._ready()
         batch_id, index, custom_id = item["batch"], int(item["line"]), item["custom_id"]
         try:
+            await engine.interactive_quiet()  # a line's Python would slow a running interactive request's steps
             found = await to_thread.run_sync(store.get_batch, batch_id)
             if found is not None and not await to_thread.run_sync(store.answered, batch_id, index):
                 batch = found[0]

@@ -71,13 +71,18 @@ class Settings(BaseSettings):
                                                        "from DMP_MAX_QUEUE; beyond: 429 background_full")
     background_timeout: float = Field(86400.0, gt=0, description="Seconds a background request may take end to "
                                                                  "end (it yields to interactive ones)")
-    background_slowdown: float = Field(0.1, ge=0, description="How much slower (fraction of its measured time) "
+    background_slowdown: float = Field(0.0, ge=0, description="How much slower (fraction of its measured time) "
                                                               "background rows may make an interactive step they "
-                                                              "join; 0 = they run only in steps of their own")
-    background_step: float = Field(1.1, ge=1, description="A step of background rows alone lasts at most this many "
+                                                              "join; 0 = they run only in steps of their own (it "
+                                                              "adds up over a request's steps: 0.1 x 20 steps = 2)")
+    background_step: float = Field(1.0, ge=1, description="A step of background rows alone lasts at most this many "
                                                           "1-image steps (measured), so an interactive request "
                                                           "arriving during it waits at most that long; higher = more "
                                                           "batch throughput on an otherwise idle replica")
+    background_grace: float = Field(0.02, ge=0, le=10, description="Seconds background steps wait after an "
+                                                                   "interactive request is answered: its response "
+                                                                   "goes out, and the same client's next request "
+                                                                   "comes in, with no batch step in between")
     patch_slots: int = Field(16, ge=2, description="Device patch slots per base (slot 0 = the base itself): an LRU "
                                                    "cache; any number of patches can be stored")
     patch_host_bytes: int = Field(2 * 1024 ** 3, ge=0, description="Host-memory cache of validated patches, bytes "

@@ -5,7 +5,10 @@ this step boundary, shares the step's DMP_MAX_BATCH images between the running r
 least progress first, large ones earliest deadline first, background rows only where interactive ones leave
 room), runs one `denoise_step` for them (each job carries its own timestep, sampler and patch slot), times it, then
 decodes and answers the jobs that finished (a background job's decode waits while interactive work is queued or
-running, so it never stands between an interactive request and its next step). Sharing rows at every step is
+running, so it never stands between an interactive request and its next step). After an interactive request is
+answered, background work waits `grace` seconds more (anticipation, as in the anticipatory disk scheduler): its
+response is written and the same client's next request arrives without a background step holding the GIL or the
+device in between. Sharing rows at every step is
 what keeps a small request's latency independent of big ones admitted before it: a 5-step request behind two
 1000-step x 8-image ones takes 5 steps, not 1000. `admit` replays that schedule with the measured step times
 (app/engine/eta.py) to refuse, under the deadline policy, a request that could not finish before its deadline or
@@ -40,10 +43,11 @@ class Batcher:
     """Waiting queues per base, the running batch per base, and the runner thread."""
 
     def __init__(self, bases: dict[str, ServedBase], max_batch: int, dtype, metrics: Metrics,
-                 policy: Policy = "deadline", slowdown: float = 0.1, alone: float = 1.1):
+                 policy: Policy = "deadline", slowdown: float = 0.0, alone: float = 1.0, grace: float = 0.0):
         self.bases, self.max_batch, self.metrics = bases, max_batch, metrics
-        # DMP_SCHEDULER, DMP_BACKGROUND_SLOWDOWN, DMP_BACKGROUND_STEP
-        self.policy, self.slowdown, self.alone = policy, slowdown, alone
+        # DMP_SCHEDULER, DMP_BACKGROUND_SLOWDOWN, DMP_BACKGROUND_STEP, DMP_BACKGROUND_GRACE
+        self.policy, self.slowdown, self.alone, self.grace = policy, slowdown, alone, grace
+        self.answered_at = -math.inf  # monotonic time the last interactive request was answered
         self.costs = StepCosts()
         self.admitted: set[Work] = set()  # admitted by `admit`, not yet `put` (encoding, pinning)
         self._admit_lock = threading.Lock()  # one admission replay at a time, so two cannot both take the last room
@@ -144,6 +148,10 @@ class Batcher:
                     self.cond.wait()
                 if self.stopping:
                     break
+                hold = self._grace_left()
+                if hold > 0:  # only background work is left, and an interactive request was just answered
+                    self.cond.wait(hold)
+                    continue
                 began = time.perf_counter()  # a step's cost is its whole turn of the loop, less decodes and calls
                 # at most one call per step: queued gate maps cannot starve generation, nor the reverse
                 call = self.calls.popleft() if self.calls else None
@@ -165,6 +173,13 @@ class Batcher:
 
     def _has_work(self) -> bool:
         return bool(self.calls or self.undecoded) or any(self.waiting[n] or self.running[n] for n in self.bases)
+
+    def _grace_left(self) -> float:
+        """Seconds background work still waits after the last interactive answer; 0 when anything else is to do
+        (caller holds the lock)."""
+        if self.calls or self._interactive():
+            return 0.0
+        return self.grace - (time.monotonic() - self.answered_at)
 
     def _interactive(self) -> bool:
         """Whether an interactive request is waiting or running (caller holds the lock)."""
@@ -296,6 +311,8 @@ class Batcher:
 
     def _finish(self, work: Work, result: Result | None = None, error: BaseException | None = None) -> None:
         self._release(work)
+        if not work.background:
+            self.answered_at = time.monotonic()
         if work.future.done():
             return
         try:

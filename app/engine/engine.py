@@ -27,6 +27,8 @@ from app.model import kernels
 from app.model.sampling import new_job
 from app.registry.registry import PatchRegistry
 
+QUIET_WAIT = 1.0  # the most background work waits so: under endless interactive load it still goes on
+
 log = logging.getLogger("dmp.engine")
 
 
@@ -52,6 +54,9 @@ class Engine:
         self._inflight = 0
         self._background = 0  # background requests in flight: bounded by DMP_MAX_BACKGROUND, not DMP_MAX_QUEUE
         self._lock = threading.Condition()
+        # (loop, future) of each interactive_quiet waiting for _inflight to reach 0: woken, not polling, so waiting
+        # batch lines take no GIL from the runner
+        self._quiet_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._encoder_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
@@ -80,7 +85,7 @@ class Engine:
                     base.forward.capture(progress=f"graphs {base.name}")
             self.batcher = Batcher(self.bases, self.settings.max_batch, self.settings.torch_dtype, self.metrics,
                                    self.settings.scheduler, self.settings.background_slowdown,
-                                   self.settings.background_step)
+                                   self.settings.background_step, self.settings.background_grace)
             self.batcher.start()
             self.state = "warming"
             if self.settings.warmup:
@@ -157,6 +162,23 @@ class Engine:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+    async def interactive_quiet(self) -> None:
+        """Return once no interactive request is in flight (or after QUIET_WAIT): background work does its own Python
+        (a batch line's PNG, answer file, next line) then, not beside a request whose steps it would slow through
+        the GIL."""
+        loop = asyncio.get_running_loop()
+        quiet = loop.create_future()
+        with self._lock:
+            if not self._inflight:
+                return
+            self._quiet_waiters.append((loop, quiet))
+        try:
+            await asyncio.wait_for(quiet, QUIET_WAIT)
+        except TimeoutError:
+            with self._lock:  # under endless interactive load the list would otherwise only grow
+                if (loop, quiet) in self._quiet_waiters:
+                    self._quiet_waiters.remove((loop, quiet))
 
     # ------------------------------------------------------------------ requests
 
@@ -352,6 +374,11 @@ class Engine:
             self._inflight -= 1
             self.metrics.inflight.set(self._inflight)
             self._lock.notify_all()
+            woken = self._quiet_waiters if not self._inflight else []
+            if woken:
+                self._quiet_waiters = []
+        for loop, quiet in woken:
+            loop.call_soon_threadsafe(_wake, quiet)
 
     def generate(self, **request) -> tuple[Spec, Done]:
         """Blocking generation for the CLI: the same resolve -> open -> stream path as HTTP."""
@@ -373,3 +400,8 @@ class Engine:
                     self.metrics.graph_forwards.labels(base.name, kind).set(count)
         self.metrics.ready.set(1 if self.readiness()[0] else 0)
         self.metrics.refresh_device_memory(self.settings.torch_device)
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():  # its waiter may have timed out
+        future.set_result(None)

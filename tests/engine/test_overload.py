@@ -135,3 +135,64 @@ def test_a_background_decode_waits_while_interactive_work_runs(engine_on):
     assert not isinstance(interactive, Exception) and not isinstance(result, Exception), (interactive, result)
     assert took < alone + 0.25, (took, alone)  # with the background decode in between: about alone + 0.4 s
     assert background_ended > ended
+
+
+@pytest.mark.parametrize("grace", [0.0, 0.6])
+def test_background_steps_wait_the_grace_after_an_interactive_answer(engine_on, grace):
+    """DMP_BACKGROUND_GRACE: after an interactive request is answered, a running background request takes no step
+    for that long (the response goes out, the client's next request comes in, without a batch step between);
+    then it goes on. Without a grace it steps again at once."""
+    engine = engine_on(max_batch=4, background_grace=grace)
+    assert engine.batcher is not None
+
+    def background_steps() -> int:
+        return sum(w.steps_done for w in engine.batcher.running["digits"] if w.background)
+
+    async def scenario():
+        background = asyncio.create_task(timed(engine, 1000, 1, seed=10, background=True))
+        while background_steps() < 5:
+            assert not background.done(), background.result()
+            await asyncio.sleep(0.005)
+        interactive, _ = await timed(engine, 5, 1, seed=1)
+        answered = background_steps()
+        await asyncio.sleep(0.4)
+        within = background_steps()
+        await asyncio.sleep(0.6)
+        after = background_steps()
+        background.cancel()
+        return interactive, answered, within, after
+
+    interactive, answered, within, after = asyncio.run(scenario())
+    print(f"grace {grace}: background steps at the answer {answered}, 0.4 s later {within}, 1.0 s later {after}")
+    assert not isinstance(interactive, Exception), interactive
+    if grace:
+        assert within == answered < after, (answered, within, after)
+    else:
+        assert within > answered, (answered, within)
+
+
+def test_background_python_waits_for_interactive_requests_to_end(engine_on):
+    """Engine.interactive_quiet (what a batch line awaits before its PNGs, answer file and next line): it returns
+    when the interactive request in flight ends, and after QUIET_WAIT at most while one is still running."""
+    from app.engine.engine import QUIET_WAIT
+
+    engine = engine_on(max_batch=4)
+    short = steps_for(engine, 0.3 * QUIET_WAIT, images=1)
+    long = min(1000, steps_for(engine, 2 * QUIET_WAIT, images=1))
+
+    async def quiet_beside(steps: int) -> tuple[float, float]:
+        interactive = asyncio.create_task(timed(engine, steps, 1, seed=1))
+        while not engine.inflight:
+            await asyncio.sleep(0.001)
+        t0 = time.perf_counter()
+        await engine.interactive_quiet()
+        quiet = time.perf_counter() - t0
+        _, took = await interactive
+        return quiet, took
+
+    quiet, took = asyncio.run(quiet_beside(short))
+    print(f"beside a {took:.3f} s request: quiet after {quiet:.3f} s")
+    assert 0.8 * took <= quiet < QUIET_WAIT, (quiet, took)
+    quiet, took = asyncio.run(quiet_beside(long))
+    print(f"beside a {took:.3f} s request: quiet after {quiet:.3f} s")
+    assert took > QUIET_WAIT and QUIET_WAIT <= quiet < min(took, QUIET_WAIT + 0.3), (quiet, took)
