@@ -3,8 +3,9 @@
 Starts `python -m app serve` (embedded Batch API, no Redis) on one class base and measures, with the real `openai`
 client: (1) the step time (latency at --steps minus latency at 1 step, over the extra steps); (2) lines/s of a
 --lines batch; (3) requests/s of the same requests sent synchronously by --clients clients; (4) the p50 latency of
-one-at-a-time interactive requests alone and while a second batch runs (its `added_ms`, and that in steps).
-JSON on stdout (and `--out`).
+one-at-a-time interactive requests alone and while a batch runs, in alternating blocks of --block (its `added_ms`,
+and that in steps), sent back to back (`--think-ms 0`: a client's next request comes as the last is answered) or
+after a random pause of up to --think-ms (arrivals at any point of a batch step). JSON on stdout (and `--out`).
 
     python -m bench.batch --lines 200 --clients 8 --steps 20 --out bench/results/batch.json
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -46,14 +48,29 @@ def timed(oai: openai.OpenAI, b: dict) -> float:
     return time.perf_counter() - t0
 
 
-def p50_latency(oai: openai.OpenAI, steps: int, count: int, until=None) -> list[float]:
-    """Latencies of `count` one-at-a-time requests (stopping early once `until()` is true)."""
-    out = []
+def latencies(oai: openai.OpenAI, steps: int, count: int, think: float = 0.0, seed0: int = 1000) -> list[float]:
+    """Latencies of `count` one-at-a-time requests, each after a random pause of up to `think` seconds."""
+    out, pauses = [], random.Random(seed0)
     for i in range(count):
-        if until is not None and until():
-            break
-        out.append(timed(oai, body(1000 + i, steps)))
+        time.sleep(pauses.uniform(0, think))
+        out.append(timed(oai, body(seed0 + i, steps)))
     return out
+
+
+def interleaved(oai: openai.OpenAI, args, think: float) -> tuple[list[float], list[float]]:
+    """Interactive latencies alone and while a batch runs, in alternating blocks of --block probes (a fresh batch
+    submitted for each busy block and cancelled after it), so a drift of the machine's speed over minutes (tens of
+    % on a shared VM) falls on both sides alike."""
+    alone: list[float] = []
+    busy: list[float] = []
+    for k in range(-(-args.probes // args.block)):
+        alone += latencies(oai, args.steps, args.block, think, seed0=1000 + 100 * k)
+        batch_id = submit(oai, args.lines, args.steps, 10_000 * (k + 1))
+        time.sleep(1.0)  # its first lines are running
+        busy += latencies(oai, args.steps, args.block, think, seed0=50_000 + 100 * k)
+        oai.batches.cancel(batch_id)
+        wait_batch(oai, batch_id, "cancelled")
+    return alone, busy
 
 
 def submit(oai: openai.OpenAI, lines: int, steps: int, offset: int) -> str:
@@ -63,11 +80,11 @@ def submit(oai: openai.OpenAI, lines: int, steps: int, offset: int) -> str:
     return oai.batches.create(input_file_id=file.id, endpoint="/v1/images/generations", completion_window="24h").id
 
 
-def wait_batch(oai: openai.OpenAI, batch_id: str) -> float:
+def wait_batch(oai: openai.OpenAI, batch_id: str, expect: str = "completed") -> float:
     while True:
         batch = oai.batches.retrieve(batch_id)
         if batch.status in FINAL:
-            assert batch.status == "completed" and batch.request_counts.failed == 0, batch
+            assert batch.status == expect and batch.request_counts.failed == 0, batch
             return time.perf_counter()
         time.sleep(0.1)
 
@@ -79,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8, help="synchronous clients sending the same requests")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--inflight", type=int, default=2, help="DMP_BATCH_INFLIGHT")
-    p.add_argument("--probes", type=int, default=15, help="interactive requests per latency measurement")
+    p.add_argument("--probes", type=int, default=30, help="interactive requests per latency measurement")
+    p.add_argument("--block", type=int, default=5, help="probes per block (alone and busy blocks alternate)")
+    p.add_argument("--think-ms", type=float, default=0.0, help="random pause of up to this before each probe")
     p.add_argument("--threads", type=int, default=1, help="DMP_TORCH_THREADS")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -103,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_ready(proc, url, log=log)
         oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-        one = statistics.median(p50_latency(oai, 1, args.probes))
-        alone = p50_latency(oai, args.steps, args.probes)
+        one = statistics.median(latencies(oai, 1, args.probes))
+        alone = latencies(oai, args.steps, args.probes)
         step_ms = 1000 * (statistics.median(alone) - one) / (args.steps - 1)
 
         t0 = time.perf_counter()
@@ -125,21 +144,19 @@ def main(argv: list[str] | None = None) -> int:
         run_together([threading.Thread(target=client) for _ in range(args.clients)])
         sync_s = time.perf_counter() - t0
 
-        # interactive requests while a batch runs (stopping before its lines run out)
-        batch_id = submit(oai, args.lines, args.steps, 10_000)
-        time.sleep(1.0)  # its first lines are running
-        busy = p50_latency(oai, args.steps, args.probes,
-                           until=lambda: oai.batches.retrieve(batch_id).request_counts.completed > args.lines - 10)
-        wait_batch(oai, batch_id)
+        alone, busy = interleaved(oai, args, args.think_ms / 1000)
         added_ms = 1000 * (statistics.median(busy) - statistics.median(alone))
         result = {"lines": args.lines, "steps": args.steps, "inflight": args.inflight, "clients": args.clients,
+                  "think_ms": args.think_ms, "settings": {k: v for k, v in os.environ.items() if k.startswith("DMP_")},
                   "torch_threads": args.threads, "step_ms": round(step_ms, 2),
                   "batch_lines_per_s": round(args.lines / batch_s, 2),
                   "sync_requests_per_s": round(args.lines / sync_s, 2),
                   "batch_over_sync": round(sync_s / batch_s, 3),
                   "interactive_p50_alone_ms": round(1000 * statistics.median(alone), 1),
                   "interactive_p50_during_batch_ms": round(1000 * statistics.median(busy), 1),
-                  "interactive_probes_during_batch": len(busy),
+                  "interactive_probes": len(busy), "block": args.block,
+                  "interactive_p90_alone_ms": round(1000 * statistics.quantiles(alone, n=10)[-1], 1),
+                  "interactive_p90_during_batch_ms": round(1000 * statistics.quantiles(busy, n=10)[-1], 1),
                   "added_ms": round(added_ms, 1), "added_steps": round(added_ms / step_ms, 2)}
         print(json.dumps(result, indent=2))
         if args.out:
