@@ -25,7 +25,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import openai
+from scipy import stats
 
 from bench.common import run_together, wait_ready
 
@@ -146,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
 
         alone, busy = interleaved(oai, args, args.think_ms / 1000)
         added_ms = 1000 * (statistics.median(busy) - statistics.median(alone))
+        # 95 % bootstrap interval of the difference of medians (independent samples, percentile method)
+        ci = stats.bootstrap((np.array(busy), np.array(alone)), lambda b, a, axis: np.median(b, axis) - np.median(
+            a, axis), n_resamples=5000, method="percentile", random_state=0).confidence_interval
+        ci_ms = [round(1000 * ci.low, 1), round(1000 * ci.high, 1)]
         result = {"lines": args.lines, "steps": args.steps, "inflight": args.inflight, "clients": args.clients,
                   "think_ms": args.think_ms, "settings": {k: v for k, v in os.environ.items() if k.startswith("DMP_")},
                   "torch_threads": args.threads, "step_ms": round(step_ms, 2),
@@ -157,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                   "interactive_probes": len(busy), "block": args.block,
                   "interactive_p90_alone_ms": round(1000 * statistics.quantiles(alone, n=10)[-1], 1),
                   "interactive_p90_during_batch_ms": round(1000 * statistics.quantiles(busy, n=10)[-1], 1),
-                  "added_ms": round(added_ms, 1), "added_steps": round(added_ms / step_ms, 2)}
+                  "added_ms": round(added_ms, 1), "added_steps": round(added_ms / step_ms, 2),
+                  "added_ms_95ci": ci_ms, "added_steps_95ci": [round(v / step_ms, 2) for v in ci_ms],
+                  "latencies_alone_ms": [round(1000 * v, 1) for v in alone],
+                  "latencies_during_batch_ms": [round(1000 * v, 1) for v in busy]}
         print(json.dumps(result, indent=2))
         if args.out:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
