@@ -10,7 +10,7 @@ For each mode (eager: the default fp32 eager forward; compiled: DMP_CPU_COMPILE=
 in this process, the same base loaded through the engine's own loader with the same Settings. Rounds alternate:
   service  --clients closed-loop HTTP clients each send --per-client `POST /generate` requests back to back
            (one image, class label 3, DDIM --steps, guidance --guidance, a new seed each)
-  engine   the same images as --per-client batches of --clients one-image jobs through the runner's step function
+  engine   the same images as full batches of --batch one-image jobs through the runner's step function
            (`denoise_step` + the base's decode to uint8), no HTTP, no admission, no encoding
 Each side's rate is image-steps/s until its last image; the mode's ratio is best service round / best engine
 round (on a shared machine load only ever adds time); every round's ratio is printed too. The last line is
@@ -202,14 +202,15 @@ def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dic
     proc, url = start_server(env, out_dir / f"server-{mode}.log")
     print(f"[{mode}] server ready in {time.perf_counter() - t0:.0f}s", flush=True)
     t0 = time.perf_counter()
-    engine = EngineAlone(env, args.model, args.clients)
+    engine = EngineAlone(env, args.model, args.batch)
     print(f"[{mode}] engine ready in {time.perf_counter() - t0:.0f}s", flush=True)
     requests = args.clients * args.per_client
+    batches = requests // args.batch  # the engine steps full batches of DMP_MAX_BATCH (main checks it divides)
     image_steps = requests * args.steps
     rounds = []
     try:
         service_round(url, body, args.clients, 1, seed0=10**6)  # warm connections and the server's batches
-        engine.run(batches=1, batch=args.clients, steps=args.steps, guidance=args.guidance, label=3, seed0=10**6)
+        engine.run(batches=1, batch=args.batch, steps=args.steps, guidance=args.guidance, label=3, seed0=10**6)
         for r in range(args.rounds):
             spy = attach_profiler(proc.pid, profile.with_suffix(f".{r}.txt")) if profile else None
             cpu0, (steps0, images0) = thread_cpu(proc.pid), batch_counts(url, args.model)
@@ -219,7 +220,7 @@ def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dic
             if spy is not None:  # the service rounds only: the server idles during engine rounds
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)
-            eng, eng_cpu = engine.run(batches=args.per_client, batch=args.clients, steps=args.steps,
+            eng, eng_cpu = engine.run(batches=batches, batch=args.batch, steps=args.steps,
                                       guidance=args.guidance, label=3, seed0=r * 10**4)
             rounds.append({"service_image_steps_per_s": image_steps / svc,
                            "engine_image_steps_per_s": image_steps / eng,
@@ -282,6 +283,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     args.per_client = args.per_client or (2 if args.quick else 4)
     args.rounds = args.rounds or (2 if args.quick else 3)
+    if args.clients * args.per_client % args.batch:
+        print("error: --clients x --per-client must be a multiple of --batch (the engine rounds step full batches)",
+              file=sys.stderr)
+        sys.exit(2)
     src = REPO / "models" / f"{args.model}.safetensors"
     if not src.exists():
         print(f"error: {src} not found", file=sys.stderr)
