@@ -7,7 +7,7 @@ import secrets
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import redis
 import torch
@@ -378,7 +378,8 @@ class Engine:
             if woken:
                 self._quiet_waiters = []
         for loop, quiet in woken:
-            loop.call_soon_threadsafe(_wake, quiet)
+            with suppress(RuntimeError):  # the waiter's loop ended meanwhile: nobody left to wake
+                loop.call_soon_threadsafe(_wake, quiet)
 
     def generate(self, **request) -> tuple[Spec, Done]:
         """Blocking generation for the CLI: the same resolve -> open -> stream path as HTTP."""
