@@ -9,7 +9,7 @@ import pytest
 
 from app.core.config import Settings
 from app.core.errors import DeadlineExceeded, Overloaded
-from app.engine.engine import Engine
+from app.engine.engine import QUIET_WAIT, Engine
 
 
 @pytest.fixture
@@ -174,8 +174,6 @@ def test_background_steps_wait_the_grace_after_an_interactive_answer(engine_on, 
 def test_background_python_waits_for_interactive_requests_to_end(engine_on):
     """Engine.interactive_quiet (what a batch line awaits before its PNGs, answer file and next line): it returns
     when the interactive request in flight ends, and after QUIET_WAIT at most while one is still running."""
-    from app.engine.engine import QUIET_WAIT
-
     engine = engine_on(max_batch=4)
     short = steps_for(engine, 0.3 * QUIET_WAIT, images=1)
     long = min(1000, steps_for(engine, 2 * QUIET_WAIT, images=1))
