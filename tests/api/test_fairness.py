@@ -5,7 +5,7 @@ import threading
 import time
 
 import httpx
-from conftest import asgi_client, copy_dirs, wait_ready
+from conftest import asgi_client, copy_dirs, poll, wait_ready
 from test_server import SLOWER, metric
 
 
@@ -26,8 +26,16 @@ def test_small_request_finishes_before_big_ones_admitted_before_it(start_server,
     threads = [threading.Thread(target=post_big, daemon=True) for _ in range(2)]
     for t in threads:
         t.start()
-    while metric(server.url, "dmp_inflight") < 2 or metric(server.url, "dmp_queue_depth") > 0:
-        time.sleep(0.02)
+    seen: list[tuple[float, float]] = []
+
+    def both_stepping() -> bool:
+        seen.append((metric(server.url, "dmp_inflight"), metric(server.url, "dmp_queue_depth")))
+        return seen[-1] == (2, 0)
+
+    # bounded: a request refused or finished before it was seen must fail here, not hang the suite
+    assert poll(both_stepping, timeout=60, every=0.02), \
+        f"(in flight, waiting) seen: {seen[:3]} ... {seen[-3:]}; " \
+        f"big replies: {[(r.status_code, r.text[:200]) for r in big]}; server log: {server.log.read_text()[-2000:]}"
     time.sleep(0.2)  # both are stepping now
     started = time.monotonic()
     small = httpx.post(server.url + "/generate", json={"class_label": 2, "steps": 5, "seed": 3}, timeout=300)

@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+from conftest import poll
 
 SLOW = {"class_label": 1, "steps": 400, "seed": 1}  # ~a second on the tiny model
 SLOWER = {"class_label": 1, "steps": 1000, "num_images": 8, "guidance_scale": 2.0, "seed": 1}  # 16 rows x 1000
@@ -50,8 +51,8 @@ def in_flight(server, body: dict) -> tuple[threading.Thread, list[httpx.Response
     reply: list[httpx.Response] = []
     t = threading.Thread(target=lambda: reply.append(httpx.post(server.url + "/generate", json=body, timeout=300)))
     t.start()
-    while metric(server.url, "dmp_inflight") < 1:
-        time.sleep(0.05)
+    assert poll(lambda: metric(server.url, "dmp_inflight") >= 1 or not t.is_alive(), timeout=60), "never in flight"
+    assert t.is_alive(), f"answered before it was seen in flight: {reply[0].status_code} {reply[0].text[:300]}"
     return t, reply
 
 
