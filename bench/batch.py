@@ -6,8 +6,10 @@ client: (1) the step time (latency at --steps minus latency at 1 step, over the 
 one-at-a-time interactive requests alone and while a batch runs, in alternating blocks of --block (its `added_ms`,
 and that in steps), sent back to back (`--think-ms 0`: a client's next request comes as the last is answered) or
 after a random pause of up to --think-ms (arrivals at any point of a batch step). JSON on stdout (and `--out`).
+`--pool` adds up the added delay of several runs' result files.
 
     python -m bench.batch --lines 200 --clients 8 --steps 20 --out bench/results/batch.json
+    python -m bench.batch --pool bench/results/run1.json bench/results/run2.json
 """
 from __future__ import annotations
 
@@ -91,6 +93,47 @@ def wait_batch(oai: openai.OpenAI, batch_id: str, expect: str = "completed") -> 
         time.sleep(0.1)
 
 
+def pooled(paths: list[Path]) -> dict:
+    """Added delay in steps over several runs' raw latencies: the mean over runs of each run's difference of medians
+    (in its own step time, so runs on a machine whose speed drifted between them still add up), with a 95 %
+    bootstrap interval that resamples within each run."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    samples = [np.array(r[key]) / r["step_ms"] for r in runs
+               for key in ("latencies_during_batch_ms", "latencies_alone_ms")]
+
+    def added(*pairs, axis=-1):
+        return np.mean([np.median(b, axis) - np.median(a, axis) for b, a in zip(pairs[::2], pairs[1::2], strict=True)],
+                       axis=0)
+
+    ci = stats.bootstrap(samples, added, n_resamples=5000, method="percentile",
+                         random_state=0).confidence_interval
+    return {"runs": [str(path) for path in paths], "think_ms": sorted({r["think_ms"] for r in runs}),
+            "probes": sum(len(r["latencies_alone_ms"]) for r in runs),
+            "added_steps": round(float(added(*samples)), 2), "added_steps_95ci": [round(ci.low, 2), round(ci.high, 2)]}
+
+
+def throughput(oai: openai.OpenAI, url: str, args) -> dict:
+    """Lines/s of one --lines batch, and requests/s of the same requests sent by --clients synchronous clients."""
+    t0 = time.perf_counter()
+    batch_s = wait_batch(oai, submit(oai, args.lines, args.steps, 0)) - t0
+    todo, lock = list(range(args.lines)), threading.Lock()
+
+    def client():
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            timed(c, body(i, args.steps))
+
+    t0 = time.perf_counter()
+    run_together([threading.Thread(target=client) for _ in range(args.clients)])
+    sync_s = time.perf_counter() - t0
+    return {"batch_lines_per_s": round(args.lines / batch_s, 2), "sync_requests_per_s": round(args.lines / sync_s, 2),
+            "batch_over_sync": round(sync_s / batch_s, 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=Path("models/mnist.safetensors"), help="the class base served")
@@ -102,8 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block", type=int, default=5, help="probes per block (alone and busy blocks alternate)")
     p.add_argument("--think-ms", type=float, default=0.0, help="random pause of up to this before each probe")
     p.add_argument("--threads", type=int, default=1, help="DMP_TORCH_THREADS")
+    p.add_argument("--interference-only", action="store_true",
+                   help="skip the throughput comparison (more probes in the same time)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--pool", type=Path, nargs="+", help="no run: pool the raw latencies of these result files")
     args = p.parse_args(argv)
+    if args.pool:
+        print(json.dumps(pooled(args.pool), indent=2))
+        return 0
     if args.steps < 5:
         print("error: --steps must be at least 5 (the step time is a difference of latencies)", file=sys.stderr)
         return 2
@@ -128,45 +177,27 @@ def main(argv: list[str] | None = None) -> int:
         alone = latencies(oai, args.steps, args.probes)
         step_ms = 1000 * (statistics.median(alone) - one) / (args.steps - 1)
 
-        t0 = time.perf_counter()
-        batch_s = wait_batch(oai, submit(oai, args.lines, args.steps, 0)) - t0
-
-        todo, lock = list(range(args.lines)), threading.Lock()
-
-        def client():
-            c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    i = todo.pop()
-                timed(c, body(i, args.steps))
-
-        t0 = time.perf_counter()
-        run_together([threading.Thread(target=client) for _ in range(args.clients)])
-        sync_s = time.perf_counter() - t0
-
+        result: dict = {"lines": args.lines, "steps": args.steps, "inflight": args.inflight, "clients": args.clients,
+                        "think_ms": args.think_ms, "torch_threads": args.threads,
+                        "settings": {k: v for k, v in os.environ.items() if k.startswith("DMP_")},
+                        "step_ms": round(step_ms, 2)}
+        if not args.interference_only:
+            result |= throughput(oai, url, args)
         alone, busy = interleaved(oai, args, args.think_ms / 1000)
         added_ms = 1000 * (statistics.median(busy) - statistics.median(alone))
         # 95 % bootstrap interval of the difference of medians (independent samples, percentile method)
         ci = stats.bootstrap((np.array(busy), np.array(alone)), lambda b, a, axis: np.median(b, axis) - np.median(
             a, axis), n_resamples=5000, method="percentile", random_state=0).confidence_interval
         ci_ms = [round(1000 * ci.low, 1), round(1000 * ci.high, 1)]
-        result = {"lines": args.lines, "steps": args.steps, "inflight": args.inflight, "clients": args.clients,
-                  "think_ms": args.think_ms, "settings": {k: v for k, v in os.environ.items() if k.startswith("DMP_")},
-                  "torch_threads": args.threads, "step_ms": round(step_ms, 2),
-                  "batch_lines_per_s": round(args.lines / batch_s, 2),
-                  "sync_requests_per_s": round(args.lines / sync_s, 2),
-                  "batch_over_sync": round(sync_s / batch_s, 3),
-                  "interactive_p50_alone_ms": round(1000 * statistics.median(alone), 1),
-                  "interactive_p50_during_batch_ms": round(1000 * statistics.median(busy), 1),
-                  "interactive_probes": len(busy), "block": args.block,
-                  "interactive_p90_alone_ms": round(1000 * statistics.quantiles(alone, n=10)[-1], 1),
-                  "interactive_p90_during_batch_ms": round(1000 * statistics.quantiles(busy, n=10)[-1], 1),
-                  "added_ms": round(added_ms, 1), "added_steps": round(added_ms / step_ms, 2),
-                  "added_ms_95ci": ci_ms, "added_steps_95ci": [round(v / step_ms, 2) for v in ci_ms],
-                  "latencies_alone_ms": [round(1000 * v, 1) for v in alone],
-                  "latencies_during_batch_ms": [round(1000 * v, 1) for v in busy]}
+        result |= {"interactive_p50_alone_ms": round(1000 * statistics.median(alone), 1),
+                   "interactive_p50_during_batch_ms": round(1000 * statistics.median(busy), 1),
+                   "interactive_probes": len(busy), "block": args.block,
+                   "interactive_p90_alone_ms": round(1000 * statistics.quantiles(alone, n=10)[-1], 1),
+                   "interactive_p90_during_batch_ms": round(1000 * statistics.quantiles(busy, n=10)[-1], 1),
+                   "added_ms": round(added_ms, 1), "added_steps": round(added_ms / step_ms, 2),
+                   "added_ms_95ci": ci_ms, "added_steps_95ci": [round(v / step_ms, 2) for v in ci_ms],
+                   "latencies_alone_ms": [round(1000 * v, 1) for v in alone],
+                   "latencies_during_batch_ms": [round(1000 * v, 1) for v in busy]}
         print(json.dumps(result, indent=2))
         if args.out:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
