@@ -52,7 +52,7 @@ def in_flight(server, body: dict) -> tuple[threading.Thread, list[httpx.Response
     t = threading.Thread(target=lambda: reply.append(httpx.post(server.url + "/generate", json=body, timeout=300)))
     t.start()
     assert poll(lambda: metric(server.url, "dmp_inflight") >= 1 or not t.is_alive(), timeout=60), "never in flight"
-    assert t.is_alive(), f"answered before it was seen in flight: {reply[0].status_code} {reply[0].text[:300]}"
+    assert t.is_alive(), f"answered before it was seen in flight: {[(r.status_code, r.text[:300]) for r in reply]}"
     return t, reply
 
 
