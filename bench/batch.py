@@ -93,23 +93,28 @@ def wait_batch(oai: openai.OpenAI, batch_id: str, expect: str = "completed") -> 
         time.sleep(0.1)
 
 
-def pooled(paths: list[Path]) -> dict:
-    """Added delay in steps over several runs' raw latencies: the mean over runs of each run's difference of medians
-    (in its own step time, so runs on a machine whose speed drifted between them still add up), with a 95 %
-    bootstrap interval that resamples within each run."""
-    runs = [json.loads(path.read_text()) for path in paths]
-    samples = [np.array(r[key]) / r["step_ms"] for r in runs
-               for key in ("latencies_during_batch_ms", "latencies_alone_ms")]
+def added_delay(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float, float]:
+    """(estimate, 95 % low, high) of the mean over (busy, alone) pairs of the difference of medians; the bootstrap
+    (percentile) resamples each sample on its own."""
+    samples = [x for pair in pairs for x in pair]
 
-    def added(*pairs, axis=-1):
-        return np.mean([np.median(b, axis) - np.median(a, axis) for b, a in zip(pairs[::2], pairs[1::2], strict=True)],
+    def added(*xs, axis=-1):
+        return np.mean([np.median(b, axis) - np.median(a, axis) for b, a in zip(xs[::2], xs[1::2], strict=True)],
                        axis=0)
 
-    ci = stats.bootstrap(samples, added, n_resamples=5000, method="percentile",
-                         random_state=0).confidence_interval
+    ci = stats.bootstrap(samples, added, n_resamples=5000, method="percentile", random_state=0).confidence_interval
+    return float(added(*samples)), float(ci.low), float(ci.high)
+
+
+def pooled(paths: list[Path]) -> dict:
+    """Added delay in steps over several runs' raw latencies: the mean over runs of each run's difference of medians
+    (in its own step time, so runs on a machine whose speed drifted between them still add up)."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    est, low, high = added_delay([(np.array(r["latencies_during_batch_ms"]) / r["step_ms"],
+                                   np.array(r["latencies_alone_ms"]) / r["step_ms"]) for r in runs])
     return {"runs": [str(path) for path in paths], "think_ms": sorted({r["think_ms"] for r in runs}),
             "probes": sum(len(r["latencies_alone_ms"]) for r in runs),
-            "added_steps": round(float(added(*samples)), 2), "added_steps_95ci": [round(ci.low, 2), round(ci.high, 2)]}
+            "added_steps": round(est, 2), "added_steps_95ci": [round(low, 2), round(high, 2)]}
 
 
 def throughput(oai: openai.OpenAI, url: str, args) -> dict:
@@ -184,11 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.interference_only:
             result |= throughput(oai, url, args)
         alone, busy = interleaved(oai, args, args.think_ms / 1000)
-        added_ms = 1000 * (statistics.median(busy) - statistics.median(alone))
-        # 95 % bootstrap interval of the difference of medians (independent samples, percentile method)
-        ci = stats.bootstrap((np.array(busy), np.array(alone)), lambda b, a, axis: np.median(b, axis) - np.median(
-            a, axis), n_resamples=5000, method="percentile", random_state=0).confidence_interval
-        ci_ms = [round(1000 * ci.low, 1), round(1000 * ci.high, 1)]
+        est, low, high = added_delay([(1000 * np.array(busy), 1000 * np.array(alone))])
+        added_ms, ci_ms = est, [round(low, 1), round(high, 1)]
         result |= {"interactive_p50_alone_ms": round(1000 * statistics.median(alone), 1),
                    "interactive_p50_during_batch_ms": round(1000 * statistics.median(busy), 1),
                    "interactive_probes": len(busy), "block": args.block,
