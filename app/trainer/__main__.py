@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arm", action="append", default=[], help="only these arms (default: all, in protocol order)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--markdown", default=None, help="also write the report here")
+    p.add_argument("--figure", default=None, metavar="PNG", help="also draw the guidance frontier (accuracy vs FD)")
     p.add_argument("--report-only", action="store_true", help="report the finished runs; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress")
 

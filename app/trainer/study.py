@@ -247,6 +247,46 @@ def report(runs) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_frontier(runs, path) -> Path:
+    """Class accuracy vs FD per extractor (one panel each), every arm a line through the guidance sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
+
+    res = load_results(runs)
+    if "base" not in res:
+        raise ValueError(f"{runs}: no finished base run, nothing to draw")
+    guidances = sorted((*FRONTIER, GUIDANCE))
+    extractors = list(next(iter(res["base"].values()))["scores"][f"{GUIDANCE:g}"]["extractors"])
+    fig, axes = plt.subplots(1, len(extractors), figsize=(4.2 * len(extractors), 3.8), dpi=100, squeeze=False)
+    for ax, e in zip(axes[0], extractors, strict=True):
+        for arm, by_seed in res.items():
+            acc, fd = [], []
+            for g in guidances:
+                sc = [r["scores"][f"{g:g}"] for r in by_seed.values()]
+                acc.append(statistics.fmean(x["class_acc"] for x in sc))
+                fd.append(statistics.fmean(x["extractors"][e]["fd"] for x in sc))
+            style = dict(color="black", linewidth=2.2) if arm == "base" else {}
+            (line,) = ax.plot(acc, fd, marker="o", markersize=3, label=f"{arm} ({len(by_seed)})", **style)
+            i = guidances.index(GUIDANCE)  # the serving default, ringed
+            ax.plot(acc[i], fd[i], marker="o", markersize=8, fillstyle="none", color=line.get_color())
+        ax.set(xlabel="class accuracy", ylabel=f"FD ({e})", yscale="log", title=e)
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, title=f"arm (seeds); guidance {guidances[0]:g}→{guidances[-1]:g}",
+                      title_fontsize=7)
+    fig.suptitle("Guidance frontier: lower right is better (more accurate at the same FD); ring = guidance "
+                 f"{GUIDANCE:g}", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def main_study(args) -> None:
     unknown = [a for a in args.arm if a not in ARMS]
     if unknown:
@@ -260,3 +300,5 @@ def main_study(args) -> None:
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
+    if args.figure:
+        print(f"frontier figure: {save_frontier(args.runs, args.figure)}")

@@ -88,6 +88,10 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert [f.stat().st_mtime_ns for f in sorted((runs / "results").glob("*.json"))] == stamps
     text = study.report(runs)
     assert "| PT | 2 |" in text and "DMP (official: gate x1) − PT, pca:" in text and "Holm p" in text
+    png = study.save_frontier(runs, tmp_path / "frontier.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # three panels drawn, not an empty canvas
+    with pytest.raises(ValueError, match="no finished base run"):
+        study.save_frontier(tmp_path / "empty", tmp_path / "none.png")
 
 
 def test_control_arms_frozen_gate_stays_uniform_and_shuffled_gate_trains(tmp_path):
