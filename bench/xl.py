@@ -8,9 +8,9 @@ Random weights (the cost does not depend on their values). Forward: ours (`DiT.f
 diffusers' timestep frequencies so both compute the same function) vs diffusers, in one process, rounds
 alternating the two, min over rounds; fp32 then bf16 (both models cast). The max-abs difference of the fp32
 outputs is printed as a check that both compute the same thing. Image: a 50-step DDIM + CFG image at batch 1
-through our `denoise_step` and the SD VAE decode (diffusers AutoencoderKL from its config, random weights), in a
-fresh subprocess per dtype so its peak RSS is that of serving one image; with --e2e-steps below 50 the sampling
-time is extrapolated (labelled `extrapolated`). The last line is JSON.
+through our `denoise_step` and the SD VAE decode (diffusers AutoencoderKL from its config, random weights; fp32 in
+both dtypes, as the service keeps it), in a fresh subprocess per dtype so its peak RSS is that of serving one
+image; with --e2e-steps below 50 the sampling time is extrapolated (labelled `extrapolated`). The last line is JSON.
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ def image(dtype: str, steps: int, timed_steps: int, guidance: float = 4.0) -> di
     from app.model.vae import SDVAE, to_uint8
 
     model = xl_model().to(DTYPES[dtype])
-    vae = SDVAE.random_sd().to(None, DTYPES[dtype])
+    # fp32 as the service runs it (app/engine/bases.py): a bf16 conv decode took > 20 min on a CPU without bf16
+    vae = SDVAE.random_sd()
     step = eager_step(model, None, dtype=DTYPES[dtype])
     job = new_job(model, y=207, seed=0, sampler="ddim", steps=steps, guidance_scale=guidance)
     denoise_step(model, [job], step=step)  # first call: allocator and oneDNN warm-up, not timed
