@@ -1,6 +1,9 @@
 """The one reading of "auto" for devices and dtypes, shared by the service settings, the trainer and bench/."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 
 
@@ -16,3 +19,14 @@ def pick_dtype(name: str, device: str | torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def native_bf16_cpu(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX); without it torch emulates bf16, several times slower
+    than fp32 (bench/README.md). Unknown (no /proc/cpuinfo) counts as native: nothing to warn about."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None

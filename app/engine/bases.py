@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from app.core.config import Settings
+from app.core.devices import native_bf16_cpu
 from app.core.metrics import Metrics
 from app.engine.graphs import GraphedForward, buckets_up_to
 from app.engine.slots import PatchSlots
@@ -178,4 +179,8 @@ def load_bases(settings: Settings, metrics: Metrics,
                          for b in loader.bases.values()}:
         if problem := self_check(settings.torch_device, width, dtype):  # at the served shapes, before any capture
             log.warning(problem)
+        if dtype == torch.bfloat16 and torch.device(settings.torch_device).type == "cpu" and not native_bf16_cpu():
+            log.warning("DMP_DTYPE=bfloat16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 in "
+                        "/proc/cpuinfo): torch emulates it, and a DiT-XL/2 forward took ~5x its fp32 time on such a "
+                        "CPU (bench/README.md); DMP_DTYPE=float32 is the faster choice here")
     return loader.bases, loader.skipped
