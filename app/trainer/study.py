@@ -171,6 +171,20 @@ def mean_ci(values: list[float]) -> str:
     return f"{m:+.2f} [{m - h:+.2f}, {m + h:+.2f}]"
 
 
+def frontier(res: dict[str, dict[int, dict]]) -> tuple[list[int], dict[str, dict[float, tuple[float, dict]]]]:
+    """(the seeds every arm has finished, {arm: {guidance: (class accuracy, {extractor: FD})}} as means over them),
+    so every arm's curve averages the same sampling seeds."""
+    seeds = sorted(set.intersection(*(set(by_seed) for by_seed in res.values()))) if res else []
+    points: dict[str, dict[float, tuple[float, dict]]] = {}
+    for arm, by_seed in res.items() if seeds else ():
+        points[arm] = {}
+        for g in sorted((*FRONTIER, GUIDANCE)):
+            sc = [by_seed[i]["scores"][f"{g:g}"] for i in seeds]
+            points[arm][g] = (statistics.fmean(x["class_acc"] for x in sc),
+                              {e: statistics.fmean(x["extractors"][e]["fd"] for x in sc) for e in sc[0]["extractors"]})
+    return seeds, points
+
+
 def report(runs) -> str:
     """The study's tables from whatever result files exist: Δ FD per extractor with t intervals over training
     seeds, precision/recall and class accuracy, the guidance frontier, the primary paired t-tests with Holm."""
@@ -202,18 +216,15 @@ def report(runs) -> str:
         lr = f"{runs_[0]['lr']:g}" if runs_ and "lr" in runs_[0] else "—"
         lines.append(f"| {arm} | {len(seeds)} | {lr} | " + " | ".join(cells) + " | " + " | ".join(pr)
                      + f" | {acc} |")
-    lines += ["", "Guidance frontier (mean over finished seeds; class accuracy / FD per extractor; "
-              f"{N_FRONTIER} samples at {', '.join(map(str, FRONTIER))}, {N_PRIMARY} at {GUIDANCE}):", "",
+    common, points = frontier(res)
+    lines += ["", "Guidance frontier (mean over the seeds every arm has finished: "
+              f"{', '.join(map(str, common)) or 'none'}; class accuracy / FD per extractor; {N_FRONTIER} samples "
+              f"at {', '.join(map(str, FRONTIER))}, {N_PRIMARY} at {GUIDANCE}):", "",
               "| arm | " + " | ".join(f"g {g:g}" for g in sorted((*FRONTIER, GUIDANCE))) + " |",
               "|---|" + "---|" * (len(FRONTIER) + 1)]
-    for arm, by_seed in res.items():
-        cells = []
-        for g in sorted((*FRONTIER, GUIDANCE)):
-            sc = [r["scores"][f"{g:g}"] for r in by_seed.values()]
-            acc = f"{statistics.fmean(x['class_acc'] for x in sc):.3f}" if "class_acc" in sc[0] else "—"
-            cells.append(acc + " / " + ", ".join(f"{statistics.fmean(x['extractors'][e]['fd'] for x in sc):.3g}"
-                                                 for e in extractors))
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    for arm, by_g in points.items():
+        lines.append(f"| {arm} | " + " | ".join(f"{acc:.3f} / " + ", ".join(f"{fd[e]:.3g}" for e in extractors)
+                                                for acc, fd in by_g.values()) + " |")
     lines += ["", "Primary tests (paired t-test over training seeds on Δ FD %, Holm over comparisons x independent "
               "extractors):", ""]
     dmp, versus = PRIMARY
@@ -256,30 +267,26 @@ def save_frontier(runs, path) -> Path:
     from matplotlib.ticker import FormatStrFormatter
 
     res = load_results(runs)
-    if "base" not in res:
-        raise ValueError(f"{runs}: no finished base run, nothing to draw")
-    guidances = sorted((*FRONTIER, GUIDANCE))
-    extractors = list(next(iter(res["base"].values()))["scores"][f"{GUIDANCE:g}"]["extractors"])
+    seeds, points = frontier(res)
+    if "base" not in points:
+        raise ValueError(f"{runs}: no seed finished by the base and every arm, nothing to draw")
+    extractors = list(points["base"][GUIDANCE][1])
     fig, axes = plt.subplots(1, len(extractors), figsize=(4.2 * len(extractors), 3.8), dpi=100, squeeze=False)
     for ax, e in zip(axes[0], extractors, strict=True):
-        for arm, by_seed in res.items():
-            acc, fd = [], []
-            for g in guidances:
-                sc = [r["scores"][f"{g:g}"] for r in by_seed.values()]
-                acc.append(statistics.fmean(x["class_acc"] for x in sc))
-                fd.append(statistics.fmean(x["extractors"][e]["fd"] for x in sc))
+        for arm, by_g in points.items():
+            acc, fd = [a for a, _ in by_g.values()], [f[e] for _, f in by_g.values()]
             style = dict(color="black", linewidth=2.2) if arm == "base" else {}
-            (line,) = ax.plot(acc, fd, marker="o", markersize=3, label=f"{arm} ({len(by_seed)})", **style)
-            i = guidances.index(GUIDANCE)  # the serving default, ringed
-            ax.plot(acc[i], fd[i], marker="o", markersize=8, fillstyle="none", color=line.get_color())
+            (line,) = ax.plot(acc, fd, marker="o", markersize=3, label=arm, **style)
+            served_acc, served_fd = by_g[GUIDANCE]  # the serving default, ringed
+            ax.plot(served_acc, served_fd[e], marker="o", markersize=8, fillstyle="none", color=line.get_color())
         ax.set(xlabel="class accuracy", ylabel=f"FD ({e})", yscale="log", title=e)
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, title=f"arm (seeds); guidance {guidances[0]:g}→{guidances[-1]:g}",
-                      title_fontsize=7)
+    guidances = list(points["base"])
+    axes[0][0].legend(fontsize=7, title=f"guidance {guidances[0]:g} → {guidances[-1]:g}", title_fontsize=7)
     fig.suptitle("Guidance frontier: lower right is better (more accurate at the same FD); ring = guidance "
-                 f"{GUIDANCE:g}", fontsize=9)
+                 f"{GUIDANCE:g}; mean over training seeds {', '.join(map(str, seeds))}", fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -90,7 +90,7 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert "| PT | 2 |" in text and "DMP (official: gate x1) − PT, pca:" in text and "Holm p" in text
     png = study.save_frontier(runs, tmp_path / "frontier.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # three panels drawn, not an empty canvas
-    with pytest.raises(ValueError, match="no finished base run"):
+    with pytest.raises(ValueError, match="no seed finished by the base"):
         study.save_frontier(tmp_path / "empty", tmp_path / "none.png")
 
 
