@@ -8,13 +8,18 @@ For each mode (eager: the default fp32 eager forward; compiled: DMP_CPU_COMPILE=
 (`--modes compiled-fp32`, not in the default set): the same in fp32, for CPUs without native bf16) it starts
 `python -m app serve` as a user would (uvicorn, one base, DMP_MAX_BATCH=--batch, DMP_TORCH_THREADS=--threads) and,
 in this process, the same base loaded through the engine's own loader with the same Settings. Rounds alternate:
-  service  --clients closed-loop HTTP clients each send --per-client `POST /generate` requests back to back
-           (one image, class label 3, DDIM --steps, guidance --guidance, a new seed each)
-  engine   the same images as full batches of --batch one-image jobs through the runner's step function
-           (`denoise_step` + the base's decode to uint8), no HTTP, no admission, no encoding
-Each side's rate is image-steps/s until its last image; the mode's ratio is best service round / best engine
-round (on a shared machine load only ever adds time); every round's ratio is printed too. The last line is
-`service_over_engine=R`, R the lower of the two modes' ratios (docs/service.md "What to expect on CPU").
+  service  --clients closed-loop HTTP clients send `POST /generate` requests back to back (one image, class label
+           3, DDIM --steps, guidance --guidance, a new seed each); once every client has had a reply (the batch is
+           in its steady state) a window of --seconds is measured, then the clients stop. Its rate is the image-steps
+           the server stepped in the window (its dmp_batch_size histogram) per second: saturation, without the
+           ramp-up and the drain of a fixed number of requests, which only a closed-loop bench has.
+  engine   full batches of --batch one-image jobs through the runner's step function (`denoise_step` + the base's
+           decode to uint8), no HTTP, no admission, no encoding, until --seconds have passed
+The mode's ratio is best service round / best engine round (on a shared machine load only ever adds time); every
+round's ratio is printed too. The last line is `service_over_engine=R`, R the lower of the modes' ratios
+(docs/service.md "What to expect on CPU"). A closed-loop client is idle for its round trip, and its next request
+joins at the next step boundary, so --clients equal to --batch leaves about one step in (steps + 1) of each slot
+empty; the default runs 1.5x the batch, which keeps requests waiting at every boundary.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import run_together, wait_ready
+from bench.common import wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = {"eager": {}, "compiled": {"DMP_CPU_COMPILE": "true", "DMP_DTYPE": "bfloat16"},
@@ -67,22 +72,44 @@ def start_server(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def service_round(url: str, body: dict, clients: int, per_client: int, seed0: int) -> float:
-    """Seconds until the last reply of `clients` closed-loop clients sending `per_client` requests each."""
+def service_round(url: str, body: dict, model: str, clients: int, seconds: float, seed0: int, pid: int,
+                  spy_raw: Path | None = None) -> dict:
+    """Closed-loop clients until a --seconds window, measured once every client has had a reply, has passed."""
     errors: list[str] = []
+    replies = [0] * clients
+    stop = threading.Event()
 
     def client(i: int):
         with httpx.Client(timeout=900) as http:
-            for k in range(per_client):
-                r = http.post(url + "/generate", json=body | {"seed": seed0 + i * per_client + k})
+            while not stop.is_set() and not errors:
+                r = http.post(url + "/generate", json=body | {"seed": seed0 + i * 10**5 + replies[i]})
                 if r.status_code != 200 or len(r.json()["images"]) != 1:
                     errors.append(f"{r.status_code} {r.text[:200]}")
+                replies[i] += 1
 
-    start = time.perf_counter()
-    run_together([threading.Thread(target=client, args=(i,)) for i in range(clients)])
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        while not all(replies) and not errors:  # ramp-up: every client has been seated at least once
+            time.sleep(0.05)
+        spy = attach_profiler(pid, spy_raw) if spy_raw is not None else None
+        t0, cpu0, (steps0, images0) = time.perf_counter(), thread_cpu(pid), batch_counts(url, model)
+        time.sleep(seconds)
+        steps1, images1 = batch_counts(url, model)
+        wall, (runner_cpu, other_cpu) = time.perf_counter() - t0, cpu_split(cpu0, thread_cpu(pid))
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
     if errors:
         raise RuntimeError(f"{len(errors)} failed requests, first: {errors[0]}")
-    return time.perf_counter() - start
+    image_steps = images1 - images0
+    return {"image_steps": image_steps, "wall_s": wall, "steps": steps1 - steps0,
+            "runner_cpu_s": runner_cpu, "other_cpu_s": other_cpu}
 
 
 class EngineAlone:
@@ -115,16 +142,16 @@ class EngineAlone:
         self.step = base.forward.step if base.forward is not None else \
             eager_step(base.model, base.patches.pool, dtype=self.settings.torch_dtype)
 
-    def run(self, *, batches: int, batch: int, steps: int, guidance: float, label: int,
-            seed0: int) -> tuple[float, float]:
-        """(wall seconds, this thread's CPU seconds) for `batches` batches of `batch` one-image jobs, sampled and
-        decoded to uint8 (with one torch thread all the work runs on this thread)."""
+    def run(self, *, seconds: float, batch: int, steps: int, guidance: float, label: int,
+            seed0: int) -> tuple[int, float, float]:
+        """(image-steps, wall seconds, this thread's CPU seconds) of full batches of `batch` one-image jobs, sampled
+        and decoded to uint8, until `seconds` have passed (with one torch thread all the work runs on this thread)."""
         from app.model.sampling import denoise_step, new_job
         from app.model.vae import to_uint8
 
         base = self.base
-        start, cpu = time.perf_counter(), time.thread_time()
-        for k in range(batches):
+        start, cpu, k = time.perf_counter(), time.thread_time(), 0
+        while k == 0 or time.perf_counter() - start < seconds:
             jobs = [new_job(base.model, y=label, seed=seed0 + k * batch + i, sampler="ddim", steps=steps,
                             guidance_scale=guidance, n=1, beta_schedule=base.beta_schedule,
                             clip_sample=base.clip_sample, device=self.settings.torch_device) for i in range(batch)]
@@ -132,7 +159,8 @@ class EngineAlone:
                 denoise_step(base.model, jobs, step=self.step)
             for job in jobs:
                 to_uint8(base.vae.decode(job.latents))
-        return time.perf_counter() - start, time.thread_time() - cpu
+            k += 1
+        return k * batch * steps, time.perf_counter() - start, time.thread_time() - cpu
 
 
 def batch_counts(url: str, model: str) -> tuple[float, float]:
@@ -204,44 +232,38 @@ def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dic
     t0 = time.perf_counter()
     engine = EngineAlone(env, args.model, args.batch)
     print(f"[{mode}] engine ready in {time.perf_counter() - t0:.0f}s", flush=True)
-    requests = args.clients * args.per_client
-    batches = requests // args.batch  # the engine steps full batches of DMP_MAX_BATCH (main checks it divides)
-    image_steps = requests * args.steps
     rounds = []
     try:
-        service_round(url, body, args.clients, 1, seed0=10**6)  # warm connections and the server's batches
-        engine.run(batches=1, batch=args.batch, steps=args.steps, guidance=args.guidance, label=3, seed0=10**6)
+        engine.run(seconds=0, batch=args.batch, steps=args.steps, guidance=args.guidance, label=3, seed0=10**6)
         for r in range(args.rounds):
-            spy = attach_profiler(proc.pid, profile.with_suffix(f".{r}.txt")) if profile else None
-            cpu0, (steps0, images0) = thread_cpu(proc.pid), batch_counts(url, args.model)
-            svc = service_round(url, body, args.clients, args.per_client, seed0=r * 10**4)
-            runner_cpu, other_cpu = cpu_split(cpu0, thread_cpu(proc.pid))
-            steps1, images1 = batch_counts(url, args.model)
-            if spy is not None:  # the service rounds only: the server idles during engine rounds
-                spy.send_signal(signal.SIGINT)
-                spy.wait(60)
-            eng, eng_cpu = engine.run(batches=batches, batch=args.batch, steps=args.steps,
-                                      guidance=args.guidance, label=3, seed0=r * 10**4)
-            rounds.append({"service_image_steps_per_s": image_steps / svc,
-                           "engine_image_steps_per_s": image_steps / eng,
-                           "ratio": eng / svc, "load_avg_1m": os.getloadavg()[0],
+            raw = profile.with_suffix(f".{r}.txt") if profile else None  # the server idles during engine rounds
+            svc = service_round(url, body, args.model, args.clients, args.seconds, seed0=r * 10**7, pid=proc.pid,
+                                spy_raw=raw)
+            eng_steps, eng, eng_cpu = engine.run(seconds=args.seconds, batch=args.batch, steps=args.steps,
+                                                 guidance=args.guidance, label=3, seed0=r * 10**7)
+            svc_rate, eng_rate = svc["image_steps"] / svc["wall_s"], eng_steps / eng
+            requests = svc["image_steps"] / args.steps  # one-image requests' worth of work in the window
+            server_cpu = svc["runner_cpu_s"] + svc["other_cpu_s"]
+            rounds.append({"service_image_steps_per_s": svc_rate, "engine_image_steps_per_s": eng_rate,
+                           "ratio": svc_rate / eng_rate, "load_avg_1m": os.getloadavg()[0],
                            # the server's CPU outside the runner thread (HTTP, validation, admission, encoding,
                            # metrics): in eager mode the runner needs the GIL between its small ops, so this
                            # time is taken from it; load on the machine does not change CPU time much
-                           "server_cpu_ms_per_request_outside_runner": 1e3 * other_cpu / requests,
-                           "runner_cpu_s": runner_cpu, "service_wall_s": svc, "engine_cpu_s": eng_cpu,
-                           "engine_wall_s": eng,
+                           "server_cpu_ms_per_request_outside_runner": 1e3 * svc["other_cpu_s"] / requests,
+                           "runner_cpu_s": svc["runner_cpu_s"], "service_wall_s": svc["wall_s"],
+                           "service_image_steps": svc["image_steps"], "engine_image_steps": eng_steps,
+                           "engine_cpu_s": eng_cpu, "engine_wall_s": eng,
                            # the engine rounds step full batches; a partly filled step costs nearly as much in eager
-                           "server_images_per_step": (images1 - images0) / max(steps1 - steps0, 1),
+                           "server_images_per_step": svc["image_steps"] / max(svc["steps"], 1),
                            # CPU seconds per image-step, engine over service (runner + every other server thread):
                            # what the wall ratio is on a machine with no other load, when the GIL serialises the
                            # server's other work with the runner (eager); load barely moves CPU time
-                           "cpu_ratio": eng_cpu / (runner_cpu + other_cpu)})
-            print(f"[{mode}] round {r}: service {image_steps / svc:7.1f}  engine {image_steps / eng:7.1f} "
-                  f"image-steps/s  ratio {eng / svc:.3f}  server CPU outside the runner "
-                  f"{1e3 * other_cpu / requests:.2f} ms/request  "
-                  f"CPU-time ratio {eng_cpu / (runner_cpu + other_cpu):.3f}  "
-                  f"images/step {(images1 - images0) / max(steps1 - steps0, 1):.2f}  "
+                           "cpu_ratio": (eng_cpu / eng_steps) / (server_cpu / svc["image_steps"])})
+            last = rounds[-1]
+            print(f"[{mode}] round {r}: service {svc_rate:7.1f}  engine {eng_rate:7.1f} image-steps/s  "
+                  f"ratio {last['ratio']:.3f}  server CPU outside the runner "
+                  f"{last['server_cpu_ms_per_request_outside_runner']:.2f} ms/request  "
+                  f"CPU-time ratio {last['cpu_ratio']:.3f}  images/step {last['server_images_per_step']:.2f}  "
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         proc.terminate()
@@ -267,26 +289,23 @@ def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dic
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 rounds of 2 requests per client (a few minutes)")
+    ap.add_argument("--quick", action="store_true", help="2 rounds of 10 s windows per side (a few minutes)")
     ap.add_argument("--model", default="mnist", help="a base in models/ (served alone)")
     ap.add_argument("--modes", default="eager,compiled")
-    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--clients", type=int, default=None, help="closed-loop clients (default 1.5x --batch)")
     ap.add_argument("--batch", type=int, default=16, help="DMP_MAX_BATCH")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=1.5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--per-client", type=int, default=None)
+    ap.add_argument("--seconds", type=float, default=None, help="each round's window per side (10, --quick; 30)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--profile", action="store_true",
                     help="py-spy on the server during service rounds; top frames in the JSON")
     ap.add_argument("--out", default=None, help="write the JSON here (and the server logs / profiles next to it)")
     args = ap.parse_args(argv)
-    args.per_client = args.per_client or (2 if args.quick else 4)
+    args.clients = args.clients or args.batch * 3 // 2
+    args.seconds = args.seconds or (10.0 if args.quick else 30.0)
     args.rounds = args.rounds or (2 if args.quick else 3)
-    if args.clients * args.per_client % args.batch:
-        print("error: --clients x --per-client must be a multiple of --batch (the engine rounds step full batches)",
-              file=sys.stderr)
-        sys.exit(2)
     src = REPO / "models" / f"{args.model}.safetensors"
     if not src.exists():
         print(f"error: {src} not found", file=sys.stderr)
@@ -296,7 +315,7 @@ def main(argv=None) -> None:
     out_dir = Path(args.out).parent if args.out else Path(tempfile.mkdtemp(prefix="bench-service-out-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"clients": args.clients, "batch": args.batch, "steps": args.steps, "guidance": args.guidance,
-              "threads": args.threads, "per_client": args.per_client, "rounds": args.rounds, "cpus": os.cpu_count(),
+              "threads": args.threads, "seconds": args.seconds, "rounds": args.rounds, "cpus": os.cpu_count(),
               "load_avg_start": os.getloadavg(), "modes": {}}
     for mode in args.modes.split(","):
         result["modes"][mode] = run_mode(mode, args, models, patches, out_dir)

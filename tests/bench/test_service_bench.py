@@ -27,3 +27,22 @@ def test_cpu_split_takes_the_busiest_thread_as_the_runner():
     before, after = {1: 1.0, 2: 0.5}, {1: 3.0, 2: 0.75, 3: 0.25}  # thread 3 started in between
     assert cpu_split(before, after) == (2.0, 0.5)
     assert os.getpid() in thread_cpu(os.getpid())
+
+
+def test_the_bench_measures_a_steady_window_and_prints_the_contract_line(tmp_path, capsys):
+    """A tiny real run (server + engine, eager): every round counts the window's image-steps, never more per step
+    than the batch holds, and the last line is `service_over_engine=R` (DESIGN.md §4c)."""
+    import json
+
+    from bench.service import main
+
+    out = tmp_path / "svc.json"
+    main(["--quick", "--modes", "eager", "--rounds", "1", "--seconds", "1", "--steps", "2", "--batch", "2",
+          "--out", str(out)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    res = json.loads(out.read_text())
+    (r,) = res["modes"]["eager"]["rounds"]
+    assert res["clients"] == 3  # 1.5x the batch
+    assert r["service_image_steps"] > 0 and r["engine_image_steps"] % (2 * 2) == 0  # full batches of 2 x 2 steps
+    assert 0 < r["server_images_per_step"] <= 2
+    assert last == f"service_over_engine={res['service_over_engine']:.3f}" and res["service_over_engine"] > 0
