@@ -47,7 +47,7 @@ out.write_text(json.dumps(result, indent=1))
 lines = []
 if result["pairs"]:
     g = result["frontier"]["1.5"]
-    lines += [f"DDIM 50, guidance 1.5, {n} paired samples per arm (100 per class, sampling seed 0), against the "
+    lines += [f"DDIM 50, guidance 1.5, {n} paired samples per arm ({n // 10} per class, sampling seed 0), against the "
               f"{len(test)} held-out mnist images. Δ FD in % of the base's FD, [95 % paired bootstrap interval].", "",
               "| extractor | FD base | FD mnist-dmp | FD gate zeroed | Δ mnist-dmp − base | Δ gate zeroed − base | "
               "Δ mnist-dmp − gate zeroed | P / R base | P / R mnist-dmp | P / R gate zeroed |",
