@@ -1,13 +1,18 @@
 """Issue 30 item 4: the shipped mnist-dmp against its base, and its gate's share (the same prompts with the gate
 zeroed, i.e. uniform 1/64), by every extractor against the 500 held-out mnist images; paired 95 % bootstrap
-intervals. Reads the samples cached by app/trainer/samples.py (sample them first with arm_images)."""
+intervals; its gate weights over timesteps (range, and a heatmap PNG next to OUT) and its largest prompt as a share
+of the loader's bound. Reads the samples cached by app/trainer/samples.py (sample them first with arm_images)."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-from app.model import load_base
+import torch
+
+from app.model import load_base, load_patch
+from app.model.dmp.bounds import PROMPT_FACTOR, activation_scale
+from app.model.dmp.gatemap import gate_weights, heatmap_png
 from app.trainer.classifier import load_classifier
 from app.trainer.evaluate import heldout_split
 from app.trainer.quality import Quality
@@ -20,6 +25,14 @@ test = heldout_split(BASE, load_base(BASE), "mnist")
 clf, _ = load_classifier("runs/classifiers/mnist-16.safetensors")
 q = Quality(test.x, clf)
 result = {"n": n, "num_heldout": len(test), "pairs": {}, "frontier": {}}
+base = load_base(BASE).eval()
+patch = load_patch(PATCH, base=base)
+timesteps = list(range(0, 1000, 10))  # the 1,000 training timesteps, every 10th
+gates = gate_weights(base, patch, torch.arange(base.y_embedder.num_classes), timesteps)  # (L, T, N), mean over classes
+heat = heatmap_png(gates, timesteps, title=f"{PATCH}: gate weight, mean over classes")
+out.with_name(out.stem + "-gates.png").write_bytes(heat)
+result["gates"] = {"min": gates.min().item(), "max": gates.max().item(), "uniform": 1 / gates.shape[2]}
+result["prompt_max_share_of_bound"] = (patch.prompts.abs().max() / (PROMPT_FACTOR * activation_scale(base)[0])).item()
 for g in (1.5, 2.5):
     m = n if g == 1.5 else 500
     imgs = {}
