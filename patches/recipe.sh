@@ -8,7 +8,9 @@
 #                                       (issue 30); scored by scripts/score_shipped.py (docs/results/issue30/)
 #   runs/cpu/mnist-dmp-x64.safetensors  the gate x64 recipe (ours, EMA 0.995) shipped as mnist-dmp until 2026-12-05;
 #                                       the compare-mnist*.json / study-mnist-shipped.* results are of that file
-#   patches/animals-dmp.safetensors, patches/mnist-captions-dmp.safetensors   the gate x64 recipe, 3,000 and 1,000 steps
+#   patches/animals-dmp.safetensors, patches/mnist-captions-dmp.safetensors   the official DMP recipe as mnist-dmp's
+#                                       (gate x1, importance weight 1, no EMA, lr 3e-3), 3,000 and 1,000 steps (2026-12-06)
+#   runs/cpu/{animals,mnist-captions}-dmp-x64.safetensors   the gate x64 recipe they were shipped with until 2026-12-06
 #   patches/mnist-thick-dmp.safetensors  the trainer's default recipe on thick digits (patches/domain_table.sh)
 #   (animals base made with OMP_NUM_THREADS=2: not bit-identical to a 1-thread rerun)
 #   runs/flat/mnist-flat.safetensors    mnist trained on until its held-out loss is flat (not shipped; issue 11)
@@ -31,15 +33,22 @@ if [ "$STAGE" != gpu ]; then   # --- CPU
       --image-size 16 --patch-size 2 --hidden-size 64 --depth 6 --num-heads 4 --steps 18265 --batch-size 64 --lr 5e-4 \
       --ema-decay 0.999 --seed 0 --eval-every 500 --checkpoint-every 500 --device cpu --quiet
   $PY -m app.trainer patch --base runs/cpu/mnist-captions.safetensors --dataset mnist-captions --domain mnist-captions \
-      --out runs/cpu/mnist-captions-dmp.safetensors --image-size 16 --steps 1000 --batch-size 64 --lr 1e-3 \
+      --out runs/cpu/mnist-captions-dmp-x64.safetensors --image-size 16 --steps 1000 --batch-size 64 --lr 1e-3 \
       --gate-lr-mult 1 --gate-scale 64 --ema-decay 0.995 --seed 0 --eval-every 250 --checkpoint-every 250 --device cpu --quiet
+  # shipped since 2026-12-06 (issue 30 item 4): the official recipe, as mnist-dmp (lr 3e-3: the study's pick on mnist)
+  $PY -m app.trainer patch --base runs/cpu/mnist-captions.safetensors --dataset mnist-captions --domain mnist-captions \
+      --out runs/cpu/mnist-captions-dmp.safetensors --image-size 16 --steps 1000 --batch-size 64 --lr 3e-3 \
+      --gate-lr-mult 1 --gate-scale 1 --w-importance 1 --ema-decay 0 --seed 0 --eval-every 250 --checkpoint-every 250 --device cpu --quiet
   # animals: same model size as mnist, 2 threads; --max-seconds 1380 stopped it at 10856 steps
   OMP_NUM_THREADS=2 $PY -m app.trainer pretrain --dataset animals --domain animals --out runs/cpu/animals.safetensors \
       --image-size 16 --patch-size 2 --hidden-size 64 --depth 6 --num-heads 4 --steps 10856 --batch-size 64 --lr 5e-4 \
       --ema-decay 0.999 --seed 0 --eval-every 500 --checkpoint-every 500 --device cpu --quiet
   $PY -m app.trainer patch --base runs/cpu/animals.safetensors --dataset animals --domain animals \
-      --out runs/cpu/animals-dmp.safetensors --image-size 16 --steps 3000 --batch-size 64 --lr 1e-3 \
+      --out runs/cpu/animals-dmp-x64.safetensors --image-size 16 --steps 3000 --batch-size 64 --lr 1e-3 \
       --gate-lr-mult 1 --gate-scale 64 --ema-decay 0.995 --seed 0 --eval-every 500 --checkpoint-every 500 --device cpu --quiet
+  $PY -m app.trainer patch --base runs/cpu/animals.safetensors --dataset animals --domain animals \
+      --out runs/cpu/animals-dmp.safetensors --image-size 16 --steps 3000 --batch-size 64 --lr 3e-3 \
+      --gate-lr-mult 1 --gate-scale 1 --w-importance 1 --ema-decay 0 --seed 0 --eval-every 500 --checkpoint-every 500 --device cpu --quiet
   # base / +FT / +PT / +DMP: 3 seeds and the ablations for mnist, seed 0 for animals and mnist-captions
   $PY -m app.trainer table --plan patches/table_plan_cpu.json --runs runs/table_cpu --jobs 2
   # mnist again with 3,000 further steps (seed 0) and a 10x learning-rate variant: docs/long/results.md
@@ -95,15 +104,28 @@ if [ "$STAGE" != gpu ]; then   # --- CPU
       --out runs/cpu/animals-dmp-1k.safetensors --image-size 16 --steps 1000 --batch-size 64 --lr 1e-3 \
       --gate-lr-mult 1 --gate-scale 64 --ema-decay 0.995 --seed 0 --eval-every 250 --checkpoint-every 250 --device cpu --quiet
   $PY -m app.trainer compare --base runs/cpu/animals.safetensors --arm "+DMP 1,000 steps=runs/cpu/animals-dmp-1k.safetensors" \
-      --arm "+DMP 3,000 steps=runs/cpu/animals-dmp.safetensors" \
+      --arm "+DMP 3,000 steps=runs/cpu/animals-dmp-x64.safetensors" \
       ${OLD_PATCHES:+--arm "+DMP 200 steps (old shipped)=$OLD_PATCHES/animals-dmp.safetensors"} --seeds 0 1 2 \
       --json docs/results/compare-animals-shipped.json --markdown docs/results/compare-animals-shipped.md
   $PY -m app.trainer compare --base runs/cpu/mnist-captions.safetensors \
-      --arm "+DMP (shipped mnist-captions-dmp)=runs/cpu/mnist-captions-dmp.safetensors" \
+      --arm "+DMP (shipped mnist-captions-dmp)=runs/cpu/mnist-captions-dmp-x64.safetensors" \
       ${OLD_PATCHES:+--arm "+DMP (old 200-step mnist-captions-dmp)=$OLD_PATCHES/mnist-captions-dmp.safetensors"} \
       --seeds 0 1 2 --json docs/results/compare-mnist-captions-shipped.json \
       --markdown docs/results/compare-mnist-captions-shipped.md
-  $PY scripts/caption_check.py runs/cpu/mnist-captions.safetensors runs/cpu/mnist-captions-dmp.safetensors --guidance 4
+  $PY scripts/caption_check.py runs/cpu/mnist-captions.safetensors runs/cpu/mnist-captions-dmp-x64.safetensors --guidance 4
+  # the files shipped since 2026-12-06 (official recipe) against their bases and the gate x64 files, by the independent
+  # extractors (docs/results_analysis.md); caption following at guidance 1.5 and 4
+  $PY -m app.trainer compare --base runs/cpu/mnist-captions.safetensors \
+      --arm "+DMP official recipe (gate x1, lr 3e-3)=runs/cpu/mnist-captions-dmp.safetensors" \
+      --arm "+DMP gate x64 (shipped until 2026-12-06)=runs/cpu/mnist-captions-dmp-x64.safetensors" --seeds 0 1 2 \
+      --json docs/results/issue30/compare-mnist-captions-official.json --markdown docs/results/issue30/compare-mnist-captions-official.md
+  $PY -m app.trainer compare --base runs/cpu/animals.safetensors \
+      --arm "+DMP official recipe (gate x1, lr 3e-3), 3,000 steps=runs/cpu/animals-dmp.safetensors" \
+      --arm "+DMP gate x64 (shipped until 2026-12-06), 3,000 steps=runs/cpu/animals-dmp-x64.safetensors" --seeds 0 1 2 \
+      --json docs/results/issue30/compare-animals-official.json --markdown docs/results/issue30/compare-animals-official.md
+  for g in 1.5 4; do
+    $PY scripts/caption_check.py runs/cpu/mnist-captions.safetensors runs/cpu/mnist-captions-dmp.safetensors --guidance $g
+  done
   # the paper's hard top-k (the best row on mnist-flat) on animals and mnist-captions, not shipped
   for d in animals mnist-captions; do
     $PY -m app.trainer patch --base runs/cpu/$d.safetensors --dataset $d --domain $d --image-size 16 \
