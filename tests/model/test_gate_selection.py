@@ -53,8 +53,11 @@ def test_trainer_model_and_server_pool_draw_the_same_images(tiny_class, selectio
         denoise_step(tiny_class, [trainer_job])
         denoise_step(tiny_class, [server_job], step=eager_step(tiny_class, pool))
         denoise_step(tiny_class, [base_job])
-    torch.testing.assert_close(server_job.latents, trainer_job.latents, atol=1e-5, rtol=1e-5)
-    assert (server_job.latents - base_job.latents).abs().max() > 1e-3  # the patch does something
+    # The random tiny base grows latents to ~100: fp32 sums in another order differ by ~3e-7 of that scale after six
+    # guided steps, so the bound is relative to the largest latent, not per element (a 0.3 entry failed 1e-5 on Intel).
+    scale = trainer_job.latents.abs().max()
+    torch.testing.assert_close(server_job.latents, trainer_job.latents, atol=2e-6 * scale.item(), rtol=0)
+    assert (server_job.latents - base_job.latents).abs().max() > 1e-2 * scale  # the patch does something
 
 
 def test_hard_keeps_a_prompt_whose_softmax_underflows():
