@@ -14,6 +14,9 @@ SEEDS = (0, 1, 2, 3, 4)
 STEPS, BATCH = 1000, 64
 N_PRIMARY, GUIDANCE = 2000, 1.5  # the serving default; the primary endpoint
 FRONTIER, N_FRONTIER = (1.0, 2.0, 2.5), 500
+# Post hoc (2026-12-06, after the primary result; not pre-registered): the base between its 1.5 and 2.0 points at
+# N_PRIMARY samples each, so an arm at 1.5 can be set against raising guidance alone at the same class accuracy.
+BASE_SWEEP = (1.6, 1.7, 1.8)
 LR_GRID = (3e-4, 1e-3, 3e-3)  # prompt arms: lr picked at seed 0 by final held-out loss, never by FD
 # the official code's run: gate x1, importance weight 1, no EMA
 DMP: dict[str, Any] = {"gate_lr_mult": 1.0, "w_importance": 1.0}
@@ -126,6 +129,23 @@ class Study:
         f.write_text(json.dumps(result, indent=1))
         return result
 
+    def run_base_sweep(self, seeds=SEEDS) -> None:
+        """The base at each BASE_SWEEP guidance, guidance-major (a cut-short sweep has its lowest points first)."""
+        from app.trainer.samples import arm_images
+
+        for g in BASE_SWEEP:
+            for seed in seeds:
+                f = self.runs / "base_sweep" / f"base-g{g:g}-s{seed}.json"
+                if f.exists():
+                    continue
+                self.log(f"score base at guidance {g:g} seed {seed}")
+                images, labels = arm_images(self.base, None, n=N_PRIMARY, seed=seed, guidance=g,
+                                            cache=self.runs / "images", progress=self.progress)
+                result = {"arm": "base", "seed": seed, "guidance": g, "n": N_PRIMARY, "base": self.base,
+                          "scores": self.quality.score(images, labels)}
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_text(json.dumps(result, indent=1))
+
     def run(self, seeds=SEEDS, arms=None) -> None:
         """Seed-major, so a cut-short study has every arm at its first seeds."""
         for seed in seeds:
@@ -155,6 +175,33 @@ def load_results(runs) -> dict[str, dict[int, dict]]:
     return out
 
 
+def load_base_sweep(runs) -> dict[int, dict[float, dict]]:
+    """{seed: {guidance: scores}} of the post-hoc base points."""
+    out: dict[int, dict[float, dict]] = {}
+    for f in sorted((Path(runs) / "base_sweep").glob("*.json")):
+        r = json.loads(f.read_text())
+        out.setdefault(r["seed"], {})[r["guidance"]] = r["scores"]
+    return out
+
+
+def base_curve(base_run: dict, sweep: dict[float, dict]) -> dict[float, dict]:
+    """{guidance: scores} of one base seed at every N_PRIMARY-sample point: the primary guidance and the sweep."""
+    return {GUIDANCE: base_run["scores"][f"{GUIDANCE:g}"], **sweep}
+
+
+def matched_fd(arm_scores: dict, curve: dict[float, dict], extractor: str) -> tuple[float, float] | None:
+    """(Δ FD in % of the base at the arm's class accuracy, the guidance that reaches it), linear between the base's
+    neighbouring points; None when the arm is more (or less) accurate than every base point."""
+    points = sorted((sc["class_acc"], g, sc["extractors"][extractor]["fd"]) for g, sc in curve.items())
+    acc = arm_scores["class_acc"]
+    for (a0, g0, f0), (a1, g1, f1) in zip(points, points[1:], strict=False):
+        if a0 <= acc <= a1:
+            w = (acc - a0) / (a1 - a0) if a1 > a0 else 0.0
+            fd = f0 + w * (f1 - f0)
+            return 100 * (arm_scores["extractors"][extractor]["fd"] - fd) / fd, g0 + w * (g1 - g0)
+    return None
+
+
 def d_pct(arm: dict, base: dict, extractor: str, g: str = f"{GUIDANCE:g}") -> float:
     b = base["scores"][g]["extractors"][extractor]["fd"]
     return 100 * (arm["scores"][g]["extractors"][extractor]["fd"] - b) / b
@@ -171,18 +218,51 @@ def mean_ci(values: list[float]) -> str:
     return f"{m:+.2f} [{m - h:+.2f}, {m + h:+.2f}]"
 
 
-def frontier(res: dict[str, dict[int, dict]]) -> tuple[list[int], dict[str, dict[float, tuple[float, dict]]]]:
+Points = dict[str, dict[float, tuple[float, dict]]]  # {arm: {guidance: (class accuracy, {extractor: FD})}}
+
+
+def frontier(res: dict[str, dict[int, dict]], runs=None) -> tuple[list[int], Points]:
     """(the seeds every arm has finished, {arm: {guidance: (class accuracy, {extractor: FD})}} as means over them),
-    so every arm's curve averages the same sampling seeds."""
+    so every arm's curve averages the same sampling seeds; the base also at the post-hoc sweep's guidances."""
     seeds = sorted(set.intersection(*(set(by_seed) for by_seed in res.values()))) if res else []
-    points: dict[str, dict[float, tuple[float, dict]]] = {}
+    sweep = load_base_sweep(runs) if runs is not None else {}
+    swept = [g for g in BASE_SWEEP if all(g in sweep.get(i, {}) for i in seeds)] if seeds else []
+    points: Points = {}
     for arm, by_seed in res.items() if seeds else ():
         points[arm] = {}
-        for g in sorted((*FRONTIER, GUIDANCE)):
-            sc = [by_seed[i]["scores"][f"{g:g}"] for i in seeds]
+        for g in sorted((*FRONTIER, GUIDANCE, *(swept if arm == "base" else ()))):
+            sc = [sweep[i][g] if g in swept else by_seed[i]["scores"][f"{g:g}"] for i in seeds]
             points[arm][g] = (statistics.fmean(x["class_acc"] for x in sc),
                               {e: statistics.fmean(x["extractors"][e]["fd"] for x in sc) for e in sc[0]["extractors"]})
     return seeds, points
+
+
+def matched_section(res: dict[str, dict[int, dict]], sweep: dict[int, dict[float, dict]], extractors) -> list[str]:
+    """Each arm at the primary guidance vs the base at the same class accuracy, per training seed (post hoc)."""
+    base, g0 = res.get("base", {}), f"{GUIDANCE:g}"
+    seeds = [s for s in base if s in sweep]
+    if not seeds:
+        return []
+    top = ", ".join(f"{g:g}" for g in sorted({GUIDANCE, *(g for s in seeds for g in sweep[s])}))
+    lines = ["", f"Against guidance alone at matched class accuracy (post hoc, not pre-registered): per training seed, "
+             f"the base's FD at the arm's class accuracy, linear between the base's {N_PRIMARY}-sample points at "
+             f"guidance {top} (same sampling seed); Δ FD in % of it, mean [95 % t interval]; 'outside' counts seeds "
+             "whose arm's class accuracy lies outside the base's points (no extrapolation).", "",
+             "| arm | seeds matched | outside | " + " | ".join(f"Δ FD {e} (%)" for e in extractors)
+             + " | base guidance matched |", "|---|---|---|" + "---|" * (len(extractors) + 1)]
+    for arm, by_seed in res.items():
+        if arm == "base":
+            continue
+        cells, gs, outside = [], [], 0
+        for e in extractors:
+            found = [matched_fd(by_seed[s]["scores"][g0], base_curve(base[s], sweep[s]), e)
+                     for s in seeds if s in by_seed]
+            outside = sum(m is None for m in found)
+            cells.append(mean_ci([m[0] for m in found if m is not None]))
+            gs = [m[1] for m in found if m is not None]
+        matched_g = f"{statistics.fmean(gs):.2f}" if gs else "—"
+        lines.append(f"| {arm} | {len(gs)} | {outside} | " + " | ".join(cells) + f" | {matched_g} |")
+    return lines
 
 
 def report(runs) -> str:
@@ -216,15 +296,19 @@ def report(runs) -> str:
         lr = f"{runs_[0]['lr']:g}" if runs_ and "lr" in runs_[0] else "—"
         lines.append(f"| {arm} | {len(seeds)} | {lr} | " + " | ".join(cells) + " | " + " | ".join(pr)
                      + f" | {acc} |")
-    common, points = frontier(res)
+    common, points = frontier(res, runs)
+    columns = sorted({g for by_g in points.values() for g in by_g})
+    swept = [g for g in columns if g in BASE_SWEEP]
     lines += ["", "Guidance frontier (mean over the seeds every arm has finished: "
               f"{', '.join(map(str, common)) or 'none'}; class accuracy / FD per extractor; {N_FRONTIER} samples "
-              f"at {', '.join(map(str, FRONTIER))}, {N_PRIMARY} at {GUIDANCE}):", "",
-              "| arm | " + " | ".join(f"g {g:g}" for g in sorted((*FRONTIER, GUIDANCE))) + " |",
-              "|---|" + "---|" * (len(FRONTIER) + 1)]
+              f"at {', '.join(map(str, FRONTIER))}, {N_PRIMARY} at {GUIDANCE}"
+              + (f" and at the base's post-hoc {', '.join(map(str, swept))}" if swept else "") + "):", "",
+              "| arm | " + " | ".join(f"g {g:g}" for g in columns) + " |", "|---|" + "---|" * len(columns)]
     for arm, by_g in points.items():
-        lines.append(f"| {arm} | " + " | ".join(f"{acc:.3f} / " + ", ".join(f"{fd[e]:.3g}" for e in extractors)
-                                                for acc, fd in by_g.values()) + " |")
+        lines.append(f"| {arm} | " + " | ".join(
+            f"{by_g[g][0]:.3f} / " + ", ".join(f"{by_g[g][1][e]:.3g}" for e in extractors) if g in by_g else "—"
+            for g in columns) + " |")
+    lines += matched_section(res, load_base_sweep(runs), extractors)
     lines += ["", "Primary tests (paired t-test over training seeds on Δ FD %, Holm over comparisons x independent "
               "extractors):", ""]
     dmp, versus = PRIMARY
@@ -267,7 +351,7 @@ def save_frontier(runs, path) -> Path:
     from matplotlib.ticker import FormatStrFormatter
 
     res = load_results(runs)
-    seeds, points = frontier(res)
+    seeds, points = frontier(res, runs)
     if "base" not in points:
         raise ValueError(f"{runs}: no seed finished by the base and every arm, nothing to draw")
     extractors = list(points["base"][GUIDANCE][1])
@@ -302,7 +386,10 @@ def main_study(args) -> None:
         text = report(args.runs)
     else:
         study = Study(args.base, args.runs, args.dataset, args.device, progress=not args.quiet)
-        study.run(args.seeds, args.arm or None)
+        if args.base_sweep:
+            study.run_base_sweep(args.seeds)
+        else:
+            study.run(args.seeds, args.arm or None)
         text = report(args.runs)
     print(text)
     if args.markdown:

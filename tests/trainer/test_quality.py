@@ -92,6 +92,25 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # three panels drawn, not an empty canvas
     with pytest.raises(ValueError, match="no seed finished by the base"):
         study.save_frontier(tmp_path / "empty", tmp_path / "none.png")
+    assert "matched class accuracy" not in text  # no base sweep yet
+    monkeypatch.setattr(study, "BASE_SWEEP", (1.75,))
+    s.run_base_sweep([0, 1])
+    assert sorted(f.name for f in (runs / "base_sweep").glob("*.json")) == ["base-g1.75-s0.json", "base-g1.75-s1.json"]
+    text = study.report(runs)
+    assert "| g 1.75 |" in text and "matched class accuracy" in text and "| PT | " in text.split("matched class")[1]
+
+
+def test_matched_fd_interpolates_the_base_at_the_arms_class_accuracy():
+    from app.trainer.study import matched_fd
+
+    def scores(acc, fd):
+        return {"class_acc": acc, "extractors": {"pca": {"fd": fd}}}
+
+    curve = {1.5: scores(0.80, 2.0), 1.6: scores(0.90, 3.0)}
+    delta, g = matched_fd(scores(0.85, 2.25), curve, "pca")  # the base reads 2.5 at 0.85, at guidance 1.55
+    assert delta == pytest.approx(-10.0) and g == pytest.approx(1.55)
+    assert matched_fd(scores(0.95, 1.0), curve, "pca") is None  # more accurate than every base point
+    assert matched_fd(scores(0.70, 1.0), curve, "pca") is None
 
 
 def test_control_arms_frozen_gate_stays_uniform_and_shuffled_gate_trains(tmp_path):
