@@ -14,7 +14,7 @@ real rows. Shapes above the largest bucket, or a patch given as a module rather 
 and are counted in `fallbacks`. `compile=True` runs each bucket's step through torch.compile with weight
 freezing; the pool tensors stay inputs, so installs need no recompile. On CPU that is the graph itself (Inductor
 folds the frozen base weights into prepacked oneDNN GEMMs, calls its kernels from its C++ wrapper, and uses math
-attention while a block's scores fit in a core's L2 (there, for DiT's short sequences, its bmm-softmax-bmm beats
+attention while a block's scores are small (there, for DiT's short sequences, its bmm-softmax-bmm is as fast as
 the CPU flash kernel) and the flash kernel, which tiles the scores, beyond). On CUDA the compiled
 step (Inductor fuses the elementwise work between GEMMs itself, flash attention stays) is what the CUDA graph
 captures; compiling happens in the warm-up before capture.
@@ -35,7 +35,7 @@ from app.model.dmp import MIX_WIDTH, PatchPool, PooledPatch, mix_rows
 from app.model.sampling import SAFE_COEF, StepBatch, run_step
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # images per batch, before CFG doubling
-CPU_MATH_ATTENTION_BYTES = 2 << 20  # a Zen 4 core's L2: past it, compiled CPU steps take the flash kernel
+CPU_MATH_ATTENTION_BYTES = 1 << 20  # fp32 scores up to which compiled CPU steps take math attention, flash above
 ROW_FIELDS = ("row_image", "t", "y", "slots", "patch_scales")  # StepBatch fields per forward row; others per image
 
 
@@ -98,8 +98,14 @@ class GraphedForward:
         if not self.compile:
             return (self._step_on if top_k else self._step_on_all_prompts)(*args)
         rows = batch.t.shape[0]
-        with self._compile_context(rows):
-            return self._compiled_step(rows, top_k)(*args)
+        if (rows, top_k) in self.step_fns:  # compiled: its only guards are the static buffers', so no recompile
+            return self.step_fns[rows, top_k](*args)  # and no config context (~5 % of a batch-1 step's Python)
+        try:
+            with self._compile_context(rows):  # the first call compiles, frozen, with the chosen attention
+                return self._compiled_step(rows, top_k)(*args)
+        except BaseException:
+            self.step_fns.pop((rows, top_k), None)  # a failed compile is retried in the context, not outside
+            raise
 
     def _compiled_step(self, rows: int, top_k: bool):
         """This base's compiled step for one bucket and variant, made on first use.
@@ -136,8 +142,9 @@ class GraphedForward:
 
     def cpu_attention(self, rows: int) -> SDPBackend:
         """Math attention (Inductor's bmm-softmax-bmm) while a block's fp32 scores (rows, heads, N, N) fit in
-        CPU_MATH_ATTENTION_BYTES, the flash kernel above: it tiles the scores, which math writes out whole
-        (demo base, 1 thread, a Zen 4: at 32 rows, 2 MiB of scores, flash made the step 16 % cheaper; at 16 even)."""
+        CPU_MATH_ATTENTION_BYTES, the flash kernel above: it tiles the scores, which math writes out whole (demo
+        base, 1 thread: on a Zen 4, 32 rows (2 MiB) 16 % cheaper with flash, 16 rows even; on an AMX Xeon, 16 rows
+        (1 MiB) 10 % cheaper with flash, 8 rows and fewer even; bench/results/2026-12-06-cpu-attention-1mib.log)."""
         cfg = self.model.config
         scores = rows * cfg.num_heads * cfg.num_tokens ** 2 * 4
         return SDPBackend.MATH if scores < CPU_MATH_ATTENTION_BYTES else SDPBackend.FLASH_ATTENTION
