@@ -37,6 +37,7 @@ from app.model.sampling import SAFE_COEF, StepBatch, run_step
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # images per batch, before CFG doubling
 CPU_MATH_ATTENTION_BYTES = 1 << 20  # fp32 scores up to which compiled CPU steps take math attention, flash above
 ROW_FIELDS = ("row_image", "t", "y", "slots", "patch_scales")  # StepBatch fields per forward row; others per image
+STEP_FIELDS = tuple(f.name for f in fields(StepBatch))  # in the order the compiled steps take them
 
 
 def buckets_up_to(max_images: int, buckets=BUCKETS) -> tuple[int, ...]:
@@ -94,7 +95,7 @@ class GraphedForward:
         return run_step(functools.partial(self._denoise, top_k=False), StepBatch(*tensors), self.in_channels)
 
     def _run(self, batch: StepBatch, top_k: bool):
-        args = [getattr(batch, f.name) for f in fields(StepBatch)]
+        args = [getattr(batch, name) for name in STEP_FIELDS]
         if not self.compile:
             return (self._step_on if top_k else self._step_on_all_prompts)(*args)
         rows = batch.t.shape[0]
@@ -172,16 +173,17 @@ class GraphedForward:
         """Copy a batch into the first rows/images of the static buffers; the rest go back to padding values."""
         R, B = b.t.shape[0], b.x.shape[0]
         pad = self.padding[buf.t.shape[0]]
-        for f in fields(StepBatch):
-            dst, src, blank = getattr(buf, f.name), getattr(b, f.name), getattr(pad, f.name)
-            if f.name == "coef":  # (K, B): images along dim 1
+        for name in STEP_FIELDS:
+            dst, src, blank = getattr(buf, name), getattr(b, name), getattr(pad, name)
+            if name == "coef":  # (K, B): images along dim 1
                 dst, src, blank = dst.T, src.T, blank.T
             if src is None:  # no noise this step
                 dst.copy_(blank)
                 continue
-            n = R if f.name in ROW_FIELDS else B
+            n = R if name in ROW_FIELDS else B
             dst[:n].copy_(src)
-            dst[n:].copy_(blank[n:])
+            if n < dst.shape[0]:  # a full bucket has no padding to restore (each empty copy is a dispatch)
+                dst[n:].copy_(blank[n:])
 
     # ---------------------------------------------------------------- capture
     @torch.no_grad()
