@@ -355,18 +355,29 @@ def save_frontier(runs, path) -> Path:
     if "base" not in points:
         raise ValueError(f"{runs}: no seed finished by the base and every arm, nothing to draw")
     extractors = list(points["base"][GUIDANCE][1])
-    fig, axes = plt.subplots(1, len(extractors), figsize=(4.2 * len(extractors), 3.8), dpi=100, squeeze=False)
-    for ax, e in zip(axes[0], extractors, strict=True):
-        for arm, by_g in points.items():
-            acc, fd = [a for a, _ in by_g.values()], [f[e] for _, f in by_g.values()]
-            style = dict(color="black", linewidth=2.2) if arm == "base" else {}
-            (line,) = ax.plot(acc, fd, marker="o", markersize=3, label=arm, **style)
-            served_acc, served_fd = by_g[GUIDANCE]  # the serving default, ringed
-            ax.plot(served_acc, served_fd[e], marker="o", markersize=8, fillstyle="none", color=line.get_color())
-        ax.set(xlabel="class accuracy", ylabel=f"FD ({e})", yscale="log", title=e)
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-        ax.grid(alpha=0.3)
+    served = [by_g[GUIDANCE][0] for by_g in points.values()]
+    window = (min(served) - 0.01, max(served) + 0.01)  # the zoom row: class accuracies the arms serve at
+    fig, axes = plt.subplots(2, len(extractors), figsize=(4.2 * len(extractors), 7.4), dpi=100, squeeze=False)
+    for col, e in enumerate(extractors):
+        for row, ax in enumerate(axes[:, col]):
+            inside = []
+            for arm, by_g in points.items():
+                acc, fd = [a for a, _ in by_g.values()], [f[e] for _, f in by_g.values()]
+                inside += [f for a, f in zip(acc, fd, strict=True) if window[0] <= a <= window[1]]
+                style = dict(color="black", linewidth=2.2) if arm == "base" else {}
+                (line,) = ax.plot(acc, fd, marker="o", markersize=3, label=arm, **style)
+                served_acc, served_fd = by_g[GUIDANCE]  # the serving default, ringed
+                ax.plot(served_acc, served_fd[e], marker="o", markersize=8, fillstyle="none", color=line.get_color())
+            ax.set(xlabel="class accuracy", ylabel=f"FD ({e})",
+                   title=e if row == 0 else f"{e}: zoom on guidance {GUIDANCE:g}")
+            if row == 0:
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+                ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+            else:
+                pad = 0.1 * (max(inside) - min(inside)) or 0.05 * max(inside)
+                ax.set(xlim=window, ylim=(min(inside) - pad, max(inside) + pad))
+            ax.grid(alpha=0.3)
     guidances = list(points["base"])
     axes[0][0].legend(fontsize=7, title=f"guidance {guidances[0]:g} → {guidances[-1]:g}", title_fontsize=7)
     fig.suptitle("Guidance frontier: lower right is better (more accurate at the same FD); ring = guidance "
