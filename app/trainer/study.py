@@ -265,6 +265,23 @@ def matched_section(res: dict[str, dict[int, dict]], sweep: dict[int, dict[float
     return lines
 
 
+def gate_section(res: dict[str, dict[int, dict]], extractors) -> list[str]:
+    """DMP (official) minus each other DMP arm, paired per training seed: what the gate and its settings add."""
+    dmp, base = PRIMARY[0], res.get("base", {})
+    others = [a for a, (method, _, _) in ARMS.items() if method == "dmp" and a != dmp and a in res]
+    if dmp not in res or not others:
+        return []
+    lines = ["", f"The gate's contribution (secondary, no multiplicity correction): {dmp} minus each other DMP arm, "
+             "paired per training seed, points of Δ FD %, mean [95 % t interval].", "",
+             "| comparison | seeds | " + " | ".join(extractors) + " |", "|---|---|" + "---|" * len(extractors)]
+    for other in others:
+        seeds = sorted(set(res[dmp]) & set(res[other]) & set(base))
+        cells = [mean_ci([d_pct(res[dmp][s], base[s], e) - d_pct(res[other][s], base[s], e) for s in seeds])
+                 for e in extractors]
+        lines.append(f"| {dmp} − {other} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(runs) -> str:
     """The study's tables from whatever result files exist: Δ FD per extractor with t intervals over training
     seeds, precision/recall and class accuracy, the guidance frontier, the primary paired t-tests with Holm."""
@@ -308,7 +325,7 @@ def report(runs) -> str:
         lines.append(f"| {arm} | " + " | ".join(
             f"{by_g[g][0]:.3f} / " + ", ".join(f"{by_g[g][1][e]:.3g}" for e in extractors) if g in by_g else "—"
             for g in columns) + " |")
-    lines += matched_section(res, load_base_sweep(runs), extractors)
+    lines += matched_section(res, load_base_sweep(runs), extractors) + gate_section(res, extractors)
     lines += ["", "Primary tests (paired t-test over training seeds on Δ FD %, Holm over comparisons x independent "
               "extractors):", ""]
     dmp, versus = PRIMARY

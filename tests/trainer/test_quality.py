@@ -88,6 +88,7 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert [f.stat().st_mtime_ns for f in sorted((runs / "results").glob("*.json"))] == stamps
     text = study.report(runs)
     assert "| PT | 2 |" in text and "DMP (official: gate x1) − PT, pca:" in text and "Holm p" in text
+    assert "| DMP (official: gate x1) − control: gate sees a shuffled timestep | 2 |" in text  # the gate's share
     png = study.save_frontier(runs, tmp_path / "frontier.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # three panels drawn, not an empty canvas
     with pytest.raises(ValueError, match="no seed finished by the base"):
