@@ -112,6 +112,9 @@ def test_matched_fd_interpolates_the_base_at_the_arms_class_accuracy():
     assert delta == pytest.approx(-10.0) and g == pytest.approx(1.55)
     assert matched_fd(scores(0.95, 1.0), curve, "pca") is None  # more accurate than every base point
     assert matched_fd(scores(0.70, 1.0), curve, "pca") is None
+    curve = {1.5: scores(0.8, 0.64), 1.6: scores(0.9, 0.81), 1.7: scores(1.0, 1.0)}  # FD = acc ** 2: convex
+    delta, _ = matched_fd(scores(0.85, 0.7225 * 0.9), curve, "pca")  # the parabola's 0.7225, not the chord's 0.725
+    assert delta == pytest.approx(-10.0)
 
 
 def test_control_arms_frozen_gate_stays_uniform_and_shuffled_gate_trains(tmp_path):
