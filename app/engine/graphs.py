@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+from collections.abc import Callable
 from dataclasses import fields
 
 import torch
@@ -67,7 +68,7 @@ class GraphedForward:
         self.use_graphs = self.device.type == "cuda"
         self.compile = compile
         # (rows, top_k) -> this base's compiled step for that bucket and variant
-        self.step_fns: dict[tuple[int, bool], object] = {}
+        self.step_fns: dict[tuple[int, bool], Callable[..., tuple]] = {}
         # (rows, top_k) -> (CUDAGraph or None, static StepBatch, static outputs)
         self.graphs: dict[tuple[int, bool], tuple] = {}
         self.padding: dict[int, StepBatch] = {}  # rows -> the padding values of that bucket's buffers
