@@ -194,9 +194,8 @@ def test_unparsable_number_is_named_in_the_error(page):
 
 def test_patches_table_lists_the_patch(page):
     rows = WebDriverWait(page, 30).until(
-        lambda d: [r for r in d.find_elements(By.CSS_SELECTOR, "#patches-table tbody tr")
-                   if r.find_elements(By.TAG_NAME, "td")[0].text == PATCH_NAME])
-    cells = [td.text for td in rows[0].find_elements(By.TAG_NAME, "td")][:6]
+        lambda d: [cells for cells in table_rows(d, "patches-table") if cells[0] == PATCH_NAME])
+    cells = rows[0][:6]
     assert cells[0:2] == [PATCH_NAME, BASE_NAME]
     assert cells[2]  # a version string
     assert cells[3:5] == ["ready", "class"]
@@ -370,10 +369,18 @@ def patch_file(tmp_path, seed: int):
     return path
 
 
+def table_rows(driver, table: str) -> list[list[str]]:
+    """Each row's cell texts, read in one script (the poll may re-render a table between selenium calls, leaving
+    stale elements); a cell holding a <progress> reads "value/max"."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll(`#${arguments[0]} tbody tr`)].map((r) => [...r.cells].map((c) => {"
+        "  const bar = c.querySelector('progress');"
+        "  return bar ? `${bar.getAttribute('value')}/${bar.getAttribute('max')}` : c.innerText.trim(); }))", table)
+
+
 def table_names(driver) -> list[str]:
-    """The names in the patch table, read in one script (the poll may re-render it between selenium calls)."""
-    return driver.execute_script("return [...document.querySelectorAll('#patches-table tbody tr')]"
-                                 ".map((r) => r.cells[0].textContent)")
+    """The names in the patch table."""
+    return [cells[0] for cells in table_rows(driver, "patches-table")]
 
 
 def test_upload_with_a_wrong_token_shows_the_401_text(page, tmp_path):
@@ -431,16 +438,11 @@ def test_service_glance_reads_metrics(page, server):
 def test_batches_listed_with_progress(page, server):
     batch = submit_one_line_batch(server.url)
 
-    def row(d):
-        rows = [r for r in d.find_elements(By.CSS_SELECTOR, "#batches-table tbody tr")
-                if r.find_elements(By.TAG_NAME, "td")[0].text == batch["id"]]
-        return rows and rows[0].find_elements(By.TAG_NAME, "td")[1].text == "completed" and rows[0]
-
-    found = WebDriverWait(page, 60).until(row)
-    cells = found.find_elements(By.TAG_NAME, "td")
-    bar = cells[2].find_element(By.TAG_NAME, "progress")
-    assert (bar.get_attribute("value"), bar.get_attribute("max")) == ("1", "1")
-    assert cells[3].text == "1 ok, 0 failed of 1"
+    cells = WebDriverWait(page, 60).until(
+        lambda d: next((c for c in table_rows(d, "batches-table") if c[0] == batch["id"] and c[1] == "completed"),
+                       None))
+    assert cells[2] == "1/1"
+    assert cells[3] == "1 ok, 0 failed of 1"
     assert script_errors(page) == []
 
 
