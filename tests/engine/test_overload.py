@@ -123,8 +123,11 @@ def test_a_background_decode_waits_while_interactive_work_runs(engine_on):
     alone = min(asyncio.run(timed(engine, steps, 1, seed=1))[1] for _ in range(2))
 
     async def scenario():
-        background = asyncio.create_task(timed(engine, 3, 1, seed=10, background=True))
+        # ~50 ms of steps alone: a poll every ms sees it running even on a busy machine (3 steps were missed once, and
+        # the poll then waited forever); beside the interactive steps it still ends long before them
+        background = asyncio.create_task(timed(engine, max(3, steps // 8), 1, seed=10, background=True))
         while engine.batcher is not None and not engine.batcher.running["digits"]:
+            assert not background.done(), "the background request ended before it was seen running"
             await asyncio.sleep(0.001)
         interactive = await timed(engine, steps, 1, seed=1)
         ended = time.perf_counter()
