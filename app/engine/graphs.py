@@ -72,6 +72,7 @@ class GraphedForward:
         # (rows, top_k) -> (CUDAGraph or None, static StepBatch, static outputs)
         self.graphs: dict[tuple[int, bool], tuple] = {}
         self.padding: dict[int, StepBatch] = {}  # rows -> the padding values of that bucket's buffers
+        self.filled: dict[int, dict[str, torch.Tensor | None]] = {}  # id(buffers) -> field -> what was copied in
         self.mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.fallbacks = 0  # steps that ran eagerly (no bucket fits, or a module patch)
         self.replays = 0
@@ -155,7 +156,9 @@ class GraphedForward:
     def _static_batch(self, rows: int) -> StepBatch:
         """Padding-valued buffers of one bucket (images are padded to as many as rows); keeps a pristine copy."""
         self.padding.setdefault(rows, self._padding(rows))
-        return self._padding(rows)
+        buf = self._padding(rows)
+        self.filled[id(buf)] = {}  # buffers live as long as this object: their ids are not reused
+        return buf
 
     def _padding(self, rows: int) -> StepBatch:
         """Padding rows: image 0, t = 0, the null condition, (slot 0, scale 0) pairs; padding images: zero latents,
@@ -171,11 +174,16 @@ class GraphedForward:
             coef=self.safe_coef.repeat(1, rows), noise=torch.zeros(rows, *self.x_shape, device=d))
 
     def _fill(self, buf: StepBatch, b: StepBatch) -> None:
-        """Copy a batch into the first rows/images of the static buffers; the rest go back to padding values."""
+        """Copy a batch into the first rows/images of the static buffers; the rest go back to padding values. A field
+        whose tensor is the one copied in last time (a JobsLayout's, kept while the batch keeps its jobs; or no
+        noise again) is there already."""
         R, B = b.t.shape[0], b.x.shape[0]
-        pad = self.padding[buf.t.shape[0]]
+        pad, filled = self.padding[buf.t.shape[0]], self.filled[id(buf)]
         for name in STEP_FIELDS:
             dst, src, blank = getattr(buf, name), getattr(b, name), getattr(pad, name)
+            if name in filled and filled[name] is src:
+                continue
+            filled[name] = src
             if name == "coef":  # (K, B): images along dim 1
                 dst, src, blank = dst.T, src.T, blank.T
             if src is None:  # no noise this step

@@ -9,6 +9,7 @@ captures as one graph per batch bucket.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -78,6 +79,17 @@ class Job:
     cfg_channels: str = "all"
     table: torch.Tensor | None = None  # (len(COEFFS), steps) from step_table; None: the scheduler's own step
     t_list: list = field(default_factory=list)  # timesteps as Python numbers (no tensor indexing per step)
+    # made once here (the request's thread), read per step by the runner: views and Python bools, no tensor op
+    step_coefs: tuple[torch.Tensor, ...] = field(init=False)  # (len(COEFFS), n) per step; DPM: one, SAFE_COEF
+    step_draws: tuple[bool, ...] = field(init=False)  # per step: the DDPM update adds noise
+
+    def __post_init__(self):
+        n = self.latents.shape[0]
+        if self.table is None:
+            self.step_coefs, self.step_draws = (SAFE_COEF[:, None].expand(-1, n),), (False,)
+        else:
+            self.step_coefs = self.table.T[:, :, None].expand(-1, -1, n).unbind(0)
+            self.step_draws = tuple((self.table[COEFFS.index("noise")] > 0).tolist())
 
     @property
     def timesteps(self):
@@ -229,25 +241,49 @@ class StepBatch:
     noise: torch.Tensor | None  # (B, C, H, W) DDPM noise (zeros for images that draw none); None: no image does
 
 
-def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
-    """The tensors of one batched step for these jobs; DDPM jobs draw their noise from their own generators."""
+@dataclass(frozen=True)
+class JobsLayout:
+    """The tensors of a step that depend on the jobs alone, not on the step each is at (StepBatch's fields)."""
+
+    rows: tuple[int, ...]  # forward rows of each job
+    row_image: torch.Tensor
+    y: torch.Tensor
+    slots: torch.Tensor
+    patch_scales: torch.Tensor
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    scale: torch.Tensor
+    guided: torch.Tensor
+
+
+LAYOUTS_KEPT = 8  # one runner steps several bases in turn (and tests run several engines in one process)
+_layouts: dict[tuple, JobsLayout] = {}  # insertion-ordered: the oldest goes first
+_layouts_lock = threading.Lock()
+
+
+def jobs_layout(model: DiT, jobs: list[Job]) -> JobsLayout:
+    """The jobs' layout, made again only when a job joins, leaves or is seated elsewhere: a batch that keeps its
+    jobs (one request alone, or requests that arrived together) builds only its per-step tensors, and the step
+    graphs skip copying the rest (app.engine.graphs, GraphedForward._fill)."""
+    key = tuple((job, job.mix) for job in jobs)  # jobs hash by identity
+    with _layouts_lock:
+        layout = _layouts.get(key)
+    if layout is not None:
+        return layout
     C = model.config.in_channels
     dev = jobs[0].latents.device
-    xs, noises, coefs = [], [], []
     ys: list[torch.Tensor] = []
+    rows: list[int] = []
     cond: list[int] = []
     uncond: list[int] = []
-    row_image, t_rows, slot_rows, mix_scales, scale, guided_k = [], [], [], [], [], []
+    row_image, slot_rows, mix_scales, scale, guided_k = [], [], [], [], []
     img = row = 0
     for job in jobs:
-        n, t = job.latents.shape[0], job.t_list[job.index]
-        twins = job.y_null is not None
+        n, twins = job.latents.shape[0], job.y_null is not None
         halves = 2 if twins else 1
-        xs.append(job.latents if job.table is not None else
-                  job.scheduler.scale_model_input(job.latents, job.timesteps[job.index]))
         ys += [job.y, job.y_null] if job.y_null is not None else [job.y]
+        rows.append(n * halves)
         row_image += list(range(img, img + n)) * halves
-        t_rows += [float(t)] * (n * halves)
         pairs = list(job.mix) + [(0, 0.0)] * (MIX_WIDTH - len(job.mix))
         slot_rows += [[p[0] for p in pairs]] * (n * halves)
         mix_scales += [[float(p[1]) for p in pairs]] * (n * halves)
@@ -255,26 +291,44 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
         uncond += range(row + n, row + 2 * n) if twins else range(row, row + n)
         scale += [job.guidance_scale if twins else 1.0] * n
         guided_k += [3 if job.cfg_channels == "first3" else C] * n
-        table = job.table[:, job.index] if job.table is not None else SAFE_COEF
-        coefs.append(table[:, None].expand(-1, n))
-        draws = job.table is not None and table[COEFFS.index("noise")] > 0
-        noises.append(torch.cat([torch.randn((n // len(job.generators), *job.latents.shape[1:]), generator=g)
-                                 for g in job.generators]) if draws else None)
         img, row = img + n, row + n * halves
 
     def as_tensor(v, dtype=torch.long):
         return to_device(torch.tensor(v, dtype=dtype), dev)
+    layout = JobsLayout(
+        tuple(rows), row_image=as_tensor(row_image), y=torch.cat(ys), slots=as_tensor(slot_rows),
+        patch_scales=as_tensor(mix_scales, torch.float32), cond=as_tensor(cond), uncond=as_tensor(uncond),
+        scale=as_tensor(scale, torch.float32), guided=torch.arange(C, device=dev)[None] < as_tensor(guided_k)[:, None])
+    with _layouts_lock:
+        _layouts[key] = layout
+        while len(_layouts) > LAYOUTS_KEPT:
+            del _layouts[next(iter(_layouts))]
+    return layout
+
+
+def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
+    """The tensors of one batched step for these jobs; DDPM jobs draw their noise from their own generators."""
+    layout = jobs_layout(model, jobs)
+    dev = jobs[0].latents.device
+    xs, noises, coefs = [], [], []
+    t_rows: list[float] = []
+    for job, rows in zip(jobs, layout.rows, strict=True):
+        n = job.latents.shape[0]
+        xs.append(job.latents if job.table is not None else
+                  job.scheduler.scale_model_input(job.latents, job.timesteps[job.index]))
+        t_rows += [float(job.t_list[job.index])] * rows
+        now = job.index if job.table is not None else 0
+        coefs.append(job.step_coefs[now])
+        noises.append(torch.cat([torch.randn((n // len(job.generators), *job.latents.shape[1:]), generator=g)
+                                 for g in job.generators]) if job.step_draws[now] else None)
     noise = None
     if any(z is not None for z in noises):
         noise = to_device(torch.cat([z if z is not None else torch.zeros(x.shape)
                                      for z, x in zip(noises, xs, strict=True)]), dev)
     return StepBatch(
-        x=torch.cat(xs), row_image=as_tensor(row_image), t=as_tensor(t_rows, torch.float32), y=torch.cat(ys),
-        slots=as_tensor(slot_rows), patch_scales=as_tensor(mix_scales, torch.float32), cond=as_tensor(cond),
-        uncond=as_tensor(uncond),
-        scale=as_tensor(scale, torch.float32),
-        guided=torch.arange(C, device=dev)[None] < as_tensor(guided_k)[:, None],
-        coef=to_device(torch.cat(coefs, 1), dev), noise=noise)
+        x=torch.cat(xs), row_image=layout.row_image, t=to_device(torch.tensor(t_rows, dtype=torch.float32), dev), y=layout.y,
+        slots=layout.slots, patch_scales=layout.patch_scales, cond=layout.cond, uncond=layout.uncond,
+        scale=layout.scale, guided=layout.guided, coef=to_device(torch.cat(coefs, 1), dev), noise=noise)
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:

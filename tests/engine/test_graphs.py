@@ -6,7 +6,7 @@ from app.core.errors import NoFreeSlot
 from app.engine.graphs import GraphedForward, row_buckets
 from app.model.dit import DiT, DiTConfig
 from app.model.dmp import PatchPool, new_patch_for
-from app.model.sampling import denoise_step, eager_step, new_job
+from app.model.sampling import denoise_step, eager_step, new_job, plan_step
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -320,3 +320,41 @@ def test_bf16_graph_close_to_fp32_eager():
     out, ref = fwd(x, t, y, patch=pool.batch(slots)), model32(x, t, y, patch=pool.batch(slots))
     assert out.dtype == torch.float32
     assert ((out - ref).norm() / ref.norm()).item() < 3e-2
+
+
+def test_a_batch_that_keeps_its_jobs_reuses_its_layout_and_each_job_still_gets_its_own_rows():
+    """plan_step reuses the jobs' layout tensors while the batch keeps its jobs (and GraphedForward skips copying
+    them again); jobs leaving, coming back and being seated at another strength, in the same bucket's buffers,
+    still step as each would alone."""
+    model = tiny_model()
+    pool = pool_for(model)
+    s1 = pool.install(random_patch(model, 1))
+
+    def pair():
+        return [new_job(model, y=3, seed=5, sampler="ddim", steps=8, guidance_scale=4.0, slot=s1),
+                new_job(model, y=7, seed=6, sampler="ddpm", steps=8, guidance_scale=1.5)]
+
+    a, b = pair()  # planning draws b's DDPM noise: these jobs only show the layout's reuse
+    first, again = plan_step(model, [a, b]), plan_step(model, [a, b])
+    assert all(getattr(first, f) is getattr(again, f) for f in ("row_image", "y", "slots", "cond", "guided"))
+    assert plan_step(model, [b, a]).slots is not first.slots
+    a.mix = ((s1, 0.5),)  # seated again at another strength
+    assert plan_step(model, [a, b]).patch_scales[:2, 0].tolist() == [0.5, 0.5]
+    a, b = pair()
+    fwd = GraphedForward(model, pool, buckets=(2,))  # 2 images (4 rows) and 1 image (2 rows): one bucket, one buffer
+    for batch in ([a, b], [a, b], [a], [b], [a, b], [b, a]):  # a: 5 steps, b: 5
+        denoise_step(model, batch, step=fwd.step)
+    a.mix = ((s1, 0.5),)  # seated again at another strength: a new layout
+    denoise_step(model, [a, b], step=fwd.step)
+    assert fwd.fallbacks == 0
+
+    alone_a, alone_b = pair()
+    eager = eager_step(model, pool)
+    for _ in range(5):
+        denoise_step(model, [alone_a], step=eager)
+        denoise_step(model, [alone_b], step=eager)
+    alone_a.mix = ((s1, 0.5),)
+    denoise_step(model, [alone_a], step=eager)
+    denoise_step(model, [alone_b], step=eager)
+    torch.testing.assert_close(a.latents, alone_a.latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b.latents, alone_b.latents, rtol=0, atol=1e-5)
