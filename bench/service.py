@@ -94,10 +94,10 @@ def service_round(url: str, body: dict, model: str, clients: int, seconds: float
         while not all(replies) and not errors:  # ramp-up: every client has been seated at least once
             time.sleep(0.05)
         spy = attach_profiler(pid, spy_raw) if spy_raw is not None else None
-        t0, cpu0, (steps0, images0) = time.perf_counter(), thread_cpu(pid), batch_counts(url, model)
+        t0, cpu0, (steps0, images0) = time.perf_counter(), thread_times(pid), batch_counts(url, model)
         time.sleep(seconds)
         steps1, images1 = batch_counts(url, model)
-        wall, (runner_cpu, other_cpu) = time.perf_counter() - t0, cpu_split(cpu0, thread_cpu(pid))
+        wall, (runner_cpu, other_cpu, runner_queued) = time.perf_counter() - t0, cpu_split(cpu0, thread_times(pid))
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
@@ -109,7 +109,7 @@ def service_round(url: str, body: dict, model: str, clients: int, seconds: float
         raise RuntimeError(f"{len(errors)} failed requests, first: {errors[0]}")
     image_steps = images1 - images0
     return {"image_steps": image_steps, "wall_s": wall, "steps": steps1 - steps0,
-            "runner_cpu_s": runner_cpu, "other_cpu_s": other_cpu}
+            "runner_cpu_s": runner_cpu, "other_cpu_s": other_cpu, "runner_queued_s": runner_queued}
 
 
 class EngineAlone:
@@ -143,14 +143,15 @@ class EngineAlone:
             eager_step(base.model, base.patches.pool, dtype=self.settings.torch_dtype)
 
     def run(self, *, seconds: float, batch: int, steps: int, guidance: float, label: int,
-            seed0: int) -> tuple[int, float, float]:
-        """(image-steps, wall seconds, this thread's CPU seconds) of full batches of `batch` one-image jobs, sampled
-        and decoded to uint8, until `seconds` have passed (with one torch thread all the work runs on this thread)."""
+            seed0: int) -> tuple[int, float, float, float]:
+        """(image-steps, wall seconds, this thread's CPU seconds, its seconds waiting for a CPU) of full batches of
+        `batch` one-image jobs, sampled and decoded to uint8, until `seconds` have passed (with one torch thread all
+        the work runs on this thread)."""
         from app.model.sampling import denoise_step, new_job
         from app.model.vae import to_uint8
 
         base = self.base
-        start, cpu, k = time.perf_counter(), time.thread_time(), 0
+        start, (cpu, queued), k = time.perf_counter(), own_thread_times(), 0
         while k == 0 or time.perf_counter() - start < seconds:
             jobs = [new_job(base.model, y=label, seed=seed0 + k * batch + i, sampler="ddim", steps=steps,
                             guidance_scale=guidance, n=1, beta_schedule=base.beta_schedule,
@@ -160,7 +161,8 @@ class EngineAlone:
             for job in jobs:
                 to_uint8(base.vae.decode(job.latents))
             k += 1
-        return k * batch * steps, time.perf_counter() - start, time.thread_time() - cpu
+        wall, (cpu1, queued1) = time.perf_counter() - start, own_thread_times()
+        return k * batch * steps, wall, cpu1 - cpu, queued1 - queued
 
 
 def batch_counts(url: str, model: str) -> tuple[float, float]:
@@ -174,22 +176,31 @@ def batch_counts(url: str, model: str) -> tuple[float, float]:
     return values.get("count", 0.0), values.get("sum", 0.0)
 
 
-def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of a process, from /proc (Linux)."""
-    tick, out = os.sysconf("SC_CLK_TCK"), {}
+def thread_times(pid: int | str) -> dict[int, tuple[float, float]]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of each thread of a process, from /proc schedstat
+    (Linux): the second is what other processes and threads on the same cores take from a thread."""
+    out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rpartition(")")[2].split()
-        except OSError:  # the thread ended in between
+            on_cpu, waiting, _ = (task / "schedstat").read_text().split()
+        except (OSError, ValueError):  # the thread ended in between
             continue
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15)
+        out[int(task.name)] = (int(on_cpu) / 1e9, int(waiting) / 1e9)
     return out
 
 
-def cpu_split(before: dict[int, float], after: dict[int, float]) -> tuple[float, float]:
-    """(CPU seconds of the busiest thread: the runner, CPU seconds of all other threads) between two readings."""
-    used = sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)
-    return used[0], sum(used[1:])
+def cpu_split(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]) -> tuple[float, ...]:
+    """(CPU seconds of the busiest thread: the runner, CPU seconds of all other threads, the runner's seconds
+    waiting for a CPU) between two readings."""
+    used = sorted(((after[t][0] - before.get(t, (0.0, 0.0))[0], after[t][1] - before.get(t, (0.0, 0.0))[1])
+                   for t in after), reverse=True)
+    return used[0][0], sum(cpu for cpu, _ in used[1:]), used[0][1]
+
+
+def own_thread_times() -> tuple[float, float]:
+    """thread_times of the calling thread."""
+    on_cpu, waiting, _ = Path("/proc/thread-self/schedstat").read_text().split()
+    return int(on_cpu) / 1e9, int(waiting) / 1e9
 
 
 WAITING = {"Condition.wait", "EpollSelector.select", "Event.wait", "Thread._wait_for_tstate_lock"}
@@ -239,7 +250,7 @@ def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dic
             raw = profile.with_suffix(f".{r}.txt") if profile else None  # the server idles during engine rounds
             svc = service_round(url, body, args.model, args.clients, args.seconds, seed0=r * 10**7, pid=proc.pid,
                                 spy_raw=raw)
-            eng_steps, eng, eng_cpu = engine.run(seconds=args.seconds, batch=args.batch, steps=args.steps,
+            eng_steps, eng, eng_cpu, eng_queued = engine.run(seconds=args.seconds, batch=args.batch, steps=args.steps,
                                                  guidance=args.guidance, label=3, seed0=r * 10**7)
             svc_rate, eng_rate = svc["image_steps"] / svc["wall_s"], eng_steps / eng
             requests = svc["image_steps"] / args.steps  # one-image requests' worth of work in the window
@@ -253,6 +264,12 @@ def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dic
                            "runner_cpu_s": svc["runner_cpu_s"], "service_wall_s": svc["wall_s"],
                            "service_image_steps": svc["image_steps"], "engine_image_steps": eng_steps,
                            "engine_cpu_s": eng_cpu, "engine_wall_s": eng,
+                           # where the runner's wall time went: on a CPU, runnable but waiting for one (the
+                           # clients and the server's other threads share the cores), and the rest (the GIL,
+                           # locks, no work); the engine alone on the same split
+                           "runner_on_cpu": svc["runner_cpu_s"] / svc["wall_s"],
+                           "runner_waiting_for_cpu": svc["runner_queued_s"] / svc["wall_s"],
+                           "engine_waiting_for_cpu": eng_queued / eng,
                            # the engine rounds step full batches; a partly filled step costs nearly as much in eager
                            "server_images_per_step": svc["image_steps"] / max(svc["steps"], 1),
                            # CPU seconds per image-step, engine over service (runner + every other server thread):
@@ -264,6 +281,8 @@ def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dic
                   f"ratio {last['ratio']:.3f}  server CPU outside the runner "
                   f"{last['server_cpu_ms_per_request_outside_runner']:.2f} ms/request  "
                   f"CPU-time ratio {last['cpu_ratio']:.3f}  images/step {last['server_images_per_step']:.2f}  "
+                  f"runner on a CPU {last['runner_on_cpu']:.1%}, waiting for one {last['runner_waiting_for_cpu']:.1%} "
+                  f"(engine alone {last['engine_waiting_for_cpu']:.1%})  "
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         proc.terminate()

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+import threading
 
-from bench.service import cpu_split, thread_cpu, top_frames
+from bench.service import cpu_split, own_thread_times, thread_times, top_frames
 
 RUNNER = "Thread._bootstrap (threading.py:1002);Batcher._loop (app/engine/batcher.py:80);denoise_step (s.py:{})"
 LOOP = "Server.run (uvicorn/server.py:86);generate (app/api/generate.py:{})"
@@ -24,9 +25,19 @@ def test_top_frames_splits_runner_from_service_and_drops_waits(tmp_path):
 
 
 def test_cpu_split_takes_the_busiest_thread_as_the_runner():
-    before, after = {1: 1.0, 2: 0.5}, {1: 3.0, 2: 0.75, 3: 0.25}  # thread 3 started in between
-    assert cpu_split(before, after) == (2.0, 0.5)
-    assert os.getpid() in thread_cpu(os.getpid())
+    before = {1: (1.0, 0.25), 2: (0.5, 0.0)}
+    after = {1: (3.0, 0.5), 2: (0.75, 1.0), 3: (0.25, 0.0)}  # thread 3 started in between
+    assert cpu_split(before, after) == (2.0, 0.5, 0.25)
+
+
+def test_thread_times_read_the_scheduler_accounts():
+    """Seconds on a CPU grow with work; this thread's own reading is its entry in the process's table."""
+    ours = thread_times(os.getpid())
+    mine = own_thread_times()
+    sum(i * i for i in range(300_000))
+    later = own_thread_times()
+    assert later[0] > mine[0] and later[1] >= mine[1] >= 0
+    assert threading.get_native_id() in ours and ours[threading.get_native_id()][0] <= mine[0]
 
 
 def test_the_bench_measures_a_steady_window_and_prints_the_contract_line(tmp_path, capsys):
@@ -45,4 +56,5 @@ def test_the_bench_measures_a_steady_window_and_prints_the_contract_line(tmp_pat
     assert res["clients"] == 3  # 1.5x the batch
     assert r["service_image_steps"] > 0 and r["engine_image_steps"] % (2 * 2) == 0  # full batches of 2 x 2 steps
     assert 0 < r["server_images_per_step"] <= 2
+    assert 0 < r["runner_on_cpu"] <= 1.05 and 0 <= r["runner_waiting_for_cpu"] <= 1 and r["engine_waiting_for_cpu"] >= 0
     assert last == f"service_over_engine={res['service_over_engine']:.3f}" and res["service_over_engine"] > 0
