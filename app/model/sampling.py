@@ -326,8 +326,8 @@ def plan_step(model: DiT, jobs: list[Job]) -> StepBatch:
         noise = to_device(torch.cat([z if z is not None else torch.zeros(x.shape)
                                      for z, x in zip(noises, xs, strict=True)]), dev)
     return StepBatch(
-        x=torch.cat(xs), row_image=layout.row_image, t=to_device(torch.tensor(t_rows, dtype=torch.float32), dev), y=layout.y,
-        slots=layout.slots, patch_scales=layout.patch_scales, cond=layout.cond, uncond=layout.uncond,
+        x=torch.cat(xs), row_image=layout.row_image, t=to_device(torch.tensor(t_rows, dtype=torch.float32), dev),
+        y=layout.y, slots=layout.slots, patch_scales=layout.patch_scales, cond=layout.cond, uncond=layout.uncond,
         scale=layout.scale, guided=layout.guided, coef=to_device(torch.cat(coefs, 1), dev), noise=noise)
 
 
