@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     slots = [pool.install(random_patch(model, seed=100 + i)) for i in range(n)]
     if args.compile:
         model = model.to(torch.bfloat16)
-        graphed = GraphedForward(model, pool, buckets=buckets_up_to(args.batch), compile=True)
-        bare = GraphedForward(model, None, buckets=buckets_up_to(args.batch), compile=True)
+        graphed = GraphedForward(model, pool, buckets=buckets_up_to(args.batch), compile=True, autotune=True)
+        bare = GraphedForward(model, None, buckets=buckets_up_to(args.batch), compile=True, autotune=True)
         patched, unpatched = graphed.step, bare.step
     else:
         patched, unpatched = eager_step(model, pool), eager_step(model, None)

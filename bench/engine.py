@@ -90,8 +90,8 @@ class Bench:
             sync(device)
             self.install_ms.append((time.perf_counter() - t0) * 1e3)
         compile_ = compile_cpu and device.type == "cpu"
-        self.patched = GraphedForward(self.ours, self.pool, buckets=buckets, compile=compile_)
-        self.unpatched = GraphedForward(self.ours, None, buckets=buckets, compile=compile_)
+        self.patched = GraphedForward(self.ours, self.pool, buckets=buckets, compile=compile_, autotune=compile_)
+        self.unpatched = GraphedForward(self.ours, None, buckets=buckets, compile=compile_, autotune=compile_)
 
     def warm(self, images: list[int]) -> float:
         """Capture (GPU) or compile (CPU) the buckets these batch sizes use; returns seconds."""

@@ -13,7 +13,8 @@ images: zero latents, prev = x); rows never interact in a DiT forward, so paddin
 real rows. Shapes above the largest bucket, or a patch given as a module rather than a pool slot, run eagerly
 and are counted in `fallbacks`. `compile=True` runs each bucket's step through torch.compile with weight
 freezing; the pool tensors stay inputs, so installs need no recompile. On CPU that is the graph itself (Inductor
-folds the frozen base weights into prepacked oneDNN GEMMs, calls its kernels from its C++ wrapper, and uses math
+folds the frozen base weights into prepacked oneDNN GEMMs, or with `autotune` into its own C++ GEMM template where
+that times faster, calls its kernels from its C++ wrapper, and uses math
 attention while a block's scores are small (there, for DiT's short sequences, its bmm-softmax-bmm is as fast as
 the CPU flash kernel) and the flash kernel, which tiles the scores, beyond). On CUDA the compiled
 step (Inductor fuses the elementwise work between GEMMs itself, flash attention stays) is what the CUDA graph
@@ -39,6 +40,10 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # images per batch, before CFG doubling
 CPU_MATH_ATTENTION_BYTES = 1 << 20  # fp32 scores up to which compiled CPU steps take math attention, flash above
 ROW_FIELDS = ("row_image", "t", "y", "slots", "patch_scales")  # StepBatch fields per forward row; others per image
 STEP_FIELDS = tuple(f.name for f in fields(StepBatch))  # in the order the compiled steps take them
+# Each GEMM timed in oneDNN (ATen) and in Inductor's C++ template, the faster kept: on an AMX Xeon the template's
+# micro-kernel is ~2x oneDNN at these small shapes, whose per-call cost dominated batch 1 (batch 1 +32-40 %, batch 8
+# +4-10 %, bench/results/2026-12-06-cpu-autotune-gemm.log); where oneDNN wins, it stays.
+CPU_AUTOTUNE: dict[str, object] = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 def buckets_up_to(max_images: int, buckets=BUCKETS) -> tuple[int, ...]:
@@ -60,13 +65,14 @@ class GraphedForward:
     """
 
     def __init__(self, model: DiT, pool: PatchPool | None, buckets=BUCKETS, cfg: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, autotune: bool = False):
         self.model, self.pool = model, pool
         self.rows = row_buckets(buckets, cfg)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.use_graphs = self.device.type == "cuda"
         self.compile = compile
+        self.autotune = autotune  # CPU compiles: Inductor picks each GEMM's kernel by timing (CPU_AUTOTUNE)
         # (rows, top_k) -> this base's compiled step for that bucket and variant
         self.step_fns: dict[tuple[int, bool], Callable[..., tuple]] = {}
         # (rows, top_k) -> (CUDAGraph or None, static StepBatch, static outputs)
@@ -140,7 +146,8 @@ class GraphedForward:
             with inductor_config.patch(freezing=True):
                 yield
             return
-        with inductor_config.patch(freezing=True, cpp_wrapper=True), sdpa_kernel([self.cpu_attention(rows)]):
+        options = {"freezing": True, "cpp_wrapper": True} | (CPU_AUTOTUNE if self.autotune else {})
+        with inductor_config.patch(options), sdpa_kernel([self.cpu_attention(rows)]):
             yield
 
     def cpu_attention(self, rows: int) -> SDPBackend:

@@ -135,7 +135,8 @@ def test_deadline_drops_the_work(class_only_dirs, tmp_path):
 
 
 def test_cpu_compiled_step_serves_the_eager_pixels(class_only_dirs, tmp_path):
-    """DMP_CPU_COMPILE: compiled bucket steps (fp32 here) give the eager service's images, and say so in /metrics."""
+    """DMP_CPU_COMPILE: compiled bucket steps (fp32 here; GEMMs autotuned, the default) give the eager service's
+    images, and say so in /metrics."""
     import numpy as np
     from conftest import asgi_client, copy_dirs, wait_ready
 
