@@ -61,7 +61,7 @@ class Settings(BaseSettings):
                                                  "start (~10-30 s a bucket); pair with DMP_DTYPE=bfloat16")
     cpu_autotune: bool = Field(True, description="With DMP_CPU_COMPILE: Inductor times each of a bucket's GEMMs "
                                                  "in oneDNN and in its own C++ template (AMX / AVX-512 micro-"
-                                                 "kernels) and keeps the faster (~2.5x the compile time)")
+                                                 "kernels) and keeps the faster (2-5x the compile time)")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default (all cores)")
     max_queue: int = Field(64, ge=1, description="Requests admitted at once (waiting + running); beyond: 429")
     max_batch: int = Field(16, ge=1, description="Images per batched forward (before CFG doubling)")

@@ -42,7 +42,7 @@ ROW_FIELDS = ("row_image", "t", "y", "slots", "patch_scales")  # StepBatch field
 STEP_FIELDS = tuple(f.name for f in fields(StepBatch))  # in the order the compiled steps take them
 # Each GEMM timed in oneDNN (ATen) and in Inductor's C++ template, the faster kept: on an AMX Xeon the template's
 # micro-kernel won (one shape 0.013 ms vs oneDNN's 0.030), and oneDNN's per-call cost dominated batch 1 (batch 1
-# +32-40 %, batch 8 +4-10 %, bench/results/2026-12-06-cpu-autotune-gemm.log); where oneDNN wins, it stays.
+# +31-40 %, batch 8 +4-10 %, bench/results/2026-12-06-cpu-autotune-gemm.log); where oneDNN wins, it stays.
 CPU_AUTOTUNE: dict[str, object] = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
