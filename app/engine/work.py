@@ -99,7 +99,10 @@ class Inbox:
         self.items.append(item)
         if not self.waking:
             self.waking = True
-            self.loop.call_soon_threadsafe(self._wake)
+            try:
+                self.loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the reader's loop has closed (a test's asyncio.run ended): nobody left to wake
+                pass
 
     def _wake(self) -> None:
         self.waking = False  # before the reader drains: anything appended later schedules its own wake-up
