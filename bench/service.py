@@ -59,8 +59,8 @@ def server_env(models: Path, patches: Path, mode: str, args) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DMP_")}
     return env | {"PYTHONPATH": str(REPO), "DMP_MODEL_DIR": str(models), "DMP_PATCH_DIR": str(patches),
                   "DMP_TORCH_THREADS": str(args.threads), "DMP_MAX_BATCH": str(args.batch),
-                  "DMP_MAX_QUEUE": "256", "DMP_LOG_LEVEL": "warning", "OMP_NUM_THREADS": str(args.threads)} \
-        | MODES[mode]
+                  "DMP_MAX_QUEUE": "256", "DMP_LOG_LEVEL": "warning", "OMP_NUM_THREADS": str(args.threads),
+                  "DMP_CPU_BIND": str(args.cpu_bind).lower()} | MODES[mode]
 
 
 def start_server(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
@@ -318,6 +318,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=None, help="each round's window per side (10, --quick; 30)")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--cpu-bind", action="store_true", help="DMP_CPU_BIND: the server's runner on its own core(s)")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy on the server during service rounds; top frames in the JSON")
     ap.add_argument("--out", default=None, help="write the JSON here (and the server logs / profiles next to it)")
@@ -334,7 +335,8 @@ def main(argv=None) -> None:
     out_dir = Path(args.out).parent if args.out else Path(tempfile.mkdtemp(prefix="bench-service-out-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"clients": args.clients, "batch": args.batch, "steps": args.steps, "guidance": args.guidance,
-              "threads": args.threads, "seconds": args.seconds, "rounds": args.rounds, "cpus": os.cpu_count(),
+              "threads": args.threads, "cpu_bind": args.cpu_bind, "seconds": args.seconds, "rounds": args.rounds,
+              "cpus": os.cpu_count(),
               "load_avg_start": os.getloadavg(), "modes": {}}
     for mode in args.modes.split(","):
         result["modes"][mode] = run_mode(mode, args, models, patches, out_dir)

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
                                                  "in oneDNN and in its own C++ template (AMX / AVX-512 micro-"
                                                  "kernels) and keeps the faster (2-5x the compile time)")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default (all cores)")
+    cpu_bind: bool = Field(False, description="On CPU with DMP_TORCH_THREADS below the cores available: the runner "
+                                              "thread (and its torch threads) on the last DMP_TORCH_THREADS cores, "
+                                              "the server's other threads on the rest")
     max_queue: int = Field(64, ge=1, description="Requests admitted at once (waiting + running); beyond: 429")
     max_batch: int = Field(16, ge=1, description="Images per batched forward (before CFG doubling)")
     scheduler: Literal["deadline", "fair"] = Field("deadline", description="deadline: refuse (429 "

@@ -28,6 +28,7 @@ import torch
 
 from app.core.errors import ClientGone, Overloaded, ServiceError, Unavailable
 from app.core.metrics import Metrics
+from app.engine.affinity import bind_runner
 from app.engine.bases import ServedBase
 from app.engine.eta import Planned, StepCosts, finish_times
 from app.engine.share import Policy, share
@@ -43,8 +44,10 @@ class Batcher:
     """Waiting queues per base, the running batch per base, and the runner thread."""
 
     def __init__(self, bases: dict[str, ServedBase], max_batch: int, dtype, metrics: Metrics,
-                 policy: Policy = "deadline", slowdown: float = 0.0, alone: float = 1.0, grace: float = 0.0):
+                 policy: Policy = "deadline", slowdown: float = 0.0, alone: float = 1.0, grace: float = 0.0,
+                 bind: int = 0):
         self.bases, self.max_batch, self.metrics = bases, max_batch, metrics
+        self.bind = bind  # DMP_CPU_BIND: cores of the runner's own (its torch threads); 0 = no binding
         # DMP_SCHEDULER, DMP_BACKGROUND_SLOWDOWN, DMP_BACKGROUND_STEP, DMP_BACKGROUND_GRACE
         self.policy, self.slowdown, self.alone, self.grace = policy, slowdown, alone, grace
         self.answered_at = -math.inf  # monotonic time the last interactive request was answered
@@ -142,6 +145,11 @@ class Batcher:
     # ------------------------------------------------------------------ runner thread
 
     def _loop(self) -> None:
+        if self.bind:
+            cores = bind_runner(self.bind)
+            log.info("runner (thread %d) bound to cores %s, the server's other threads to %s",
+                     threading.get_native_id(), *cores) if cores else log.warning(
+                "DMP_CPU_BIND: %d torch thread(s) leave no core for the rest; not bound", self.bind)
         while True:
             with self.cond:
                 while not self.stopping and not self._has_work():

@@ -85,7 +85,9 @@ class Engine:
                     base.forward.capture(progress=f"graphs {base.name}")
             self.batcher = Batcher(self.bases, self.settings.max_batch, self.settings.torch_dtype, self.metrics,
                                    self.settings.scheduler, self.settings.background_slowdown,
-                                   self.settings.background_step, self.settings.background_grace)
+                                   self.settings.background_step, self.settings.background_grace,
+                                   bind=self.settings.torch_threads if self.settings.cpu_bind
+                                   and self.settings.torch_device == "cpu" else 0)
             self.batcher.start()
             self.state = "warming"
             if self.settings.warmup:
