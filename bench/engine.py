@@ -135,9 +135,30 @@ def time_alternating(fns: dict, device, repeats: int, warmup: bool = True, stat=
     return {k: stat(v) for k, v in times.items()}
 
 
+def paired_overhead(patched, unpatched, pairs: int, device) -> dict:
+    """The patch's cost as the median of `pairs` per-pair ratios (patched / unpatched - 1), each pair run
+    back to back in alternating order: a small difference between two fast runs, which a minimum over a few
+    rounds on a shared CPU cannot resolve (min-of-5 read 0.4-12 % at batch 8 across runs)."""
+    ratios = []
+    for i in range(pairs):
+        secs = {}
+        for name, fn in ((("patched", patched), ("unpatched", unpatched)) if i % 2 == 0 else
+                         (("unpatched", unpatched), ("patched", patched))):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            secs[name] = time.perf_counter() - t0
+        ratios.append(secs["patched"] / secs["unpatched"] - 1)
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return {"pairs": pairs, "median": median, "q1": q1, "q3": q3}
+
+
 def sampling_suite(b: Bench, *, batch: int, sampler: str, steps: int, guidance: float, repeats: int,
-                   mixed: bool, diffusers_dtypes=("bf16",), unpatched: bool = True, warmup: bool = True) -> dict:
-    """End-to-end images/s of diffusers and of ours (unpatched, one patch, and 8 patches vs one in 8 jobs)."""
+                   mixed: bool, diffusers_dtypes=("bf16",), unpatched: bool = True, warmup: bool = True,
+                   pairs: int = 0) -> dict:
+    """End-to-end images/s of diffusers and of ours (unpatched, one patch, and 8 patches vs one in 8 jobs);
+    `pairs`: also the patch's cost from that many alternating patched/unpatched pairs (paired_overhead)."""
     kw = dict(batch=batch, sampler=sampler, steps=steps, guidance=guidance)
     fns = {f"diffusers_{d}": (lambda d=d: b.diffusers_run(dtype=d, **kw)) for d in diffusers_dtypes}
     fns["ours_patched"] = lambda: b.ours_run(slots=[1], **kw)
@@ -154,6 +175,9 @@ def sampling_suite(b: Bench, *, batch: int, sampler: str, steps: int, guidance: 
            "speedup_vs_diffusers": ips["ours_patched"] / best_ref}
     if unpatched:
         out["patch_overhead"] = secs["ours_patched"] / secs["ours_unpatched"] - 1
+        if pairs:
+            out["patch_overhead_paired"] = paired_overhead(fns["ours_patched"], fns["ours_unpatched"], pairs,
+                                                            b.device)
     if mixed:
         out["mixed_patch_ratio"] = ips["ours_8patches_8jobs"] / ips["ours_1patch_8jobs"]
     return out
@@ -274,6 +298,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16],
                     help="batch sizes timed (issue 29: 1, 8 and the service's 16)")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--pairs", type=int, default=20,
+                    help="alternating patched/unpatched pairs per batch for the patch's cost (paired_overhead)")
     ap.add_argument("--ours-dtype", choices=["bf16", "fp32"], default="bf16",
                     help="our engine's weights (fp32 on a CPU without native bf16: AVX512-BF16 or AMX)")
     ap.add_argument("--no-xl", action="store_true", help="skip DiT-XL/2 on GPU")
@@ -318,7 +344,8 @@ def main(argv=None):
     for batch in batches:
         mixed = batch == args.batch
         suites[batch] = sampling_suite(b, batch=batch, sampler="ddim", steps=steps, guidance=guidance,
-                                       repeats=repeats, mixed=mixed, diffusers_dtypes=("bf16", "fp32"))
+                                       repeats=repeats, mixed=mixed, diffusers_dtypes=("bf16", "fp32"),
+                                       pairs=args.pairs)
     log(f"\n{f'demo, ddim {steps} steps, cfg {guidance:.1f}':<34}" + "".join(f"{f'batch {k}':>14}" for k in suites))
     for name in suites[args.batch]["images_per_s"]:
         log(f"{name + ' img/s':<34}" + "".join(
@@ -326,6 +353,10 @@ def main(argv=None):
             for s in suites.values()))
     for key in ("speedup_vs_diffusers", "patch_overhead", "mixed_patch_ratio"):
         log(f"{key:<34}" + "".join(f"{s[key]:>14.3f}" if key in s else f"{'-':>14}" for s in suites.values()))
+    if args.pairs:
+        log(f"{'patch_overhead_paired (q1..q3)':<34}" + "".join(
+            f"{p['median']:>7.3f} ({p['q1']:.3f}..{p['q3']:.3f})" for p in
+            (s["patch_overhead_paired"] for s in suites.values())))
     main_suite = suites[args.batch]
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
@@ -337,6 +368,7 @@ def main(argv=None):
         "patch_overhead": main_suite["patch_overhead"], "mixed_patch_ratio": main_suite["mixed_patch_ratio"],
         "speedup_by_batch": {k: s["speedup_vs_diffusers"] for k, s in suites.items()},
         "patch_overhead_by_batch": {k: s["patch_overhead"] for k, s in suites.items()},
+        "patch_overhead_paired_by_batch": {k: s.get("patch_overhead_paired") for k, s in suites.items()},
         "images_per_s": main_suite["images_per_s"]["ours_patched"],
         "diffusers_images_per_s": {k: v for k, v in main_suite["images_per_s"].items() if k.startswith("diffusers")},
         "load_avg_1min": {"start": load_start, "end": os.getloadavg()[0]}, "warm_s": warm_s,
