@@ -26,4 +26,3 @@ def bind_runner(threads: int) -> tuple[set[int], set[int]] | None:
                 pass
     os.sched_setaffinity(0, runner)  # 0: the calling thread only (Linux affinity is per thread)
     return runner, rest
-

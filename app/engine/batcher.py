@@ -145,11 +145,12 @@ class Batcher:
     # ------------------------------------------------------------------ runner thread
 
     def _loop(self) -> None:
-        if self.bind:
-            cores = bind_runner(self.bind)
+        cores = bind_runner(self.bind) if self.bind else None
+        if cores:
             log.info("runner (thread %d) bound to cores %s, the server's other threads to %s",
-                     threading.get_native_id(), *cores) if cores else log.warning(
-                "DMP_CPU_BIND: %d torch thread(s) leave no core for the rest; not bound", self.bind)
+                     threading.get_native_id(), *cores)
+        elif self.bind:
+            log.warning("DMP_CPU_BIND: %d torch thread(s) leave no core for the rest; not bound", self.bind)
         while True:
             with self.cond:
                 while not self.stopping and not self._has_work():
