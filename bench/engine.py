@@ -138,7 +138,7 @@ def time_alternating(fns: dict, device, repeats: int, warmup: bool = True, stat=
 def paired_overhead(patched, unpatched, pairs: int, device) -> dict:
     """The patch's cost as the median of `pairs` per-pair ratios (patched / unpatched - 1), each pair run
     back to back in alternating order: a small difference between two fast runs, which a minimum over a few
-    rounds on a shared CPU cannot resolve (min-of-5 read 0.4-12 % at batch 8 across runs)."""
+    rounds on a shared CPU cannot resolve (min-of-5 read -6 % to +12 % at batch 8 across runs)."""
     ratios = []
     for i in range(pairs):
         secs = {}
