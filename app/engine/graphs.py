@@ -14,9 +14,8 @@ real rows. Shapes above the largest bucket, or a patch given as a module rather 
 and are counted in `fallbacks`. `compile=True` runs each bucket's step through torch.compile with weight
 freezing; the pool tensors stay inputs, so installs need no recompile. On CPU that is the graph itself (Inductor
 folds the frozen base weights into prepacked oneDNN GEMMs, or with `autotune` into its own C++ GEMM template where
-that times faster, calls its kernels from its C++ wrapper, and uses math
-attention while a block's scores are small (there, for DiT's short sequences, its bmm-softmax-bmm is as fast as
-the CPU flash kernel) and the flash kernel, which tiles the scores, beyond). On CUDA the compiled
+that times faster, calls its kernels from its C++ wrapper, and takes the CPU flash attention kernel (bf16; in
+fp32, math attention while a block's scores are small, see cpu_attention). On CUDA the compiled
 step (Inductor fuses the elementwise work between GEMMs itself, flash attention stays) is what the CUDA graph
 captures; compiling happens in the warm-up before capture.
 """
@@ -151,10 +150,15 @@ class GraphedForward:
             yield
 
     def cpu_attention(self, rows: int) -> SDPBackend:
-        """Math attention (Inductor's bmm-softmax-bmm) while a block's fp32 scores (rows, heads, N, N) fit in
-        CPU_MATH_ATTENTION_BYTES, the flash kernel above: it tiles the scores, which math writes out whole (demo
-        base, 1 thread: on a Zen 4, 32 rows (2 MiB) 16 % cheaper with flash, 16 rows even; on an AMX Xeon, 16 rows
-        (1 MiB) 10 % cheaper with flash, 8 rows and fewer even; bench/results/2026-12-06-cpu-attention-1mib.log)."""
+        """bf16 weights: the flash kernel at every bucket (AMX Xeon, autotuned step, 1 thread: 2 / 4 / 8 rows
+        2-3 / 2 / 4-5 % cheaper than math in two runs, 16 / 32 rows 6 / 13 %;
+        bench/results/2026-12-06-cpu-attention-small-rows-autotune.log and ...-math-vs-flash-autotune.log).
+        fp32 keeps the earlier rule, not measured again: math attention (Inductor's
+        bmm-softmax-bmm) while a block's fp32 scores (rows, heads, N, N) fit in CPU_MATH_ATTENTION_BYTES, flash
+        above, which tiles the scores that math writes out whole (before autotuning, demo base, 1 thread: a Zen 4 32
+        rows (2 MiB) 16 % cheaper with flash, 16 rows even; bench/results/2026-12-06-cpu-attention-1mib.log)."""
+        if self.dtype == torch.bfloat16:
+            return SDPBackend.FLASH_ATTENTION
         cfg = self.model.config
         scores = rows * cfg.num_heads * cfg.num_tokens ** 2 * 4
         return SDPBackend.MATH if scores < CPU_MATH_ATTENTION_BYTES else SDPBackend.FLASH_ATTENTION

@@ -233,8 +233,8 @@ def test_cpu_compiled_bucket_sees_installs_without_recompiling():
 
 
 def test_cpu_buckets_past_the_l2_bound_compile_flash_attention_and_match_eager(monkeypatch):
-    """A compiled CPU bucket whose scores pass CPU_MATH_ATTENTION_BYTES takes the flash kernel, the smaller one math;
-    both give the eager step's images, and later steps never recompile."""
+    """A compiled fp32 CPU bucket whose scores pass CPU_MATH_ATTENTION_BYTES takes the flash kernel, the smaller one
+    math (bf16 weights: flash at every size); both give the eager step's images, and later steps never recompile."""
     from torch._dynamo.utils import counters
     from torch.nn.attention import SDPBackend
 
@@ -247,6 +247,8 @@ def test_cpu_buckets_past_the_l2_bound_compile_flash_attention_and_match_eager(m
     slot = pool.install(random_patch(model, 1))
     fwd = GraphedForward(model, pool, buckets=(1, 2), compile=True)
     assert fwd.cpu_attention(2) == SDPBackend.MATH and fwd.cpu_attention(4) == SDPBackend.FLASH_ATTENTION
+    bf16 = GraphedForward(tiny_model().to(torch.bfloat16), None, buckets=(1, 2), compile=True)
+    assert bf16.cpu_attention(2) == bf16.cpu_attention(4) == SDPBackend.FLASH_ATTENTION
 
     def run(step, n):
         job = new_job(model, y=3, seed=5, sampler="ddim", steps=4, guidance_scale=4.0, slot=slot, n=n)
