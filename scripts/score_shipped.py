@@ -73,7 +73,8 @@ if result["pairs"]:
         lines.append(f"| {e} | {fd} | {d('dmp - base')} | {d('gate zeroed - base')} | {d('dmp - gate zeroed')} | "
                      + " | ".join(pr) + " |")
     lines += ["", "Class accuracy (our classifier): " + ", ".join(f"{a} {g[a]['class_acc']:.3f}" for a in g) + "."]
-lines += ["", "Guidance frontier (class accuracy; FD pca / randcnn / classifier), 500 samples per point "
+names = " / ".join(result["frontier"]["1.5"]["base"]["extractors"])
+lines += ["", f"Guidance frontier (class accuracy; FD {names}), 500 samples per point "
           f"({n} at 1.5):", "", "| guidance | base | mnist-dmp | gate zeroed |", "|---|---|---|---|"]
 for gs, arms in result["frontier"].items():
     lines.append(f"| {gs} | " + " | ".join(

@@ -65,6 +65,13 @@ def add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     add_threads(p)
 
 
+def add_extractors(p: argparse.ArgumentParser) -> None:
+    from app.trainer.extractors import INDEPENDENT
+
+    p.add_argument("--extractors", nargs="+", default=list(INDEPENDENT), choices=INDEPENDENT,
+                   help="the independent extractors to score with (mobilenet: ImageNet MobileNetV2, ~30 ms an image)")
+
+
 def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and OpenMP (default: $OMP_NUM_THREADS, else every core this "
@@ -157,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-steps", type=int, default=0,
                    help="> 0, bundled data sets only: add our classifier's column (trained on the generators' data; "
                         "this many steps if not cached) and class accuracy")
+    add_extractors(p)
 
     p = sub.add_parser("compare", help="paired comparison of a base with patches / FT models over sampling seeds")
     p.add_argument("--base", required=True)
@@ -173,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out loss per timestep decile")
     p.add_argument("--seed-per-run", action="store_true",
                    help="sample an arm's i-th training run at the i-th seed only (one pass per run)")
+    add_extractors(p)
     p.add_argument("--versus", default=None, metavar="LABEL",
                    help="also each arm minus this arm, paired run by run (e.g. the gate's share: DMP minus PT)")
     p.add_argument("--device", default="cpu")
@@ -252,7 +261,7 @@ def main(argv=None) -> int:
             result = score_on_dataset(args.base, args.patch, args.dataset, num_samples=args.num_samples,
                                       sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale,
                                       seed=args.seed, device=str(resolve_device(args.device)), heldout=args.heldout,
-                                      classifier_steps=args.classifier_steps)
+                                      classifier_steps=args.classifier_steps, extractors=args.extractors)
             print(quality_table(result))
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=2))

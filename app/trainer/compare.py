@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from app.trainer.evaluate import EVAL_SAMPLING, Evaluator, eval_conditions, frechet_distance, heldout_split
-from app.trainer.quality import Quality, frechet, paired_interval
+from app.trainer.extractors import INDEPENDENT
+from app.trainer.quality import FrechetToReal, Quality, frechet, paired_interval
 from app.trainer.samples import arm_images, load_arm
-
-INDEPENDENT = ("pca", "randcnn")
 
 
 def arm_features(ev: Evaluator | None, quality, base_path, path, seed: int, sampler: str, steps: int,
@@ -106,7 +105,7 @@ def pool_heldout(per_run: list[dict]) -> dict:
 def compare(base_path, arms: Mapping[str, str | list[str]], seeds: list[int], *, sampler=EVAL_SAMPLING["sampler"],
             steps=EVAL_SAMPLING["steps"], guidance=EVAL_SAMPLING["guidance_scale"],
             cache="runs/compare", device="cpu", heldout=True, boots=100, classifier_dir="runs/classifiers",
-            classifier_steps=3000, seed_per_run=False, dataset: str | None = None) -> dict:
+            classifier_steps=3000, seed_per_run=False, dataset: str | None = None, extractors=INDEPENDENT) -> dict:
     """Every arm against the base at every seed (same seeds, same conditions); arms map label -> file, or ->
     the files of several training runs (seeds) of the same recipe. seed_per_run: run i is sampled at seeds[i]
     only (and compared with the base at that seed), which costs one sampling pass per run instead of len(seeds)."""
@@ -127,7 +126,7 @@ def compare(base_path, arms: Mapping[str, str | list[str]], seeds: list[int], *,
     ev = None if dataset.startswith("folder:") else Evaluator(
         dataset, base.config.input_size, device=device, progress=False, classifier_dir=classifier_dir,
         classifier_steps=classifier_steps)
-    quality = Quality(test.x)
+    quality = Quality(test.x, names=extractors)
     conditions, labels = eval_conditions(base, test)
     cache = Path(cache)
     out = {"base": str(base_path), "dataset": dataset, "seeds": seeds,
@@ -181,9 +180,8 @@ def paired_row(ev, quality, b: dict, a: dict, labels, boots: int, seed: int) -> 
     row: dict[str, Any] = {}
     for e, real in quality.real.items():
         fb, fa = frechet(real, b["independent"][e]), frechet(real, a["independent"][e])
-        fa_set, fb_set = a["independent"][e], b["independent"][e]
-        ci = paired_interval(lambda i, r=real, x=fa_set, y=fb_set: frechet(r, x[i]) - frechet(r, y[i]),
-                             len(fb_set), boots, seed)
+        fa_set, fb_set, fd = a["independent"][e], b["independent"][e], FrechetToReal(real)
+        ci = paired_interval(lambda i, x=fa_set, y=fb_set, fd=fd: fd(x[i]) - fd(y[i]), len(fb_set), boots, seed)
         row |= {f"fd_{e}": fa, f"d_fd_{e}": fa - fb, f"d_fd_{e}_pct": 100 * (fa - fb) / fb, f"d_fd_{e}_se": ci["se"]}
     if ev is not None:
         for name, ref in (("fid_like", ev.ref), ("fid_like_test", ev.test_ref)):
@@ -232,7 +230,7 @@ def main_compare(args) -> None:
         raise ValueError(f"--versus {args.versus!r} is not an arm ({', '.join(arms)})")
     result = compare(args.base, arms, args.seeds, sampler=args.sampler, steps=args.steps, guidance=args.guidance_scale,
                      cache=args.cache, device=args.device, heldout=not args.no_heldout, boots=args.boots,
-                     seed_per_run=args.seed_per_run, dataset=args.dataset)
+                     seed_per_run=args.seed_per_run, dataset=args.dataset, extractors=args.extractors)
     if args.versus:
         result["versus"] = {"ref": args.versus, "arms": versus(result, args.versus)}
     if args.json:
@@ -243,7 +241,8 @@ def main_compare(args) -> None:
     print(markdown(result))
     for label, arm in result["arms"].items():
         s = arm["summary"]
-        line = f"{label}: " + ", ".join(f"dFD {e} {s[f'd_fd_{e}_pct']['mean']:+.2f}%" for e in INDEPENDENT)
+        line = f"{label}: " + ", ".join(f"dFD {e} {s[f'd_fd_{e}_pct']['mean']:+.2f}%" for e in INDEPENDENT
+                                        if f"d_fd_{e}_pct" in s)
         if "d_fid_like_pct" in s:
             line += f", dFID-like (ours, classifier) {s['d_fid_like_pct']['mean']:+.2f}%"
         if "heldout_deciles" in arm:
@@ -262,22 +261,23 @@ def markdown(result: dict) -> str:
     seeds = result["seeds"]
     base = result["base_scores"]
     scored = (*(f"fd_{e}" for e in INDEPENDENT), "fid_like", "fid_like_test")
+    names = [e for e in INDEPENDENT if f"fd_{e}" in base[seeds[0]]]
     per_seed = "; ".join(f"{k}: " + ", ".join(f"{base[s][k]:.3g}" for s in seeds)
                          for k in scored if k in base[seeds[0]])
     lines = [f"Base `{result['base']}` on `{result.get('dataset', '')}`, {result['sampler']}, {result['num_samples']} "
              f"samples per arm and seed (one per held-out image), sampling seeds {', '.join(map(str, seeds))} shared "
              f"by every arm. Base per seed: {per_seed}. "
-             "FD pca / randcnn: against the held-out images, extractors that never saw the generators' data; "
+             f"FD {' / '.join(names)}: against the held-out images, extractors that never saw the generators' data; "
              "FID-like: our classifier's features (trained on the generators' data: it rewards class sharpness), "
              "against the train / test split. "
              + ("Training run i of an arm is sampled at the i-th seed only, paired with the base at that seed. "
                 if result.get("seed_per_run") else "") +
              "± is the standard error over the arm's training runs (each averaged over the sampling seeds) where it "
              "has several, else over the sampling seeds, else the paired bootstrap SE.", "",
-             "| arm | training runs | Δ FD pca (%) | Δ FD randcnn (%) | Δ FID-like (ours), train ref (%) | "
-             "Δ FID-like (ours), test ref (%) | Δ class acc | "
+             "| arm | training runs | " + "".join(f"Δ FD {e} (%) | " for e in names)
+             + "Δ FID-like (ours), train ref (%) | Δ FID-like (ours), test ref (%) | Δ class acc | "
              "Δ held-out loss (%) | Δ held-out loss per decile t∈[0,100) … [900,1000) (%) | added g·P rms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|" + "---|" * (len(names) + 6)]
     for label, arm in result["arms"].items():
         s, runs = arm["summary"], arm["runs"]
 
@@ -295,11 +295,11 @@ def markdown(result: dict) -> str:
         dec = ", ".join(f"{m:+.2f}" for m in h["rel_diff_pct"]) if h else "—"
         added = [r["added_rms"] for r in runs if "added_rms" in r]
         size = f"{statistics.fmean(added):.2g}" if added else "—"
-        lines.append(f"| {label} | {len(runs)} | {cell('d_fd_pca_pct')} | {cell('d_fd_randcnn_pct')} | "
-                     f"{cell('d_fid_like_pct')} | {cell('d_fid_like_test_pct')} | {acc} | {held} | {dec} | {size} |")
+        lines.append(f"| {label} | {len(runs)} | " + "".join(f"{cell(f'd_fd_{e}_pct')} | " for e in names)
+                     + f"{cell('d_fid_like_pct')} | {cell('d_fid_like_test_pct')} | {acc} | {held} | {dec} | {size} |")
     if "versus" in result:
         ref = result["versus"]["ref"]
-        keys = [k for k in ("d_fd_pca_pct", "d_fd_randcnn_pct", "d_fid_like_pct", "d_fid_like_test_pct")
+        keys = [k for k in (*(f"d_fd_{e}_pct" for e in names), "d_fid_like_pct", "d_fid_like_test_pct")
                 if any(k in row for row in result["versus"]["arms"].values())]
         lines += ["", f"Each arm minus **{ref}**, paired run by run at the same sampling seed (points of % of the "
                   "base's value; negative = the arm is better than it):", "",

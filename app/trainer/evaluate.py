@@ -211,11 +211,12 @@ def heldout_deciles(model, patch, test: DataSet, device) -> dict:
 def score_on_dataset(base_path, patch_path=None, dataset: str | None = None, *, num_samples: int = 0,
                      sampler=EVAL_SAMPLING["sampler"], steps=EVAL_SAMPLING["steps"],
                      guidance_scale=EVAL_SAMPLING["guidance_scale"], seed=0, device="cpu", resamples: int = 200,
-                     heldout=False, classifier_steps: int = 0) -> dict:
+                     heldout=False, classifier_steps: int = 0, extractors: tuple[str, ...] | None = None) -> dict:
     """The base (and, paired, base + patch) scored against the held-out split of `dataset` by the independent
     extractors (app/trainer/quality.py): FD, KID, precision/recall, with a 95 % paired interval of the change.
     classifier_steps > 0 on a bundled data set adds our classifier's column and class accuracy (labelled: it was
     trained on the generators' data); folders get none."""
+    from app.trainer.extractors import INDEPENDENT
     from app.trainer.quality import Quality
 
     model, patch = load_model_and_patch(base_path, patch_path, device)
@@ -234,7 +235,7 @@ def score_on_dataset(base_path, patch_path=None, dataset: str | None = None, *, 
     clf = None
     if classifier_steps > 0 and not dataset.startswith("folder:"):
         clf = Evaluator(dataset, model.config.input_size, device=device, classifier_steps=classifier_steps).clf
-    quality = Quality(test.x, clf)
+    quality = Quality(test.x, clf, names=extractors or INDEPENDENT)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     kw = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed, dtype=dtype, progress=True)
     print(f"[eval] sampling {n} images from the base", flush=True)

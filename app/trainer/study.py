@@ -166,11 +166,11 @@ class Study:
 
     def add_extractor(self, name: str, seeds=SEEDS, arms=None) -> None:
         """Post hoc: score every finished run, and the base sweep, with an independent extractor their result files
-        lack; guidance-major (the primary endpoint first), then seed-major. Cached samples are reused; a run whose
-        samples are gone is sampled again (trained again if its file is gone too), and then the pre-registered
-        extractors' FDs and the class accuracy of the re-made samples are stored beside the originals
-        ("remade"), so the file shows whether they are the same samples. Several processes may share the work:
-        each (run, guidance) is claimed by the first one to reach it."""
+        lack: the primary endpoint first, then the base sweep, then the frontier's guidances, seed-major in each.
+        Cached samples are reused; a run whose samples are gone is sampled again (trained again if its file is gone
+        too), and then the pre-registered extractors' FDs and the class accuracy of the re-made samples are stored
+        beside the originals ("remade"), so the file shows whether they are the same samples. Several processes may
+        share the work: each (run, guidance) is claimed by the first one to reach it."""
         from app.trainer.extractors import INDEPENDENT
         from app.trainer.quality import Quality
         from app.trainer.samples import arm_images
@@ -181,9 +181,10 @@ class Study:
         check = Quality(self.quality.heldout, self.quality.classifier, names=PREREGISTERED)  # re-made samples
         claims = self.runs / "claims"
         claims.mkdir(parents=True, exist_ok=True)
-        work = [(g, n, seed, label) for g, n in ((GUIDANCE, N_PRIMARY), *((g, N_FRONTIER) for g in FRONTIER))
-                for seed in seeds for label in [None, *(arms or ARMS)]]
-        work += [(g, N_PRIMARY, seed, "sweep") for g in BASE_SWEEP for seed in seeds]
+        def runs_at(g, n):
+            return [(g, n, seed, label) for seed in seeds for label in [None, *(arms or ARMS)]]
+        work = [*runs_at(GUIDANCE, N_PRIMARY), *((g, N_PRIMARY, seed, "sweep") for g in BASE_SWEEP for seed in seeds),
+                *(item for g in FRONTIER for item in runs_at(g, N_FRONTIER))]  # the sweep's samples are all cached
         for g, n, seed, label in work:
             if label == "sweep":
                 f, key = self.runs / "base_sweep" / f"base-g{g:g}-s{seed}.json", None

@@ -44,10 +44,11 @@ def test_eval_reads_an_rgb_class_folder_as_the_1_channel_base_sees_it(bases, tmp
                  "--dataset", f"folder:{tmp_path / 'data'}", "--steps", "2", "--num-samples", "24",
                  "--device", "cpu", "--json", str(out), "--heldout", "--classifier-steps", "10"]) == 0
     text = capsys.readouterr().out
-    assert "held-out images" in text and "| pca |" in text and "| randcnn |" in text and "Δ FD" in text
+    assert "held-out images" in text and "| pca |" in text and "| mobilenet |" in text and "Δ FD" in text
     result = json.loads(out.read_text())
     assert result["num_heldout"] == 12 and result["base"]["num_samples"] == 24
-    assert set(result["delta"]) == {"pca", "randcnn"}  # no classifier of another data set, even when asked
+    assert set(result["delta"]) == {"pca", "randcnn", "mobilenet"}  # no classifier of another data set, even when asked
+    assert "ImageNet" in text  # the table says what each extractor is
     assert "heldout_deciles" in result
 
 
@@ -80,7 +81,8 @@ def test_eval_on_a_bundled_set_can_add_the_labelled_classifier_column(bases, tmp
     monkeypatch.chdir(tmp_path)  # the classifier cache (runs/classifiers) goes here, not into the repo's runs/
     out = tmp_path / "r.json"
     assert main(["eval", "--base", str(bases / "gray.safetensors"), "--dataset", "digits", "--steps", "2",
-                 "--num-samples", "40", "--classifier-steps", "10", "--device", "cpu", "--json", str(out)]) == 0
+                 "--num-samples", "40", "--classifier-steps", "10", "--device", "cpu", "--json", str(out),
+                 "--extractors", "pca", "randcnn"]) == 0
     result = json.loads(out.read_text())
     assert set(result["base"]["extractors"]) == {"pca", "randcnn", "classifier"} and "class_acc" in result["base"]
     assert "generators' data" in capsys.readouterr().out  # the column says what it is

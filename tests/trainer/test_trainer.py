@@ -216,6 +216,9 @@ def test_compare_pairs_seeds_and_a_copy_of_the_base_differs_by_zero(base, tmp_pa
     assert len(list((tmp_path / "cache").glob("*.npz"))) > 0  # samples cached for reruns
     assert same["summary"]["d_fd_pca_pct"]["mean"] == 0.0 and dmp["summary"]["d_fd_randcnn_pct"]["se"] > 0
     assert "| same | 1 | +0.00 ± 0.00 |" in markdown(out)
+    assert same["summary"]["d_fd_mobilenet_pct"]["mean"] == 0.0
+    assert dmp["runs"][0]["per_seed"][0]["d_fd_mobilenet_se"] > 0
+    assert "Δ FD mobilenet (%)" in markdown(out)
     vs_copy = versus(out, "same")["dmp"]["d_fid_like_pct"]  # minus an arm that is the base: the arm's own Δ
     assert vs_copy["mean"] == pytest.approx(dmp["summary"]["d_fid_like_pct"]["mean"])
     assert vs_copy["se"] == pytest.approx(dmp["summary"]["d_fid_like_pct"]["se"])
