@@ -145,6 +145,7 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert {f: f.stat().st_mtime_ns for f in (runs / "results").glob("*.json")} == stamps
     text = study.report(runs)
     assert "Δ FD mobilenet (%)" in text and "mobilenet: " in text and "(post hoc: its own family)" in text
+    assert "Samples made again for a post-hoc extractor: 1 (run, guidance) sets" in text
     with pytest.raises(ValueError, match="pre-registered"):
         s.add_extractor("pca", [0], arms)
 

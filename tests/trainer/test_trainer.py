@@ -224,8 +224,9 @@ def test_compare_pairs_seeds_and_a_copy_of_the_base_differs_by_zero(base, tmp_pa
     assert vs_copy["se"] == pytest.approx(dmp["summary"]["d_fid_like_pct"]["se"])
     assert "added_rms" not in same["runs"][0] and dmp["runs"][0]["added_rms"] > 0  # an FT/base file adds no prompts
     # two training runs of one recipe: the SE is taken over the runs' seed-averaged differences
+    fast = ("pca", "randcnn")  # mobilenet's 1280-d FD takes seconds: checked once, above
     two = compare(base, {"runs": [arms["same"], arms["dmp"]]}, [0, 1], steps=4, cache=tmp_path / "cache", boots=10,
-                  classifier_dir=tmp_path)["arms"]["runs"]
+                  classifier_dir=tmp_path, extractors=fast)["arms"]["runs"]
     per_run = [sum(r["per_seed"][s]["d_fid_like_pct"] for s in (0, 1)) / 2 for r in two["runs"]]
     assert two["summary"]["d_fid_like_pct"]["se_over"] == "training runs"
     assert two["summary"]["d_fid_like_pct"]["mean"] == pytest.approx(sum(per_run) / 2)
@@ -233,12 +234,13 @@ def test_compare_pairs_seeds_and_a_copy_of_the_base_differs_by_zero(base, tmp_pa
     assert two["heldout_deciles"]["all_rel_diff_pct"] == pytest.approx(dmp["heldout_deciles"]["all_rel_diff_pct"] / 2,
                                                                        abs=1e-3)
     paired = compare(base, {"runs": [arms["same"], arms["dmp"]]}, [0, 1], steps=4, cache=tmp_path / "cache",
-                     boots=10, classifier_dir=tmp_path, heldout=False, seed_per_run=True)["arms"]["runs"]["runs"]
+                     boots=10, classifier_dir=tmp_path, heldout=False, seed_per_run=True,
+                     extractors=fast)["arms"]["runs"]["runs"]
     assert [list(r["per_seed"]) for r in paired] == [[0], [1]]  # run i sampled at seed i only
     assert paired[1]["per_seed"][1] == two["runs"][1]["per_seed"][1]
     with pytest.raises(ValueError, match="one seed per run"):
         compare(base, {"runs": [arms["dmp"]]}, [0, 1], cache=tmp_path / "cache", classifier_dir=tmp_path,
-                seed_per_run=True)
+                seed_per_run=True, extractors=fast)
     one_seed = compare(base, {"dmp": arms["dmp"]}, [0], steps=4, cache=tmp_path / "cache", boots=10,
-                       classifier_dir=tmp_path, heldout=False)
+                       classifier_dir=tmp_path, heldout=False, extractors=fast)
     assert "| dmp |" in markdown(one_seed)  # bootstrap SE where there is one seed
