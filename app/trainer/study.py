@@ -375,14 +375,19 @@ def matched_section(res: dict[str, dict[int, dict]], sweep: dict[int, dict[float
     for arm, by_seed in res.items():
         if arm == "base":
             continue
-        cells, gs, outside = [], [], 0
-        for e in extractors:
+        def matched(e: str, by_seed: dict[int, dict] = by_seed) -> tuple[list[tuple[float, float]], int]:
+            """(the seeds' (Δ FD %, guidance) where the base's points reach the arm's accuracy, how many do not)."""
             found = [matched_fd(by_seed[s]["scores"][g0], curve, e) for s in seeds if s in by_seed
                      for curve in [base_curve(base[s], sweep[s])]
                      if has(e, by_seed[s]) and all(e in c["extractors"] for c in curve.values())]
-            outside = sum(m is None for m in found)
-            cells.append(mean_ci([m[0] for m in found if m is not None]))
-            gs = [m[1] for m in found if m is not None]
+            return [m for m in found if m is not None], sum(m is None for m in found)
+
+        ref, outside = matched(PREREGISTERED[0])  # the counts: every run has the pre-registered extractors
+        gs, cells = [m[1] for m in ref], []
+        for e in extractors:
+            got = matched(e)[0]
+            some = "" if len(got) == len(ref) else f" ({len(got)} seeds)"
+            cells.append(mean_ci([m[0] for m in got]) + some if got else "—")
         matched_g = f"{statistics.fmean(gs):.2f}" if gs else "—"
         lines.append(f"| {arm} | {len(gs)} | {outside} | " + " | ".join(cells) + f" | {matched_g} |")
     return lines
@@ -399,8 +404,11 @@ def gate_section(res: dict[str, dict[int, dict]], extractors) -> list[str]:
              "| comparison | seeds | " + " | ".join(extractors) + " |", "|---|---|" + "---|" * len(extractors)]
     for other in others:
         seeds = sorted(set(res[dmp]) & set(res[other]) & set(base))
-        cells = [mean_ci([d_pct(res[dmp][s], base[s], e) - d_pct(res[other][s], base[s], e) for s in seeds
-                          if has(e, res[dmp][s], res[other][s], base[s])]) for e in extractors]
+        cells = []
+        for e in extractors:
+            done = [s for s in seeds if has(e, res[dmp][s], res[other][s], base[s])]
+            cells.append(mean_ci([d_pct(res[dmp][s], base[s], e) - d_pct(res[other][s], base[s], e) for s in done])
+                         + ("" if len(done) == len(seeds) else f" ({len(done)} seeds)"))
         lines.append(f"| {dmp} − {other} | {len(seeds)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -497,7 +505,7 @@ def report(runs) -> str:
             if e != "classifier":
                 tests["primary" if e in PREREGISTERED else "post hoc"][f"{other}|{e}"] = float(t.pvalue)
             rows.append((f"{other}|{e}", f"- {dmp} − {other}, {e}: {mean_ci(diffs)} points of %, "
-                         f"t = {t.statistic:.2f}, p = {t.pvalue:.3g}"))
+                         f"{len(paired)} seeds, t = {t.statistic:.2f}, p = {t.pvalue:.3g}"))
     adjusted = {family: holm(pvalues) for family, pvalues in tests.items()}
     for row in rows:
         if isinstance(row, str):
@@ -525,7 +533,8 @@ def save_frontier(runs, path) -> Path:
     seeds, points = frontier(res, runs)
     if "base" not in points:
         raise ValueError(f"{runs}: no seed finished by the base and every arm, nothing to draw")
-    extractors = ordered_extractors(res)
+    # a post-hoc extractor is drawn once every seed of the base has it
+    extractors = [e for e in ordered_extractors(res) if e in points["base"][GUIDANCE][1]]
     served = [by_g[GUIDANCE][0] for by_g in points.values()]
     window = (min(served) - 0.01, max(served) + 0.01)  # the zoom row: class accuracies the arms serve at
     fig, axes = plt.subplots(2, len(extractors), figsize=(4.2 * len(extractors), 7.4), dpi=100, squeeze=False)

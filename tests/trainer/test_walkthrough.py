@@ -19,7 +19,10 @@ from PIL import Image
 from app.model.dmp import read_header
 
 # as the doc says
-TEST_FLAGS = {"patch": ["--steps", "3"], "compare": ["--steps", "2", "--json", "compare.json"]}
+# speed only: 3 training steps, 2 sampling steps, and no ImageNet extractor (its 1280-d FDs take a minute here;
+# tests/trainer/test_trainer.py covers it in compare)
+TEST_FLAGS = {"patch": ["--steps", "3"],
+              "compare": ["--steps", "2", "--json", "compare.json", "--extractors", "pca", "randcnn"]}
 
 
 def walkthrough() -> list[str]:
