@@ -547,7 +547,9 @@ def save_frontier(runs, path) -> Path:
                 style = dict(color="black", linewidth=2.2) if arm == "base" else {}
                 (line,) = ax.plot(acc, fd, marker="o", markersize=3, label=arm, **style)
                 served_acc, served_fd = by_g[GUIDANCE]  # the serving default, ringed
-                ax.plot(served_acc, served_fd[e], marker="o", markersize=8, fillstyle="none", color=line.get_color())
+                if e in served_fd:  # a post-hoc extractor may not have scored this arm yet
+                    ax.plot(served_acc, served_fd[e], marker="o", markersize=8, fillstyle="none",
+                            color=line.get_color())
             ax.set(xlabel="class accuracy", ylabel=f"FD ({e})",
                    title=e if row == 0 else f"{e}: zoom on guidance {GUIDANCE:g}")
             if row == 0:
