@@ -53,7 +53,7 @@ def score_style(out: Path, style: str, mnist: Quality, cache: Path, n: int | Non
     base = load_base(BASE).eval()
     target = heldout_split(BASE, base, f"folder:{out / 'data' / style}")
     conditions = eval_conditions(base, target)[0][:n]  # one sample per held-out image (its label)
-    refs = {"target": Quality(target.x), "mnist": mnist}
+    refs = {"target": Quality(target.x, names=EXTRACTORS), "mnist": mnist}
     sampling = {"guidance": EVAL_SAMPLING["guidance_scale"], "sampler": EVAL_SAMPLING["sampler"],
                 "steps": steps, "cache": cache, "conditions": conditions, "n": len(conditions)}
     runs = [(row, s, out / f"{style}-{row}-s{s}.safetensors") for row, _ in ROWS for s in SEEDS]
@@ -123,7 +123,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    mnist = Quality(heldout_split(BASE, load_base(BASE), "mnist").x)
+    mnist = Quality(heldout_split(BASE, load_base(BASE), "mnist").x, names=EXTRACTORS)
     results = {style: score_style(args.out, style, mnist, args.out / "samples", args.samples, args.sample_steps)
                for style in STYLES}
     meta = {"base": BASE, "sampling": dict(EVAL_SAMPLING) | {"steps": args.sample_steps},
