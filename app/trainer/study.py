@@ -177,8 +177,9 @@ class Study:
 
         if name not in INDEPENDENT or name in PREREGISTERED:
             raise ValueError(f"{name!r}: not an independent extractor outside the pre-registered {PREREGISTERED}")
-        extra = Quality(self.quality.heldout, names=(name,))
-        check = Quality(self.quality.heldout, self.quality.classifier, names=PREREGISTERED)  # re-made samples
+        quality = self.quality  # one scorer: the added extractor, and the pre-registered ones for re-made samples
+        if name not in quality.extractors:
+            quality = Quality(quality.heldout, quality.classifier, names=(*PREREGISTERED, name))
         claims = self.runs / "claims"
         claims.mkdir(parents=True, exist_ok=True)
         def runs_at(g, n):
@@ -202,21 +203,22 @@ class Study:
             cache = dict(n=n, seed=seed, guidance=g, cache=self.runs / "images", progress=self.progress)
             try:
                 images, labels = arm_images(self.base, path, cached_only=True, **cache)
-                remade = None
+                remade = False
             except FileNotFoundError:
                 self.log(f"sample again: {label or 'base'} seed {seed} guidance {g:g}")
                 images, labels = arm_images(self.base, path, **cache)
-                remade = check.score(images, labels)
+                remade = True
             self.log(f"score {label or 'base'} seed {seed} guidance {g:g} with {name}")
-            added = extra.score(images, labels)["extractors"][name]
+            scored = quality.score(images, labels)
+            added = scored["extractors"][name]
             with lock_file(lock):  # another process may have added another guidance meanwhile
                 r = json.loads(f.read_text())
                 scores = r["scores"] if key is None else r["scores"][key]
                 scores["extractors"][name] = added | {"post_hoc": True}
-                if remade is not None:
+                if remade:
                     scores.setdefault("remade", {})[name] = {
-                        "class_acc": remade.get("class_acc"),
-                        "fd": {e: remade["extractors"][e]["fd"] for e in PREREGISTERED}}
+                        "class_acc": scored.get("class_acc"),
+                        "fd": {e: scored["extractors"][e]["fd"] for e in PREREGISTERED}}
                 tmp = f.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r, indent=1))
                 tmp.replace(f)
