@@ -24,11 +24,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+import weakref
 from collections.abc import Callable
 from dataclasses import fields
 
 import torch
 from torch._inductor import config as inductor_config
+from torch._inductor.codecache import PyCodeCache
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from app.model.dit import DiT
@@ -43,6 +45,25 @@ STEP_FIELDS = tuple(f.name for f in fields(StepBatch))  # in the order the compi
 # micro-kernel won (one shape 0.013 ms vs oneDNN's 0.030), and oneDNN's per-call cost dominated batch 1 (batch 1
 # +31-40 %, batch 8 +4-10 %, bench/results/2026-12-06-cpu-autotune-gemm.log); where oneDNN wins, it stays.
 CPU_AUTOTUNE: dict[str, object] = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+def hold_cpp_refs(tensors: list[torch.Tensor]) -> list:
+    """One C++ reference to each tensor, kept until release_cpp_refs: handles as Inductor's own wrapper makes them.
+
+    Why: a tensor that Python holds has C++ refcount 1, and torch takes the GIL whenever that count moves between 1
+    and 2. A compiled CPU step (C++ wrapper) gets a handle to every input and frozen constant with the GIL held,
+    then drops each one inside the graph with the GIL released, so each drop (~120 a call at the demo size) waits
+    for the GIL; in a server whose event loop and request threads hold it part of the time, the runner stalls
+    there. With a second C++ reference the count moves between 2 and 3 and the GIL is never asked for
+    (bench/results/2026-12-06-cpu-gil-b8.json: a 16-row step beside a busy Python thread, median 296 ms without, 33 ms
+    with, 7.2 ms alone)."""
+    return torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors)
+
+
+def release_cpp_refs(handles: list) -> None:
+    """Drop the references hold_cpp_refs made (the handles turn back into tensors, which go out of scope)."""
+    torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(handles)
+    handles.clear()
 
 
 def buckets_up_to(max_images: int, buckets=BUCKETS) -> tuple[int, ...]:
@@ -87,6 +108,9 @@ class GraphedForward:
         self.x_shape = (cfg_.in_channels, cfg_.input_size, cfg_.input_size)
         self.y_dtype = torch.float32 if cfg_.task == "text" else torch.long
         self.safe_coef = SAFE_COEF[:, None].to(self.device)  # (K, 1): padding images keep their latents
+        self.held_tensors: list[torch.Tensor] = []
+        self.held: list = []  # C++ references to what compiled CPU graphs take (hold_cpp_refs), dropped with self
+        weakref.finalize(self, release_cpp_refs, self.held).atexit = False  # at exit the process frees them
 
     # ---------------------------------------------------------------- the step
     def _denoise(self, x, t, y, slots, scales, top_k: bool = True) -> torch.Tensor:
@@ -108,12 +132,26 @@ class GraphedForward:
         rows = batch.t.shape[0]
         if (rows, top_k) in self.step_fns:  # compiled: its only guards are the static buffers', so no recompile
             return self.step_fns[rows, top_k](*args)  # and no config context (~5 % of a batch-1 step's Python)
+        loaded = len(PyCodeCache.modules)
         try:
             with self._compile_context(rows):  # the first call compiles, frozen, with the chosen attention
-                return self._compiled_step(rows, top_k)(*args)
+                out = self._compiled_step(rows, top_k)(*args)
         except BaseException:
             self.step_fns.pop((rows, top_k), None)  # a failed compile is retried in the context, not outside
             raise
+        if self.device.type == "cpu":
+            self._hold_graph_tensors(args, PyCodeCache.modules[loaded:])
+        return out
+
+    def _hold_graph_tensors(self, args: list, modules: list) -> None:
+        """C++ references to what a new compiled CPU graph takes: its buffers, the pool's tensors and the frozen
+        constants of the modules its compile loaded (module globals), so a call never re-takes the GIL."""
+        pool = [v for v in vars(self.pool).values() if isinstance(v, torch.Tensor)] if self.pool is not None else []
+        constants = [v for m in modules for v in vars(m).values() if isinstance(v, torch.Tensor)]
+        known = {id(t) for t in self.held_tensors}
+        new = [t for t in [a for a in args if isinstance(a, torch.Tensor)] + pool + constants if id(t) not in known]
+        self.held_tensors += new
+        self.held += hold_cpp_refs(new)
 
     def _compiled_step(self, rows: int, top_k: bool):
         """This base's compiled step for one bucket and variant, made on first use.

@@ -232,6 +232,30 @@ def test_cpu_compiled_bucket_sees_installs_without_recompiling():
     assert counters["stats"]["unique_graphs"] == frames
 
 
+def test_cpu_compiled_graphs_hold_a_cpp_reference_to_what_they_take_until_dropped():
+    """Each input buffer, pool tensor and frozen constant has a second C++ reference while the graphs live, so a call
+    never moves a count between 1 and 2 (which takes the GIL); they go when the GraphedForward does."""
+    import gc
+
+    model = tiny_model()
+    pool = pool_for(model)
+    fwd = GraphedForward(model, pool, buckets=(1, 2), cfg=False, compile=True)
+    fwd.capture()
+    buffers = [t for _, buf, _ in fwd.graphs.values() for t in vars(buf).values() if isinstance(t, torch.Tensor)]
+    pool_tensors = [t for t in vars(pool).values() if isinstance(t, torch.Tensor)]
+    assert all(t._use_count() >= 2 for t in buffers + pool_tensors)
+    ids = {id(t) for t in buffers + pool_tensors}
+    constants = [t for t in fwd.held_tensors if id(t) not in ids]
+    assert constants and all(t._use_count() >= 2 for t in constants)  # the frozen weights, folded by Inductor
+    assert len(fwd.held) == len(fwd.held_tensors) == len({id(t) for t in fwd.held_tensors})
+    x, t, y = inputs(model, 2)
+    torch.testing.assert_close(fwd(x, t, y), model(x, t, y), rtol=1e-4, atol=1e-4)
+    kept = buffers[0]
+    del fwd, buffers, constants
+    gc.collect()
+    assert kept._use_count() == 1 and all(t._use_count() == 1 for t in pool_tensors)
+
+
 def test_cpu_buckets_past_the_l2_bound_compile_flash_attention_and_match_eager(monkeypatch):
     """A compiled fp32 CPU bucket whose scores pass CPU_MATH_ATTENTION_BYTES takes the flash kernel, the smaller one
     math (bf16 weights: flash at every size); both give the eager step's images, and later steps never recompile."""
