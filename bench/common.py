@@ -1,6 +1,7 @@
 """What the bench scripts share: running client threads together, waiting for a server they started."""
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -31,3 +32,11 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300.0, log: Pa
         time.sleep(0.3)
     proc.kill()
     raise TimeoutError("server not ready")
+
+
+def emit(result: dict, out: str | None) -> None:
+    """The run's JSON: written to `out` when given, and printed as the last line."""
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result))

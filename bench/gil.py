@@ -12,12 +12,13 @@ of a call alone and beside the thread, and their ratio. The last line is JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import threading
 import time
 
 import torch
+
+from bench.common import emit
 
 
 def busy(stop: threading.Event) -> None:
@@ -86,10 +87,7 @@ def main(argv=None):
                            "alone_ms_min": min(t["alone"]) * 1e3, "busy_ms_min": min(t["busy"]) * 1e3}
         print(f"{variant:8s} refs: alone {alone:7.2f} ms, beside a busy Python thread {with_busy:8.2f} ms "
               f"(x{with_busy / alone:.1f}), medians of {args.calls * args.rounds} calls", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

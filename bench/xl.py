@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from bench.common import emit
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -127,10 +129,7 @@ def main(argv=None) -> None:
         log(f"{dtype} 50-step DDIM+CFG image with VAE decode: {res['image_s']:.1f} s{extrapolated}, "
             f"{res['seconds_per_step']:.2f} s/step, decode {res['vae_decode_s']:.2f} s, "
             f"peak RSS {res['peak_rss_mib']:.0f} MiB")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
