@@ -1,7 +1,15 @@
 """Prometheus metrics of one app instance, in their own CollectorRegistry (so tests can build many apps)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -15,6 +23,7 @@ class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)
+        GCCollector(registry=r)  # python_gc_*: full collections stall the runner (docs/design.md, Runtime shape)
         self.requests = Counter("dmp_requests", "HTTP requests", ["route", "method", "status", "error_type"],
                                 registry=r)
         self.request_seconds = Histogram("dmp_request_seconds", "HTTP latency by route", ["route"],
