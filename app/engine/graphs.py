@@ -52,7 +52,7 @@ def hold_cpp_refs(tensors: list[torch.Tensor]) -> list:
 
     Why: a tensor that Python holds has C++ refcount 1, and torch takes the GIL whenever that count moves between 1
     and 2. A compiled CPU step (C++ wrapper) gets a handle to every input and frozen constant with the GIL held,
-    then drops each one inside the graph with the GIL released, so each drop (91 a call for the demo base's 16-row
+    then drops each one inside the graph with the GIL released, so each drop (up to 91 a call for the demo base's 16-row
     step) waits for the GIL; in a server whose event loop and request threads hold it part of the time, the runner
     stalls there. With a second C++ reference the count moves between 2 and 3 and the GIL is never asked for
     (bench/results/2026-12-06-cpu-gil-b8.json: a 16-row step beside a busy Python thread, median 296 ms without, 33 ms
