@@ -59,7 +59,7 @@ def main(argv=None):
     _, buf, _ = next(v for k, v in fwd.graphs.items() if k[0] == rows)
     top_k = next(k[1] for k in fwd.graphs if k[0] == rows)
     tensors = list(fwd.held_tensors)
-    print(f"model {source}: {rows} rows, {len(tensors)} tensors held by {args.threads} thread(s)", flush=True)
+    print(f"model {source}: {rows} rows, {args.threads} thread(s), {len(tensors)} tensors held", flush=True)
 
     def call():
         fwd._run(buf, top_k)
