@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     cpu_autotune: bool = Field(True, description="With DMP_CPU_COMPILE: Inductor times each of a bucket's GEMMs "
                                                  "in oneDNN and in its own C++ template (AMX / AVX-512 micro-"
                                                  "kernels) and keeps the faster (2-5x the compile time)")
+    cpu_attention_kernel: bool = Field(True, description="On CPU: inference attention at the shapes it takes (the "
+                                                         "demo bases: 64 tokens, head dim 16) runs this project's "
+                                                         "C++ kernel (app/model/cpu_attention.py), built once per "
+                                                         "machine at start (~10 s); false = torch's SDPA")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default (all cores)")
     cpu_bind: bool = Field(False, description="On CPU with DMP_TORCH_THREADS below the cores available: the runner "
                                               "thread (and its torch threads) on the last DMP_TORCH_THREADS cores, "

@@ -87,6 +87,10 @@ class Metrics:
         self.fused_kernels = Gauge("dmp_fused_kernels", "1 when the blocks run the fused Triton kernel (CUDA); 0 on "
                                    "plain torch (CPU, DMP_FUSED_KERNELS=false, or a failed start-up self-check)",
                                    registry=r)
+        self.cpu_attention_kernel = Gauge("dmp_cpu_attention_kernel", "1 when CPU attention at the served shapes "
+                                          "runs the project's C++ kernel; 0 on torch's SDPA (GPU, "
+                                          "DMP_CPU_ATTENTION_KERNEL=false, other shapes, or no build: see the log)",
+                                          registry=r)
         self.device_memory = Gauge("dmp_device_memory_bytes", "Accelerator memory", ["device", "kind"], registry=r)
         # the Batch API: queued/running and the oldest line's age from the queue (every replica reports the same
         # cluster-wide values with Redis: take max()); answers and batch ends counted by the replica that wrote them

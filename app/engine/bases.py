@@ -13,7 +13,7 @@ from app.core.devices import native_bf16_cpu
 from app.core.metrics import Metrics
 from app.engine.graphs import GraphedForward, buckets_up_to
 from app.engine.slots import PatchSlots
-from app.model import PatchPool, fingerprint, load_base
+from app.model import PatchPool, cpu_attention, fingerprint, load_base
 from app.model.describe import BaseDescription, DescriptionError, describe, is_base_entry, label_index, resolve_vae
 from app.model.dit import DiT
 from app.model.kernels import self_check, set_fused
@@ -174,8 +174,19 @@ def load_bases(settings: Settings, metrics: Metrics,
     """Every servable base in DMP_MODEL_DIR (or only the one named `only`) on the configured device, and why each
     other entry is not served."""
     set_fused(settings.fused_kernels)
+    cpu_attention.set_enabled(settings.cpu_attention_kernel)
+    cpu = torch.device(settings.torch_device).type == "cpu"
+    if cpu and settings.cpu_attention_kernel:
+        cpu_attention.load()  # here, not on the first request: the first build on a machine takes ~10 s
     loader = BaseLoader(settings, metrics)
     loader.load_all(only)
+    kernel_shapes = [name for name, b in loader.bases.items()
+                     if cpu and cpu_attention.applies_to(b.model.config.num_tokens, b.model.config.hidden_size,
+                                                         b.model.config.num_heads)]
+    metrics.cpu_attention_kernel.set(int(bool(kernel_shapes)))
+    if cpu:
+        log.info("CPU attention kernel: %s%s", cpu_attention.status(),
+                 f" (bases {', '.join(kernel_shapes)})" if kernel_shapes else "")
     for width, dtype in {(b.model.config.hidden_size, next(b.model.parameters()).dtype)
                          for b in loader.bases.values()}:
         if problem := self_check(settings.torch_device, width, dtype):  # at the served shapes, before any capture

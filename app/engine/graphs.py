@@ -33,6 +33,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor.codecache import PyCodeCache
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from app.model import cpu_attention
 from app.model.dit import DiT
 from app.model.dmp import MIX_WIDTH, PatchPool, PooledPatch, mix_rows
 from app.model.sampling import SAFE_COEF, StepBatch, run_step
@@ -164,6 +165,8 @@ class GraphedForward:
         rest in frames of shared code (DiT.forward, ...) under the same filtered guards.
         """
         if (rows, top_k) not in self.step_fns:
+            if not self.use_graphs:
+                cpu_attention.load()  # built before tracing: a trace never builds it, so would leave it out
             name = f"step_{id(self):x}_{rows}_{'top_k' if top_k else 'all'}"
             func = GraphedForward._step_on if top_k else GraphedForward._step_on_all_prompts
             code = func.__code__.replace(co_name=name, co_qualname=name)

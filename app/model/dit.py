@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from app.model import cpu_attention
 from app.model.kernels import PromptAdd, add_norm_modulate
 from app.model.protocols import Patch, TrainingPatch
 
@@ -166,8 +167,10 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, H, N, D/H) each
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, D/H)
+        if cpu_attention.applies(x, self.num_heads):
+            return self.proj(cpu_attention.qkv_attention(qkv))  # (B, N, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D/H) each
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 

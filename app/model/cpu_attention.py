@@ -1,0 +1,105 @@
+"""CPU self-attention kernel for inference at the demo DiTs' shapes (csrc/qkv_attention.cpp), built on first use.
+
+torch's CPU flash kernel spends most of a call on per-tile overhead at 64 tokens and head dim 16 (the demo bases):
+one call at 16 rows took ~440 us where this kernel takes ~240 (bench/README.md, session 20). The kernel has no
+backward, so only inference uses it (grad off; training and anything that needs gradients keep SDPA), and only
+where it was measured to pay: CPU, fp32 or bf16, tokens a multiple of its tile and at most MAX_TOKENS, head dims a
+multiple of the vector width (DiT-XL/2's 72 is not: it keeps SDPA).
+
+It is compiled with torch's own C++ extension builder (ninja + the system C++ compiler, which torch.compile on CPU
+needs anyway) into torch's extension cache, once per machine and CPU capability (~10 s); if that fails, or the
+CPU has neither AVX2 nor AVX-512, SDPA is used and `status()` says why. Inductor calls the op through the
+dispatcher from its C++ wrapper, without the GIL (tests/model/test_cpu_attention.py checks the generated code).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "qkv_attention.cpp"
+MAX_TOKENS = 128  # faster than flash up to here; at 256 tokens slower (python -m bench.attention)
+# torch's own dispatch level -> the flags that make ATen's Vectorized<float> use it
+CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512",
+               "-DCPU_CAPABILITY=AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+}
+
+_enabled = True
+_loaded: bool | None = None  # None: not tried yet
+_why_not = "not built yet"
+_multiples = (0, 0)  # tokens and head dims the kernel takes are multiples of these (read from the op)
+
+
+def set_enabled(enabled: bool) -> None:
+    """Use the kernel where it applies (DMP_CPU_ATTENTION_KERNEL), or SDPA everywhere."""
+    global _enabled
+    _enabled = enabled
+
+
+def load() -> bool:
+    """Build (first time on this machine) and register the op; False, with the reason in status(), if it cannot."""
+    global _loaded, _why_not, _multiples
+    if _loaded is not None:
+        return _loaded
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in CAPABILITY_FLAGS:
+        _loaded, _why_not = False, f"CPU capability {capability}: no AVX2 or AVX-512"
+        return False
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # the `ninja` wheel's binary, when the venv's bin is not on PATH
+        import ninja
+
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+    try:
+        cpp_extension.load(name=f"dmp_qkv_attention_{capability.lower()}", sources=[str(SOURCE)],
+                           extra_cflags=["-O3", *CAPABILITY_FLAGS[capability]], is_python_module=False)
+    except Exception as exc:  # no compiler or ninja, or a failed build: SDPA keeps working
+        _loaded, _why_not = False, f"build failed: {str(exc).strip().splitlines()[-1]}"
+        log.warning("CPU attention kernel unavailable, using SDPA (%s)", _why_not)
+        return False
+    torch.library.register_fake("dmp::qkv_attention")(_fake)
+    tokens, head_dim = torch.ops.dmp.qkv_attention_multiples()
+    _multiples, _loaded, _why_not = (tokens, head_dim), True, ""
+    return True
+
+
+def _fake(qkv: torch.Tensor) -> torch.Tensor:
+    B, N, _, H, Dh = qkv.shape
+    return qkv.new_empty(B, N, H * Dh)
+
+
+def status() -> str:
+    """'on', or why attention on CPU runs SDPA."""
+    if not _enabled:
+        return "off (DMP_CPU_ATTENTION_KERNEL=false)"
+    return "on" if _loaded else _why_not
+
+
+def applies(x: torch.Tensor, num_heads: int) -> bool:
+    """Whether attention over x (B, N, D) runs the kernel: inference on CPU at a shape it takes, once built (the
+    first eager call builds it; a compiled graph includes it only if it was built before tracing)."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if _enabled and _loaded is None and not torch.compiler.is_compiling():
+        load()
+    return applies_to(x.shape[1], x.shape[2], num_heads)
+
+
+def applies_to(tokens: int, width: int, num_heads: int) -> bool:
+    """Whether inference attention at this shape runs the kernel (enabled and built)."""
+    head_dim = width // num_heads
+    return (_enabled and bool(_loaded) and tokens <= MAX_TOKENS and tokens % _multiples[0] == 0
+            and head_dim % _multiples[1] == 0)
+
+
+def qkv_attention(qkv: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v for qkv (B, N, 3, H, Dh); returns (B, N, H * Dh)."""
+    return torch.ops.dmp.qkv_attention(qkv)

@@ -1,0 +1,121 @@
+"""The CPU attention kernel: exact attention within its rounding, taken only for CPU inference at the shapes it
+takes, and called from compiled steps through the dispatcher (no Python, no GIL)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.model import cpu_attention
+from app.model.dit import Attention, DiT, DiTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+built = pytest.mark.skipif(not cpu_attention.load(), reason=f"kernel not built here: {cpu_attention.status()}")
+
+
+def exact(qkv: torch.Tensor) -> torch.Tensor:
+    """fp64 SDPA of the same (B, N, 3, H, Dh) values -> (B, N, H * Dh)."""
+    B, N, _, H, Dh = qkv.shape
+    q, k, v = qkv.double().permute(2, 0, 3, 1, 4).unbind(0)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, H * Dh)
+
+
+@built
+@pytest.mark.parametrize("shape", [(3, 64, 4, 16), (2, 128, 2, 32), (1, 128, 1, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_is_exact_attention_up_to_rounding(shape, dtype):
+    B, N, H, Dh = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    qkv = (torch.randn(B, N, 3, H, Dh, generator=g) * 2).to(dtype)  # peaked softmaxes as well as flat ones
+    want = exact(qkv)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        got = cpu_attention.qkv_attention(qkv)
+        assert got.dtype == dtype and got.shape == (B, N, H * Dh)
+        # fp32 arithmetic throughout: fp32 within a few ulps; bf16 within its one rounding of the output
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+        assert ((got.double() - want).abs() <= tol * (want.abs() + 1)).all()
+    torch.set_num_threads(1)
+
+
+@built
+def test_kernel_takes_a_strided_view():
+    qkv = torch.randn(2, 64, 4, 4, 16)[:, :, 1:]  # (2, 64, 3, 4, 16), not contiguous
+    torch.testing.assert_close(cpu_attention.qkv_attention(qkv).double(), exact(qkv), rtol=1e-5, atol=1e-6)
+
+
+def counting(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    kernel = cpu_attention.qkv_attention
+    monkeypatch.setattr(cpu_attention, "qkv_attention", lambda qkv: calls.append(1) or kernel(qkv))
+    return calls
+
+
+@built
+def test_attention_takes_the_kernel_for_cpu_inference_at_its_shapes_only(monkeypatch):
+    calls = counting(monkeypatch)
+    torch.manual_seed(0)
+    attn = Attention(64, 4)  # head dim 16
+    x = torch.randn(2, 64, 64)
+    with torch.no_grad():
+        fast = attn(x)
+        assert len(calls) == 1
+        cpu_attention.set_enabled(False)
+        try:
+            slow = attn(x)
+        finally:
+            cpu_attention.set_enabled(True)
+        assert len(calls) == 1
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+        attn(torch.randn(2, 60, 64))  # 60 tokens: not a multiple of the tile
+        Attention(72, 1)(torch.randn(1, 64, 72))  # head dim 72 (DiT-XL/2): not a multiple of the vector width
+        Attention(64, 4).half()(x.half())  # no fp16 kernel
+        assert len(calls) == 1
+    out = attn(x)  # gradients wanted: the kernel has no backward
+    out.sum().backward()
+    assert len(calls) == 1 and attn.qkv.weight.grad is not None
+
+
+def test_without_avx2_attention_falls_back_to_sdpa():
+    """ATEN_CPU_CAPABILITY=default: torch dispatches scalar code, the kernel is not built, attention still runs."""
+    code = ("import torch; from app.model import cpu_attention as c; from app.model.dit import Attention; "
+            "assert not c.load(); print(c.status());"
+            "torch.no_grad().__enter__(); print(tuple(Attention(64, 4)(torch.randn(1, 64, 64)).shape))")
+    env = os.environ | {"ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["CPU capability DEFAULT: no AVX2 or AVX-512", "(1, 64, 64)"]
+
+
+@built
+def test_a_compiled_cpu_step_calls_the_kernel_from_cpp_and_matches_eager():
+    """The C++ wrapper reaches the op through aoti_torch_call_dispatcher (no Python callback, so no GIL), once per
+    block, and the compiled step gives the eager step's images."""
+    from torch._inductor.codecache import PyCodeCache
+
+    from app.engine.graphs import GraphedForward
+    from app.model.sampling import denoise_step, eager_step, new_job
+
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                          num_classes=10)).eval()  # 64 tokens, head dim 16: the demo bases' attention shape
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn_like(p) * 0.1)
+    fwd = GraphedForward(model, None, buckets=(1,), compile=True)
+    before = len(PyCodeCache.modules)
+    fwd.capture()
+    code = "".join(open(m.__file__).read() for m in PyCodeCache.modules[before:])
+    assert code.count('aoti_torch_call_dispatcher("dmp::qkv_attention"') == model.config.depth
+    assert "custom_op_wrapper" not in code
+
+    def run(step):
+        job = new_job(model, y=3, seed=5, sampler="ddim", steps=4, guidance_scale=4.0, n=1)
+        while not job.done:
+            denoise_step(model, [job], step=step)
+        return job.latents
+
+    torch.testing.assert_close(run(fwd.step), run(eager_step(model, None)), rtol=1e-4, atol=1e-4)
