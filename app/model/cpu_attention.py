@@ -58,6 +58,7 @@ def load() -> bool:
         import ninja
 
         os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+    log.info("CPU attention kernel: loading (the first time on this machine it is compiled, ~10 s)")
     try:
         cpp_extension.load(name=f"dmp_qkv_attention_{capability.lower()}", sources=[str(SOURCE)],
                            extra_cflags=["-O3", *CAPABILITY_FLAGS[capability]], is_python_module=False)
