@@ -1,10 +1,10 @@
 """CPU self-attention kernel for inference at the demo DiTs' shapes (csrc/qkv_attention.cpp), built on first use.
 
 torch's CPU flash kernel spends most of a call on per-tile overhead at 64 tokens and head dim 16 (the demo bases):
-one call at 16 rows took ~440 us where this kernel takes ~240 (bench/README.md, session 20). The kernel has no
-backward, so only inference uses it (grad off; training and anything that needs gradients keep SDPA), and only
-where it was measured to pay: CPU, fp32 or bf16, tokens a multiple of its tile and at most MAX_TOKENS, head dims a
-multiple of the vector width (DiT-XL/2's 72 is not: it keeps SDPA).
+one call at 16 rows took ~470 us where this kernel takes ~250 (python -m bench.attention; bench/README.md). The
+kernel has no backward, so only inference uses it (grad off; training and anything that needs gradients keep
+SDPA), and only where it was measured to pay: CPU, fp32 or bf16, tokens a multiple of its tile and at most
+MAX_TOKENS, head dims a multiple of the vector width (DiT-XL/2's 72 is not: it keeps SDPA).
 
 It is compiled with torch's own C++ extension builder (ninja + the system C++ compiler, which torch.compile on CPU
 needs anyway) into torch's extension cache, once per machine and CPU capability (~10 s); if that fails, or the
@@ -52,8 +52,13 @@ def load() -> bool:
     if capability not in CAPABILITY_FLAGS:
         _loaded, _why_not = False, f"CPU capability {capability}: no AVX2 or AVX-512"
         return False
-    from torch.utils import cpp_extension
-
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)  # its import warns "No CUDA runtime is found" on every CPU-only machine, and
+    try:  # through torch's own handler, which would break a JSON log (DMP_LOG_FORMAT=json)
+        from torch.utils import cpp_extension
+    finally:
+        cpp_log.setLevel(level)
     if shutil.which("ninja") is None:  # the `ninja` wheel's binary, when the venv's bin is not on PATH
         import ninja
 

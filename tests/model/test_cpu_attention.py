@@ -3,6 +3,7 @@ takes, and called from compiled steps through the dispatcher (no Python, no GIL)
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +77,22 @@ def test_attention_takes_the_kernel_for_cpu_inference_at_its_shapes_only(monkeyp
     out = attn(x)  # gradients wanted: the kernel has no backward
     out.sum().backward()
     assert len(calls) == 1 and attn.qkv.weight.grad is not None
+
+
+@built
+@pytest.mark.skipif("avx2" not in Path("/proc/cpuinfo").read_text(), reason="CPU without AVX2")
+def test_the_avx2_build_is_exact_too():
+    """ATEN_CPU_CAPABILITY=avx2 (what torch dispatches to on CPUs without AVX-512): 8 lanes, tiles of 32 tokens."""
+    code = ("import torch, torch.nn.functional as F; from app.model import cpu_attention as c; assert c.load();"
+            "print(tuple(torch.ops.dmp.qkv_attention_multiples()));"
+            "qkv = torch.randn(2, 96, 3, 2, 24, generator=torch.Generator().manual_seed(0)) * 2;"
+            "q, k, v = qkv.double().permute(2, 0, 3, 1, 4).unbind(0);"
+            "want = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 96, 48);"
+            "print(((c.qkv_attention(qkv).double() - want).abs() <= 1e-5 * (want.abs() + 1)).all().item())")
+    env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["(32, 8)", "True"]
 
 
 def test_without_avx2_attention_falls_back_to_sdpa():
