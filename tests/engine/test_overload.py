@@ -90,7 +90,10 @@ def test_interactive_request_under_full_background_load(engine_on):
     async def scenario():
         background = [asyncio.create_task(timed(engine, 2 * steps, 4, seed=10 + i, background=True))
                       for i in range(8)]
+        give_up = time.monotonic() + 60  # fail with what the background requests returned, never hang
         while engine.batcher is not None and not engine.batcher.running["digits"]:
+            ended = [t.result() for t in background if t.done()]
+            assert len(ended) < len(background) and time.monotonic() < give_up, ended
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.3)  # background rows fill every step now
         extra, _ = await timed(engine, 10, 1, seed=30, background=True)
