@@ -79,6 +79,14 @@ def test_attention_takes_the_kernel_for_cpu_inference_at_its_shapes_only(monkeyp
     assert len(calls) == 1 and attn.qkv.weight.grad is not None
 
 
+def run_with_capability(capability: str, code: str) -> list[str]:
+    """Lines printed by `code` in a fresh interpreter whose torch dispatches to `capability` (ATEN_CPU_CAPABILITY)."""
+    env = os.environ | {"ATEN_CPU_CAPABILITY": capability}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
 @built
 @pytest.mark.skipif("avx2" not in Path("/proc/cpuinfo").read_text(), reason="CPU without AVX2")
 def test_the_avx2_build_is_exact_too():
@@ -89,10 +97,7 @@ def test_the_avx2_build_is_exact_too():
             "q, k, v = qkv.double().permute(2, 0, 3, 1, 4).unbind(0);"
             "want = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 96, 48);"
             "print(((c.qkv_attention(qkv).double() - want).abs() <= 1e-5 * (want.abs() + 1)).all().item())")
-    env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["(32, 8)", "True"]
+    assert run_with_capability("avx2", code) == ["(32, 8)", "True"]
 
 
 def test_without_avx2_attention_falls_back_to_sdpa():
@@ -100,10 +105,7 @@ def test_without_avx2_attention_falls_back_to_sdpa():
     code = ("import torch; from app.model import cpu_attention as c; from app.model.dit import Attention; "
             "assert not c.load(); print(c.status());"
             "torch.no_grad().__enter__(); print(tuple(Attention(64, 4)(torch.randn(1, 64, 64)).shape))")
-    env = os.environ | {"ATEN_CPU_CAPABILITY": "default"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["CPU capability DEFAULT: no AVX2 or AVX-512", "(1, 64, 64)"]
+    assert run_with_capability("default", code) == ["CPU capability DEFAULT: no AVX2 or AVX-512", "(1, 64, 64)"]
 
 
 @built
