@@ -23,7 +23,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "qkv_attention.cpp"
-MAX_TOKENS = 128  # faster than flash up to here; at 256 tokens slower (python -m bench.attention)
+MAX_TOKENS = 128  # faster than flash up to here; at 256 tokens slower in bf16 (python -m bench.attention)
 # torch's own dispatch level -> the flags that make ATen's Vectorized<float> use it
 CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512",
