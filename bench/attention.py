@@ -7,7 +7,8 @@ Each shape is rows x tokens x heads x head dim, from the (B, N, 3, H, Dh) output
 (B, N, H * Dh) as the next projection takes it, so the SDPA forms pay the permutes a DiT block pays. Contenders,
 alternating in rounds of `--calls` calls each (the minimum and median per call over all calls): `kernel`, SDPA
 with the flash kernel, SDPA with the math kernel (bmm, softmax, bmm). Printed per shape: microseconds and
-kernel / flash; the error of each against fp64 attention of the same inputs. The last line is JSON.
+kernel / flash; the error of each against fp64 attention of the same inputs; and how long loading the kernel took
+(its build, on a machine whose torch extension cache lacks it). The last line is JSON.
 """
 from __future__ import annotations
 
@@ -44,8 +45,11 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
     if not cpu_attention.load():
         raise SystemExit(f"kernel not available: {cpu_attention.status()}")
+    load_s = time.perf_counter() - t0  # the build, the first time on a machine; loading from torch's cache after
+    print(f"kernel loaded in {load_s:.1f} s", flush=True)
     contenders = {"kernel": cpu_attention.qkv_attention, "flash": sdpa(SDPBackend.FLASH_ATTENTION),
                   "math": sdpa(SDPBackend.MATH)}
     rows = []
@@ -74,7 +78,8 @@ def main() -> None:
                 f"{n} {row[f'{n}_us_min']:.0f} us min / {row[f'{n}_us_median']:.0f} median (err {errors[n]:.1e})"
                 for n in contenders) + f"; kernel / flash {row['kernel_over_flash_min']:.2f} (min) "
                 f"{row['kernel_over_flash_median']:.2f} (median)", flush=True)
-    emit({"bench": "attention", "cpu_capability": torch.backends.cpu.get_cpu_capability(), "rows": rows}, args.out)
+    emit({"bench": "attention", "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_s": round(load_s, 2),
+          "rows": rows}, args.out)
 
 
 if __name__ == "__main__":
