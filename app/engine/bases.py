@@ -180,13 +180,13 @@ def load_bases(settings: Settings, metrics: Metrics,
         cpu_attention.load()  # here, not on the first request: the first build on a machine takes ~10 s
     loader = BaseLoader(settings, metrics)
     loader.load_all(only)
-    kernel_shapes = [name for name, b in loader.bases.items()
+    kernel_bases = [name for name, b in loader.bases.items()
                      if cpu and cpu_attention.applies_to(b.model.config.num_tokens, b.model.config.hidden_size,
                                                          b.model.config.num_heads)]
-    metrics.cpu_attention_kernel.set(int(bool(kernel_shapes)))
+    metrics.cpu_attention_kernel.set(int(bool(kernel_bases)))
     if cpu:
         log.info("CPU attention kernel: %s%s", cpu_attention.status(),
-                 f" (bases {', '.join(kernel_shapes)})" if kernel_shapes else "")
+                 f" (bases {', '.join(kernel_bases)})" if kernel_bases else "")
     for width, dtype in {(b.model.config.hidden_size, next(b.model.parameters()).dtype)
                          for b in loader.bases.values()}:
         if problem := self_check(settings.torch_device, width, dtype):  # at the served shapes, before any capture

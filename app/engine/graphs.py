@@ -191,7 +191,8 @@ class GraphedForward:
             yield
 
     def cpu_attention(self, rows: int) -> SDPBackend:
-        """bf16 weights: the flash kernel at every bucket (AMX Xeon, autotuned step, 1 thread: 2 / 4 / 8 rows
+        """SDPA's kernel where app/model/cpu_attention.py's does not apply (other shapes, or it is off).
+        bf16 weights: the flash kernel at every bucket (AMX Xeon, autotuned step, 1 thread: 2 / 4 / 8 rows
         2-3 / 2 / 4-5 % cheaper than math in two runs, 16 / 32 rows 6 / 13 %;
         bench/results/2026-12-06-cpu-attention-small-rows-autotune.log and ...-math-vs-flash-autotune.log).
         fp32 keeps the earlier rule, not measured again: math attention (Inductor's
