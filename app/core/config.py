@@ -66,6 +66,9 @@ class Settings(BaseSettings):
                                                          "demo bases: 64 tokens, head dim 16) runs this project's "
                                                          "C++ kernel (app/model/cpu_attention.py), built once per "
                                                          "machine at start (~10 s); false = torch's SDPA")
+    cpu_malloc_keep: bool = Field(True, description="On CPU (glibc): freed tensor memory stays in the process for the "
+                                                    "next step instead of faulting back in page by page "
+                                                    "(app/engine/allocator.py); resident memory stays near its peak")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default (all cores)")
     cpu_bind: bool = Field(False, description="On CPU with DMP_TORCH_THREADS below the cores available: the runner "
                                               "thread (and its torch threads) on the last DMP_TORCH_THREADS cores, "

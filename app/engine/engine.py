@@ -19,6 +19,7 @@ from app.core.errors import InvalidRequest, NotFound, Overloaded, PatchNotReady,
 from app.core.metrics import Metrics
 from app.core.redis import redis_client
 from app.engine import validation
+from app.engine.allocator import keep_freed_memory
 from app.engine.bases import ServedBase, load_bases
 from app.engine.batcher import Batcher
 from app.engine.cache import ResultCache
@@ -67,6 +68,8 @@ class Engine:
         try:
             if self.settings.torch_threads:
                 torch.set_num_threads(self.settings.torch_threads)  # shared CPUs: fewer threads, less spinning
+            if self.settings.cpu_malloc_keep and torch.device(self.settings.torch_device).type == "cpu":
+                log.info("malloc: %s", keep_freed_memory())
             self.bases, self.skipped = load_bases(self.settings, self.metrics, self.only)
             if not self.bases:
                 raise NoServableBase(f"no servable base model in {self.settings.model_dir}"
