@@ -60,7 +60,8 @@ def server_env(models: Path, patches: Path, mode: str, args) -> dict[str, str]:
     return env | {"PYTHONPATH": str(REPO), "DMP_MODEL_DIR": str(models), "DMP_PATCH_DIR": str(patches),
                   "DMP_TORCH_THREADS": str(args.threads), "DMP_MAX_BATCH": str(args.batch),
                   "DMP_MAX_QUEUE": "256", "DMP_LOG_LEVEL": "warning", "OMP_NUM_THREADS": str(args.threads),
-                  "DMP_CPU_BIND": str(args.cpu_bind).lower()} | MODES[mode]
+                  "DMP_CPU_BIND": str(args.cpu_bind).lower(),
+                  "DMP_CPU_MALLOC_KEEP": str(not args.malloc_defaults).lower()} | MODES[mode]
 
 
 def start_server(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
@@ -97,7 +98,8 @@ def service_round(url: str, body: dict, model: str, clients: int, seconds: float
         t0, cpu0, (steps0, images0) = time.perf_counter(), thread_times(pid), batch_counts(url, model)
         time.sleep(seconds)
         steps1, images1 = batch_counts(url, model)
-        wall, (runner_cpu, other_cpu, runner_queued) = time.perf_counter() - t0, cpu_split(cpu0, thread_times(pid))
+        wall, (runner_cpu, other_cpu, runner_queued, runner_faults) = (time.perf_counter() - t0,
+                                                                      cpu_split(cpu0, thread_times(pid)))
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
@@ -109,7 +111,8 @@ def service_round(url: str, body: dict, model: str, clients: int, seconds: float
         raise RuntimeError(f"{len(errors)} failed requests, first: {errors[0]}")
     image_steps = images1 - images0
     return {"image_steps": image_steps, "wall_s": wall, "steps": steps1 - steps0,
-            "runner_cpu_s": runner_cpu, "other_cpu_s": other_cpu, "runner_queued_s": runner_queued}
+            "runner_cpu_s": runner_cpu, "other_cpu_s": other_cpu, "runner_queued_s": runner_queued,
+            "runner_faults": runner_faults}
 
 
 class EngineAlone:
@@ -120,6 +123,7 @@ class EngineAlone:
 
         from app.core.config import Settings
         from app.core.metrics import Metrics
+        from app.engine.allocator import keep_freed_memory
         from app.engine.bases import load_bases
         from app.model.sampling import eager_step
 
@@ -132,6 +136,8 @@ class EngineAlone:
             os.environ.clear()
             os.environ.update(saved)
         torch.set_num_threads(self.settings.torch_threads)
+        if self.settings.cpu_malloc_keep and self.settings.torch_device == "cpu":  # as Engine.start
+            keep_freed_memory()
         bases, skipped = load_bases(self.settings, Metrics(), model)
         if model not in bases:
             raise RuntimeError(f"base {model!r} not loaded: {skipped}")
@@ -143,15 +149,16 @@ class EngineAlone:
             eager_step(base.model, base.patches.pool, dtype=self.settings.torch_dtype)
 
     def run(self, *, seconds: float, batch: int, steps: int, guidance: float, label: int,
-            seed0: int) -> tuple[int, float, float, float]:
-        """(image-steps, wall seconds, this thread's CPU seconds, its seconds waiting for a CPU) of full batches of
+            seed0: int) -> tuple[int, float, float, float, int]:
+        """(image-steps, wall seconds, this thread's CPU seconds, its seconds waiting for a CPU, its minor page
+        faults) of full batches of
         `batch` one-image jobs, sampled and decoded to uint8, until `seconds` have passed (with one torch thread all
         the work runs on this thread)."""
         from app.model.sampling import denoise_step, new_job
         from app.model.vae import to_uint8
 
         base = self.base
-        start, (cpu, queued), k = time.perf_counter(), own_thread_times(), 0
+        start, (cpu, queued, faults), k = time.perf_counter(), own_thread_times(), 0
         while k == 0 or time.perf_counter() - start < seconds:
             jobs = [new_job(base.model, y=label, seed=seed0 + k * batch + i, sampler="ddim", steps=steps,
                             guidance_scale=guidance, n=1, beta_schedule=base.beta_schedule,
@@ -161,8 +168,8 @@ class EngineAlone:
             for job in jobs:
                 to_uint8(base.vae.decode(job.latents))
             k += 1
-        wall, (cpu1, queued1) = time.perf_counter() - start, own_thread_times()
-        return k * batch * steps, wall, cpu1 - cpu, queued1 - queued
+        wall, (cpu1, queued1, faults1) = time.perf_counter() - start, own_thread_times()
+        return k * batch * steps, wall, cpu1 - cpu, queued1 - queued, faults1 - faults
 
 
 def batch_counts(url: str, model: str) -> tuple[float, float]:
@@ -176,31 +183,38 @@ def batch_counts(url: str, model: str) -> tuple[float, float]:
     return values.get("count", 0.0), values.get("sum", 0.0)
 
 
-def thread_times(pid: int | str) -> dict[int, tuple[float, float]]:
-    """(seconds on a CPU, seconds runnable but waiting for one) of each thread of a process, from /proc schedstat
-    (Linux): the second is what other processes and threads on the same cores take from a thread."""
+def task_times(task: Path) -> tuple[float, float, int]:
+    """(seconds on a CPU, seconds runnable but waiting for one, minor page faults) of one thread, from /proc (Linux):
+    the second is what other processes and threads on the same cores take from it; the third counts pages the kernel
+    mapped in for it (malloc handing freed memory back and taking it again shows here)."""
+    on_cpu, waiting, _ = (task / "schedstat").read_text().split()
+    minflt = (task / "stat").read_text().rpartition(")")[2].split()[7]
+    return int(on_cpu) / 1e9, int(waiting) / 1e9, int(minflt)
+
+
+def thread_times(pid: int | str) -> dict[int, tuple[float, float, int]]:
+    """task_times of each thread of a process."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            on_cpu, waiting, _ = (task / "schedstat").read_text().split()
-        except (OSError, ValueError):  # the thread ended in between
+            out[int(task.name)] = task_times(task)
+        except (OSError, ValueError, IndexError):  # the thread ended in between
             continue
-        out[int(task.name)] = (int(on_cpu) / 1e9, int(waiting) / 1e9)
     return out
 
 
-def cpu_split(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]) -> tuple[float, ...]:
+def cpu_split(before: dict[int, tuple[float, float, int]],
+              after: dict[int, tuple[float, float, int]]) -> tuple[float, float, float, int]:
     """(CPU seconds of the busiest thread: the runner, CPU seconds of all other threads, the runner's seconds
-    waiting for a CPU) between two readings."""
-    used = sorted(((after[t][0] - before.get(t, (0.0, 0.0))[0], after[t][1] - before.get(t, (0.0, 0.0))[1])
+    waiting for a CPU, the runner's minor page faults) between two readings."""
+    used = sorted((tuple(a - b for a, b in zip(after[t], before.get(t, (0.0, 0.0, 0)), strict=True))
                    for t in after), reverse=True)
-    return used[0][0], sum(cpu for cpu, _ in used[1:]), used[0][1]
+    return used[0][0], sum(u[0] for u in used[1:]), used[0][1], int(used[0][2])
 
 
-def own_thread_times() -> tuple[float, float]:
-    """thread_times of the calling thread."""
-    on_cpu, waiting, _ = Path("/proc/thread-self/schedstat").read_text().split()
-    return int(on_cpu) / 1e9, int(waiting) / 1e9
+def own_thread_times() -> tuple[float, float, int]:
+    """task_times of the calling thread."""
+    return task_times(Path("/proc/thread-self"))
 
 
 WAITING = {"Condition.wait", "EpollSelector.select", "Event.wait", "Thread._wait_for_tstate_lock"}
@@ -250,8 +264,9 @@ def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dic
             raw = profile.with_suffix(f".{r}.txt") if profile else None  # the server idles during engine rounds
             svc = service_round(url, body, args.model, args.clients, args.seconds, seed0=r * 10**7, pid=proc.pid,
                                 spy_raw=raw)
-            eng_steps, eng, eng_cpu, eng_queued = engine.run(seconds=args.seconds, batch=args.batch, steps=args.steps,
-                                                 guidance=args.guidance, label=3, seed0=r * 10**7)
+            eng_steps, eng, eng_cpu, eng_queued, eng_faults = engine.run(
+                seconds=args.seconds, batch=args.batch, steps=args.steps, guidance=args.guidance, label=3,
+                seed0=r * 10**7)
             svc_rate, eng_rate = svc["image_steps"] / svc["wall_s"], eng_steps / eng
             requests = svc["image_steps"] / args.steps  # one-image requests' worth of work in the window
             server_cpu = svc["runner_cpu_s"] + svc["other_cpu_s"]
@@ -270,6 +285,10 @@ def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dic
                            "runner_on_cpu": svc["runner_cpu_s"] / svc["wall_s"],
                            "runner_waiting_for_cpu": svc["runner_queued_s"] / svc["wall_s"],
                            "engine_waiting_for_cpu": eng_queued / eng,
+                           # pages the kernel mapped in per image-step: what malloc returned and took back
+                           # (DMP_CPU_MALLOC_KEEP, app/engine/allocator.py)
+                           "runner_faults_per_image_step": svc["runner_faults"] / max(svc["image_steps"], 1),
+                           "engine_faults_per_image_step": eng_faults / max(eng_steps, 1),
                            # the engine rounds step full batches; a partly filled step costs nearly as much in eager
                            "server_images_per_step": svc["image_steps"] / max(svc["steps"], 1),
                            # CPU seconds per image-step, engine over service (runner + every other server thread):
@@ -282,7 +301,9 @@ def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dic
                   f"{last['server_cpu_ms_per_request_outside_runner']:.2f} ms/request  "
                   f"CPU-time ratio {last['cpu_ratio']:.3f}  images/step {last['server_images_per_step']:.2f}  "
                   f"runner on a CPU {last['runner_on_cpu']:.1%}, waiting for one {last['runner_waiting_for_cpu']:.1%} "
-                  f"(engine alone {last['engine_waiting_for_cpu']:.1%})  "
+                  f"(engine alone {last['engine_waiting_for_cpu']:.1%})  page faults per image-step: runner "
+                  f"{last['runner_faults_per_image_step']:.1f}, "
+                  f"engine alone {last['engine_faults_per_image_step']:.1f}  "
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         proc.terminate()
@@ -319,6 +340,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seconds", type=float, default=None, help="each round's window per side (10, --quick; 30)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--cpu-bind", action="store_true", help="DMP_CPU_BIND: the server's runner on its own core(s)")
+    ap.add_argument("--malloc-defaults", action="store_true",
+                    help="DMP_CPU_MALLOC_KEEP=false for the server and the engine alone: glibc's own thresholds")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy on the server during service rounds; top frames in the JSON")
     ap.add_argument("--out", default=None, help="write the JSON here (and the server logs / profiles next to it)")
@@ -335,7 +358,8 @@ def main(argv=None) -> None:
     out_dir = Path(args.out).parent if args.out else Path(tempfile.mkdtemp(prefix="bench-service-out-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"clients": args.clients, "batch": args.batch, "steps": args.steps, "guidance": args.guidance,
-              "threads": args.threads, "cpu_bind": args.cpu_bind, "seconds": args.seconds, "rounds": args.rounds,
+              "threads": args.threads, "cpu_bind": args.cpu_bind, "malloc_defaults": args.malloc_defaults,
+              "seconds": args.seconds, "rounds": args.rounds,
               "cpus": os.cpu_count(),
               "load_avg_start": os.getloadavg(), "modes": {}}
     for mode in args.modes.split(","):
