@@ -59,6 +59,13 @@ class StepCosts:
     def decode(self, base: str, images: int) -> float:
         return self._decode.get(base, 0.0) * images
 
+    def dearest(self, base: str, images: int) -> float:
+        """The most `step` charges for any step of 1 to `images` rows (interpolation stays between its ends,
+        proportional extrapolation grows with the rows)."""
+        with self._lock:
+            measured = list(self._steps.get(base, {}).values())
+        return max(measured + [self.step(base, images)]) if measured else 0.0
+
 
 @dataclass(eq=False)
 class Planned:
@@ -116,6 +123,24 @@ def finish_times(plans: Sequence[Planned], costs: StepCosts, max_batch: int, pol
         for p in [p for p in left if p.deadline <= clock]:  # the runner drops what ran out of time
             del left[p]
     return {p: finish.get(p, math.inf) for p in plans if not p.background}
+
+
+def latest_finish(plans: Sequence[Planned], costs: StepCosts, max_batch: int, now: float) -> float:
+    """A time no interactive plan's `finish_times` falls after, in a few sums instead of a replay (math.inf when the
+    replay could run into MAX_ROUNDS).
+
+    A replay round of `unit` steps per base (times `jump`) costs at most jump x unit x the sum of each base's
+    dearest step, and takes at least jump x unit image-steps off what is left: the base whose turn is `unit` steps
+    long advances rows > (unit - 1) x max_batch by jump steps each (or, where a plan would finish within the round,
+    each row by at least one). So everything is done within (image-steps left) x that sum, plus every decode."""
+    left = sum(p.images * max(0, p.steps - p.steps_done) for p in plans)
+    if left > MAX_ROUNDS // 2:
+        return math.inf
+    widest: dict[str, int] = {}
+    for p in plans:
+        widest[p.base] = max(widest.get(p.base, max_batch), p.images)
+    per_image_step = sum(costs.dearest(base, rows) for base, rows in widest.items())
+    return now + left * per_image_step + sum(costs.decode(p.base, p.images) for p in plans)
 
 
 @dataclass(eq=False)

@@ -1,10 +1,14 @@
-"""The scheduling rule (`share`) and the admission replay (`finish_times`) as pure functions."""
+"""The scheduling rule (`share`), the admission replay (`finish_times`) and its bound (`latest_finish`) as pure
+functions."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from app.engine.eta import Planned, StepCosts, finish_times
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.engine.eta import MAX_ROUNDS, Planned, StepCosts, finish_times, latest_finish
 from app.engine.share import share
 
 
@@ -163,3 +167,39 @@ def test_the_background_step_budget_is_its_own_setting():
     assert share(ones, 8, step_seconds=linear, slowdown=0.1, alone=4.0) == ones[:4]
     interactive = W(1, admitted_at=9)
     assert share([*ones, interactive], 8, step_seconds=linear, slowdown=0.1, alone=4.0) == [interactive]
+
+
+plan = st.builds(lambda base, images, steps, done, background, deadline, admitted:
+                 Planned(base, images, steps, min(done, steps - 1), admitted, deadline, background),
+                 st.sampled_from("ab"), st.integers(1, 40), st.integers(1, 80), st.integers(0, 79), st.booleans(),
+                 st.one_of(st.just(1e9), st.floats(0.01, 50)), st.floats(0, 10))
+
+
+@settings(max_examples=400, deadline=None)
+@given(plans=st.lists(plan, min_size=1, max_size=12), max_batch=st.integers(1, 16),
+       policy=st.sampled_from(["deadline", "fair"]), slowdown=st.floats(0, 1),
+       measured=st.dictionaries(st.tuples(st.sampled_from("ab"), st.integers(1, 40)), st.floats(0.001, 1.0),
+                                max_size=10),
+       decode=st.floats(0, 0.5))
+def test_latest_finish_bounds_the_replay(plans, max_batch, policy, slowdown, measured, decode):
+    """Admission skips the replay when this bound is inside every deadline: it must never come before a finish the
+    replay computes, whatever the bases, sizes, progress, policy and (not necessarily monotone) measured costs."""
+    costs = StepCosts()
+    for (base, rows), seconds in measured.items():
+        costs.observe_step(base, rows, seconds)
+    for base in "ab":
+        costs.observe_decode(base, 1, decode)
+    bound = latest_finish(plans, costs, max_batch, now=0.0)
+    replayed = finish_times(plans, costs, max_batch, policy, slowdown, now=0.0)
+    for p, finish in replayed.items():
+        if bound < min((q.deadline for q in plans if not q.background), default=math.inf):  # no interactive cut
+            assert finish <= bound + 1e-9, (p, finish, bound)
+
+
+def test_latest_finish_gives_up_where_the_replay_could_run_out_of_rounds():
+    costs = StepCosts()
+    costs.observe_step("b", 16, 0.01)
+    huge = Planned("b", 16, steps=MAX_ROUNDS, steps_done=0, admitted_at=0, deadline=1e12)
+    assert latest_finish([huge], costs, 16, now=0.0) == math.inf
+    small = Planned("b", 1, steps=20, steps_done=0, admitted_at=0, deadline=1e12)
+    assert latest_finish([small], costs, 16, now=5.0) == 5.0 + 20 * 0.01
