@@ -25,18 +25,22 @@ def test_top_frames_splits_runner_from_service_and_drops_waits(tmp_path):
 
 
 def test_cpu_split_takes_the_busiest_thread_as_the_runner():
-    before = {1: (1.0, 0.25), 2: (0.5, 0.0)}
-    after = {1: (3.0, 0.5), 2: (0.75, 1.0), 3: (0.25, 0.0)}  # thread 3 started in between
-    assert cpu_split(before, after) == (2.0, 0.5, 0.25)
+    before = {1: (1.0, 0.25, 100), 2: (0.5, 0.0, 7)}
+    after = {1: (3.0, 0.5, 160), 2: (0.75, 1.0, 9), 3: (0.25, 0.0, 3)}  # thread 3 started in between
+    assert cpu_split(before, after) == (2.0, 0.5, 0.25, 60)
 
 
 def test_thread_times_read_the_scheduler_accounts():
-    """Seconds on a CPU grow with work; this thread's own reading is its entry in the process's table."""
+    """Seconds on a CPU grow with work, and page faults with fresh memory touched; this thread's own reading is its
+    entry in the process's table."""
     ours = thread_times(os.getpid())
     mine = own_thread_times()
     sum(i * i for i in range(300_000))
+    fresh = bytearray(64 * 1024 * 1024)  # above glibc's mmap threshold: new zero pages, faulted in when written
+    fresh[::4096] = b"x" * len(fresh[::4096])
     later = own_thread_times()
     assert later[0] > mine[0] and later[1] >= mine[1] >= 0
+    assert later[2] - mine[2] >= 32  # 64 MiB: 16,384 faults of 4 KiB pages, or 32 of 2 MiB with transparent huge pages
     assert threading.get_native_id() in ours and ours[threading.get_native_id()][0] <= mine[0]
 
 
@@ -57,4 +61,6 @@ def test_the_bench_measures_a_steady_window_and_prints_the_contract_line(tmp_pat
     assert r["service_image_steps"] > 0 and r["engine_image_steps"] % (2 * 2) == 0  # full batches of 2 x 2 steps
     assert 0 < r["server_images_per_step"] <= 2
     assert 0 < r["runner_on_cpu"] <= 1.05 and 0 <= r["runner_waiting_for_cpu"] <= 1 and r["engine_waiting_for_cpu"] >= 0
+    assert r["runner_faults_per_image_step"] >= 0 and r["engine_faults_per_image_step"] >= 0
+    assert res["malloc_defaults"] is False
     assert last == f"service_over_engine={res['service_over_engine']:.3f}" and res["service_over_engine"] > 0

@@ -382,5 +382,7 @@ def test_a_batch_that_keeps_its_jobs_reuses_its_layout_and_each_job_still_gets_i
     alone_a.mix = ((s1, 0.5),)
     denoise_step(model, [alone_a], step=eager)
     denoise_step(model, [alone_b], step=eager)
-    torch.testing.assert_close(a.latents, alone_a.latents, rtol=0, atol=1e-5)
-    torch.testing.assert_close(b.latents, alone_b.latents, rtol=0, atol=1e-5)
+    # seven steps at guidance 4 of GEMMs whose CPU kernels differ with the row count (4 rows vs 2) drift apart by up
+    # to 7e-5 on an AMD Zen 4 VM; a strength taken as 1.0 instead of 0.5 in the last step alone moves a by 6e-3
+    torch.testing.assert_close(a.latents, alone_a.latents, rtol=0, atol=5e-4)
+    torch.testing.assert_close(b.latents, alone_b.latents, rtol=0, atol=5e-4)
