@@ -19,7 +19,9 @@ The mode's ratio is best service round / best engine round (on a shared machine 
 round's ratio is printed too. The last line is `service_over_engine=R`, R the lower of the modes' ratios
 (docs/service.md "What to expect on CPU"). A closed-loop client is idle for its round trip, and its next request
 joins at the next step boundary, so --clients equal to --batch leaves about one step in (steps + 1) of each slot
-empty; the default runs 1.5x the batch, which keeps requests waiting at every boundary.
+empty; the default runs 1.5x the batch, which keeps requests waiting at every boundary. Each round also prints the
+server runner thread's and the engine thread's minor page faults per image-step (`--malloc-defaults`: both sides
+with DMP_CPU_MALLOC_KEEP=false, glibc's own thresholds).
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 torch's CPU tensors come straight from malloc. With glibc's defaults a served CPU step's buffers (megabytes each) are
 returned to the kernel when freed, by munmap or by trimming the heap, and fault back in, page by page, on the next
-step: the runner thread of the demo server took ~180 minor page faults per image-step (the engine alone in the main
-thread 1-6), and the eager service ran at 0.83 of the engine alone (bench/README.md, "The service at saturation").
+step: the runner thread of the demo server took 179-181 minor page faults per image-step (the engine alone, on its
+process's main thread, 1-6), and the eager service ran at 0.81-0.85 of the engine alone (bench/README.md, session 21).
 A fixed mmap threshold at glibc's largest (32 MiB) and a trim threshold of 1 GiB keep them in the process for
 reuse; resident memory then stays near its peak instead of falling between steps. PyTorch's CPU tuning guide reaches
 the same end by preloading jemalloc or tcmalloc, which this leaves to the environment: a process started with its
