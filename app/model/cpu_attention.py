@@ -1,7 +1,9 @@
 """CPU self-attention kernel for inference at the demo DiTs' shapes (csrc/qkv_attention.cpp), built on first use.
 
 torch's CPU flash kernel spends most of a call on per-tile overhead at 64 tokens and head dim 16 (the demo bases):
-one call at 16 rows took ~470 us where this kernel takes ~250 (python -m bench.attention; bench/README.md). The
+one call at 16 rows took ~470 us where this kernel takes ~250 (python -m bench.attention; bench/README.md). On a
+CPU with AVX512_BF16, bf16 inputs take VDPBF16PS products with the probabilities rounded to bf16, as torch's flash
+kernel rounds them (a Zen 4, 16 rows: 283 -> 206 us, the same worst error as flash). The
 kernel has no backward, so only inference uses it (grad off; training and anything that needs gradients keep
 SDPA), and only where it was measured to pay: CPU, fp32 or bf16, tokens a multiple of its tile and at most
 MAX_TOKENS, head dims a multiple of the vector width (DiT-XL/2's 72 is not: it keeps SDPA).
@@ -35,6 +37,7 @@ _enabled = True
 _loaded: bool | None = None  # None: not tried yet
 _why_not = "not built yet"
 _multiples = (0, 0)  # tokens and head dims the kernel takes are multiples of these (read from the op)
+_bf16_dot = False  # bf16 inputs take VDPBF16PS products (this build on this CPU; read from the op)
 
 
 def set_enabled(enabled: bool) -> None:
@@ -45,7 +48,7 @@ def set_enabled(enabled: bool) -> None:
 
 def load() -> bool:
     """Build (first time on this machine) and register the op; False, with the reason in status(), if it cannot."""
-    global _loaded, _why_not, _multiples
+    global _loaded, _why_not, _multiples, _bf16_dot
     if _loaded is not None:
         return _loaded
     capability = torch.backends.cpu.get_cpu_capability()
@@ -74,6 +77,7 @@ def load() -> bool:
     torch.library.register_fake("dmp::qkv_attention")(_fake)
     tokens, head_dim = torch.ops.dmp.qkv_attention_multiples()
     _multiples, _loaded, _why_not = (tokens, head_dim), True, ""
+    _bf16_dot = bool(torch.ops.dmp.qkv_attention_bf16_dot())
     return True
 
 
@@ -83,10 +87,12 @@ def _fake(qkv: torch.Tensor) -> torch.Tensor:
 
 
 def status() -> str:
-    """'on', or why attention on CPU runs SDPA."""
+    """'on' (and how it multiplies bf16), or why attention on CPU runs SDPA."""
     if not _enabled:
         return "off (DMP_CPU_ATTENTION_KERNEL=false)"
-    return "on" if _loaded else _why_not
+    if not _loaded:
+        return _why_not
+    return "on (bf16 products: AVX512_BF16)" if _bf16_dot else "on (fp32 products)"
 
 
 def applies(x: torch.Tensor, num_heads: int) -> bool:

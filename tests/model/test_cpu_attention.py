@@ -8,12 +8,26 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from app.model import cpu_attention
 from app.model.dit import Attention, DiT, DiTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 built = pytest.mark.skipif(not cpu_attention.load(), reason=f"kernel not built here: {cpu_attention.status()}")
+
+
+def flash(qkv: torch.Tensor) -> torch.Tensor:
+    """torch's own CPU flash kernel on the same (B, N, 3, H, Dh) values -> (B, N, H * Dh)."""
+    B, N, _, H, Dh = qkv.shape
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, H * Dh)
+
+
+def worst(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest error relative to |want| + 1."""
+    return ((got.double() - want).abs() / (want.abs() + 1)).max().item()
 
 
 def exact(qkv: torch.Tensor) -> torch.Tensor:
@@ -31,14 +45,27 @@ def test_kernel_is_exact_attention_up_to_rounding(shape, dtype):
     g = torch.Generator().manual_seed(sum(shape))
     qkv = (torch.randn(B, N, 3, H, Dh, generator=g) * 2).to(dtype)  # peaked softmaxes as well as flat ones
     want = exact(qkv)
+    # fp32 products: fp32 within a few ulps, bf16 within its one rounding of the output. bf16 products (AVX512_BF16)
+    # round the probabilities to bf16 as torch's flash kernel does: no worse than flash on the same values
+    bf16_dot = dtype == torch.bfloat16 and torch.ops.dmp.qkv_attention_bf16_dot()
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
     for threads in (1, 2):
         torch.set_num_threads(threads)
         got = cpu_attention.qkv_attention(qkv)
         assert got.dtype == dtype and got.shape == (B, N, H * Dh)
-        # fp32 arithmetic throughout: fp32 within a few ulps; bf16 within its one rounding of the output
-        tol = 1e-5 if dtype == torch.float32 else 2 ** -8
-        assert ((got.double() - want).abs() <= tol * (want.abs() + 1)).all()
+        if bf16_dot:
+            assert worst(got, want) <= 1.05 * worst(flash(qkv), want) and worst(got, want) <= 2 ** -7
+        else:
+            assert worst(got, want) <= tol
     torch.set_num_threads(1)
+
+
+@built
+def test_bf16_products_where_the_cpu_has_them():
+    """VDPBF16PS only in the AVX-512 build on a CPU that has AVX512_BF16; status() says which products run."""
+    has = "avx512_bf16" in Path("/proc/cpuinfo").read_text() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert torch.ops.dmp.qkv_attention_bf16_dot() == has
+    assert cpu_attention.status() == ("on (bf16 products: AVX512_BF16)" if has else "on (fp32 products)")
 
 
 @built
@@ -96,8 +123,12 @@ def test_the_avx2_build_is_exact_too():
             "qkv = torch.randn(2, 96, 3, 2, 24, generator=torch.Generator().manual_seed(0)) * 2;"
             "q, k, v = qkv.double().permute(2, 0, 3, 1, 4).unbind(0);"
             "want = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 96, 48);"
-            "print(((c.qkv_attention(qkv).double() - want).abs() <= 1e-5 * (want.abs() + 1)).all().item())")
-    assert run_with_capability("avx2", code) == ["(32, 8)", "True"]
+            "print(((c.qkv_attention(qkv).double() - want).abs() <= 1e-5 * (want.abs() + 1)).all().item());"
+            "print(torch.ops.dmp.qkv_attention_bf16_dot(), c.status());"  # bf16: fp32 products, one output rounding
+            "qkv = qkv.bfloat16(); q, k, v = qkv.double().permute(2, 0, 3, 1, 4).unbind(0);"
+            "want = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 96, 48);"
+            "print(((c.qkv_attention(qkv).double() - want).abs() <= 2 ** -8 * (want.abs() + 1)).all().item())")
+    assert run_with_capability("avx2", code) == ["(32, 8)", "True", "False on (fp32 products)", "True"]
 
 
 def test_without_avx2_attention_falls_back_to_sdpa():
