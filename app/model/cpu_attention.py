@@ -1,4 +1,6 @@
-"""CPU self-attention kernel for inference at the demo DiTs' shapes (csrc/qkv_attention.cpp), built on first use.
+"""CPU kernels for inference at the demo DiTs' shapes, built on first use: self-attention (csrc/qkv_attention.cpp)
+and, in compiled steps, the MLP's tanh GELU (csrc/gelu_tanh.cpp). One extension, one switch
+(DMP_CPU_ATTENTION_KERNEL), one build: the GELU is too small a thing for a build of its own.
 
 torch's CPU flash kernel spends most of a call on per-tile overhead at 64 tokens and head dim 16 (the demo bases):
 one call at 16 rows took ~470 us where this kernel takes ~250 (python -m bench.attention; bench/README.md). On a
@@ -6,12 +8,14 @@ CPU with AVX512_BF16, bf16 inputs take VDPBF16PS products with the probabilities
 kernel rounds them (a Zen 4, 16 rows: 283 -> 206 us, the same worst error as flash). The
 kernel has no backward, so only inference uses it (grad off; training and anything that needs gradients keep
 SDPA), and only where it was measured to pay: CPU, fp32 or bf16, tokens a multiple of its tile and at most
-MAX_TOKENS, head dims a multiple of the vector width (DiT-XL/2's 72 is not: it keeps SDPA).
+MAX_TOKENS, head dims a multiple of the vector width (DiT-XL/2's 72 is not: it keeps SDPA). The GELU op replaces
+the kernel Inductor writes for x * sigmoid(2z) (Sleef's expf and a reciprocal) by ATen's exp_u20 and one division.
 
 It is compiled with torch's own C++ extension builder (ninja + the system C++ compiler, which torch.compile on CPU
 needs anyway) into torch's extension cache, once per machine and CPU capability (~10 s); if that fails, or the
-CPU has neither AVX2 nor AVX-512, SDPA is used and `status()` says why. Inductor calls the op through the
-dispatcher from its C++ wrapper, without the GIL (tests/model/test_cpu_attention.py checks the generated code).
+CPU has neither AVX2 nor AVX-512, SDPA (and Inductor's GELU) are used and `status()` says why. Inductor calls the
+ops through the dispatcher from its C++ wrapper, without the GIL (tests/model/test_cpu_attention.py checks the
+generated code).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "qkv_attention.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("qkv_attention.cpp", "gelu_tanh.cpp")]
 MAX_TOKENS = 128  # faster than flash up to here; at 256 tokens slower in bf16 (python -m bench.attention)
 # torch's own dispatch level -> the flags that make ATen's Vectorized<float> use it
 CAPABILITY_FLAGS = {
@@ -68,13 +72,14 @@ def load() -> bool:
         os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
     log.info("CPU attention kernel: loading (the first time on this machine it is compiled, ~10 s)")
     try:
-        cpp_extension.load(name=f"dmp_qkv_attention_{capability.lower()}", sources=[str(SOURCE)],
+        cpp_extension.load(name=f"dmp_qkv_attention_{capability.lower()}", sources=[str(p) for p in SOURCES],
                            extra_cflags=["-O3", *CAPABILITY_FLAGS[capability]], is_python_module=False)
     except Exception as exc:  # no compiler or ninja, or a failed build: SDPA keeps working
         _loaded, _why_not = False, f"build failed: {str(exc).strip().splitlines()[-1]}"
         log.warning("CPU attention kernel unavailable, using SDPA (%s)", _why_not)
         return False
     torch.library.register_fake("dmp::qkv_attention")(_fake)
+    torch.library.register_fake("dmp::gelu_tanh")(torch.empty_like)
     tokens, head_dim = torch.ops.dmp.qkv_attention_multiples()
     _multiples, _loaded, _why_not = (tokens, head_dim), True, ""
     _bf16_dot = bool(torch.ops.dmp.qkv_attention_bf16_dot())
@@ -110,6 +115,18 @@ def applies_to(tokens: int, width: int, num_heads: int) -> bool:
     head_dim = width // num_heads
     return (_enabled and bool(_loaded) and tokens <= MAX_TOKENS and tokens % _multiples[0] == 0
             and head_dim % _multiples[1] == 0)
+
+
+def gelu_applies(x: torch.Tensor) -> bool:
+    """Whether a compiled step's GELU over x runs the op: CPU inference, fp32 or bf16, once built (the engine builds it
+    before tracing; a trace never builds it)."""
+    return (_enabled and bool(_loaded) and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and x.dtype in (torch.float32, torch.bfloat16))
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, exp_u20 inside (within 20 ulp of fp32's exp)."""
+    return torch.ops.dmp.gelu_tanh(x)
 
 
 def qkv_attention(qkv: torch.Tensor) -> torch.Tensor:

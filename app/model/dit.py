@@ -180,8 +180,11 @@ GELU_TANH_2C = 2 * math.sqrt(2 / math.pi)  # 0.5 * (1 + tanh(z)) = sigmoid(2z)
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU with the tanh approximation; compiled as x * sigmoid(2z), the same function written with exp, which
-    Inductor vectorizes more cheaply than tanh on an AVX2 CPU (bench/README.md, "Session 9")."""
+    Inductor vectorizes more cheaply than tanh on an AVX2 CPU (bench/README.md, "Session 9"), and on CPU in
+    inference as the project's op with a cheaper exp (app/model/cpu_attention.py)."""
     if torch.compiler.is_compiling():
+        if cpu_attention.gelu_applies(x):
+            return cpu_attention.gelu_tanh(x)
         return x * torch.sigmoid(GELU_TANH_2C * (x + 0.044715 * x * x * x))
     return F.gelu(x, approximate="tanh")  # eager: one ATen kernel, which is what diffusers' forward matches
 

@@ -1,5 +1,5 @@
 """The CPU attention kernel: exact attention within its rounding, taken only for CPU inference at the shapes it
-takes, and called from compiled steps through the dispatcher (no Python, no GIL)."""
+takes, and called from compiled steps through the dispatcher (no Python, no GIL); likewise the GELU op."""
 import os
 import subprocess
 import sys
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from app.model import cpu_attention
-from app.model.dit import Attention, DiT, DiTConfig
+from app.model.dit import GELU_TANH_2C, Attention, DiT, DiTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 built = pytest.mark.skipif(not cpu_attention.load(), reason=f"kernel not built here: {cpu_attention.status()}")
@@ -23,6 +23,11 @@ def flash(qkv: torch.Tensor) -> torch.Tensor:
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, H * Dh)
+
+
+def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(2z) in the caller's precision: F.gelu's 0.5 x (1 + tanh z) cancels to 0 below x ~ -7 even in fp64."""
+    return x * torch.sigmoid(GELU_TANH_2C * (x + 0.044715 * x ** 3))
 
 
 def worst(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -58,6 +63,22 @@ def test_kernel_is_exact_attention_up_to_rounding(shape, dtype):
         else:
             assert worst(got, want) <= tol
     torch.set_num_threads(1)
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_op_is_the_tanh_gelu_up_to_rounding(dtype):
+    """exp_u20 inside: fp32 within a few 1e-6 relative; bf16 within its one rounding. Odd length: the vector tail;
+    large |x|: the exp's clamping still gives x and (-)0."""
+    g = torch.Generator().manual_seed(0)
+    edges = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3.0, -3.0, 30.0, -30.0, 1e4, -1e4])
+    x = torch.cat([torch.randn(4099, generator=g) * 3, edges]).to(dtype)
+    want = tanh_gelu(x.double())
+    got = cpu_attention.gelu_tanh(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    assert ((got.double() - want).abs() <= tol * want.abs() + 1e-30).all()
+    assert torch.equal(cpu_attention.gelu_tanh(x[::2]), cpu_attention.gelu_tanh(x[::2].contiguous()))
 
 
 @built
@@ -127,8 +148,11 @@ def test_the_avx2_build_is_exact_too():
             "print(torch.ops.dmp.qkv_attention_bf16_dot(), c.status());"  # bf16: fp32 products, one output rounding
             "qkv = qkv.bfloat16(); q, k, v = qkv.double().permute(2, 0, 3, 1, 4).unbind(0);"
             "want = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 96, 48);"
-            "print(((c.qkv_attention(qkv).double() - want).abs() <= 2 ** -8 * (want.abs() + 1)).all().item())")
-    assert run_with_capability("avx2", code) == ["(32, 8)", "True", "False on (fp32 products)", "True"]
+            "print(((c.qkv_attention(qkv).double() - want).abs() <= 2 ** -8 * (want.abs() + 1)).all().item());"
+            "x = torch.randn(1001, generator=torch.Generator().manual_seed(1)) * 3;"  # the GELU op's AVX2 build
+            "xd = x.double(); want = xd * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (xd + 0.044715 * xd ** 3));"
+            "print(((c.gelu_tanh(x).double() - want).abs() <= 1e-5 * want.abs() + 1e-30).all().item())")
+    assert run_with_capability("avx2", code) == ["(32, 8)", "True", "False on (fp32 products)", "True", "True"]
 
 
 def test_without_avx2_attention_falls_back_to_sdpa():
@@ -160,6 +184,7 @@ def test_a_compiled_cpu_step_calls_the_kernel_from_cpp_and_matches_eager():
     fwd.capture()
     code = "".join(open(m.__file__).read() for m in PyCodeCache.modules[before:])
     assert code.count('aoti_torch_call_dispatcher("dmp::qkv_attention"') == model.config.depth
+    assert code.count('aoti_torch_call_dispatcher("dmp::gelu_tanh"') == model.config.depth  # each block's MLP
     assert "custom_op_wrapper" not in code
 
     def run(step):
