@@ -34,6 +34,26 @@ constexpr int64_t kQueriesPerTile = kLanes >= 16 ? 16 : 8;  // O tiles: queries 
 constexpr int64_t kTokenMultiple = kQueryVecsPerTile * kLanes;
 static_assert(kTokenMultiple % kKeysPerTile == 0 && kTokenMultiple % kQueriesPerTile == 0);
 
+// softmax(scale * s) = exp(scale * (s - max s)) / sum over keys, for each query: st (N keys, N queries) becomes the
+// unnormalised exps in place, inv the reciprocal sums; mx holds each query's largest score. Two partial sums halve
+// the add chain.
+inline void exp_columns(float* st, const float* mx, float* inv, int64_t N, float scale) {
+  const Vec sc(scale);
+  for (int64_t i = 0; i < N; i += kLanes) {
+    const Vec m = Vec::loadu(mx + i);
+    Vec s0(0.f), s1(0.f);
+    for (int64_t j = 0; j < N; j += 2) {
+      const Vec e0 = ((Vec::loadu(st + j * N + i) - m) * sc).exp_u20();
+      const Vec e1 = ((Vec::loadu(st + (j + 1) * N + i) - m) * sc).exp_u20();
+      e0.store(st + j * N + i);
+      e1.store(st + (j + 1) * N + i);
+      s0 = s0 + e0;
+      s1 = s1 + e1;
+    }
+    (Vec(1.f) / (s0 + s1)).store(inv + i);
+  }
+}
+
 template <typename T>
 void attention_rows(const T* qkv, T* out, int64_t rows, int64_t N, int64_t H, int64_t Dh) {
   const int64_t D = H * Dh, W = 3 * D;
@@ -75,21 +95,7 @@ void attention_rows(const T* qkv, T* out, int64_t rows, int64_t N, int64_t H, in
           }
           for (int c = 0; c < kQueryVecsPerTile; ++c) m[c].store(mx + i0 + c * kLanes);
         }
-        // softmax(scale * s) = exp(scale * (s - max s)) / sum: two partial sums halve the add chain
-        const Vec sc(scale);
-        for (int64_t i = 0; i < N; i += kLanes) {
-          const Vec m = Vec::loadu(mx + i);
-          Vec s0(0.f), s1(0.f);
-          for (int64_t j = 0; j < N; j += 2) {
-            const Vec e0 = ((Vec::loadu(st + j * N + i) - m) * sc).exp_u20();
-            const Vec e1 = ((Vec::loadu(st + (j + 1) * N + i) - m) * sc).exp_u20();
-            e0.store(st + j * N + i);
-            e1.store(st + (j + 1) * N + i);
-            s0 = s0 + e0;
-            s1 = s1 + e1;
-          }
-          (Vec(1.f) / (s0 + s1)).store(inv + i);
-        }
+        exp_columns(st, mx, inv, N, scale);
         for (int64_t i0 = 0; i0 < N; i0 += kQueriesPerTile)
           for (int64_t d0 = 0; d0 < Dh; d0 += kLanes) {
             Vec acc[kQueriesPerTile];
@@ -180,20 +186,11 @@ DMP_BF16_DOT void attention_row_bf16_dot(const at::BFloat16* x, at::BFloat16* ou
       }
       for (int c = 0; c < kQueryVecsPerTile; ++c) _mm512_storeu_ps(mx + i0 + c * L, m[c]);
     }
-    // softmax(scale * s) = exp(scale * (s - max s)) / sum, the exps of keys j and j + 1 packed as one pair
-    const Vec sc(scale);
-    for (int64_t i = 0; i < N; i += L) {
-      const Vec m = Vec::loadu(mx + i);
-      Vec s0(0.f), s1(0.f);
-      for (int64_t j = 0; j < N; j += 2) {
-        const Vec e0 = ((Vec::loadu(st + j * N + i) - m) * sc).exp_u20();
-        const Vec e1 = ((Vec::loadu(st + (j + 1) * N + i) - m) * sc).exp_u20();
-        _mm512_storeu_si512(pt + j / 2 * N + i, pack_pairs(e0, e1));
-        s0 = s0 + e0;
-        s1 = s1 + e1;
-      }
-      (Vec(1.f) / (s0 + s1)).store(inv + i);
-    }
+    exp_columns(st, mx, inv, N, scale);
+    for (int64_t j = 0; j < N; j += 2)  // the exps of keys j and j + 1 as one bf16 pair per query
+      for (int64_t i = 0; i < N; i += L)
+        _mm512_storeu_si512(pt + j / 2 * N + i,
+                            pack_pairs(_mm512_loadu_ps(st + j * N + i), _mm512_loadu_ps(st + (j + 1) * N + i)));
     for (int64_t i0 = 0; i0 < N; i0 += kQueriesPerTile)
       for (int64_t d0 = 0; d0 < Dh; d0 += L) {
         __m512 acc[kQueriesPerTile];
