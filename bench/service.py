@@ -100,8 +100,8 @@ def service_round(url: str, body: dict, model: str, clients: int, seconds: float
         t0, cpu0, (steps0, images0) = time.perf_counter(), thread_times(pid), batch_counts(url, model)
         time.sleep(seconds)
         steps1, images1 = batch_counts(url, model)
-        wall, (runner_cpu, other_cpu, runner_queued, runner_faults) = (time.perf_counter() - t0,
-                                                                      cpu_split(cpu0, thread_times(pid)))
+        wall, (runner_cpu, other_cpu, runner_queued, runner_faults, runner_blocked, runner_preempted) = (
+            time.perf_counter() - t0, cpu_split(cpu0, thread_times(pid)))
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
@@ -114,7 +114,7 @@ def service_round(url: str, body: dict, model: str, clients: int, seconds: float
     image_steps = images1 - images0
     return {"image_steps": image_steps, "wall_s": wall, "steps": steps1 - steps0,
             "runner_cpu_s": runner_cpu, "other_cpu_s": other_cpu, "runner_queued_s": runner_queued,
-            "runner_faults": runner_faults}
+            "runner_faults": runner_faults, "runner_blocked": runner_blocked, "runner_preempted": runner_preempted}
 
 
 class EngineAlone:
@@ -160,7 +160,7 @@ class EngineAlone:
         from app.model.vae import to_uint8
 
         base = self.base
-        start, (cpu, queued, faults), k = time.perf_counter(), own_thread_times(), 0
+        start, (cpu, queued, faults, *_), k = time.perf_counter(), own_thread_times(), 0
         while k == 0 or time.perf_counter() - start < seconds:
             jobs = [new_job(base.model, y=label, seed=seed0 + k * batch + i, sampler="ddim", steps=steps,
                             guidance_scale=guidance, n=1, beta_schedule=base.beta_schedule,
@@ -170,7 +170,7 @@ class EngineAlone:
             for job in jobs:
                 to_uint8(base.vae.decode(job.latents))
             k += 1
-        wall, (cpu1, queued1, faults1) = time.perf_counter() - start, own_thread_times()
+        wall, (cpu1, queued1, faults1, *_) = time.perf_counter() - start, own_thread_times()
         return k * batch * steps, wall, cpu1 - cpu, queued1 - queued, faults1 - faults
 
 
@@ -185,16 +185,20 @@ def batch_counts(url: str, model: str) -> tuple[float, float]:
     return values.get("count", 0.0), values.get("sum", 0.0)
 
 
-def task_times(task: Path) -> tuple[float, float, int]:
-    """(seconds on a CPU, seconds runnable but waiting for one, minor page faults) of one thread, from /proc (Linux):
-    the second is what other processes and threads on the same cores take from it; the third counts pages the kernel
-    mapped in for it (malloc handing freed memory back and taking it again shows here)."""
+def task_times(task: Path) -> tuple[float, float, int, int, int]:
+    """(seconds on a CPU, seconds runnable but waiting for one, minor page faults, voluntary and involuntary context
+    switches) of one thread, from /proc (Linux): the second is what other processes and threads on the same cores
+    take from it; the third counts pages the kernel mapped in for it (malloc handing freed memory back and taking it
+    again shows here); a voluntary switch is the thread blocking (on the GIL, a lock, I/O), an involuntary one another
+    thread taking its core."""
     on_cpu, waiting, _ = (task / "schedstat").read_text().split()
     minflt = (task / "stat").read_text().rpartition(")")[2].split()[7]
-    return int(on_cpu) / 1e9, int(waiting) / 1e9, int(minflt)
+    status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
+    return (int(on_cpu) / 1e9, int(waiting) / 1e9, int(minflt), int(status["voluntary_ctxt_switches"]),
+            int(status["nonvoluntary_ctxt_switches"]))
 
 
-def thread_times(pid: int | str) -> dict[int, tuple[float, float, int]]:
+def thread_times(pid: int | str) -> dict[int, tuple[float, float, int, int, int]]:
     """task_times of each thread of a process."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -205,16 +209,17 @@ def thread_times(pid: int | str) -> dict[int, tuple[float, float, int]]:
     return out
 
 
-def cpu_split(before: dict[int, tuple[float, float, int]],
-              after: dict[int, tuple[float, float, int]]) -> tuple[float, float, float, int]:
+def cpu_split(before: dict[int, tuple[float, float, int, int, int]],
+              after: dict[int, tuple[float, float, int, int, int]]) -> tuple[float, float, float, int, int, int]:
     """(CPU seconds of the busiest thread: the runner, CPU seconds of all other threads, the runner's seconds
-    waiting for a CPU, the runner's minor page faults) between two readings."""
-    used = sorted((tuple(a - b for a, b in zip(after[t], before.get(t, (0.0, 0.0, 0)), strict=True))
+    waiting for a CPU, its minor page faults, its voluntary and involuntary context switches) between two
+    readings."""
+    used = sorted((tuple(a - b for a, b in zip(after[t], before.get(t, (0.0, 0.0, 0, 0, 0)), strict=True))
                    for t in after), reverse=True)
-    return used[0][0], sum(u[0] for u in used[1:]), used[0][1], int(used[0][2])
+    return used[0][0], sum(u[0] for u in used[1:]), used[0][1], int(used[0][2]), int(used[0][3]), int(used[0][4])
 
 
-def own_thread_times() -> tuple[float, float, int]:
+def own_thread_times() -> tuple[float, float, int, int, int]:
     """task_times of the calling thread."""
     return task_times(Path("/proc/thread-self"))
 
@@ -291,6 +296,10 @@ def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dic
                            # (DMP_CPU_MALLOC_KEEP, app/engine/allocator.py)
                            "runner_faults_per_image_step": svc["runner_faults"] / max(svc["image_steps"], 1),
                            "engine_faults_per_image_step": eng_faults / max(eng_steps, 1),
+                           # the runner's context switches per step: blocking (the GIL, a lock; the engine alone
+                           # never does) and preempted (another thread took its core)
+                           "runner_blocked_per_step": svc["runner_blocked"] / max(svc["steps"], 1),
+                           "runner_preempted_per_step": svc["runner_preempted"] / max(svc["steps"], 1),
                            # the engine rounds step full batches; a partly filled step costs nearly as much in eager
                            "server_images_per_step": svc["image_steps"] / max(svc["steps"], 1),
                            # CPU seconds per image-step, engine over service (runner + every other server thread):
@@ -305,7 +314,8 @@ def run_mode(mode: str, args, models: Path, patches: Path, out_dir: Path) -> dic
                   f"runner on a CPU {last['runner_on_cpu']:.1%}, waiting for one {last['runner_waiting_for_cpu']:.1%} "
                   f"(engine alone {last['engine_waiting_for_cpu']:.1%})  page faults per image-step: runner "
                   f"{last['runner_faults_per_image_step']:.1f}, "
-                  f"engine alone {last['engine_faults_per_image_step']:.1f}  "
+                  f"engine alone {last['engine_faults_per_image_step']:.1f}  runner context switches per step: "
+                  f"blocked {last['runner_blocked_per_step']:.2f}, preempted {last['runner_preempted_per_step']:.2f}  "
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         proc.terminate()
