@@ -48,6 +48,9 @@ def haproxy(tmp_path):
     for p in procs:
         p.kill()
         p.wait()
+    log = tmp_path / "haproxy.log"
+    if log.exists():  # shown only when the test fails: an unexplained ConnectError through the router was seen once
+        print(log.read_text()[-4000:])
 
 
 def test_one_patch_one_replica_and_load_still_spreads(class_only_dirs, tmp_path, start_server, haproxy):
