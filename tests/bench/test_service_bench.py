@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from bench.service import cpu_split, own_thread_times, thread_times, top_frames
 
@@ -25,21 +26,24 @@ def test_top_frames_splits_runner_from_service_and_drops_waits(tmp_path):
 
 
 def test_cpu_split_takes_the_busiest_thread_as_the_runner():
-    before = {1: (1.0, 0.25, 100), 2: (0.5, 0.0, 7)}
-    after = {1: (3.0, 0.5, 160), 2: (0.75, 1.0, 9), 3: (0.25, 0.0, 3)}  # thread 3 started in between
-    assert cpu_split(before, after) == (2.0, 0.5, 0.25, 60)
+    before = {1: (1.0, 0.25, 100, 10, 1), 2: (0.5, 0.0, 7, 4, 0)}
+    after = {1: (3.0, 0.5, 160, 25, 3), 2: (0.75, 1.0, 9, 5, 2), 3: (0.25, 0.0, 3, 1, 0)}  # thread 3 started between
+    assert cpu_split(before, after) == (2.0, 0.5, 0.25, 60, 15, 2)
 
 
 def test_thread_times_read_the_scheduler_accounts():
-    """Seconds on a CPU grow with work, and page faults with fresh memory touched; this thread's own reading is its
-    entry in the process's table."""
+    """Seconds on a CPU grow with work, page faults with fresh memory touched and voluntary context switches with
+    blocking; this thread's own reading is its entry in the process's table."""
     ours = thread_times(os.getpid())
     mine = own_thread_times()
     sum(i * i for i in range(300_000))
     fresh = bytearray(64 * 1024 * 1024)  # above glibc's mmap threshold: new zero pages, faulted in when written
     fresh[::4096] = b"x" * len(fresh[::4096])
+    for _ in range(3):
+        time.sleep(0.001)  # blocks: a voluntary switch each
     later = own_thread_times()
     assert later[0] > mine[0] and later[1] >= mine[1] >= 0
+    assert later[3] - mine[3] >= 3 and later[4] >= mine[4] >= 0
     assert later[2] - mine[2] >= 32  # 64 MiB: 16,384 faults of 4 KiB pages, or 32 of 2 MiB with transparent huge pages
     assert threading.get_native_id() in ours and ours[threading.get_native_id()][0] <= mine[0]
 
