@@ -21,7 +21,8 @@ round's ratio is printed too. The last line is `service_over_engine=R`, R the lo
 joins at the next step boundary, so --clients equal to --batch leaves about one step in (steps + 1) of each slot
 empty; the default runs 1.5x the batch, which keeps requests waiting at every boundary. Each round also prints the
 server runner thread's and the engine thread's minor page faults per image-step (`--malloc-defaults`: both sides
-with DMP_CPU_MALLOC_KEEP=false, glibc's own thresholds).
+with DMP_CPU_MALLOC_KEEP=false, glibc's own thresholds) and the runner's context switches per step (blocked: the
+GIL, a lock; preempted: another thread took its core).
 """
 from __future__ import annotations
 
