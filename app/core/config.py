@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     cpu_autotune: bool = Field(True, description="With DMP_CPU_COMPILE: Inductor times each of a bucket's GEMMs "
                                                  "in oneDNN and in its own C++ template (AMX / AVX-512 micro-"
                                                  "kernels) and keeps the faster (2-5x the compile time)")
+    warm_compositions: bool = Field(True, description="With compiled CPU steps or CUDA graphs: warm-up also makes "
+                                                      "each bucket's graph for batches that compose patches (one "
+                                                      "pair per row is a graph of its own, cheaper per step); "
+                                                      "false = half the compiling at start, and a bucket's first "
+                                                      "composing batch compiles its graph while every request waits")
     cpu_attention_kernel: bool = Field(True, description="On CPU: inference attention at the shapes it takes (the "
                                                          "demo bases: 64 tokens, head dim 16) runs this project's "
                                                          "C++ kernel (app/model/cpu_attention.py), built once per "

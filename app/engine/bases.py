@@ -139,7 +139,8 @@ class BaseLoader:
                          slots=s.patch_slots, device=self.device, dtype=torch.float32)
         forward = GraphedForward(model, pool, buckets=buckets_up_to(s.max_batch),
                                  compile=self.device == "cpu" or s.cuda_compile,
-                                 autotune=self.device == "cpu" and s.cpu_autotune) if graphed else None
+                                 autotune=self.device == "cpu" and s.cpu_autotune,
+                                 warm_compositions=s.warm_compositions) if graphed else None
         return ServedBase(desc.name, model, vae, encoder, desc,
                           PatchSlots(desc.name, pool, s.patch_host_bytes, self.metrics, self.device), forward)
 

@@ -2,12 +2,16 @@
 
 What a graph holds is a whole sampling step (app.model.sampling.run_step): gather the forward rows from the
 images, the DiT forward with per-row patch slots, classifier-free guidance, and the batched DDIM/DDPM update.
-The patch pool's tensors have fixed addresses and every row carries MIX_WIDTH (slot, scale) pairs as graph inputs
-of a fixed shape, so one graph serves any mix of patches, strengths and compositions, and installing a patch (an
-in-place copy into a free slot) needs no recapture. Each bucket has two variants: the one warm-up makes serves
-batches whose patches all keep every prompt (top_k = 1, what the recipe trains), whose gates need no top-k
-ranking ((L, rows x MIX_WIDTH, N, N) comparisons, ~5 % of a CPU step at the demo size); the other ranks, and is
-made at warm-up while the pool holds a patch that keeps fewer, else the first time a batch holds one. Batches
+The patch pool's tensors have fixed addresses and every row carries its (slot, scale) pairs as graph inputs of a
+fixed shape, so one graph serves any mix of patches and strengths, and installing a patch (an in-place copy into a
+free slot) needs no recapture. Each bucket has variants by two choices. Width: one pair per row for batches in
+which no request composes patches, MIX_WIDTH pairs for those in which one does (sampling.mix_width; the width-1
+graph does not pay for three unused pairs, about half of what a patch costs a compiled CPU step); warm-up makes
+both unless `warm_compositions` is off, then a bucket's composing graph is made the first time a batch composes.
+Ranking: the graphs warm-up makes serve batches whose patches all keep every prompt (top_k = 1, what the recipe
+trains), whose gates need no top-k ranking ((L, rows x width, N, N) comparisons, ~5 % of a CPU step at the demo
+size); the ranking ones are made at warm-up while the pool holds a patch that keeps fewer, else the first time a
+batch holds one. Batches
 are padded to the next bucket (padding rows: image 0, t = 0, the null condition, (slot 0, scale 0) pairs; padding
 images: zero latents, prev = x); rows never interact in a DiT forward, so padding does not change the
 real rows. Shapes above the largest bucket, or a patch given as a module rather than a pool slot, run eagerly
@@ -36,7 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from app.model import cpu_attention
 from app.model.dit import DiT
 from app.model.dmp import MIX_WIDTH, PatchPool, PooledPatch, mix_rows
-from app.model.sampling import SAFE_COEF, StepBatch, run_step
+from app.model.sampling import SAFE_COEF, StepBatch, mix_width, run_step
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # images per batch, before CFG doubling
 CPU_MATH_ATTENTION_BYTES = 1 << 20  # fp32 scores up to which compiled CPU steps take math attention, flash above
@@ -46,6 +50,7 @@ STEP_FIELDS = tuple(f.name for f in fields(StepBatch))  # in the order the compi
 # micro-kernel won (one shape 0.013 ms vs oneDNN's 0.030), and oneDNN's per-call cost dominated batch 1 (batch 1
 # +31-40 %, batch 8 +4-10 %, bench/results/2026-12-06-cpu-autotune-gemm.log); where oneDNN wins, it stays.
 CPU_AUTOTUNE: dict[str, object] = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+Variant = tuple[int, bool, int]  # (forward rows of the bucket, top-k ranking, (slot, scale) pairs per row)
 
 
 def hold_cpp_refs(tensors: list[torch.Tensor]) -> list:
@@ -86,7 +91,7 @@ class GraphedForward:
     """
 
     def __init__(self, model: DiT, pool: PatchPool | None, buckets=BUCKETS, cfg: bool = True,
-                 compile: bool = False, autotune: bool = False):
+                 compile: bool = False, autotune: bool = False, warm_compositions: bool = True):
         self.model, self.pool = model, pool
         self.rows = row_buckets(buckets, cfg)
         self.device = next(model.parameters()).device
@@ -94,11 +99,12 @@ class GraphedForward:
         self.use_graphs = self.device.type == "cuda"
         self.compile = compile
         self.autotune = autotune  # CPU compiles: Inductor picks each GEMM's kernel by timing (CPU_AUTOTUNE)
-        # (rows, top_k) -> this base's compiled step for that bucket and variant
-        self.step_fns: dict[tuple[int, bool], Callable[..., tuple]] = {}
-        # (rows, top_k) -> (CUDAGraph or None, static StepBatch, static outputs)
-        self.graphs: dict[tuple[int, bool], tuple] = {}
-        self.padding: dict[int, StepBatch] = {}  # rows -> the padding values of that bucket's buffers
+        self.warm_compositions = warm_compositions  # warm-up makes the MIX_WIDTH graphs too
+        # variant -> this base's compiled step for that bucket and variant
+        self.step_fns: dict[Variant, Callable[..., tuple]] = {}
+        # variant -> (CUDAGraph or None, static StepBatch, static outputs)
+        self.graphs: dict[Variant, tuple] = {}
+        self.padding: dict[tuple[int, int], StepBatch] = {}  # (rows, width) -> padding values of those buffers
         self.filled: dict[int, dict[str, torch.Tensor | None]] = {}  # id(buffers) -> field -> what was copied in
         self.mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.fallbacks = 0  # steps that ran eagerly (no bucket fits, or a module patch)
@@ -130,15 +136,15 @@ class GraphedForward:
         args = [getattr(batch, name) for name in STEP_FIELDS]
         if not self.compile:
             return (self._step_on if top_k else self._step_on_all_prompts)(*args)
-        rows = batch.t.shape[0]
-        if (rows, top_k) in self.step_fns:  # compiled: its only guards are the static buffers', so no recompile
-            return self.step_fns[rows, top_k](*args)  # and no config context (~5 % of a batch-1 step's Python)
+        key = (batch.t.shape[0], top_k, batch.slots.shape[1])
+        if key in self.step_fns:  # compiled: its only guards are the static buffers', so no recompile
+            return self.step_fns[key](*args)  # and no config context (~5 % of a batch-1 step's Python)
         loaded = len(PyCodeCache.modules)
         try:
-            with self._compile_context(rows):  # the first call compiles, frozen, with the chosen attention
-                out = self._compiled_step(rows, top_k)(*args)
+            with self._compile_context(key[0]):  # the first call compiles, frozen, with the chosen attention
+                out = self._compiled_step(key)(*args)
         except BaseException:
-            self.step_fns.pop((rows, top_k), None)  # a failed compile is retried in the context, not outside
+            self.step_fns.pop(key, None)  # a failed compile is retried in the context, not outside
             raise
         if self.device.type == "cpu":
             self._hold_graph_tensors(args, PyCodeCache.modules[loaded:])
@@ -154,7 +160,7 @@ class GraphedForward:
         self.held_tensors += new
         self.held += hold_cpp_refs(new)
 
-    def _compiled_step(self, rows: int, top_k: bool):
+    def _compiled_step(self, key: Variant):
         """This base's compiled step for one bucket and variant, made on first use.
 
         Dynamo keeps compiled graphs per *code object*, and freezing folds this base's weights into them. So each
@@ -164,18 +170,19 @@ class GraphedForward:
         bases' buckets together would hit dynamo's recompile limit). fullgraph: a graph break would compile the
         rest in frames of shared code (DiT.forward, ...) under the same filtered guards.
         """
-        if (rows, top_k) not in self.step_fns:
+        if key not in self.step_fns:
             if not self.use_graphs:
                 cpu_attention.load()  # built before tracing: a trace never builds it, so would leave it out
-            name = f"step_{id(self):x}_{rows}_{'top_k' if top_k else 'all'}"
+            rows, top_k, width = key
+            name = f"step_{id(self):x}_{rows}_{'top_k' if top_k else 'all'}_w{width}"
             func = GraphedForward._step_on if top_k else GraphedForward._step_on_all_prompts
             code = func.__code__.replace(co_name=name, co_qualname=name)
             own = types.MethodType(types.FunctionType(code, func.__globals__, name), self)
             # Guards on the parameters would cost ~0.3 ms a call and protect nothing: freezing folds the weights
             # into this callable's graphs, and no other base calls it.
-            self.step_fns[rows, top_k] = torch.compile(own, dynamic=False, fullgraph=True, options={
+            self.step_fns[key] = torch.compile(own, dynamic=False, fullgraph=True, options={
                 "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
-        return self.step_fns[rows, top_k]
+        return self.step_fns[key]
 
     @contextlib.contextmanager
     def _compile_context(self, rows: int):
@@ -206,22 +213,23 @@ class GraphedForward:
         return SDPBackend.MATH if scores < CPU_MATH_ATTENTION_BYTES else SDPBackend.FLASH_ATTENTION
 
     # ---------------------------------------------------------------- buffers
-    def _static_batch(self, rows: int) -> StepBatch:
-        """Padding-valued buffers of one bucket (images are padded to as many as rows); keeps a pristine copy."""
-        self.padding.setdefault(rows, self._padding(rows))
-        buf = self._padding(rows)
+    def _static_batch(self, rows: int, width: int) -> StepBatch:
+        """Padding-valued buffers of one bucket and width (images are padded to as many as rows); keeps a pristine
+        copy."""
+        self.padding.setdefault((rows, width), self._padding(rows, width))
+        buf = self._padding(rows, width)
         self.filled[id(buf)] = {}  # buffers live as long as this object: their ids are not reused
         return buf
 
-    def _padding(self, rows: int) -> StepBatch:
+    def _padding(self, rows: int, width: int) -> StepBatch:
         """Padding rows: image 0, t = 0, the null condition, (slot 0, scale 0) pairs; padding images: zero latents,
         prev = x."""
         d = self.device
         return StepBatch(
             x=torch.zeros(rows, *self.x_shape, device=d), row_image=torch.zeros(rows, dtype=torch.long, device=d),
             t=torch.zeros(rows, device=d), y=self.model.null_y(rows, d).to(self.y_dtype).clone(),
-            slots=torch.zeros(rows, MIX_WIDTH, dtype=torch.long, device=d),
-            patch_scales=torch.zeros(rows, MIX_WIDTH, device=d), cond=torch.zeros(rows, dtype=torch.long, device=d),
+            slots=torch.zeros(rows, width, dtype=torch.long, device=d),
+            patch_scales=torch.zeros(rows, width, device=d), cond=torch.zeros(rows, dtype=torch.long, device=d),
             uncond=torch.zeros(rows, dtype=torch.long, device=d), scale=torch.ones(rows, device=d),
             guided=torch.ones(rows, self.in_channels, dtype=torch.bool, device=d),
             coef=self.safe_coef.repeat(1, rows), noise=torch.zeros(rows, *self.x_shape, device=d))
@@ -231,7 +239,7 @@ class GraphedForward:
         whose tensor is the one copied in last time (a JobsLayout's, kept while the batch keeps its jobs; or no
         noise again) is there already."""
         R, B = b.t.shape[0], b.x.shape[0]
-        pad, filled = self.padding[buf.t.shape[0]], self.filled[id(buf)]
+        pad, filled = self.padding[buf.t.shape[0], buf.slots.shape[1]], self.filled[id(buf)]
         for name in STEP_FIELDS:
             dst, src, blank = getattr(buf, name), getattr(b, name), getattr(pad, name)
             if name in filled and filled[name] is src:
@@ -250,26 +258,30 @@ class GraphedForward:
     # ---------------------------------------------------------------- capture
     @torch.no_grad()
     def capture(self, rows: list[int] | None = None, warmup: int = 2, progress: str | None = None,
-                top_k: bool | None = None) -> None:
-        """Warm up and capture one graph per bucket (largest first, so smaller ones reuse its memory);
-        `progress`: a progress-bar label (compiling every CPU bucket takes minutes). `top_k`: one variant; None
-        takes the one without ranking, and the ranking one too while the pool holds a patch that needs it."""
+                top_k: bool | None = None, widths: tuple[int, ...] | None = None) -> None:
+        """Warm up and capture one graph per bucket and variant (largest bucket first, so smaller ones reuse its
+        memory); `progress`: a progress-bar label (compiling every CPU bucket takes minutes). `top_k`: one ranking
+        variant; None takes the one without ranking, and the ranking one too while the pool holds a patch that
+        needs it. `widths`: pairs per row; None takes 1, and MIX_WIDTH too with `warm_compositions` and a pool."""
         from tqdm.auto import tqdm
 
         if top_k is None:
-            variants = (False, True) if self.pool is not None and self.pool.selecting else (False,)
+            ranking = (False, True) if self.pool is not None and self.pool.selecting else (False,)
         else:
-            variants = (top_k,)
-        todo = [(r, v) for r in sorted(rows or self.rows, reverse=True) for v in variants]
+            ranking = (top_k,)
+        if widths is None:
+            widths = (1, MIX_WIDTH) if self.warm_compositions and self.pool is not None else (1,)
+        todo = [(r, v, w) for w in widths for r in sorted(rows or self.rows, reverse=True) for v in ranking]
         bar = tqdm(todo, desc=progress, unit="graph", disable=progress is None, leave=False)
         if not self.use_graphs:
-            for r, v in bar:  # CPU: warm (and compile) each bucket shape once
-                self._ensure_cpu_bucket(r, v)
+            for key in bar:  # CPU: warm (and compile) each bucket shape once
+                self._ensure_cpu_bucket(key)
             return
-        for r, v in bar:
-            if (r, v) in self.graphs:
+        for key in bar:
+            if key in self.graphs:
                 continue
-            buf = self._static_batch(r)
+            r, v, w = key
+            buf = self._static_batch(r, w)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside capture: torch.compile, Triton JIT, cuBLAS, allocator
@@ -279,14 +291,15 @@ class GraphedForward:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.mempool):
                 out = self._run(buf, v)
-            self.graphs[r, v] = (graph, buf, out)
+            self.graphs[key] = (graph, buf, out)
             self.captures += 1
         torch.cuda.synchronize()
 
-    def _ensure_cpu_bucket(self, rows: int, top_k: bool) -> None:
-        if (rows, top_k) not in self.graphs:
-            buf = self._static_batch(rows)
-            self.graphs[rows, top_k] = (None, buf, None)
+    def _ensure_cpu_bucket(self, key: Variant) -> None:
+        if key not in self.graphs:
+            rows, top_k, width = key
+            buf = self._static_batch(rows, width)
+            self.graphs[key] = (None, buf, None)
             if self.compile:
                 with torch.no_grad():
                     self._run(buf, top_k)
@@ -301,15 +314,17 @@ class GraphedForward:
         R, B = b.t.shape[0], b.x.shape[0]
         bucket = self.bucket_for(R)
         top_k = self.pool is not None and self.pool.needs_top_k(b.slots)
-        if (self.use_graphs and top_k and bucket is not None and (bucket, False) in self.graphs
-                and (bucket, True) not in self.graphs):
-            self.capture([bucket], top_k=True)  # the first batch with a top-k patch in a warmed-up bucket
-        if bucket is None or (self.use_graphs and (bucket, top_k) not in self.graphs):
-            self.fallbacks += 1
-            return run_step(functools.partial(self._denoise, top_k=top_k), b, self.in_channels)
+        if bucket is None:
+            return self._fallback(b, top_k)
+        key = (bucket, top_k, b.slots.shape[1])
+        if self.use_graphs and key not in self.graphs and any(k[0] == bucket for k in self.graphs):
+            # the first batch of a warmed-up bucket with a top-k patch, or composing without warm_compositions
+            self.capture([bucket], top_k=top_k, widths=(key[2],))
+        if self.use_graphs and key not in self.graphs:
+            return self._fallback(b, top_k)
         if not self.use_graphs:
-            self._ensure_cpu_bucket(bucket, top_k)
-        graph, buf, out = self.graphs[bucket, top_k]
+            self._ensure_cpu_bucket(key)
+        graph, buf, out = self.graphs[key]
         self._fill(buf, b)
         if graph is None:
             out = self._run(buf, top_k)
@@ -319,17 +334,22 @@ class GraphedForward:
         o, prev, eps, v = out
         return o[:R].clone(), prev[:B].clone(), eps[:B].clone(), v[:B].clone() if v is not None else None
 
+    def _fallback(self, b: StepBatch, top_k: bool):
+        """run_step eagerly, counted: no bucket fits, or a GPU bucket was never captured."""
+        self.fallbacks += 1
+        return run_step(functools.partial(self._denoise, top_k=top_k), b, self.in_channels)
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, patch=None) -> torch.Tensor:
         """Plain forward (x (R, C, H, W) fp32, t (R,), y) -> fp32 (R, C_out, H, W) through the step graphs."""
         n = x.shape[0]
         if patch is None:
-            slots = torch.zeros(n, MIX_WIDTH, dtype=torch.long, device=x.device)
-            scales = torch.zeros(n, MIX_WIDTH, device=x.device)
+            slots = torch.zeros(n, 1, dtype=torch.long, device=x.device)
+            scales = torch.zeros(n, 1, device=x.device)
         elif isinstance(patch, PooledPatch):
             if patch.pool is not self.pool:
                 raise ValueError("this PooledPatch indexes another pool than the one these graphs read")
-            slots, scales = mix_rows(patch.slots, patch.scales, MIX_WIDTH)  # the buffers' fixed width
+            slots, scales = mix_rows(patch.slots, patch.scales, mix_width([patch.slots.shape[1]]))  # a graph width
         else:  # a patch module: no graph takes it
             self.fallbacks += 1
             return self.model(x.to(self.dtype), t, y, patch=patch).float()

@@ -231,14 +231,21 @@ class StepBatch:
     row_image: torch.Tensor  # (R,) image of each forward row
     t: torch.Tensor  # (R,)
     y: torch.Tensor  # (R,) labels or (R, text_dim)
-    slots: torch.Tensor  # (R, MIX_WIDTH) PatchPool slots of each row's (slot, scale) pairs; unused: slot 0 ...
-    patch_scales: torch.Tensor  # (R, MIX_WIDTH) fp32 ... at scale 0
+    slots: torch.Tensor  # (R, W) PatchPool slots of each row's (slot, scale) pairs, W = mix_width; unused: slot 0 ...
+    patch_scales: torch.Tensor  # (R, W) fp32 ... at scale 0
     cond: torch.Tensor  # (B,) row of each image's conditional half
     uncond: torch.Tensor  # (B,) row of its unconditional twin (the conditional row itself without CFG)
     scale: torch.Tensor  # (B,) guidance scale (1 without CFG)
     guided: torch.Tensor  # (B, C) bool: channels CFG applies to
     coef: torch.Tensor  # (len(COEFFS), B) vector_step coefficients (SAFE_COEF for DPM-Solver images)
     noise: torch.Tensor | None  # (B, C, H, W) DDPM noise (zeros for images that draw none); None: no image does
+
+
+def mix_width(pairs_per_row) -> int:
+    """(slot, scale) pairs a step carries per row: 1 while no row composes patches, else MIX_WIDTH. Two fixed
+    widths, so a graphed step has two shapes per bucket, and single-patch batches do not pay for three unused
+    pairs (half of what a patch cost a compiled CPU step, bench/results/2026-12-06-cpu-patch-width1.log)."""
+    return 1 if max(pairs_per_row, default=0) <= 1 else MIX_WIDTH
 
 
 @dataclass(frozen=True)
@@ -278,13 +285,14 @@ def jobs_layout(model: DiT, jobs: list[Job]) -> JobsLayout:
     uncond: list[int] = []
     row_image, slot_rows, mix_scales, scale, guided_k = [], [], [], [], []
     img = row = 0
+    width = mix_width(len(job.mix) for job in jobs)
     for job in jobs:
         n, twins = job.latents.shape[0], job.y_null is not None
         halves = 2 if twins else 1
         ys += [job.y, job.y_null] if job.y_null is not None else [job.y]
         rows.append(n * halves)
         row_image += list(range(img, img + n)) * halves
-        pairs = list(job.mix) + [(0, 0.0)] * (MIX_WIDTH - len(job.mix))
+        pairs = list(job.mix) + [(0, 0.0)] * (width - len(job.mix))
         slot_rows += [[p[0] for p in pairs]] * (n * halves)
         mix_scales += [[float(p[1]) for p in pairs]] * (n * halves)
         cond += range(row, row + n)
@@ -364,8 +372,8 @@ def eager_step(model: DiT, pool: PatchPool | None = None, patch: Patch | None = 
     def denoise(x, t, y, slots, scales):
         rows_patch = patch
         if pool is not None:
-            # pairs no row uses (scale 0 everywhere) add exactly nothing: the eager step skips them, so a batch of
-            # single patches pays for one pair, not MIX_WIDTH (the fixed-shape graphed steps cannot skip)
+            # pairs no row uses (scale 0 everywhere) add exactly nothing: the eager step skips them, so a composed
+            # batch pays for the pairs its rows use (a graphed step has fixed widths: 1 or MIX_WIDTH, mix_width)
             used = scales.ne(0).any(0).nonzero()  # (K_used, 1) columns some row uses
             width = int(used.max()) + 1 if used.numel() else 0
             rows_patch = pool.batch(slots[:, :width], scales[:, :width]) if width else None

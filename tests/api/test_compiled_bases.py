@@ -35,7 +35,7 @@ def test_three_demo_bases_and_a_same_shape_twin_start_compiled_and_stay_apart(st
             p.add_(torch.randn_like(p) * 0.05 * p.std().nan_to_num(0))
     meta = {k: v for k, v in base.meta.items() if k not in ("dit_config", "fingerprint")}
     save_base(base, models / "mnist-twin.safetensors", **meta | {"name": "mnist-twin"})
-    env = dict(model_dir=models, patch_dir=tmp_path / "patches", max_batch=1, warmup="false")
+    env = dict(model_dir=models, patch_dir=tmp_path / "patches", max_batch=1, warmup="false", warm_compositions="false")
     # GEMM autotuning (on by default) adds ~50 s a bucket here and has nothing to do with which base a graph holds;
     # tests/api/test_generate.py serves through autotuned graphs
     compiled = start_server(wait=False, cpu_compile="true", cpu_autotune="false", dtype="bfloat16", **env)

@@ -145,7 +145,7 @@ def test_cpu_compiled_step_serves_the_eager_pixels(class_only_dirs, tmp_path):
     pixels = {}
     for compiled in (False, True):
         dirs = copy_dirs(class_only_dirs, tmp_path / str(compiled))
-        with asgi_client(dirs, cpu_compile=compiled, max_batch=2, device="cpu") as c:
+        with asgi_client(dirs, cpu_compile=compiled, max_batch=2, device="cpu", warm_compositions=False) as c:
             wait_ready(c, timeout=300)
             r = c.post("/generate", json=body)
             assert r.status_code == 200, r.text

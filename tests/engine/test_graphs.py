@@ -62,7 +62,7 @@ def test_bucket_padding_does_not_change_results():
         ref = model(x, t, y, patch=pool.batch(slots))
         assert out.shape == ref.shape
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-    assert fwd.fallbacks == 0 and sorted(fwd.graphs) == [(4, False), (8, False)]
+    assert fwd.fallbacks == 0 and sorted(fwd.graphs) == [(4, False, 1), (8, False, 1)]
 
 
 def test_base_rows_without_patch_equal_plain_model():
@@ -91,7 +91,7 @@ def test_mixed_batch_equals_each_sample_alone(text):
         torch.testing.assert_close(out[row:row + 1], alone, rtol=0, atol=1e-5)
     # and the patches really differ from each other and from the base
     assert not torch.allclose(model(x[:1], t[:1], y[:1], patch=patches[0]), model(x[:1], t[:1], y[:1]))
-    assert sorted(fwd.graphs) == [(8, True)]  # a top-k patch in the batch: the ranking variant
+    assert sorted(fwd.graphs) == [(8, True, 1)]  # a top-k patch in the batch: the ranking variant
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -103,7 +103,7 @@ def test_the_ranking_variant_runs_only_for_batches_with_a_top_k_patch(compile):
     pool = pool_for(model)
     every, top = random_patch(model, 20), random_patch(model, 21, top_k=0.25)
     s_every = pool.install(every)
-    fwd = GraphedForward(model, pool, buckets=(4,), cfg=False, compile=compile)
+    fwd = GraphedForward(model, pool, buckets=(4,), cfg=False, compile=compile, warm_compositions=False)
     fwd.capture()
     x, t, y = inputs(model, 2)
 
@@ -117,11 +117,35 @@ def test_the_ranking_variant_runs_only_for_batches_with_a_top_k_patch(compile):
     s_top = pool.install(top)
     assert pool.selecting == {s_top}
     check([s_every, 0], [every, None])
-    assert sorted(fwd.graphs) == [(4, False)]  # a top-k patch installed but not in the batch: no ranking
+    assert sorted(fwd.graphs) == [(4, False, 1)]  # a top-k patch installed but not in the batch: no ranking
     check([s_top, s_every], [top, every])
-    assert sorted(fwd.graphs) == [(4, False), (4, True)] and fwd.fallbacks == 0
+    assert sorted(fwd.graphs) == [(4, False, 1), (4, True, 1)] and fwd.fallbacks == 0
     pool.free(s_top)
     assert pool.selecting == set() and not pool.needs_top_k(torch.tensor([s_top, s_every]))
+
+
+@pytest.mark.parametrize("warm,compile", [(True, False), (False, True)])
+def test_single_patch_batches_take_the_one_pair_graph_and_compositions_the_full_width(warm, compile):
+    """A batch in which no row composes runs the bucket's one-pair graph, one that composes the MIX_WIDTH graph:
+    warm-up makes both, or without warm_compositions the second on the first composing batch; both give the
+    plain forward's output and nothing runs eagerly."""
+    model = tiny_model()
+    pool = pool_for(model)
+    sa, sb = pool.install(random_patch(model, 30)), pool.install(random_patch(model, 31))
+    fwd = GraphedForward(model, pool, buckets=(2,), cfg=False, compile=compile, warm_compositions=warm)
+    fwd.capture()
+    assert sorted(fwd.graphs) == [(2, False, 1), (2, False, 4)][:2 if warm else 1]
+    x, t, y = inputs(model, 2)
+    tol = dict(rtol=1e-4, atol=1e-4) if compile else dict(rtol=0, atol=1e-5)
+    single = pool.batch(torch.tensor([sa, sb]))
+    torch.testing.assert_close(fwd(x, t, y, patch=single), model(x, t, y, patch=single), **tol)
+    assert sorted(fwd.graphs) == [(2, False, 1), (2, False, 4)][:2 if warm else 1]  # one pair a row: width 1
+    composed = pool.batch(torch.tensor([[sa, sb], [sb, 0]]), torch.tensor([[0.5, -1.0], [2.0, 0.0]]))
+    out = fwd(x, t, y, patch=composed)
+    torch.testing.assert_close(out, model(x, t, y, patch=composed), **tol)
+    assert not torch.allclose(out, model(x, t, y, patch=single), atol=1e-3)  # the composition is not the singles
+    assert sorted(fwd.graphs) == [(2, False, 1), (2, False, 4)] and fwd.fallbacks == 0
+    assert [fwd.graphs[2, False, w][1].slots.shape for w in (1, 4)] == [(2, 1), (2, 4)]
 
 
 def test_warm_up_makes_the_ranking_variant_too_while_the_pool_holds_a_top_k_patch():
@@ -130,7 +154,7 @@ def test_warm_up_makes_the_ranking_variant_too_while_the_pool_holds_a_top_k_patc
     pool.install(random_patch(model, 22, top_k=0.25))
     fwd = GraphedForward(model, pool, buckets=(2, 4), cfg=False)
     fwd.capture()
-    assert sorted(fwd.graphs) == [(2, False), (2, True), (4, False), (4, True)]
+    assert sorted(fwd.graphs) == [(r, v, w) for r in (2, 4) for v in (False, True) for w in (1, 4)]
 
 
 
@@ -191,7 +215,7 @@ def test_denoise_step_with_graphed_forward_matches_eager_jobs(task, compile):
     # eager: a few fp32 ulps (latents reach ~30; on an AVX2-only CPU the padded bucket's GEMMs sum in another order)
     torch.testing.assert_close(run(fwd.step), run(eager_step(model, pool)), rtol=1e-4 if compile else 1e-6,
                                atol=1e-4 if compile else 1e-5)
-    assert fwd.fallbacks == 0 and sorted(fwd.graphs) == [(4, False), (8, False)]
+    assert fwd.fallbacks == 0 and sorted(fwd.graphs) == [(4, False, 1), (8, False, 1)]
 
 
 def test_a_mismatched_pool_or_patch_is_an_error_not_an_eager_fallback():
@@ -220,7 +244,7 @@ def test_cpu_compiled_bucket_sees_installs_without_recompiling():
 
     model = tiny_model()
     pool = pool_for(model)
-    fwd = GraphedForward(model, pool, buckets=(4,), cfg=False, compile=True)
+    fwd = GraphedForward(model, pool, buckets=(4,), cfg=False, compile=True, warm_compositions=False)
     x, t, y = inputs(model, 4)
     fwd.capture()
     frames = counters["stats"]["unique_graphs"]
@@ -239,7 +263,7 @@ def test_cpu_compiled_graphs_hold_a_cpp_reference_to_what_they_take_until_droppe
 
     model = tiny_model()
     pool = pool_for(model)
-    fwd = GraphedForward(model, pool, buckets=(1, 2), cfg=False, compile=True)
+    fwd = GraphedForward(model, pool, buckets=(1, 2), cfg=False, compile=True, warm_compositions=False)
     fwd.capture()
     buffers = [t for _, buf, _ in fwd.graphs.values() for t in vars(buf).values() if isinstance(t, torch.Tensor)]
     pool_tensors = [t for t in vars(pool).values() if isinstance(t, torch.Tensor)]
@@ -284,7 +308,7 @@ def test_cpu_buckets_past_the_l2_bound_compile_flash_attention_and_match_eager(m
         torch.testing.assert_close(run(fwd.step, n), run(eager_step(model, pool), n), rtol=1e-4, atol=1e-4)
     frames = counters["stats"]["unique_graphs"]
     run(fwd.step, 2)
-    assert counters["stats"]["unique_graphs"] == frames and sorted(fwd.step_fns) == [(2, False), (4, False)]
+    assert counters["stats"]["unique_graphs"] == frames and sorted(fwd.step_fns) == [(2, False, 1), (4, False, 1)]
 
 
 def test_compiled_steps_of_same_shape_bases_stay_apart():
@@ -299,8 +323,8 @@ def test_compiled_steps_of_same_shape_bases_stay_apart():
             torch.testing.assert_close(fwd(x[:n], t[:n], y[:n]), eager, rtol=2e-2, atol=2e-2)
     apart = (models[0](x.to(torch.bfloat16), t, y) - models[1](x.to(torch.bfloat16), t, y)).abs().mean()
     assert apart > 0.1  # the two bases really differ, so sharing a graph would fail above
-    assert fwds[0].step_fns.keys() == {(1, False), (2, False)}
-    assert fwds[0].step_fns[1, False] is not fwds[1].step_fns[1, False]
+    assert fwds[0].step_fns.keys() == {(1, False, 1), (2, False, 1)}
+    assert fwds[0].step_fns[1, False, 1] is not fwds[1].step_fns[1, False, 1]
 
 
 # ------------------------------------------------------------------------------------------ GPU

@@ -7,7 +7,7 @@ import torch
 from app.engine.graphs import GraphedForward
 from app.model import PatchPool, denoise_step, new_job
 from app.model.dmp import MIX_WIDTH, new_patch_for
-from app.model.sampling import eager_step
+from app.model.sampling import eager_step, plan_step
 
 from .test_dmp import randomize_patch
 
@@ -73,7 +73,7 @@ def test_rows_with_different_compositions_equal_each_alone(tiny_class, pool_ab):
 
 def test_compiled_step_serves_every_composition_without_recompiling(tiny_class, pool_ab):
     """Compositions are inputs of a fixed shape: one compiled graph per bucket and variant (with b, a top-k
-    patch, in the batch or not) serves them all."""
+    patch, in the batch or not; one pair per row, or MIX_WIDTH when a job composes) serves them all."""
     from torch._dynamo.utils import counters
 
     pool, a, b, a_copy = pool_ab
@@ -94,7 +94,23 @@ def test_compiled_step_serves_every_composition_without_recompiling(tiny_class, 
         torch.testing.assert_close(run(fwd.step, mixes), run(eager_step(tiny_class, pool), mixes), atol=1e-4,
                                    rtol=1e-4)
     assert counters["stats"]["unique_graphs"] == frames and fwd.fallbacks == 0
-    assert sorted(fwd.step_fns) == [(8, False), (8, True)]  # 4 images, 8 rows with CFG
+    assert sorted(fwd.step_fns) == [(8, False, 1), (8, True, 4)]  # 4 images, 8 rows with CFG
+
+
+def test_a_step_carries_one_pair_a_row_until_a_job_composes(tiny_class, pool_ab):
+    """The graphed steps' two widths: (slot, scale) pairs per row are 1 while no job composes, else MIX_WIDTH."""
+    pool, a, b, _ = pool_ab
+
+    def batch(*mixes):
+        return plan_step(tiny_class, [new_job(tiny_class, y=3, seed=i, steps=2, guidance_scale=2.0, mix=m)
+                                      for i, m in enumerate(mixes)])
+
+    single = batch(((a, 1.0),), ())  # CFG: each job's conditional and unconditional rows
+    assert single.slots.tolist() == [[a], [a], [0], [0]]
+    assert single.patch_scales.tolist() == [[1.0], [1.0], [0.0], [0.0]]
+    composed = batch(((a, 1.0),), ((a, 0.5), (b, -1.0)))
+    assert composed.slots.tolist() == [[a, 0, 0, 0]] * 2 + [[a, b, 0, 0]] * 2
+    assert composed.patch_scales.tolist() == [[1.0, 0, 0, 0]] * 2 + [[0.5, -1.0, 0, 0]] * 2
 
 
 def run_jobs(model, jobs, pool):
@@ -126,7 +142,8 @@ def test_negative_class_replaces_the_null_row(tiny_class):
 
 
 def test_eager_step_skipping_unused_pairs_is_bitwise_the_full_width(tiny_class, pool_ab):
-    """The eager step drops pairs no row uses; the graphed step (uncompiled here) always runs all 4: same bits."""
+    """The eager step drops pairs no row uses; the graphed step (uncompiled here) runs its graph's width (1, or all
+    MIX_WIDTH when a job composes): same bits."""
     pool, a, b, _ = pool_ab
     for mixes in ([((a, 1.0),), ((b, -0.5),)], [((a, 0.5), (b, 0.5)), ()], [(), ()]):
         fwd = GraphedForward(tiny_class, pool, buckets=(2,))  # 2 images with CFG: 4 rows, no padding rows
