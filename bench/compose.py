@@ -3,8 +3,9 @@
     python -m bench.compose                       # CPU, the demo model, the server's default eager fp32 step
     python -m bench.compose --compile             # the compiled CPU step (DMP_CPU_COMPILE), bf16
 
-Every row of a step carries 4 (slot, scale) pairs (docs/design.md §2): the compiled step runs all 4 for every row
-(fixed shapes), the eager step skips pairs no row of the batch uses. This measures both, end to end through
+A step's rows carry 1 (slot, scale) pair while no job composes, else 4 (docs/design.md §2): the compiled step runs
+its graph's width for every row (fixed shapes), the eager step skips pairs no row of the batch uses. This measures
+both, end to end through
 denoise_step: `batch` one-image jobs with CFG, each on its
 own patch (single), on two patches at 0.5 each (compose2), on four (compose4), and the pool-less unpatched step for
 the price of the patch pool itself. Rounds alternate the variants; each variant's time is its minimum over rounds
