@@ -271,7 +271,7 @@ class GraphedForward:
             ranking = (top_k,)
         if widths is None:
             widths = (1, MIX_WIDTH) if self.warm_compositions and self.pool is not None else (1,)
-        todo = [(r, v, w) for w in widths for r in sorted(rows or self.rows, reverse=True) for v in ranking]
+        todo = [(r, v, w) for r in sorted(rows or self.rows, reverse=True) for w in widths for v in ranking]
         bar = tqdm(todo, desc=progress, unit="graph", disable=progress is None, leave=False)
         if not self.use_graphs:
             for key in bar:  # CPU: warm (and compile) each bucket shape once

@@ -16,7 +16,7 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is
 
 # the demo base's eager 16-image CFG step on a thread that is not the main one, as the runner steps it
 STEP_FAULTS = """
-import json, resource, sys, threading, torch
+import json, resource, statistics, sys, threading, torch
 from app.core.config import Settings
 from app.core.metrics import Metrics
 from app.engine.allocator import keep_freed_memory
@@ -31,10 +31,14 @@ def run():
                     beta_schedule=base.beta_schedule, clip_sample=base.clip_sample) for i in range(16)]
     for _ in range(3):  # the first steps' pages fault in either way
         denoise_step(base.model, jobs, step=step)
-    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    faults = []
     for _ in range(10):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
         denoise_step(base.model, jobs, step=step)
-    out["faults_per_step"] = (resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before) / 10
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+    # the median step: the heap may still grow once in these steps (~400 faults, where depends on the layout of
+    # small allocations), which is not what the setting is about: faulting the same buffers in again every step
+    out["faults_per_step"] = statistics.median(faults)
 thread = threading.Thread(target=run)
 thread.start()
 thread.join()
@@ -53,7 +57,8 @@ def step_faults(mode: str) -> dict:
 def test_kept_memory_stops_the_step_faulting():
     kept, default = step_faults("keep"), step_faults("defaults")
     assert kept["done"].startswith("freed memory kept for reuse"), kept
-    # glibc's defaults hand a 16-image step's buffers back and fault them in again: ~2,500 faults a step here
+    # glibc's defaults hand a 16-image step's buffers back and fault them in again: 900-5,700 faults a step here (the
+    # count moves with the layout of the step's small allocations)
     assert default["faults_per_step"] > 500, default
     assert kept["faults_per_step"] < default["faults_per_step"] / 20, (kept, default)
 
