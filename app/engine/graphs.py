@@ -326,12 +326,12 @@ class GraphedForward:
             self._ensure_cpu_bucket(key)
         graph, buf, out = self.graphs[key]
         self._fill(buf, b)
-        if graph is None:
-            out = self._run(buf, top_k)
-        else:
-            graph.replay()
-            self.replays += 1
-        o, prev, eps, v = out
+        if graph is None:  # a compiled (or eager) CPU step returns new tensors every call: views of them stay valid
+            o, prev, eps, v = self._run(buf, top_k)
+            return o[:R], prev[:B], eps[:B], v[:B] if v is not None else None
+        graph.replay()
+        self.replays += 1
+        o, prev, eps, v = out  # the graph's static outputs, which the next replay overwrites
         return o[:R].clone(), prev[:B].clone(), eps[:B].clone(), v[:B].clone() if v is not None else None
 
     def _fallback(self, b: StepBatch, top_k: bool):
