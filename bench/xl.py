@@ -5,16 +5,20 @@
     python -m bench.xl --quick --no-image   # the forward ratios alone (a few minutes: repeat it for the spread)
 
 Random weights (the cost does not depend on their values). Forward: ours (`DiT.forward`, eager, built with
-diffusers' timestep frequencies so both compute the same function) vs diffusers, in one process, rounds
-alternating the two, min over rounds; fp32 then bf16 (both models cast). The max-abs difference of the fp32
-outputs is printed as a check that both compute the same thing. Image: a 50-step DDIM + CFG image at batch 1
-through our `denoise_step` and the SD VAE decode (diffusers AutoencoderKL from its config, random weights; fp32 in
-both dtypes, as the service keeps it), in a fresh subprocess per dtype so its peak RSS is that of serving one
-image; with --e2e-steps below 50 the sampling time is extrapolated (labelled `extrapolated`). The last line is JSON.
+diffusers' timestep frequencies so both compute the same function, its large linears prepacked for oneDNN as the
+engine serves an eager fp32 CPU base: app/model/cpu_linear.py; in bf16 the compiled CPU step's weight freezing packs
+them the same way) vs diffusers, in one process, rounds alternating the two, min over rounds; fp32 then bf16 (both
+models cast). `--unpacked`: ours without the prepacking (plain nn.Linear, the comparison before session 25). The
+max-abs difference of the fp32 outputs is printed as a check that both compute the same thing. Image: a 50-step DDIM
++ CFG image at batch 1 through our `denoise_step` and the SD VAE decode (diffusers AutoencoderKL from its config,
+random weights; fp32 in both dtypes, as the service keeps it), in a fresh subprocess per dtype so its peak RSS is
+that of serving one image; with --e2e-steps below 50 the sampling time is extrapolated (labelled `extrapolated`).
+The last line is JSON.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -46,13 +50,14 @@ def xl_model():
 
 
 @torch.no_grad()
-def forward_compare(repeats: int, log) -> dict:
+def forward_compare(repeats: int, log, packed: bool = True) -> dict:
     """ms per CFG forward (2 rows) of ours and diffusers, fp32 and bf16, same weights, alternating rounds."""
     from bench.diffusers_ref import to_diffusers
     from bench.engine import time_alternating
 
-    ours = xl_model()
-    ref = to_diffusers(ours)
+    plain = xl_model()
+    ref = to_diffusers(plain)
+    ours = served(plain, torch.float32, packed)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 32, 32, generator=g)
     t = torch.tensor([500, 500])
@@ -60,7 +65,7 @@ def forward_compare(repeats: int, log) -> dict:
     out: dict = {"max_abs_fp32": (ours(x, t.float(), y) - ref(x, timestep=t, class_labels=y).sample).abs().max().item()}
     log(f"fp32 outputs: max |ours - diffusers| = {out['max_abs_fp32']:.2e}")
     for name, dtype in DTYPES.items():
-        ours, ref = ours.to(dtype), ref.to(dtype)
+        ours, ref = served(plain, dtype, packed), ref.to(dtype)
         xd = x.to(dtype)
         secs = time_alternating({"ours": lambda ours=ours, xd=xd: ours(xd, t.float(), y),
                                  "diffusers": lambda ref=ref, xd=xd: ref(xd, timestep=t, class_labels=y).sample},
@@ -73,13 +78,23 @@ def forward_compare(repeats: int, log) -> dict:
     return out
 
 
+def served(model, dtype: torch.dtype, packed: bool):
+    """A copy of `model` in `dtype`, its large linears prepacked as the engine serves it on CPU (or not)."""
+    from app.model.cpu_linear import pack_linears
+
+    ours = copy.deepcopy(model).to(dtype)
+    if packed:
+        pack_linears(ours)
+    return ours
+
+
 @torch.no_grad()
-def image(dtype: str, steps: int, timed_steps: int, guidance: float = 4.0) -> dict:
+def image(dtype: str, steps: int, timed_steps: int, guidance: float = 4.0, packed: bool = True) -> dict:
     """One DDIM + CFG image at batch 1 through denoise_step, then the SD VAE decode to uint8 (this process only)."""
     from app.model.sampling import denoise_step, eager_step, new_job
     from app.model.vae import SDVAE, to_uint8
 
-    model = xl_model().to(DTYPES[dtype])
+    model = served(xl_model(), DTYPES[dtype], packed)
     # fp32 as the service runs it (app/engine/bases.py): a bf16 conv decode took > 20 min on a CPU without bf16
     vae = SDVAE.random_sd()
     step = eager_step(model, None, dtype=DTYPES[dtype])
@@ -107,23 +122,27 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=None, help="forward rounds per dtype")
     ap.add_argument("--e2e-steps", type=int, default=None, help="sampling steps timed (the rest extrapolated)")
     ap.add_argument("--no-image", action="store_true", help="the forward comparison only (the ratio, three runs)")
+    ap.add_argument("--unpacked", action="store_true", help="ours with plain nn.Linear layers (no prepacking)")
     ap.add_argument("--image-only", choices=list(DTYPES), help=argparse.SUPPRESS)  # the subprocess's part
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     timed = args.e2e_steps or (2 if args.quick else 50)
     if args.image_only:
-        print(json.dumps(image(args.image_only, 50, timed)))
+        print(json.dumps(image(args.image_only, 50, timed, packed=not args.unpacked)))
         return
 
     def log(msg):
         print(msg, flush=True)
 
     result = {"threads": args.threads, "model": "DiT-XL/2, 256 px (32x32x4 latents), random weights",
-              "forward": forward_compare(args.repeats or (2 if args.quick else 3), log), "image": {}}
+              "ours_linears": "plain" if args.unpacked else "prepacked",
+              "forward": forward_compare(args.repeats or (2 if args.quick else 3), log, packed=not args.unpacked),
+              "image": {}}
     for dtype in () if args.no_image else DTYPES:
         proc = subprocess.run([sys.executable, "-m", "bench.xl", "--image-only", dtype, "--threads", str(args.threads),
-                               "--e2e-steps", str(timed)], capture_output=True, text=True, check=True)
+                               "--e2e-steps", str(timed), *(["--unpacked"] if args.unpacked else [])],
+                              capture_output=True, text=True, check=True)
         res = result["image"][dtype] = json.loads(proc.stdout.strip().splitlines()[-1])
         extrapolated = f" (extrapolated from {res['timed_steps']} steps)" if res["extrapolated"] else ""
         log(f"{dtype} 50-step DDIM+CFG image with VAE decode: {res['image_s']:.1f} s{extrapolated}, "

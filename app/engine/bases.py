@@ -14,6 +14,7 @@ from app.core.metrics import Metrics
 from app.engine.graphs import GraphedForward, buckets_up_to
 from app.engine.slots import PatchSlots
 from app.model import PatchPool, cpu_attention, fingerprint, load_base
+from app.model.cpu_linear import can_pack, pack_linears
 from app.model.describe import BaseDescription, DescriptionError, describe, is_base_entry, label_index, resolve_vae
 from app.model.dit import DiT
 from app.model.kernels import self_check, set_fused
@@ -135,6 +136,9 @@ class BaseLoader:
         graphed = s.cuda_graphs if self.device == "cuda" else s.cpu_compile
         # graphs capture a plain forward, so the weights themselves take the serving dtype (bf16 by default)
         model = model.to(device=self.device, dtype=s.torch_dtype if graphed else torch.float32)
+        # eager fp32 on CPU (no autocast): large GEMMs with prepacked weights; a compiled graph prepacks its own
+        if self.device == "cpu" and not graphed and s.torch_dtype == torch.float32 and can_pack(model):
+            pack_linears(model)
         pool = PatchPool(model.config.hidden_size, model.config.num_tokens, model.config.depth,
                          slots=s.patch_slots, device=self.device, dtype=torch.float32)
         forward = GraphedForward(model, pool, buckets=buckets_up_to(s.max_batch),

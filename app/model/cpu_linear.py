@@ -1,0 +1,63 @@
+"""CPU inference: a DiT's large nn.Linear layers with their weights prepacked once for oneDNN, the eager forward's
+counterpart of what Inductor's weight freezing does in a compiled CPU graph.
+
+An eager nn.Linear hands its plain (out, in) weight to the BLAS on every call. At DiT-XL/2's shapes (2 rows of a CFG
+pair, 256 tokens) oneDNN's product on a weight reordered once took 0.79-0.92x F.linear's time in the token GEMMs in
+fp32 and 0.91-0.93x in bf16, and 0.21-0.37x in the adaLN projections (2 rows), on a Zen 4
+(bench/results/2026-12-07-cpu-packed-linear-adhoc.log). At the demo bases' sizes (hidden 64) its per-call cost
+outweighs that (0.4-0.9x as fast at 2 rows), so only layers of at least PACK_MIN_WEIGHT weights are packed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from app.model.dit import DiT
+from app.model.loaders import fingerprint
+
+PACK_MIN_WEIGHT = 1 << 17  # in x out: DiT-S/2 (hidden 384) is above it in every layer, the demo bases below in all
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear for CPU inference with the weight in oneDNN's blocked layout: the same product, no reorder per call."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight), persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")  # (..., out)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def can_pack(model: DiT) -> bool:
+    """CPU weights in fp32 or bf16, and a torch built with oneDNN."""
+    p = next(model.parameters())
+    return (p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available())
+
+
+@torch.no_grad()
+def pack_linears(model: DiT, min_weight: int = PACK_MIN_WEIGHT) -> int:
+    """Replace the transformer blocks' (attention, MLP, adaLN) and the final layer's nn.Linear layers of at least
+    `min_weight` weights by PackedLinear, in place; returns how many. The model becomes inference-only (the packed
+    product has no backward), and its fingerprint is taken first, since the packed weights leave its state_dict."""
+    if not can_pack(model):
+        raise ValueError("prepacking is for a CPU model in fp32 or bf16, on a torch built with oneDNN")
+    fingerprint(model)
+    model.requires_grad_(False)
+    # the blocks' own embedders (DiTConfig.block_embedders) stay: their forward reads their weight's dtype
+    parents = [m for b in model.blocks for m in (b.attn, b.mlp, b.adaLN_modulation)]
+    parents += [model.final_layer, model.final_layer.adaLN_modulation]
+    packed = 0
+    for parent in parents:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.in_features * child.out_features >= min_weight:
+                setattr(parent, name, PackedLinear(child))
+                packed += 1
+    return packed

@@ -1,0 +1,72 @@
+"""Prepacked CPU linears (app/model/cpu_linear.py): the same forward, the same fingerprint, only where they pay."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from app.core.config import Settings
+from app.core.metrics import Metrics
+from app.engine.bases import load_bases
+from app.model.cpu_linear import PackedLinear, pack_linears
+from app.model.dit import DiT, DiTConfig
+from app.model.loaders import fingerprint, save_base
+from app.model.sampling import denoise_step, eager_step, new_job
+
+
+def small_dit(hidden: int, depth: int = 2, num_heads: int = 6) -> DiT:
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=hidden, depth=depth,
+                          num_heads=num_heads, num_classes=10)).eval()
+    for p in model.parameters():  # DiT's init zeroes the adaLN and final layers: that would hide a wrong product
+        p.data.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_forward_equals_the_plain_one_and_keeps_the_fingerprint(dtype):
+    plain = small_dit(384).to(dtype)
+    before = fingerprint(plain)
+    packed = copy.deepcopy(plain)
+    assert pack_linears(packed) == 2 * 5 + 1  # per block qkv, proj, fc1, fc2, adaLN; the final adaLN (384 x 768)
+    assert isinstance(packed.blocks[0].attn.qkv, PackedLinear)
+    assert isinstance(packed.final_layer.linear, torch.nn.Linear)  # 384 x 16: below PACK_MIN_WEIGHT
+    x, t, y = torch.randn(4, 4, 8, 8, dtype=dtype), torch.tensor([1.0, 250, 500, 999]), torch.tensor([1, 2, 10, 3])
+    with torch.no_grad():
+        want, got = plain(x, t, y).float(), packed(x, t, y).float()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]  # bf16: oneDNN may sum in another order
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert fingerprint(packed) == before  # taken before the packed weights left the state_dict
+
+
+def test_demo_sized_layers_stay_plain():
+    assert pack_linears(small_dit(64, num_heads=4)) == 0  # hidden 64: oneDNN's per-call cost outweighs the reorder
+
+
+def test_an_eager_fp32_cpu_base_is_served_with_packed_linears_and_steps_as_before(tmp_path):
+    model = small_dit(384)
+    save_base(model, tmp_path / "models" / "wide.safetensors", vae="pixel")
+    (tmp_path / "patches").mkdir()
+    base = load_bases(Settings(model_dir=tmp_path / "models", patch_dir=tmp_path / "patches", device="cpu"),
+                      Metrics(), "wide")[0]["wide"]
+    assert base.forward is None and isinstance(base.model.blocks[1].mlp.fc2, PackedLinear)
+    assert base.fingerprint == fingerprint(model)  # patches made for the base still match it
+
+    def latents(m: DiT) -> torch.Tensor:
+        job = new_job(m, y=3, seed=7, sampler="ddim", steps=3, guidance_scale=2.0)
+        step = eager_step(m, base.patches.pool) if m is base.model else None
+        while not job.done:
+            denoise_step(m, [job], step=step)
+        return job.latents
+
+    # oneDNN sums in another order than MKL: fp32 ulps, grown over three steps of a random-weight model
+    torch.testing.assert_close(latents(base.model), latents(model), rtol=2e-4, atol=2e-4)
+
+
+def test_a_compiled_or_bf16_base_keeps_its_linears(tmp_path):
+    save_base(small_dit(384), tmp_path / "models" / "wide.safetensors", vae="pixel")
+    (tmp_path / "patches").mkdir()
+    base = load_bases(Settings(model_dir=tmp_path / "models", patch_dir=tmp_path / "patches", device="cpu",
+                               dtype="bfloat16"), Metrics(), "wide")[0]["wide"]
+    assert isinstance(base.model.blocks[0].attn.qkv, torch.nn.Linear)  # eager bf16 runs under autocast: not packed
