@@ -2,17 +2,19 @@
 counterpart of what Inductor's weight freezing does in a compiled CPU graph.
 
 An eager nn.Linear hands its plain (out, in) weight to the BLAS on every call. At DiT-XL/2's shapes (2 rows of a CFG
-pair, 256 tokens) oneDNN's product on a weight reordered once took 0.79-0.92x F.linear's time in the token GEMMs in
+pair, 256 tokens) oneDNN's product on a weight reordered once took 0.79-0.88x F.linear's time in the token GEMMs in
 fp32 and 0.91-0.93x in bf16, and 0.21-0.37x in the adaLN projections (2 rows), on a Zen 4
 (bench/results/2026-12-07-cpu-packed-linear-adhoc.log). At the demo bases' sizes (hidden 64) its per-call cost
 outweighs that (0.4-0.9x as fast at 2 rows), so only layers of at least PACK_MIN_WEIGHT weights are packed.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
-from app.model.dit import DiT
+from app.model.dit import DiT, DiTBlock
 from app.model.loaders import fingerprint
 
 PACK_MIN_WEIGHT = 1 << 17  # in x out: DiT-S/2 (hidden 384) is above it in every layer, the demo bases below in all
@@ -52,7 +54,8 @@ def pack_linears(model: DiT, min_weight: int = PACK_MIN_WEIGHT) -> int:
     fingerprint(model)
     model.requires_grad_(False)
     # the blocks' own embedders (DiTConfig.block_embedders) stay: their forward reads their weight's dtype
-    parents = [m for b in model.blocks for m in (b.attn, b.mlp, b.adaLN_modulation)]
+    blocks = cast("list[DiTBlock]", list(model.blocks))
+    parents: list[nn.Module] = [m for b in blocks for m in (b.attn, b.mlp, b.adaLN_modulation)]
     parents += [model.final_layer, model.final_layer.adaLN_modulation]
     packed = 0
     for parent in parents:
