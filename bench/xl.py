@@ -93,10 +93,13 @@ def served(model, dtype: torch.dtype, packed: bool):
 @torch.no_grad()
 def image(dtype: str, steps: int, timed_steps: int, guidance: float = 4.0, packed: bool = True) -> dict:
     """One DDIM + CFG image at batch 1 through denoise_step, then the SD VAE decode to uint8 (this process only)."""
+    from app.model.cpu_linear import pack_linears
     from app.model.sampling import denoise_step, eager_step, new_job
     from app.model.vae import SDVAE, to_uint8
 
-    model = served(xl_model(), DTYPES[dtype], packed)
+    model = xl_model().to(DTYPES[dtype])
+    if packed:  # in place, as the engine loads a base: a copy would double this process's peak
+        pack_linears(model)
     # fp32 as the service runs it (app/engine/bases.py): a bf16 conv decode took > 20 min on a CPU without bf16
     vae = SDVAE.random_sd()
     step = eager_step(model, None, dtype=DTYPES[dtype])
