@@ -64,9 +64,12 @@ def test_an_eager_fp32_cpu_base_is_served_with_packed_linears_and_steps_as_befor
     torch.testing.assert_close(latents(base.model), latents(model), rtol=2e-4, atol=2e-4)
 
 
-def test_a_compiled_or_bf16_base_keeps_its_linears(tmp_path):
+@pytest.mark.parametrize("dtype,compiled", [("bfloat16", False), ("float32", True)])
+def test_an_eager_bf16_or_a_compiled_base_keeps_its_linears(tmp_path, dtype, compiled):
     save_base(small_dit(384), tmp_path / "models" / "wide.safetensors", vae="pixel")
     (tmp_path / "patches").mkdir()
     base = load_bases(Settings(model_dir=tmp_path / "models", patch_dir=tmp_path / "patches", device="cpu",
-                               dtype="bfloat16"), Metrics(), "wide")[0]["wide"]
-    assert isinstance(base.model.blocks[0].attn.qkv, torch.nn.Linear)  # eager bf16 runs under autocast: not packed
+                               dtype=dtype, cpu_compile=compiled), Metrics(), "wide")[0]["wide"]
+    # eager bf16 runs under autocast, which does not reach the oneDNN op; a compiled graph's freezing packs its own
+    assert (base.forward is not None) == compiled
+    assert isinstance(base.model.blocks[0].attn.qkv, torch.nn.Linear)
