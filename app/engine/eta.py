@@ -93,14 +93,16 @@ def finish_times(plans: Sequence[Planned], costs: StepCosts, max_batch: int, pol
         for p in left:
             by_base.setdefault(p.base, []).append(p)
         # per base: the works advanced, the steps one turn of them takes and what such a step costs. The same works
-        # are chosen until one finishes; when small ones overflow the batch they rotate (least steps done first),
-        # so a turn is then every small work advancing one step, over ceil(their rows / max_batch) steps
+        # are chosen until one finishes; under `fair`, when small ones overflow the batch they rotate (least steps
+        # done first), so a turn is then every small work advancing one step, over ceil(their rows / max_batch)
+        # steps (under `deadline` the fewest-steps-left order keeps the chosen ones ahead until one finishes)
         turns: dict[str, tuple[list[Planned], int, float]] = {}
         for base, ps in by_base.items():
             views = [_View(p, left[p]) for p in ps]
             picked = share(views, max_batch, policy, partial(costs.step, base), slowdown, alone)
             small = [v.plan for v in views if not v.background and is_small(v, max_batch)]
-            if len({id(v) for v in picked} & {id(v) for v in views if v.plan in small}) < len(small):
+            rotating = len({id(v) for v in picked} & {id(v) for v in views if v.plan in small}) < len(small)
+            if policy == "fair" and rotating:
                 steps = math.ceil(sum(p.images for p in small) / max_batch)
                 turns[base] = small, steps, costs.step(base, max_batch)
             else:

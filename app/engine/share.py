@@ -1,11 +1,14 @@
 """Which running requests one batched step advances: the batcher's scheduling rule, as a pure function.
 
 Interactive requests come first. Under the `deadline` policy (DMP_SCHEDULER) a small request (at most
-SMALL_BATCH_STEPS full batches of work) goes first, least steps done first, so its latency is its own steps
-whatever was admitted before it; large requests follow, earliest deadline first, so they finish one after the
-other instead of advancing in lockstep until every one of them runs out of time. The `fair` policy puts every
-interactive request in the least-steps-done order. Background requests take only the rows left over, and only
-while they make the interactive step at most `slowdown` slower by the measured step times.
+SMALL_BATCH_STEPS full batches of work) goes first, fewest steps left first (then oldest): a short request
+overtakes long ones, and a running request keeps its rows until it ends, so requests finish one at a time and
+their clients' next requests find the batch full, where least-steps-done order advanced every request together
+and emptied the batch in groups. A small request that does not fit holds the later small ones back (none of them
+overtakes it, which would leave it behind for good). Large requests follow, earliest deadline first, so they
+finish one after the other instead of advancing in lockstep until every one of them runs out of time. The `fair`
+policy puts every interactive request in the least-steps-done order. Background requests take only the rows left
+over, and only while they make the interactive step at most `slowdown` slower by the measured step times.
 """
 from __future__ import annotations
 
@@ -45,18 +48,26 @@ def is_small(work: Running, max_batch: int) -> bool:
 
 
 def priority(work: Running, max_batch: int, policy: Policy) -> tuple:
-    """The interactive order: smaller runs first."""
-    if policy == "fair" or is_small(work, max_batch):
+    """The interactive order: small runs first."""
+    if policy == "fair":
         return (0, work.steps_done, work.admitted_at)
+    if is_small(work, max_batch):
+        return (0, work.steps - work.steps_done, work.admitted_at)
     return (1, work.deadline, work.admitted_at)
 
 
-def _fill(ordered: Sequence[R], room: int, chosen: list[R]) -> int:
-    """Append works in order while their images fit in `room` (the first always fits an empty batch)."""
+def _fill(ordered: Sequence[R], room: int, chosen: list[R], holds: Callable[[R], bool] = lambda w: False) -> int:
+    """Append works in order while their images fit in `room` (the first always fits an empty batch); once a work
+    that `holds` does not fit, no later such work is taken."""
+    held = False
     for w in ordered:
+        if held and holds(w):
+            continue
         if w.images <= room or not chosen:
             chosen.append(w)
             room -= w.images
+        elif holds(w):
+            held = True
     return room
 
 
@@ -70,7 +81,7 @@ def share(works: Sequence[R], max_batch: int, policy: Policy = "deadline",
     alone, join none)."""
     chosen: list[R] = []
     room = _fill(sorted((w for w in works if not w.background), key=lambda w: priority(w, max_batch, policy)),
-                 max_batch, chosen)
+                 max_batch, chosen, lambda w: policy == "deadline" and is_small(w, max_batch))
     background = sorted((w for w in works if w.background), key=lambda w: (w.deadline, w.admitted_at))
     if step_seconds is None:  # no measure: background rows fill a batch alone and join no interactive one
         if not chosen:
