@@ -82,8 +82,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, ge=1, description="Images per batched forward (before CFG doubling)")
     scheduler: Literal["deadline", "fair"] = Field("deadline", description="deadline: refuse (429 "
                                                    "deadline_unreachable) a request the measured step times say "
-                                                   "cannot finish before its deadline, run large requests earliest "
-                                                   "deadline first; fair: admit up to DMP_MAX_QUEUE and advance "
+                                                   "cannot finish before its deadline, run small requests fewest "
+                                                   "steps left first and large ones earliest deadline first; fair: "
+                                                   "admit up to DMP_MAX_QUEUE and advance "
                                                    "every request together (least steps done first)")
     max_background: int = Field(256, ge=0, description="Background (batch) requests admitted at once, counted apart "
                                                        "from DMP_MAX_QUEUE; beyond: 429 background_full")

@@ -2,7 +2,7 @@
 
 Each loop iteration picks a base (round robin), lets waiting requests of that base join its running set at
 this step boundary, shares the step's DMP_MAX_BATCH images between the running requests (`share`: small requests
-least progress first, large ones earliest deadline first, background rows only where interactive ones leave
+fewest steps left first, large ones earliest deadline first, background rows only where interactive ones leave
 room), runs one `denoise_step` for them (each job carries its own timestep, sampler and patch slot), times it, then
 decodes and answers the jobs that finished (a background job's decode waits while interactive work is queued or
 running, so it never stands between an interactive request and its next step). After an interactive request is
