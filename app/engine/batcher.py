@@ -111,7 +111,7 @@ class Batcher:
         latest = latest_finish([*plans, new], self.costs, self.max_batch, now)
         if all(latest <= limit(p) for p in (*plans, new) if not p.background):
             return
-        replay = (self.costs, self.max_batch, self.policy, self.slowdown, now)
+        replay = (self.costs, self.max_batch, self.slowdown, now)
         without, with_new = finish_times(plans, *replay, self.alone), finish_times([*plans, new], *replay, self.alone)
 
         late = [p for p in without if without[p] <= limit(p) < with_new[p]]

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from app.engine.share import Policy, is_small, share
+from app.engine.share import share
 
 SMOOTHING = 0.05  # weight of a new measurement in the moving averages: ~20 steps, steadier than one slow step
 MAX_ROUNDS = 20_000  # a replay longer than this is cut: what it did not finish counts as late
@@ -80,10 +80,11 @@ class Planned:
     background: bool = False
 
 
-def finish_times(plans: Sequence[Planned], costs: StepCosts, max_batch: int, policy: Policy, slowdown: float,
-                 now: float, alone: float | None = None) -> Mapping[Planned, float]:
-    """When each interactive plan is done (monotonic), replaying the batcher from `now`; math.inf for a plan cut
-    at its deadline. The replay ends when no interactive plan is left (background plans only shape the steps)."""
+def finish_times(plans: Sequence[Planned], costs: StepCosts, max_batch: int, slowdown: float, now: float,
+                 alone: float | None = None) -> Mapping[Planned, float]:
+    """When each interactive plan is done (monotonic), replaying the batcher under the deadline policy (the one that
+    admits by this replay) from `now`; math.inf for a plan cut at its deadline. The replay ends when no interactive
+    plan is left (background plans only shape the steps)."""
     left = {p: p.steps_done for p in plans}  # plan -> steps done so far in the replay
     finish: dict[Planned, float] = {}
     clock, rounds = now, 0
@@ -92,32 +93,23 @@ def finish_times(plans: Sequence[Planned], costs: StepCosts, max_batch: int, pol
         by_base: dict[str, list[Planned]] = {}
         for p in left:
             by_base.setdefault(p.base, []).append(p)
-        # per base: the works advanced, the steps one turn of them takes and what such a step costs. The same works
-        # are chosen until one finishes; under `fair`, when small ones overflow the batch they rotate (least steps
-        # done first), so a turn is then every small work advancing one step, over ceil(their rows / max_batch)
-        # steps (under `deadline` the fewest-steps-left order keeps the chosen ones ahead until one finishes)
-        turns: dict[str, tuple[list[Planned], int, float]] = {}
+        # per base: the works its steps advance and what such a step costs. Fewest steps left first keeps the chosen
+        # works ahead of the rest (and the same rows for background ones) until one of them finishes, so the replay
+        # jumps to that step; round robin gives every base one step per round
+        steps: dict[str, tuple[list[Planned], float]] = {}
         for base, ps in by_base.items():
-            views = [_View(p, left[p]) for p in ps]
-            picked = share(views, max_batch, policy, partial(costs.step, base), slowdown, alone)
-            small = [v.plan for v in views if not v.background and is_small(v, max_batch)]
-            rotating = len({id(v) for v in picked} & {id(v) for v in views if v.plan in small}) < len(small)
-            if policy == "fair" and rotating:
-                steps = math.ceil(sum(p.images for p in small) / max_batch)
-                turns[base] = small, steps, costs.step(base, max_batch)
-            else:
-                turns[base] = [v.plan for v in picked], 1, costs.step(base, sum(v.images for v in picked))
-        # one unit: the longest turn; round robin gives every base that many steps
-        unit = max(steps for _, steps, _ in turns.values())
-        per_unit = sum(unit * cost for _, _, cost in turns.values())
-        jump = max(1, min((p.steps - left[p]) // (unit // steps) for ps, steps, _ in turns.values() for p in ps))
+            picked = [v.plan for v in share([_View(p, left[p]) for p in ps], max_batch, "deadline",
+                                            partial(costs.step, base), slowdown, alone)]
+            steps[base] = picked, costs.step(base, sum(p.images for p in picked))
+        per_round = sum(cost for _, cost in steps.values())
+        jump = min(p.steps - left[p] for ps, _ in steps.values() for p in ps)
         cut = min((p.deadline for p in left), default=math.inf)
-        if per_unit > 0 and cut > clock:
-            jump = max(1, min(jump, math.ceil((cut - clock) / per_unit)))
-        clock += jump * per_unit
-        for base, (ps, steps, _) in turns.items():
+        if per_round > 0 and cut > clock:
+            jump = max(1, min(jump, math.ceil((cut - clock) / per_round)))
+        clock += jump * per_round
+        for base, (ps, _) in steps.items():
             for p in ps:
-                left[p] += jump * (unit // steps)
+                left[p] += jump
                 if left[p] >= p.steps:
                     clock += costs.decode(base, p.images)
                     finish[p] = clock
@@ -131,10 +123,9 @@ def latest_finish(plans: Sequence[Planned], costs: StepCosts, max_batch: int, no
     """A time no interactive plan's `finish_times` falls after, in a few sums instead of a replay (math.inf when the
     replay could run into MAX_ROUNDS).
 
-    A replay round of `unit` steps per base (times `jump`) costs at most jump x unit x the sum of each base's
-    dearest step, and takes at least jump x unit image-steps off what is left: the base whose turn is `unit` steps
-    long advances rows > (unit - 1) x max_batch by jump steps each (or, where a plan would finish within the round,
-    each row by at least one). So everything is done within (image-steps left) x that sum, plus every decode."""
+    A replay round (one step per base, `jump` times) costs at most jump x the sum of each base's dearest step, and
+    takes at least jump image-steps off what is left (every step advances at least one row). So everything is done
+    within (image-steps left) x that sum, plus every decode."""
     left = sum(p.images * max(0, p.steps - p.steps_done) for p in plans)
     if left > MAX_ROUNDS // 2:
         return math.inf
