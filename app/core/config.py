@@ -84,8 +84,8 @@ class Settings(BaseSettings):
                                                    "deadline_unreachable) a request the measured step times say "
                                                    "cannot finish before its deadline, run small requests fewest "
                                                    "steps left first and large ones earliest deadline first; fair: "
-                                                   "admit up to DMP_MAX_QUEUE and advance "
-                                                   "every request together (least steps done first)")
+                                                   "admit up to DMP_MAX_QUEUE and advance every request together "
+                                                   "(least steps done first)")
     max_background: int = Field(256, ge=0, description="Background (batch) requests admitted at once, counted apart "
                                                        "from DMP_MAX_QUEUE; beyond: 429 background_full")
     background_timeout: float = Field(86400.0, gt=0, description="Seconds a background request may take end to "
