@@ -4,8 +4,10 @@ Each loop iteration picks a base (round robin), lets waiting requests of that ba
 this step boundary, shares the step's DMP_MAX_BATCH images between the running requests (`share`: small requests
 fewest steps left first, large ones earliest deadline first, background rows only where interactive ones leave
 room), runs one `denoise_step` for them (each job carries its own timestep, sampler and patch slot), times it, then
-decodes and answers the jobs that finished (a background job's decode waits while interactive work is queued or
-running, so it never stands between an interactive request and its next step). After an interactive request is
+decodes the jobs that finished (a background job's decode waits while interactive work is queued or running, so
+it never stands between an interactive request and its next step); their answers go out as the next forward starts,
+or at once when none follows, so the event loop's work for them overlaps a forward that holds no GIL (compiled CPU
+graphs, CUDA) rather than the runner's Python between forwards. After an interactive request is
 answered, background work waits `grace` seconds more (anticipation, as in the anticipatory disk scheduler): its
 response is written and the same client's next request arrives without a background step holding the GIL or the
 device in between. Sharing rows at every step is
@@ -23,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 
 import torch
 
@@ -63,6 +66,10 @@ class Batcher:
         # work is left; runner thread only
         self.undecoded: deque[tuple[Work, tuple[str, ...] | None]] = deque()
         self.calls: deque[tuple[Callable, Future]] = deque()  # other device work (gate maps), between steps
+        # answers and step reports, handed to the readers when the next forward starts (or when no step follows):
+        # a compiled forward holds no GIL, so the HTTP work they wake runs beside it rather than against the
+        # runner's Python between forwards (docs/design.md §5); runner thread only
+        self.outbox: list[Callable[[], None]] = []
         self.cond = threading.Condition()
         self.stopping = False
         self._turn = 0
@@ -160,11 +167,13 @@ class Batcher:
         while True:
             with self.cond:
                 while not self.stopping and not self._has_work():
+                    self._hand_over()
                     self.cond.wait()
                 if self.stopping:
                     break
                 hold = self._grace_left()
                 if hold > 0:  # only background work is left, and an interactive request was just answered
+                    self._hand_over()
                     self.cond.wait(hold)
                     continue
                 began = time.perf_counter()  # a step's cost is its whole turn of the loop, less decodes and calls
@@ -174,6 +183,8 @@ class Batcher:
                 if name is not None:
                     self._join_waiting(name)
                 parked = self.undecoded.popleft() if self.undecoded and not self._interactive() else None
+            if call is not None or parked is not None or name is None:
+                self._hand_over()  # the outbox waits for a forward only
             if call is not None:
                 called = time.perf_counter()
                 self._run_call(*call)
@@ -184,6 +195,7 @@ class Batcher:
                 images, decoding = self._step(name)
                 if images:
                     self.costs.observe_step(name, images, time.perf_counter() - began - decoding)
+        self._hand_over()
         self._fail_all(Unavailable("the service is shutting down", error_type="shutting_down"))
 
     def _has_work(self) -> bool:
@@ -265,8 +277,14 @@ class Batcher:
         self.metrics.batch_size.labels(name).observe(images)
         self.metrics.batch_occupancy.labels(name).observe(images / self.max_batch)
         previews = frozenset(w.running_job for w in works if w.running_job.index + 1 in w.preview_at)
+        step = self.steps[name]
+
+        def forward(batch):  # the batch is planned: what the last turn parked goes out as the forward starts
+            self._hand_over()
+            return step(batch)
+
         try:
-            x0s = denoise_step(base.model, [w.running_job for w in works], step=self.steps[name], previews=previews)
+            x0s = denoise_step(base.model, [w.running_job for w in works], step=forward, previews=previews)
         except Exception as e:  # a crash in one step fails that batch, never the runner
             log.exception("denoising step failed for base %s", name)
             self.running[name] = [w for w in running if w not in works]
@@ -282,7 +300,8 @@ class Batcher:
         for w in works:
             job = w.running_job
             if w.follow:
-                w.report(Progress(job.index, len(job.t_list), self._preview(base, x0s.get(job))))
+                self.outbox.append(partial(w.report, Progress(job.index, len(job.t_list),
+                                                              self._preview(base, x0s.get(job)))))
             if job.done and w.background and park:  # its decode would delay the interactive request's next step
                 self.undecoded.append((w, _versions(w)))
                 self._release(w)  # its slots may be what the interactive request waits for
@@ -324,10 +343,26 @@ class Batcher:
             self.bases[work.spec.model].patches.release(work.pin, seated=work.seated)
             work.pin, work.seated = None, False
 
+    def _hand_over(self) -> None:
+        """Wake the readers of everything parked in the outbox, in order (runner thread)."""
+        parked, self.outbox = self.outbox, []
+        for wake in parked:
+            wake()
+
     def _finish(self, work: Work, result: Result | None = None, error: BaseException | None = None) -> None:
+        """Release a work's patches now; its result goes out with the outbox, an error at once (after whatever
+        the outbox holds, so a stream's reports precede its error)."""
         self._release(work)
         if not work.background:
             self.answered_at = time.monotonic()
+        if result is not None:
+            self.outbox.append(partial(self._answer, work, result, None))
+        else:
+            self._hand_over()
+            self._answer(work, None, error)
+
+    @staticmethod
+    def _answer(work: Work, result: Result | None, error: BaseException | None) -> None:
         if work.future.done():
             return
         try:
