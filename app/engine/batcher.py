@@ -115,11 +115,15 @@ class Batcher:
 
         # the replay costs ~1 ms of Python (GIL held) at a 24-deep queue; when even its bound finishes every
         # interactive request in time, the replay could only admit
-        latest = latest_finish([*plans, new], self.costs, self.max_batch, now)
+        latest = now + self.costs.stretch() * (latest_finish([*plans, new], self.costs, self.max_batch, now) - now)
         if all(latest <= limit(p) for p in (*plans, new) if not p.background):
             return
         replay = (self.costs, self.max_batch, self.slowdown, now)
         without, with_new = finish_times(plans, *replay, self.alone), finish_times([*plans, new], *replay, self.alone)
+        work.replayed = (now, with_new[new] - now)
+        # the replay's time scale set by how long admitted requests took against theirs
+        stretch = self.costs.stretch()
+        without, with_new = ({p: now + stretch * (t - now) for p, t in times.items()} for times in (without, with_new))
 
         late = [p for p in without if without[p] <= limit(p) < with_new[p]]
         if with_new[new] <= limit(new) and not late:
@@ -252,6 +256,7 @@ class Batcher:
         """Finish work whose deadline passed or whose client left; True if it was dropped. The deadline is checked
         first: a handler that gives up at the deadline also cancels the work, and that is a deadline cut."""
         if time.monotonic() > work.deadline:
+            self._observe_finish(work)
             self.metrics.dropped.labels("deadline").inc()
             self._finish(work, error=past_deadline())
             return True
@@ -331,11 +336,18 @@ class Batcher:
             return time.perf_counter() - sampled
         done, started = time.perf_counter(), work.started_at
         self.costs.observe_decode(base.name, work.images, done - sampled)
+        self._observe_finish(work)
         assert started is not None, "set when the work joined its first step"
         timings = {"queue_ms": 1000 * (started - work.admitted_at),
                    "sample_ms": 1000 * (sampled - started), "decode_ms": 1000 * (done - sampled)}
         self._finish(work, result=Result(images, versions, timings))
         return time.perf_counter() - sampled
+
+    def _observe_finish(self, work: Work) -> None:
+        """Finished (or cut) now: how long it took against what its admission replay said."""
+        if work.replayed is not None and math.isfinite(work.replayed[1]):
+            admitted, predicted = work.replayed
+            self.costs.observe_finish(predicted, time.monotonic() - admitted)
 
     def _release(self, work: Work) -> None:
         """Unpin its patch versions (and free their slots for other requests)."""

@@ -13,15 +13,18 @@ from app.engine.share import share
 
 SMOOTHING = 0.05  # weight of a new measurement in the moving averages: ~20 steps, steadier than one slow step
 MAX_ROUNDS = 20_000  # a replay longer than this is cut: what it did not finish counts as late
+MIN_STRETCH, MAX_STRETCH = 0.5, 4.0  # how far finished requests may move the replay's time scale
 
 
 class StepCosts:
-    """Seconds per batched step by images in the batch, and decode seconds per image, for each base; moving
-    averages written by the runner thread and read by admission."""
+    """Seconds per batched step by images in the batch, and decode seconds per image, for each base, and how much
+    longer than replayed admitted requests took; moving averages written by the runner thread and read by
+    admission."""
 
     def __init__(self) -> None:
         self._steps: dict[str, dict[int, float]] = {}
         self._decode: dict[str, float] = {}
+        self._stretch = 1.0
         self._lock = threading.Lock()
 
     def observe_step(self, base: str, images: int, seconds: float) -> None:
@@ -35,6 +38,20 @@ class StepCosts:
         with self._lock:
             old = self._decode.get(base)
             self._decode[base] = per if old is None else old + SMOOTHING * (per - old)
+
+    def observe_finish(self, predicted: float, actual: float) -> None:
+        """A request the replay gave `predicted` seconds to finish took `actual` (or was cut after it): what the
+        step times miss (the front end's load on the runner under overload, their drift) shows in the ratio."""
+        if predicted <= 0:
+            return
+        ratio = min(MAX_STRETCH, max(MIN_STRETCH, actual / predicted))
+        with self._lock:
+            self._stretch += SMOOTHING * (ratio - self._stretch)
+
+    def stretch(self) -> float:
+        """Finished over replayed time to finish, moving average (1 before any) of ratios within [MIN, MAX_STRETCH]."""
+        with self._lock:
+            return self._stretch
 
     def measured(self, base: str) -> bool:
         return bool(self._steps.get(base))

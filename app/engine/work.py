@@ -145,6 +145,7 @@ class Work:
     ahead: int = 0
     seated: bool = False  # its pin holds a device slot (set by the runner when it joins the batch)
     background: bool = False  # batch work: only the rows interactive requests leave, its own admission bound
+    replayed: tuple[float, float] | None = None  # (monotonic at admission, seconds its replay gave it to finish)
 
     @property
     def running_job(self) -> Job:

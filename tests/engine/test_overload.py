@@ -79,6 +79,31 @@ def test_six_large_requests_admitted_together(engine_on, policy):
         assert int(error.headers["Retry-After"]) >= 1
 
 
+@pytest.mark.parametrize("stretch", [1.0, 2.0])
+def test_admission_stretches_the_replay_by_how_late_admitted_requests_finished(engine_on, stretch):
+    """Two requests sent together that take ~0.6 of the deadline one after the other: admitted both while finished
+    requests took as long as their replays said; once they took twice as long, the second is refused."""
+    calibrate = engine_on(max_batch=4)
+    steps = steps_for(calibrate, 1.0, images=4)
+    took = max(asyncio.run(timed(calibrate, steps, 4, seed=99))[1] for _ in range(2))
+    engine = engine_on(max_batch=4, request_timeout=took / 0.3)  # two in a row: 0.6 of it, 0.9 is the limit
+    asyncio.run(timed(engine, steps, 4, seed=98))  # this engine's own step times
+    assert engine.batcher is not None
+    for _ in range(200):
+        engine.batcher.costs.observe_finish(predicted=1.0, actual=stretch)
+
+    async def two():
+        return await asyncio.gather(*(timed(engine, steps, 4, seed=i) for i in range(2)))
+
+    results = [r for r, _ in asyncio.run(two())]
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    assert not any(isinstance(r, DeadlineExceeded) for r in results), results
+    if stretch == 1.0:
+        assert not refused, results
+    else:
+        assert len(refused) == 1 and refused[0].error_type == "deadline_unreachable", results
+
+
 def test_interactive_request_under_full_background_load(engine_on):
     """Eight background requests that each fill the batch; an interactive one sent while they run takes about
     its time alone (it joins at the next step boundary, the background rows pause), the background work all

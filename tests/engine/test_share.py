@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.engine.eta import MAX_ROUNDS, Planned, StepCosts, finish_times, latest_finish
+from app.engine.eta import MAX_ROUNDS, MIN_STRETCH, Planned, StepCosts, finish_times, latest_finish
 from app.engine.share import share
 
 
@@ -159,6 +159,23 @@ def test_step_costs_interpolate_and_extrapolate():
     costs.observe_step("b", 8, 0.05)
     assert math.isclose(costs.step("b", 4), 0.03)
     assert math.isclose(costs.step("b", 1), 0.01) and math.isclose(costs.step("b", 16), 0.10)
+
+
+def test_the_stretch_follows_how_much_longer_replayed_requests_took():
+    costs = StepCosts()
+    assert costs.stretch() == 1.0  # nothing finished yet: the replay as it is
+    for _ in range(200):
+        costs.observe_finish(predicted=1.0, actual=1.5)
+    assert math.isclose(costs.stretch(), 1.5, rel_tol=1e-3)
+    for _ in range(200):
+        costs.observe_finish(predicted=2.0, actual=1.0)  # faster than replayed: admission may take more again
+    assert math.isclose(costs.stretch(), 0.5, rel_tol=1e-3)
+    for _ in range(200):
+        costs.observe_finish(predicted=1.0, actual=0.01)
+    floor = costs.stretch()
+    assert math.isclose(floor, MIN_STRETCH, rel_tol=1e-6)  # each ratio is clamped before it is averaged
+    costs.observe_finish(predicted=0.0, actual=1.0)  # nothing to compare with: ignored
+    assert costs.stretch() == floor
 
 
 def test_replay_agrees_with_stepping_share():
