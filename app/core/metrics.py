@@ -37,6 +37,9 @@ class Metrics:
         self.inflight = Gauge("dmp_inflight", "Requests admitted and not finished", registry=r)
         self.max_queue = Gauge("dmp_max_queue", "DMP_MAX_QUEUE: admitted requests beyond which /generate answers 429",
                                registry=r)
+        self.admission_stretch = Gauge("dmp_admission_stretch", "Admitted requests' time to finish over what the "
+                                       "admission replay gave them (moving average; 1 = the replay was right)",
+                                       registry=r)
         self.batch_size = Histogram("dmp_batch_size", "Images per batched forward", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.batch_occupancy = Histogram("dmp_batch_occupancy", "Batch images / DMP_MAX_BATCH", ["model"],

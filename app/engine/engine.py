@@ -418,6 +418,8 @@ class Engine:
             if base.forward is not None:
                 for kind, count in base.forward.stats().items():
                     self.metrics.graph_forwards.labels(base.name, kind).set(count)
+        if self.batcher is not None:
+            self.metrics.admission_stretch.set(self.batcher.costs.stretch())
         self.metrics.ready.set(1 if self.readiness()[0] else 0)
         self.metrics.refresh_device_memory(self.settings.torch_device)
 

@@ -91,6 +91,8 @@ def test_admission_stretches_the_replay_by_how_late_admitted_requests_finished(e
     assert engine.batcher is not None
     for _ in range(200):
         engine.batcher.costs.observe_finish(predicted=1.0, actual=stretch)
+    engine.refresh_gauges()  # what a scrape reads
+    assert abs(engine.metrics.admission_stretch._value.get() - stretch) < 1e-3
 
     async def two():
         return await asyncio.gather(*(timed(engine, steps, 4, seed=i) for i in range(2)))
