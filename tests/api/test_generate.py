@@ -107,6 +107,7 @@ def test_models_describe_enough_to_build_a_patch(client):
 def test_health_metrics_and_ui(client):
     assert client.get("/health/live").json() == {"status": "live", "detail": None}
     assert client.get("/health/ready").status_code == 200
+    assert client.post("/generate", json={"model": "blobs", "steps": 2, "seed": 1}).status_code == 200  # a series
     text = client.get("/metrics").text
     for name in ("dmp_requests_total", "dmp_queue_seconds", "dmp_sample_seconds", "dmp_decode_seconds",
                  "dmp_generate_seconds", "dmp_queue_depth", "dmp_batch_size", "dmp_batch_occupancy",
