@@ -115,14 +115,14 @@ class Batcher:
 
         # the replay costs ~1 ms of Python (GIL held) at a 24-deep queue; when even its bound finishes every
         # interactive request in time, the replay could only admit
-        latest = now + self.costs.stretch() * (latest_finish([*plans, new], self.costs, self.max_batch, now) - now)
+        # the replay's time scale set by how long admitted requests took against theirs
+        stretch = self.costs.stretch()
+        latest = now + stretch * (latest_finish([*plans, new], self.costs, self.max_batch, now) - now)
         if all(latest <= limit(p) for p in (*plans, new) if not p.background):
             return
         replay = (self.costs, self.max_batch, self.slowdown, now)
         without, with_new = finish_times(plans, *replay, self.alone), finish_times([*plans, new], *replay, self.alone)
         work.replayed = (now, with_new[new] - now)
-        # the replay's time scale set by how long admitted requests took against theirs
-        stretch = self.costs.stretch()
         without, with_new = ({p: now + stretch * (t - now) for p, t in times.items()} for times in (without, with_new))
 
         late = [p for p in without if without[p] <= limit(p) < with_new[p]]

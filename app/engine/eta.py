@@ -40,8 +40,8 @@ class StepCosts:
             self._decode[base] = per if old is None else old + SMOOTHING * (per - old)
 
     def observe_finish(self, predicted: float, actual: float) -> None:
-        """A request the replay gave `predicted` seconds to finish took `actual` (or was cut after it): what the
-        step times miss (the front end's load on the runner under overload, their drift) shows in the ratio."""
+        """A request the replay gave `predicted` seconds to finish took `actual` (or was cut after it): whatever
+        the measured step times miss shows in the ratio."""
         if predicted <= 0:
             return
         ratio = min(MAX_STRETCH, max(MIN_STRETCH, actual / predicted))
