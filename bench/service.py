@@ -228,9 +228,16 @@ def own_thread_times() -> tuple[float, float, int, int, int]:
 WAITING = {"Condition.wait", "EpollSelector.select", "Event.wait", "Thread._wait_for_tstate_lock"}
 
 
+def py_spy() -> str | None:
+    """The py-spy binary (the `bench` extra), or None."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
 def attach_profiler(pid: int, raw: Path) -> subprocess.Popen:
     """py-spy sampling every thread of a running process (idle threads excluded) until SIGINT."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    spy = py_spy()
+    assert spy is not None, "checked by main() before any server starts"
     return subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw",
                              "--rate", "50", "--threads", "--output", str(raw)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -362,6 +369,9 @@ def main(argv=None) -> None:
     args.clients = args.clients or args.batch * 3 // 2
     args.seconds = args.seconds or (10.0 if args.quick else 30.0)
     args.rounds = args.rounds or (2 if args.quick else 3)
+    if args.profile and py_spy() is None:  # found out before minutes of compiling, not after
+        print("error: --profile needs py-spy: pip install -e '.[bench]'", file=sys.stderr)
+        sys.exit(2)
     src = REPO / "models" / f"{args.model}.safetensors"
     if not src.exists():
         print(f"error: {src} not found", file=sys.stderr)
