@@ -48,6 +48,14 @@ def steps_for(engine: Engine, seconds: float, images: int) -> int:
     return max(30, round(100 * seconds / took))
 
 
+def estimate(engine: Engine, steps: int, images: int) -> float:
+    """Seconds one request of `steps` x `images` rows takes alone by the engine's own step and decode times: what
+    its admission replays, so deadlines set from it make admission independent of how the machine ran meanwhile."""
+    assert engine.batcher is not None
+    costs = engine.batcher.costs
+    return steps * costs.step("digits", images) + costs.decode("digits", images)
+
+
 @pytest.mark.parametrize("policy", ["deadline", "fair"])
 def test_six_large_requests_admitted_together(engine_on, policy):
     """Issue 25 item 8, scaled down: six requests that each fill the batch and take ~0.7 of the deadline alone,
@@ -55,12 +63,9 @@ def test_six_large_requests_admitted_together(engine_on, policy):
     policy admits what can finish, finishes it, and refuses the rest at once with Retry-After."""
     engine = engine_on(max_batch=4, scheduler=policy)
     steps = steps_for(engine, 1.0, images=4)  # ~1 s runs: a CI hiccup of ~0.1 s is small beside them
-    assert engine.batcher is not None
-    costs = engine.batcher.costs
     # One request alone takes 0.65 of the deadline by the engine's own estimate (54 % slack for a slow run on a
-    # shared CI machine); two take 1.3x. The deadline comes from that estimate, not from a wall clock, so which
-    # requests are admitted does not depend on how the machine ran while it measured.
-    timeout = (steps * costs.step("digits", 4) + costs.decode("digits", 4)) / 0.65
+    # shared CI machine); two take 1.3x.
+    timeout = estimate(engine, steps, 4) / 0.65
     engine.settings.request_timeout = timeout
 
     async def six():
@@ -87,13 +92,10 @@ def test_admission_stretches_the_replay_by_how_late_admitted_requests_finished(e
     deadline), the second is refused."""
     engine = engine_on(max_batch=4)
     steps = steps_for(engine, 1.0, images=4)  # also this engine's own step times
+    engine.settings.request_timeout = estimate(engine, steps, 4) / 0.2  # not a wall clock: CI stop 48's flake
     assert engine.batcher is not None
-    costs = engine.batcher.costs
-    # the deadline from the engine's estimate, not from a wall clock: a slow CI moment while it measured moves both
-    # alike, so the admission decisions below do not depend on the machine (the flake of CI stop 48)
-    engine.settings.request_timeout = (steps * costs.step("digits", 4) + costs.decode("digits", 4)) / 0.2
     for _ in range(200):
-        costs.observe_finish(predicted=1.0, actual=stretch)
+        engine.batcher.costs.observe_finish(predicted=1.0, actual=stretch)
     engine.refresh_gauges()  # what a scrape reads
     assert abs(engine.metrics.admission_stretch._value.get() - stretch) < 1e-3
 
