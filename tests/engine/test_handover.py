@@ -46,6 +46,12 @@ async def answer_moment(engine: Engine, entered: list[int], steps: int, seed: in
     seen: list[tuple[int, int]] = []
     work.future.add_done_callback(lambda _: seen.append((planned_steps(engine), entered[0])))
     await work.outcome()
+    # the runner thread calls the future's callbacks in order: the engine's (which wakes this reader) before this
+    # one, so on a busy machine the reader can get here first
+    for _ in range(5000):
+        if seen:
+            break
+        await asyncio.sleep(0.001)
     return seen[0]
 
 
