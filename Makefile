@@ -29,8 +29,11 @@ install-test: $(VENV)/.installed-test
 serve: install
 	$(BIN)/python -m app serve --host $${HOST:-127.0.0.1} --port $${PORT:-8000}
 
+# one pytest process per core, at most 4: each imports torch and may compile, start servers, Redis and Chromium
+TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: install-test
-	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not gpu" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: install-test
 	$(BIN)/python -m ruff check app tests bench scripts
