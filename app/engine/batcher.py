@@ -48,9 +48,10 @@ class Batcher:
 
     def __init__(self, bases: dict[str, ServedBase], max_batch: int, dtype, metrics: Metrics,
                  policy: Policy = "deadline", slowdown: float = 0.0, alone: float = 1.0, grace: float = 0.0,
-                 bind: int = 0):
+                 bind: int = 0, threads: int = 0):
         self.bases, self.max_batch, self.metrics = bases, max_batch, metrics
         self.bind = bind  # DMP_CPU_BIND: cores of the runner's own (its torch threads); 0 = no binding
+        self.threads = threads  # DMP_TORCH_THREADS; 0 = torch's default
         # DMP_SCHEDULER, DMP_BACKGROUND_SLOWDOWN, DMP_BACKGROUND_STEP, DMP_BACKGROUND_GRACE
         self.policy, self.slowdown, self.alone, self.grace = policy, slowdown, alone, grace
         self.answered_at = -math.inf  # monotonic time the last interactive request was answered
@@ -162,6 +163,11 @@ class Batcher:
     # ------------------------------------------------------------------ runner thread
 
     def _loop(self) -> None:
+        if self.threads:
+            # OpenMP keeps the thread count per thread: a new thread runs a compiled step's oneDNN GEMMs on every
+            # core until its first eager parallel op adopts torch's setting
+            # (bench/results/2026-12-07-cpu-runner-threads-epyc-s30-adhoc.log)
+            torch.set_num_threads(self.threads)
         cores = bind_runner(self.bind) if self.bind else None
         if cores:
             log.info("runner (thread %d) bound to cores %s, the server's other threads to %s",

@@ -91,7 +91,8 @@ class Engine:
                                    self.settings.scheduler, self.settings.background_slowdown,
                                    self.settings.background_step, self.settings.background_grace,
                                    bind=self.settings.torch_threads if self.settings.cpu_bind
-                                   and self.settings.torch_device == "cpu" else 0)
+                                   and self.settings.torch_device == "cpu" else 0,
+                                   threads=self.settings.torch_threads)
             self.batcher.start()
             self.state = "warming"
             if self.settings.warmup:
