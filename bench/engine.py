@@ -8,8 +8,10 @@
 Ours: app.model.sampling.denoise_step with the engine's bucketed forward (CUDA graphs on GPU; torch.compile
 with frozen weights on CPU), bf16, patches served from the PatchPool. diffusers: DiTTransformer2DModel built
 from our weights (bench/diffusers_ref.py) driven by DiTPipeline's own loop. Each timing is the minimum over
-rounds that alternate between the contenders (on a shared machine load only adds time). Prints a table; the
-last line is JSON. On CPU both sides use the same thread count (--threads).
+rounds that alternate between the contenders (on a shared machine load only adds time). The patch's cost is also
+read in pairs: `--pairs` whole generations and `--step-pairs` single steps, patched and unpatched back to back
+(median ratio, quartiles, bootstrap 95 % interval). Prints a table; the last line is JSON. On CPU both sides use the
+same thread count (--threads).
 """
 from __future__ import annotations
 
@@ -20,14 +22,16 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy import stats
 
 from app.core.devices import pick_device
 from app.engine.graphs import BUCKETS, GraphedForward
 from app.model.dit import DiT, DiT_models, DiTConfig
 from app.model.dmp import PatchPool, new_patch_for
 from app.model.loaders import load_base
-from app.model.sampling import denoise_step, make_scheduler, new_job
+from app.model.sampling import denoise_step, make_scheduler, new_job, plan_step
 from bench.churn import churn_suite
 from bench.diffusers_ref import diffusers_math, diffusers_sample, to_diffusers
 
@@ -137,30 +141,50 @@ def time_alternating(fns: dict, device, repeats: int, warmup: bool = True, stat=
     return {k: stat(v) for k, v in times.items()}
 
 
-def paired_overhead(patched, unpatched, pairs: int, device) -> dict:
-    """The patch's cost as the median of `pairs` per-pair ratios (patched / unpatched - 1), each pair run
-    back to back in alternating order: a small difference between two fast runs, which a minimum over a few
-    rounds on a shared CPU cannot resolve (min-of-5 read -6 % to +12 % at batch 8 across runs)."""
+def paired_ratio(a, b, pairs: int, device) -> dict:
+    """a's cost over b's: the median of `pairs` per-pair ratios (a / b - 1), each pair run back to back in
+    alternating order, with its quartiles and a bootstrap 95 % interval of the median (scipy.stats.bootstrap). A
+    small difference between two fast runs, which a minimum over a few rounds on a shared CPU cannot resolve
+    (min-of-5 read -6 % to +12 % at batch 8 across runs)."""
     ratios = []
     for i in range(pairs):
         secs = {}
-        for name, fn in ((("patched", patched), ("unpatched", unpatched)) if i % 2 == 0 else
-                         (("unpatched", unpatched), ("patched", patched))):
+        for name, fn in (("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a)):
             sync(device)
             t0 = time.perf_counter()
             fn()
             sync(device)
             secs[name] = time.perf_counter() - t0
-        ratios.append(secs["patched"] / secs["unpatched"] - 1)
+        ratios.append(secs["a"] / secs["b"] - 1)
     q1, median, q3 = statistics.quantiles(ratios, n=4)
-    return {"pairs": pairs, "median": median, "q1": q1, "q3": q3}
+    ci = stats.bootstrap((np.array(ratios),), np.median, confidence_level=0.95, n_resamples=2000,
+                         method="percentile", rng=0).confidence_interval
+    return {"pairs": pairs, "median": median, "q1": q1, "q3": q3, "ci95": [float(ci.low), float(ci.high)]}
+
+
+@torch.no_grad()
+def step_overhead(b: Bench, *, batch: int, guidance: float, pairs: int) -> dict:
+    """The patch's cost per denoising step: the patched and unpatched step functions (the bucket's graph and its
+    input copies) on one planned batch, `pairs` alternating pairs (paired_ratio). Planning, the per-job update and
+    the decode are the same work either way, so this is an upper bound on its share of a whole generation, and
+    thousands of millisecond pairs resolve it to a few tenths of a point where 20 whole generations cannot."""
+    def planned(slot: int):
+        jobs = [new_job(b.ours, y=1, seed=0, sampler="ddim", steps=20, guidance_scale=guidance, n=batch, slot=slot,
+                        device=b.device)]
+        return plan_step(b.ours, jobs)
+    patched, unpatched = planned(1), planned(0)
+    for _ in range(20):  # the buffers' first copies, caches
+        b.patched.step(patched)
+        b.unpatched.step(unpatched)
+    return paired_ratio(lambda: b.patched.step(patched), lambda: b.unpatched.step(unpatched), pairs, b.device)
 
 
 def sampling_suite(b: Bench, *, batch: int, sampler: str, steps: int, guidance: float, repeats: int,
                    mixed: bool, diffusers_dtypes=("bf16",), unpatched: bool = True, warmup: bool = True,
-                   pairs: int = 0) -> dict:
+                   pairs: int = 0, step_pairs: int = 0) -> dict:
     """End-to-end images/s of diffusers and of ours (unpatched, one patch, and 8 patches vs one in 8 jobs);
-    `pairs`: also the patch's cost from that many alternating patched/unpatched pairs (paired_overhead)."""
+    `pairs`: also the patch's cost from that many alternating patched/unpatched generations, `step_pairs` from
+    that many steps (paired_ratio, step_overhead)."""
     kw = dict(batch=batch, sampler=sampler, steps=steps, guidance=guidance)
     fns = {f"diffusers_{d}": (lambda d=d: b.diffusers_run(dtype=d, **kw)) for d in diffusers_dtypes}
     fns["ours_patched"] = lambda: b.ours_run(slots=[1], **kw)
@@ -178,8 +202,9 @@ def sampling_suite(b: Bench, *, batch: int, sampler: str, steps: int, guidance: 
     if unpatched:
         out["patch_overhead"] = secs["ours_patched"] / secs["ours_unpatched"] - 1
         if pairs:
-            out["patch_overhead_paired"] = paired_overhead(fns["ours_patched"], fns["ours_unpatched"], pairs,
-                                                            b.device)
+            out["patch_overhead_paired"] = paired_ratio(fns["ours_patched"], fns["ours_unpatched"], pairs, b.device)
+        if step_pairs:
+            out["patch_overhead_step"] = step_overhead(b, batch=batch, guidance=guidance, pairs=step_pairs)
     if mixed:
         out["mixed_patch_ratio"] = ips["ours_8patches_8jobs"] / ips["ours_1patch_8jobs"]
     return out
@@ -301,7 +326,9 @@ def main(argv=None):
                     help="batch sizes timed (issue 29: 1, 8 and the service's 16)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--pairs", type=int, default=20,
-                    help="alternating patched/unpatched pairs per batch for the patch's cost (paired_overhead)")
+                    help="alternating patched/unpatched generations per batch for the patch's cost (paired_ratio)")
+    ap.add_argument("--step-pairs", type=int, default=1000,
+                    help="alternating patched/unpatched steps per batch for the patch's cost per step (step_overhead)")
     ap.add_argument("--ours-dtype", choices=["bf16", "fp32"], default="bf16",
                     help="our engine's weights (fp32 on a CPU without native bf16: AVX512-BF16 or AMX)")
     ap.add_argument("--no-xl", action="store_true", help="skip DiT-XL/2 on GPU")
@@ -347,7 +374,7 @@ def main(argv=None):
         mixed = batch == args.batch
         suites[batch] = sampling_suite(b, batch=batch, sampler="ddim", steps=steps, guidance=guidance,
                                        repeats=repeats, mixed=mixed, diffusers_dtypes=("bf16", "fp32"),
-                                       pairs=args.pairs)
+                                       pairs=args.pairs, step_pairs=args.step_pairs)
     log(f"\n{f'demo, ddim {steps} steps, cfg {guidance:.1f}':<34}" + "".join(f"{f'batch {k}':>14}" for k in suites))
     for name in suites[args.batch]["images_per_s"]:
         log(f"{name + ' img/s':<34}" + "".join(
@@ -359,6 +386,10 @@ def main(argv=None):
         log(f"{'patch_overhead_paired (q1..q3)':<34}" + "".join(
             f"{p['median']:>7.3f} ({p['q1']:.3f}..{p['q3']:.3f})" for p in
             (s["patch_overhead_paired"] for s in suites.values())))
+    if args.step_pairs:
+        log(f"{'patch_overhead_step [95% CI]':<34}" + "".join(
+            f"{p['median']:>7.4f} [{p['ci95'][0]:.4f}..{p['ci95'][1]:.4f}]" for p in
+            (s["patch_overhead_step"] for s in suites.values())))
     main_suite = suites[args.batch]
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
@@ -371,6 +402,7 @@ def main(argv=None):
         "speedup_by_batch": {k: s["speedup_vs_diffusers"] for k, s in suites.items()},
         "patch_overhead_by_batch": {k: s["patch_overhead"] for k, s in suites.items()},
         "patch_overhead_paired_by_batch": {k: s.get("patch_overhead_paired") for k, s in suites.items()},
+        "patch_overhead_step_by_batch": {k: s.get("patch_overhead_step") for k, s in suites.items()},
         "images_per_s": main_suite["images_per_s"]["ours_patched"],
         "diffusers_images_per_s": {k: v for k, v in main_suite["images_per_s"].items() if k.startswith("diffusers")},
         "load_avg_1min": {"start": load_start, "end": os.getloadavg()[0]}, "warm_s": warm_s,
