@@ -174,10 +174,10 @@ def test_pool_install_free_reuse_never_touches_a_slot_in_use():
     pool = pool_for(model, slots=4)
     a, b, c, d = (random_patch(model, s) for s in range(4))
     sa, sb = pool.install(a), pool.install(b)
-    addresses = [t.data_ptr() for t in (pool.prompts, pool.gate, pool.flags)]
+    addresses = [t.data_ptr() for t in (pool.prompts, pool.gate_w, pool.gate_b, pool.gate_w_depth)]
 
     def snapshot(s):
-        return [t[s].clone() for t in (pool.prompts, pool.gate, pool.flags)]
+        return [t[s].clone() for t in (pool.prompts, pool.gate_w, pool.gate_b, pool.gate_w_depth)]
     base, in_use = snapshot(0), snapshot(sb)
     pool.free(sa)
     sc = pool.install(c)
@@ -186,8 +186,8 @@ def test_pool_install_free_reuse_never_touches_a_slot_in_use():
     assert sd not in (0, sb, sc)
     for before, after in ((base, snapshot(0)), (in_use, snapshot(sb))):  # ... and nothing in use changed
         assert all(torch.equal(p, q) for p, q in zip(before, after, strict=True))
-    assert all(torch.equal(t, torch.zeros_like(t)) for t in base[:2])  # the zero patch: no prompts, no gate
-    assert [t.data_ptr() for t in (pool.prompts, pool.gate, pool.flags)] == addresses
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in base)
+    assert [t.data_ptr() for t in (pool.prompts, pool.gate_w, pool.gate_b, pool.gate_w_depth)] == addresses
     with pytest.raises(NoFreeSlot):
         pool.install(random_patch(model, 9))  # full
     with pytest.raises(ValueError):

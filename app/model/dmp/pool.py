@@ -10,8 +10,6 @@ from app.model.dmp.module import DMP
 from app.model.kernels import PromptAdd
 
 MIX_WIDTH = 4  # (slot, scale) pairs per row: the most patches one request composes; fixed, so shapes never change
-FLAGS = ("on_t", "ungated", "hard", "keep")  # per slot: gate on t_emb (else c), plain prompt tuning, hard selection, k
-ON_T, UNGATED, HARD, KEEP = range(len(FLAGS))
 
 
 def mix_rows(slots: torch.Tensor, scales: torch.Tensor | None = None, width: int | None = None):
@@ -42,13 +40,14 @@ class PatchPool:
                  dtype=torch.float32):
         self.hidden_size, self.num_tokens, self.depth, self.slots = hidden_size, num_tokens, depth, slots
         z = dict(device=device, dtype=dtype)
-        # Two tensors for the gates, not one per field: each tensor is an input of every compiled step, and each input
-        # costs a CPU step ~1 us a call (its guard and handle); seven packed into two took 0.3 points off a batch-1
-        # step (bench/results/2026-12-08-cpu-patch-cost-b1-ablations-epyc-adhoc.log, run B)
         self.prompts = torch.zeros(slots, depth, num_tokens, hidden_size, **z)  # (S, L, N, D)
-        self.gate = torch.zeros(slots, num_tokens, hidden_size + 2, **z)  # (S, N, D + 2): [W | w_depth | b]
-        self.flags = torch.zeros(slots, len(FLAGS), dtype=torch.long, device=device)  # (S, 4): FLAGS per slot
-        self.flags[:, KEEP] = num_tokens  # slot 0 (the zero patch) keeps every prompt
+        self.gate_w = torch.zeros(slots, num_tokens, hidden_size, **z)  # (S, N, D)
+        self.gate_w_depth = torch.zeros(slots, num_tokens, **z)  # (S, N)
+        self.gate_b = torch.zeros(slots, num_tokens, **z)  # (S, N)
+        self.gate_on_t = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.ungated = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.keep = torch.full((slots,), num_tokens, dtype=torch.long, device=device)
+        self.hard = torch.zeros(slots, dtype=torch.bool, device=device)
         self.in_use = [True] + [False] * (slots - 1)
         self.selecting: set[int] = set()  # slots whose patch keeps fewer than all N prompts (top-k ranking)
 
@@ -65,16 +64,16 @@ class PatchPool:
             raise NoFreeSlot("no free patch slot")
         slot = self.in_use.index(False)
         self.prompts[slot].zero_()
-        self.gate[slot].zero_()
         # asynchronous from pinned host memory; stream order puts the copy before the next forward
         self.prompts[slot, :patch.pt_depth].copy_(patch.prompts, non_blocking=True)
         if patch.method == "dmp":
-            d = self.hidden_size
-            self.gate[slot, :, :d + 1].copy_(patch.gate.weight, non_blocking=True)  # (N, D + 1): [W | w_depth]
-            self.gate[slot, :, d + 1].copy_(patch.gate.bias, non_blocking=True)
-        values = {"on_t": patch.gate_input == "t", "ungated": patch.method == "pt", "hard": patch.selection == "hard",
-                  "keep": patch.k}
-        self.flags[slot].copy_(torch.tensor([int(values[f]) for f in FLAGS]))
+            self.gate_w[slot].copy_(patch.gate.weight[:, :-1], non_blocking=True)
+            self.gate_w_depth[slot].copy_(patch.gate.weight[:, -1], non_blocking=True)
+            self.gate_b[slot].copy_(patch.gate.bias, non_blocking=True)
+        self.gate_on_t[slot] = patch.gate_input == "t"
+        self.ungated[slot] = patch.method == "pt"
+        self.keep[slot] = patch.k
+        self.hard[slot] = patch.selection == "hard"
         if patch.k < self.num_tokens:
             self.selecting.add(slot)
         self.in_use[slot] = True
@@ -112,15 +111,14 @@ class PooledPatch:
             raise ValueError("a patch pool serves patches; gate noise belongs to training a DMP module")
         p, (B, K) = self.pool, self.slots.shape
         s = self.slots.reshape(-1)  # (B*K,): each pair is gated on its own, with its own patch's gate
-        flags, w, d = p.flags[s], p.gate[s], p.hidden_size  # (B*K, 4), (B*K, N, D + 2)
         # gates in fp32 whatever the model dtype: the softmax over N tokens is where bf16 would hurt
-        g_in = torch.where(flags[:, ON_T, None].bool(), t_emb.repeat_interleave(K, 0),
+        g_in = torch.where(p.gate_on_t[s][:, None], t_emb.repeat_interleave(K, 0),
                            c.repeat_interleave(K, 0)).float()  # (B*K, D)
-        w = w.to(g_in.dtype)
-        logits = gate_logits(g_in, w[..., :d], w[..., d], w[..., d + 1], p.depth)  # (L, B*K, N)
-        keep = flags[:, KEEP] if self.top_k else p.num_tokens  # k = N: select() skips the ranking, mask all-true
-        gates = select(logits, keep, flags[:, HARD].bool())  # the trainer's own selection (gate.py), per pair
-        gates = torch.where(flags[:, UNGATED].bool()[None, :, None], torch.ones_like(gates), gates)
+        logits = gate_logits(g_in, p.gate_w[s].to(g_in.dtype), p.gate_w_depth[s].to(g_in.dtype),
+                             p.gate_b[s].to(g_in.dtype), p.depth)  # (L, B*K, N)
+        keep = p.keep[s] if self.top_k else p.num_tokens  # k = N: select() skips the ranking, mask all-true
+        gates = select(logits, keep, p.hard[s])  # the trainer's own selection (gate.py), per pair
+        gates = torch.where(p.ungated[s][None, :, None], torch.ones_like(gates), gates)
         # s_i * g_i: the strength scales the gate, so x + sum_i s_i g_i P_i is one product per pair
         gates = gates.reshape(p.depth, B, K, -1) * self.scales[None, :, :, None]  # (L, B, K, N)
         return PooledState(gates, p.prompts, self.slots)
