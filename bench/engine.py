@@ -75,7 +75,7 @@ class Bench:
     """One model in three forms: ours (bf16 twin, or fp32, + pool + graphed forwards) and diffusers (bf16, fp32)."""
 
     def __init__(self, model: DiT, device, n_patches: int, compile_cpu: bool, buckets=BUCKETS,
-                 diffusers_fp32: bool = True, ours_dtype: torch.dtype = torch.bfloat16):
+                 diffusers_fp32: bool = True, ours_dtype: torch.dtype = torch.bfloat16, twin: bool = False):
         self.device = device
         self.fp32 = diffusers_math(model)  # same weights under diffusers' timestep frequencies: same function
         self.ours = diffusers_math(model).to(ours_dtype)
@@ -98,12 +98,17 @@ class Bench:
         self.patched = GraphedForward(self.ours, self.pool, buckets=buckets, compile=compile_, autotune=compile_,
                                       warm_compositions=False)
         self.unpatched = GraphedForward(self.ours, None, buckets=buckets, compile=compile_, autotune=compile_)
+        # `twin`: a second unpatched step, compiled on its own: how far two compiles of the same step differ
+        # (step_overhead's null reading; bench/results/2026-12-08-cpu-patch-cost-b1-ablations-epyc-adhoc.log)
+        self.twin = GraphedForward(self.ours, None, buckets=buckets, compile=compile_,
+                                   autotune=compile_) if twin else None
 
     def warm(self, images: list[int]) -> float:
         """Capture (GPU) or compile (CPU) the buckets these batch sizes use; returns seconds."""
         t0 = time.perf_counter()
-        for fwd in (self.patched, self.unpatched):
-            fwd.capture(sorted({fwd.bucket_for(2 * b) for b in images}))
+        for fwd in (self.patched, self.unpatched, self.twin):
+            if fwd is not None:
+                fwd.capture(sorted({fwd.bucket_for(2 * b) for b in images}))
         return time.perf_counter() - t0
 
     def ours_run(self, *, batch: int, slots: list[int], sampler: str, steps: int, guidance: float, seed=0,
@@ -167,16 +172,24 @@ def step_overhead(b: Bench, *, batch: int, guidance: float, pairs: int) -> dict:
     """The patch's cost per denoising step: the patched and unpatched step functions (the bucket's graph and its
     input copies) on one planned batch, `pairs` alternating pairs (paired_ratio). Planning, the per-job update and
     the decode are the same work either way, so this is an upper bound on its share of a whole generation, and
-    thousands of millisecond pairs resolve it to a few tenths of a point where 20 whole generations cannot."""
+    thousands of millisecond pairs resolve it to a few tenths of a point where 20 whole generations cannot. With
+    the bench's `twin`, also the same reading for two separate compiles of the unpatched step ("null"): what the
+    compile alone moves, which the interval does not include."""
     def planned(slot: int):
         jobs = [new_job(b.ours, y=1, seed=0, sampler="ddim", steps=20, guidance_scale=guidance, n=batch, slot=slot,
                         device=b.device)]
         return plan_step(b.ours, jobs)
     patched, unpatched = planned(1), planned(0)
+    steps = {"patched": lambda: b.patched.step(patched), "unpatched": lambda: b.unpatched.step(unpatched)}
+    if b.twin is not None:
+        steps["twin"] = lambda: b.twin.step(unpatched)
     for _ in range(20):  # the buffers' first copies, caches
-        b.patched.step(patched)
-        b.unpatched.step(unpatched)
-    return paired_ratio(lambda: b.patched.step(patched), lambda: b.unpatched.step(unpatched), pairs, b.device)
+        for step in steps.values():
+            step()
+    out = paired_ratio(steps["patched"], steps["unpatched"], pairs, b.device)
+    if "twin" in steps:
+        out["null"] = paired_ratio(steps["twin"], steps["unpatched"], pairs, b.device)
+    return out
 
 
 def sampling_suite(b: Bench, *, batch: int, sampler: str, steps: int, guidance: float, repeats: int,
@@ -361,7 +374,7 @@ def main(argv=None):
     log(f"device {device}  demo model: {source}  threads {torch.get_num_threads()}")
     t0 = time.perf_counter()
     b = Bench(model, device, n_patches=8, compile_cpu=True,
-              ours_dtype=torch.float32 if args.ours_dtype == "fp32" else torch.bfloat16)
+              ours_dtype=torch.float32 if args.ours_dtype == "fp32" else torch.bfloat16, twin=args.step_pairs > 0)
     batches = sorted({*args.batches, 1, args.batch})
     warm_s = b.warm(batches)
     log(f"setup {time.perf_counter() - t0:.1f}s (compile/capture {warm_s:.1f}s), "
@@ -389,6 +402,9 @@ def main(argv=None):
     if args.step_pairs:
         log(f"{'patch_overhead_step [95% CI]':<34}" + "".join(
             f"{p['median']:>7.4f} [{p['ci95'][0]:.4f}..{p['ci95'][1]:.4f}]" for p in
+            (s["patch_overhead_step"] for s in suites.values())))
+        log(f"{'  null: unpatched twin [95% CI]':<34}" + "".join(
+            f"{p['null']['median']:>7.4f} [{p['null']['ci95'][0]:.4f}..{p['null']['ci95'][1]:.4f}]" for p in
             (s["patch_overhead_step"] for s in suites.values())))
     main_suite = suites[args.batch]
     result = {

@@ -28,8 +28,10 @@ def test_paired_ratio_reads_a_known_cost_with_an_interval_around_its_median():
 def test_step_overhead_times_the_patched_step_against_the_unpatched_one():
     with torch.device("cpu"):
         model = randomize_(DiT(DiTConfig(**(DEMO_SHAPE | {"depth": 2, "hidden_size": 64}))), std=0.05)
-    b = Bench(model, torch.device("cpu"), n_patches=1, compile_cpu=False, diffusers_fp32=False)
-    before = (b.patched.fallbacks, b.unpatched.fallbacks)
+    b = Bench(model, torch.device("cpu"), n_patches=1, compile_cpu=False, diffusers_fp32=False, twin=True)
+    forwards = (b.patched, b.unpatched, b.twin)
+    before = [f.fallbacks for f in forwards]
     got = step_overhead(b, batch=2, guidance=1.5, pairs=30)
-    assert got["pairs"] == 30 and got["ci95"][0] <= got["median"] <= got["ci95"][1]
-    assert (b.patched.fallbacks, b.unpatched.fallbacks) == before  # both ran their bucket's step, not a fallback
+    for reading in (got, got["null"]):  # the patch's cost, and the null reading of the two unpatched steps
+        assert reading["pairs"] == 30 and reading["ci95"][0] <= reading["median"] <= reading["ci95"][1]
+    assert [f.fallbacks for f in forwards] == before  # each ran its bucket's step, not a fallback
