@@ -401,10 +401,10 @@ def main(argv=None):
             (s["patch_overhead_paired"] for s in suites.values())))
     if args.step_pairs:
         log(f"{'patch_overhead_step [95% CI]':<34}" + "".join(
-            f"{p['median']:>7.4f} [{p['ci95'][0]:.4f}..{p['ci95'][1]:.4f}]" for p in
+            f" {p['median']:>7.4f} [{p['ci95'][0]:.4f}..{p['ci95'][1]:.4f}]" for p in
             (s["patch_overhead_step"] for s in suites.values())))
         log(f"{'  null: unpatched twin [95% CI]':<34}" + "".join(
-            f"{p['null']['median']:>7.4f} [{p['null']['ci95'][0]:.4f}..{p['null']['ci95'][1]:.4f}]" for p in
+            f" {p['null']['median']:>7.4f} [{p['null']['ci95'][0]:.4f}..{p['null']['ci95'][1]:.4f}]" for p in
             (s["patch_overhead_step"] for s in suites.values())))
     main_suite = suites[args.batch]
     result = {
