@@ -172,7 +172,7 @@ def step_overhead(b: Bench, *, batch: int, guidance: float, pairs: int) -> dict:
     """The patch's cost per denoising step: the patched and unpatched step functions (the bucket's graph and its
     input copies) on one planned batch, `pairs` alternating pairs (paired_ratio). Planning, the per-job update and
     the decode are the same work either way, so this is an upper bound on its share of a whole generation, and
-    thousands of millisecond pairs resolve it to a few tenths of a point where 20 whole generations cannot. With
+    a thousand millisecond pairs resolve it to about a point (95 % interval) where 20 whole generations cannot. With
     the bench's `twin`, also the same reading for two separate compiles of the unpatched step ("null"): what the
     compile alone moves, which the interval does not include."""
     def planned(slot: int):
