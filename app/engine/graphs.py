@@ -137,8 +137,8 @@ class GraphedForward:
         if not self.compile:
             return (self._step_on if top_k else self._step_on_all_prompts)(*args)
         key = (batch.t.shape[0], top_k, batch.slots.shape[1])
-        if key in self.step_fns:  # compiled: its only guards are the static buffers', so no recompile
-            return self.step_fns[key](*args)  # and no config context (~5 % of a batch-1 step's Python)
+        if key in self.step_fns:  # compiled: no guards, no recompile, and no config context (~5 % of a batch-1
+            return self.step_fns[key](*args)  # step's Python)
         loaded = len(PyCodeCache.modules)
         try:
             with self._compile_context(key[0]):  # the first call compiles, frozen, with the chosen attention
@@ -165,10 +165,10 @@ class GraphedForward:
 
         Dynamo keeps compiled graphs per *code object*, and freezing folds this base's weights into them. So each
         (base, bucket) compiles its own copy of `_step_on` with its own code object: that cache is reachable from
-        this callable only, which is what ties a graph to its base (the guard filter below keeps only the
-        inputs' tensor guards, so two same-shape bases sharing one code object would share graphs, and all
-        bases' buckets together would hit dynamo's recompile limit). fullgraph: a graph break would compile the
-        rest in frames of shared code (DiT.forward, ...) under the same filtered guards.
+        this callable only, which is what ties a graph to its base (with the guards dropped below, two same-shape
+        bases sharing one code object would share graphs, and with guards all bases' buckets together would hit
+        dynamo's recompile limit). fullgraph: a graph break would compile the rest in frames of shared code
+        (DiT.forward, ...) without guards.
         """
         if key not in self.step_fns:
             if not self.use_graphs:
@@ -178,10 +178,13 @@ class GraphedForward:
             func = GraphedForward._step_on if top_k else GraphedForward._step_on_all_prompts
             code = func.__code__.replace(co_name=name, co_qualname=name)
             own = types.MethodType(types.FunctionType(code, func.__globals__, name), self)
-            # Guards on the parameters would cost ~0.3 ms a call and protect nothing: freezing folds the weights
-            # into this callable's graphs, and no other base calls it.
+            # No guards: they would protect nothing and cost every call. Freezing folds the weights into this
+            # callable's graphs and no other base calls it (guards on the parameters: ~0.3 ms a call), and _run
+            # gives it this variant's static buffers and the pool's fixed-address tensors only, the same tensors
+            # every call (their tensor guards: 6-8 us a call, 1 % of a batch-1 step on a Zen 4 core;
+            # bench/results/2026-12-08-cpu-step-guards-epyc-adhoc.log).
             self.step_fns[key] = torch.compile(own, dynamic=False, fullgraph=True, options={
-                "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
+                "guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
         return self.step_fns[key]
 
     @contextlib.contextmanager
