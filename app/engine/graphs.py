@@ -181,7 +181,7 @@ class GraphedForward:
             # No guards: they would protect nothing and cost every call. Freezing folds the weights into this
             # callable's graphs and no other base calls it (guards on the parameters: ~0.3 ms a call), and _run
             # gives it this variant's static buffers and the pool's fixed-address tensors only, the same tensors
-            # every call (their tensor guards: 6-8 us a call, 1 % of a batch-1 step on a Zen 4 core;
+            # every call (their tensor guards cost 1.1-1.9 % of a batch-1 step on a Zen 4 core, two runs;
             # bench/results/2026-12-08-cpu-step-guards-epyc-adhoc.log).
             self.step_fns[key] = torch.compile(own, dynamic=False, fullgraph=True, options={
                 "guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
