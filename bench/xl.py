@@ -7,7 +7,8 @@
 Random weights (the cost does not depend on their values). Forward: ours (`DiT.forward`, eager, built with
 diffusers' timestep frequencies so both compute the same function, its large linears prepacked for oneDNN as the
 engine serves an eager fp32 CPU base: app/model/cpu_linear.py; in bf16 the compiled CPU step's weight freezing packs
-them the same way) vs diffusers, in one process, rounds alternating the two, min over rounds; fp32 then bf16 (both
+them the same way; on a CPU without oneDNN's bf16 kernels, AVX2 only, ours runs bf16 with plain linears, as does that
+graph) vs diffusers, in one process, rounds alternating the two, min over rounds; fp32 then bf16 (both
 models cast). `--unpacked`: ours without the prepacking (plain nn.Linear, the comparison before session 25). The
 max-abs difference of the fp32 outputs is printed as a check that both compute the same thing. Image: a 50-step DDIM
 + CFG image at batch 1 through our `denoise_step` and the SD VAE decode (diffusers AutoencoderKL from its config,
@@ -29,6 +30,7 @@ import torch
 from bench.common import emit
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+UNPACKED_NOTE = " (ours unpacked: this CPU's oneDNN has no bf16 kernels)"
 
 
 def peak_rss_mib() -> float:
@@ -57,7 +59,7 @@ def forward_compare(repeats: int, log, packed: bool = True) -> dict:
 
     plain = xl_model()
     ref = to_diffusers(plain)
-    ours = served(plain, torch.float32, packed)
+    ours, ours_packed = served(plain, torch.float32, packed)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 32, 32, generator=g)
     t = torch.tensor([500, 500])
@@ -67,39 +69,44 @@ def forward_compare(repeats: int, log, packed: bool = True) -> dict:
     for name, dtype in DTYPES.items():
         if dtype != torch.float32:
             ours = None  # one served copy at a time
-            ours, ref = served(plain, dtype, packed), ref.to(dtype)
+            (ours, ours_packed), ref = served(plain, dtype, packed), ref.to(dtype)
         xd = x.to(dtype)
         secs = time_alternating({"ours": lambda ours=ours, xd=xd: ours(xd, t.float(), y),
                                  "diffusers": lambda ref=ref, xd=xd: ref(xd, timestep=t, class_labels=y).sample},
                                 torch.device("cpu"), repeats)
         out[name] = {"ours_ms": secs["ours"] * 1e3, "diffusers_ms": secs["diffusers"] * 1e3,
-                     "ours_speedup": secs["diffusers"] / secs["ours"]}
+                     "ours_speedup": secs["diffusers"] / secs["ours"], "ours_packed": ours_packed}
         log(f"{name} CFG forward (2 rows): ours {secs['ours']:.2f} s  diffusers {secs['diffusers']:.2f} s  "
-            f"ours {out[name]['ours_speedup']:.3f}x")
+            f"ours {out[name]['ours_speedup']:.3f}x{'' if ours_packed or not packed else UNPACKED_NOTE}")
     out["peak_rss_mib_process"] = peak_rss_mib()  # the plain fp32 model, diffusers' and ours as served
     return out
 
 
 def served(model, dtype: torch.dtype, packed: bool):
-    """A copy of `model` in `dtype`, its large linears prepacked as the engine serves it on CPU (or not)."""
-    from app.model.cpu_linear import pack_linears
-
+    """A copy of `model` in `dtype`, its large linears prepacked as the engine serves it on CPU (or not), and
+    whether they were."""
     ours = copy.deepcopy(model).to(dtype)
-    if packed:
-        pack_linears(ours)
-    return ours
+    return ours, pack(ours, packed)
+
+
+def pack(model, packed: bool) -> bool:
+    """Prepack `model`'s large linears in place where asked and this CPU can (bf16 needs oneDNN's bf16 kernels)."""
+    from app.model.cpu_linear import can_pack, pack_linears
+
+    if packed and can_pack(model):
+        pack_linears(model)
+        return True
+    return False
 
 
 @torch.no_grad()
 def image(dtype: str, steps: int, timed_steps: int, guidance: float = 4.0, packed: bool = True) -> dict:
     """One DDIM + CFG image at batch 1 through denoise_step, then the SD VAE decode to uint8 (this process only)."""
-    from app.model.cpu_linear import pack_linears
     from app.model.sampling import denoise_step, eager_step, new_job
     from app.model.vae import SDVAE, to_uint8
 
     model = xl_model().to(DTYPES[dtype])
-    if packed:  # in place, as the engine loads a base: a copy would double this process's peak
-        pack_linears(model)
+    packed = pack(model, packed)  # in place, as the engine loads a base: a copy would double this process's peak
     # fp32 as the service runs it (app/engine/bases.py): a bf16 conv decode took > 20 min on a CPU without bf16
     vae = SDVAE.random_sd()
     step = eager_step(model, None, dtype=DTYPES[dtype])
@@ -115,7 +122,7 @@ def image(dtype: str, steps: int, timed_steps: int, guidance: float = 4.0, packe
     pixels = to_uint8(vae.decode(job.latents))
     decode = time.perf_counter() - t0
     assert pixels.shape == (1, 256, 256, 3)
-    return {"dtype": dtype, "steps": steps, "timed_steps": n, "extrapolated": n < steps,
+    return {"dtype": dtype, "packed": packed, "steps": steps, "timed_steps": n, "extrapolated": n < steps,
             "seconds_per_step": per_step, "vae_decode_s": decode, "image_s": per_step * steps + decode,
             "peak_rss_mib": peak_rss_mib()}
 

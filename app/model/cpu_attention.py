@@ -8,7 +8,8 @@ CPU with AVX512_BF16, bf16 inputs take VDPBF16PS products with the probabilities
 kernel rounds them (a Zen 4, 16 rows: 283 -> 206 us, the same worst error as flash). The
 kernel has no backward, so only inference uses it (grad off; training and anything that needs gradients keep
 SDPA), and only where it was measured to pay: CPU, fp32 or bf16, tokens a multiple of its tile and at most
-MAX_TOKENS, head dims a multiple of the vector width (DiT-XL/2's 72 is not: it keeps SDPA). The GELU op replaces
+MAX_TOKENS, head dims a multiple of the vector width (8 floats with AVX2, 16 with AVX-512: DiT-XL/2's 72 is one only
+with AVX2, and at 256 px its 256 tokens keep SDPA either way). The GELU op replaces
 the kernel Inductor writes for x * sigmoid(2z) (Sleef's expf and a reciprocal) by ATen's exp_u20 and one division.
 
 It is compiled with torch's own C++ extension builder (ninja + the system C++ compiler, which torch.compile on CPU

@@ -38,10 +38,17 @@ class PackedLinear(nn.Module):
 
 
 def can_pack(model: DiT) -> bool:
-    """CPU weights in fp32 or bf16, and a torch built with oneDNN."""
+    """CPU weights in fp32, or in bf16 on a CPU whose oneDNN packs bf16, and a torch built with oneDNN."""
     p = next(model.parameters())
-    return (p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available())
+    if p.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    # oneDNN reorders bf16 weights only with AVX512BW/VL/DQ or AVX-NE-CONVERT (an AVX2-only Zen 3 raises)
+    return p.dtype == torch.float32 or (p.dtype == torch.bfloat16 and bf16_supported())
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU's oneDNN has bf16 kernels (the check torch's own mkldnn ops make)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @torch.no_grad()
@@ -50,7 +57,8 @@ def pack_linears(model: DiT, min_weight: int = PACK_MIN_WEIGHT) -> int:
     `min_weight` weights by PackedLinear, in place; returns how many. The model becomes inference-only (the packed
     product has no backward), and its fingerprint is taken first, since the packed weights leave its state_dict."""
     if not can_pack(model):
-        raise ValueError("prepacking is for a CPU model in fp32 or bf16, on a torch built with oneDNN")
+        raise ValueError("prepacking is for a CPU model in fp32, or in bf16 where oneDNN has bf16 kernels, on a torch "
+                         "built with oneDNN")
     fingerprint(model)
     model.requires_grad_(False)
     # the blocks' own embedders (DiTConfig.block_embedders) stay: their forward reads their weight's dtype

@@ -57,9 +57,12 @@ def step_faults(mode: str) -> dict:
 def test_kept_memory_stops_the_step_faulting():
     kept, default = step_faults("keep"), step_faults("defaults")
     assert kept["done"].startswith("freed memory kept for reuse"), kept
-    # glibc's defaults hand a 16-image step's buffers back and fault them in again: 900-5,700 faults a step here (the
-    # count moves with the layout of the step's small allocations)
-    assert default["faults_per_step"] > 500, default
+    assert kept["faults_per_step"] < 50, kept  # a step that faulted its buffers in again would take hundreds
+    # glibc's defaults hand a 16-image step's buffers back and fault them in again: 900-5,700 faults a step where this
+    # was first measured (the count moves with the layout of the step's small allocations). On a Zen 3 VM (AVX2) they
+    # faulted 1,248 and 2,368 times in two of the ten measured steps and not in the other eight: nothing to compare.
+    if default["faults_per_step"] <= 500:
+        pytest.skip(f"glibc's defaults did not fault the step in again here: {default}")
     assert kept["faults_per_step"] < default["faults_per_step"] / 20, (kept, default)
 
 

@@ -9,7 +9,8 @@ import torch
 from app.core.config import Settings
 from app.core.metrics import Metrics
 from app.engine.bases import load_bases
-from app.model.cpu_linear import PackedLinear, pack_linears
+from app.model import cpu_linear
+from app.model.cpu_linear import PackedLinear, can_pack, pack_linears
 from app.model.dit import DiT, DiTConfig
 from app.model.loaders import fingerprint, save_base
 from app.model.sampling import denoise_step, eager_step, new_job
@@ -24,7 +25,8 @@ def small_dit(hidden: int, depth: int = 2, num_heads: int = 6) -> DiT:
     return model
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not cpu_linear.bf16_supported(), reason="this CPU's oneDNN has no bf16 kernels (AVX2 only)"))])
 def test_packed_forward_equals_the_plain_one_and_keeps_the_fingerprint(dtype):
     plain = small_dit(384).to(dtype)
     before = fingerprint(plain)
@@ -38,6 +40,15 @@ def test_packed_forward_equals_the_plain_one_and_keeps_the_fingerprint(dtype):
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]  # bf16: oneDNN may sum in another order
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert fingerprint(packed) == before  # taken before the packed weights left the state_dict
+
+
+def test_bf16_stays_plain_where_onednn_has_no_bf16_kernels(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "bf16_supported", lambda: False)  # an AVX2-only CPU, e.g. a Zen 3
+    assert can_pack(small_dit(384))
+    model = small_dit(384).to(torch.bfloat16)
+    assert not can_pack(model)
+    with pytest.raises(ValueError, match="bf16"):  # not oneDNN's RuntimeError from inside the reorder
+        pack_linears(model)
 
 
 def test_demo_sized_layers_stay_plain():
