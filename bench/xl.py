@@ -4,16 +4,17 @@
     python -m bench.xl --threads 2 --e2e-steps 50   # the 50-step image timed in full
     python -m bench.xl --quick --no-image   # the forward ratios alone (a few minutes: repeat it for the spread)
 
-Random weights (the cost does not depend on their values). Forward: ours (`DiT.forward`, eager, built with
-diffusers' timestep frequencies so both compute the same function, its large linears prepacked for oneDNN as the
-engine serves an eager fp32 CPU base: app/model/cpu_linear.py; in bf16 the compiled CPU step's weight freezing packs
-them the same way; on a CPU without oneDNN's bf16 kernels, AVX2 only, ours runs bf16 with plain linears, as does that
-graph) vs diffusers, in one process, rounds alternating the two, min over rounds; fp32 then bf16 (both
-models cast). `--unpacked`: ours without the prepacking (plain nn.Linear, the comparison before session 25). The
-max-abs difference of the fp32 outputs is printed as a check that both compute the same thing. Image: a 50-step DDIM
-+ CFG image at batch 1 through our `denoise_step` and the SD VAE decode (diffusers AutoencoderKL from its config,
-random weights; fp32 in both dtypes, as the service keeps it), in a fresh subprocess per dtype so its peak RSS is
-that of serving one image; with --e2e-steps below 50 the sampling time is extrapolated (labelled `extrapolated`).
+Random weights (the cost does not depend on their values). Forward: ours (`DiT.forward`, eager, built with diffusers'
+timestep frequencies so both compute the same function, its large linears prepacked for oneDNN where a timing at load
+finds it pays, as the engine serves an eager fp32 CPU base: app/model/cpu_linear.py; in bf16 the compiled CPU step's
+weight freezing packs them all, unmeasured; on a CPU without oneDNN's bf16 kernels, AVX2 only, ours runs bf16 with
+plain linears, as does that graph) vs diffusers, in one process, rounds alternating the two, min over rounds; fp32
+then bf16 (both models cast; `--dtypes fp32` for one). `--unpacked`: ours without the prepacking (plain nn.Linear, the
+comparison before session 25). The max-abs difference of the fp32 outputs is printed as a check that both compute the
+same thing. Image: a 50-step DDIM + CFG image at batch 1 through our `denoise_step` and the SD VAE decode (diffusers
+AutoencoderKL from its config, random weights; fp32 in both dtypes, as the service keeps it), in a fresh subprocess
+per dtype so its peak RSS is that of serving one image; with --e2e-steps below 50 the sampling time is extrapolated
+(labelled `extrapolated`).
 The last line is JSON.
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ def xl_model():
 
 
 @torch.no_grad()
-def forward_compare(repeats: int, log, packed: bool = True) -> dict:
+def forward_compare(repeats: int, log, packed: bool = True, dtypes: tuple[str, ...] = tuple(DTYPES)) -> dict:
     """ms per CFG forward (2 rows) of ours and diffusers, fp32 and bf16, same weights, alternating rounds."""
     from bench.diffusers_ref import to_diffusers
     from bench.engine import time_alternating
@@ -66,7 +67,8 @@ def forward_compare(repeats: int, log, packed: bool = True) -> dict:
     y = torch.tensor([207, 1000])  # a class and the null class: CFG's two rows
     out: dict = {"max_abs_fp32": (ours(x, t.float(), y) - ref(x, timestep=t, class_labels=y).sample).abs().max().item()}
     log(f"fp32 outputs: max |ours - diffusers| = {out['max_abs_fp32']:.2e}")
-    for name, dtype in DTYPES.items():
+    for name in dtypes:
+        dtype = DTYPES[name]
         if dtype != torch.float32:
             ours = None  # one served copy at a time
             (ours, ours_packed), ref = served(plain, dtype, packed), ref.to(dtype)
@@ -90,12 +92,12 @@ def served(model, dtype: torch.dtype, packed: bool):
 
 
 def pack(model, packed: bool) -> bool:
-    """Prepack `model`'s large linears in place where asked and this CPU can (bf16 needs oneDNN's bf16 kernels)."""
+    """Prepack `model`'s large linears in place where asked, this CPU can (bf16 needs oneDNN's bf16 kernels) and a
+    timing of each shape finds it pays (app/model/cpu_linear.py); whether any was."""
     from app.model.cpu_linear import can_pack, pack_linears
 
     if packed and can_pack(model):
-        pack_linears(model)
-        return True
+        return pack_linears(model, measure=True) > 0  # the shapes where packing paid here, as the engine loads it
     return False
 
 
@@ -135,6 +137,7 @@ def main(argv=None) -> None:
     ap.add_argument("--e2e-steps", type=int, default=None, help="sampling steps timed (the rest extrapolated)")
     ap.add_argument("--no-image", action="store_true", help="the forward comparison only (the ratio, three runs)")
     ap.add_argument("--unpacked", action="store_true", help="ours with plain nn.Linear layers (no prepacking)")
+    ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES), help="the forwards compared")
     ap.add_argument("--image-only", choices=list(DTYPES), help=argparse.SUPPRESS)  # the subprocess's part
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -148,10 +151,11 @@ def main(argv=None) -> None:
         print(msg, flush=True)
 
     result = {"threads": args.threads, "model": "DiT-XL/2, 256 px (32x32x4 latents), random weights",
-              "ours_linears": "plain" if args.unpacked else "prepacked",
-              "forward": forward_compare(args.repeats or (2 if args.quick else 3), log, packed=not args.unpacked),
+              "ours_linears": "plain" if args.unpacked else "prepacked where measured to pay",
+              "forward": forward_compare(args.repeats or (2 if args.quick else 3), log, packed=not args.unpacked,
+                                         dtypes=tuple(args.dtypes)),
               "image": {}}
-    for dtype in () if args.no_image else DTYPES:
+    for dtype in () if args.no_image else args.dtypes:
         proc = subprocess.run([sys.executable, "-m", "bench.xl", "--image-only", dtype, "--threads", str(args.threads),
                                "--e2e-steps", str(timed), *(["--unpacked"] if args.unpacked else [])],
                               capture_output=True, text=True, check=True)

@@ -138,7 +138,7 @@ class BaseLoader:
         model = model.to(device=self.device, dtype=s.torch_dtype if graphed else torch.float32)
         # eager fp32 on CPU (no autocast): large GEMMs with prepacked weights; a compiled graph prepacks its own
         if self.device == "cpu" and not graphed and s.torch_dtype == torch.float32 and can_pack(model):
-            pack_linears(model)
+            pack_linears(model, measure=True)
         pool = PatchPool(model.config.hidden_size, model.config.num_tokens, model.config.depth,
                          slots=s.patch_slots, device=self.device, dtype=torch.float32)
         forward = GraphedForward(model, pool, buckets=buckets_up_to(s.max_batch),

@@ -51,17 +51,46 @@ def test_bf16_stays_plain_where_onednn_has_no_bf16_kernels(monkeypatch):
         pack_linears(model)
 
 
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_measured_packing_packs_only_the_shapes_that_paid(monkeypatch, ratio):
+    timed: list[tuple[int, int, int]] = []
+
+    def packed_over_plain(linear, rows):
+        timed.append((rows, linear.in_features, linear.out_features))
+        return ratio
+
+    monkeypatch.setattr(cpu_linear, "packed_over_plain", packed_over_plain)
+    model = small_dit(384)
+    assert pack_linears(model, measure=True) == (11 if ratio < cpu_linear.PACK_MARGIN else 0)
+    # each shape timed once, at a CFG pair's rows: 2 x 16 tokens for attention and MLP, one row per image for adaLN
+    assert sorted(timed) == [(2, 384, 768), (2, 384, 2304), (32, 384, 384), (32, 384, 1152), (32, 384, 1536),
+                             (32, 1536, 384)]
+    assert isinstance(model.blocks[1].mlp.fc2, PackedLinear) == (ratio < 1)
+
+
+def test_measured_packing_keeps_the_forward():
+    plain = small_dit(384)
+    packed = copy.deepcopy(plain)
+    assert 0 <= pack_linears(packed, measure=True) <= 11  # what pays depends on the CPU
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 999]), torch.tensor([1, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x, t, y), plain(x, t, y), rtol=1e-5, atol=1e-5)
+    assert cpu_linear.packed_over_plain(torch.nn.Linear(384, 1536), 32) > 0
+
+
 def test_demo_sized_layers_stay_plain():
     assert pack_linears(small_dit(64, num_heads=4)) == 0  # hidden 64: oneDNN's per-call cost outweighs the reorder
 
 
-def test_an_eager_fp32_cpu_base_is_served_with_packed_linears_and_steps_as_before(tmp_path):
+def test_an_eager_fp32_cpu_base_is_served_with_packed_linears_and_steps_as_before(tmp_path, monkeypatch):
     model = small_dit(384)
     save_base(model, tmp_path / "models" / "wide.safetensors", vae="pixel")
     (tmp_path / "patches").mkdir()
+    timed: list[int] = []  # the engine measures at load; here packing pays everywhere
+    monkeypatch.setattr(cpu_linear, "packed_over_plain", lambda linear, rows: timed.append(rows) or 0.5)
     base = load_bases(Settings(model_dir=tmp_path / "models", patch_dir=tmp_path / "patches", device="cpu"),
                       Metrics(), "wide")[0]["wide"]
-    assert base.forward is None and isinstance(base.model.blocks[1].mlp.fc2, PackedLinear)
+    assert timed and base.forward is None and isinstance(base.model.blocks[1].mlp.fc2, PackedLinear)
     assert base.fingerprint == fingerprint(model)  # patches made for the base still match it
 
     def latents(m: DiT) -> torch.Tensor:
